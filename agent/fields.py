@@ -1,0 +1,76 @@
+"""Field types shared by every config model (agent config, device profiles, drivers).
+
+Durations and sizes are written the way people write them (``250ms``, ``7d``,
+``512MiB``) and stored as plain floats/ints so the runtime never re-parses them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d|w)\s*$")
+
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*$", re.IGNORECASE)
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"250ms"``, ``"1.5s"``, ``"10m"``, ``"7d"``; bare numbers are seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '250ms', '1s', '5m', '7d'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a duration; write e.g. '250ms', '1s', '5m', '2h', '7d'")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError("expected a duration such as '250ms', '1s', '5m', '7d'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``"512MiB"``, ``"2GiB"``, ``"100MB"``; bare integers are bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '512MiB' or '2GiB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise ValueError(f"{value!r} is not a size; write e.g. '512MiB', '2GiB', '100MB'")
+        size = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    else:
+        raise ValueError("expected a size such as '512MiB' or '2GiB'")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds, written as ``250ms``, ``1s``, ``5m``, ``2h``, ``7d`` (or a bare number of seconds)."""
+
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
+"""Bytes, written as ``512MiB``, ``2GiB``, ``100MB`` (or a bare number of bytes)."""
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are errors (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)

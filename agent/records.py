@@ -1,0 +1,169 @@
+"""The record model: what flows from drivers through the buffer to the sinks.
+
+Readings travel in *blocks*: all readings of one poll of one group of one device,
+stored column-wise. A block is one object per poll rather than one per reading, so
+the hot path (decode, commit, publish) costs per poll, not per tag. Every reading in
+a block still has its own sequence number: ``seq_first + index``, assigned by the
+buffer at commit, so a consumer can de-duplicate by ``(agent, seq)`` and see gaps.
+
+The canonical body (``Block.body()`` / ``Event.body()``) is what the buffer stores and
+what the JSON payload encoder splices into MQTT payloads unchanged; hashing the stored
+bytes later (integrity chain) therefore hashes exactly what was forwarded.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+Value = float | int | bool | str | None
+
+
+class Quality(StrEnum):
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+
+class Reason(StrEnum):
+    """Vocabulary of quality reasons shared by all drivers (a driver may add
+    protocol-specific ones, e.g. a Modbus exception name or an OPC UA status name)."""
+
+    TIMEOUT = "timeout"
+    COMM_ERROR = "comm_error"
+    DECODE_ERROR = "decode_error"
+    OUT_OF_RANGE = "out_of_range"
+    NOT_CONNECTED = "not_connected"
+    DEVICE_STATUS = "device_status"
+    OVERRUN = "overrun"
+
+
+class Severity(StrEnum):
+    INFO = "info"
+    WARNING = "warning"
+    ALARM = "alarm"
+
+
+def now_ns() -> int:
+    """Acquisition time: UTC wall clock in nanoseconds."""
+    return time.time_ns()
+
+
+_dumps = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False
+).encode
+
+
+def dumps(obj: Any) -> str:
+    """Compact, strict JSON (NaN/inf are not JSON: callers must map them to bad quality)."""
+    return _dumps(obj)
+
+
+@dataclass(slots=True)
+class Block:
+    """Readings of one poll (or one device record) of one group of one device.
+
+    ``quality``/``reasons`` are ``None`` when every reading is good: the common case
+    costs nothing. ``source_ts_ns`` is one timestamp for the whole block (a device
+    record's own time), one per reading, or ``None`` where the device gives none.
+    ``state`` is driver state (e.g. a counter's record watermark) that the buffer
+    commits in the same transaction as the block, so a restart resumes exactly after
+    the last committed record.
+    """
+
+    device: str
+    group: str
+    acq_ts_ns: int
+    tags: Sequence[str]
+    units: Sequence[str | None]
+    values: list[Value]
+    quality: list[Quality] | None = None
+    reasons: list[str | None] | None = None
+    source_ts_ns: int | list[int | None] | None = None
+    state: dict[str, str] | None = None
+    seq_first: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @classmethod
+    def bad(
+        cls,
+        device: str,
+        group: str,
+        tags: Sequence[str],
+        units: Sequence[str | None],
+        reason: str,
+        acq_ts_ns: int | None = None,
+    ) -> Block:
+        """A failed poll: every tag present, value null, quality bad, so the gap is visible."""
+        n = len(tags)
+        return cls(
+            device=device,
+            group=group,
+            acq_ts_ns=now_ns() if acq_ts_ns is None else acq_ts_ns,
+            tags=tags,
+            units=units,
+            values=[None] * n,
+            quality=[Quality.BAD] * n,
+            reasons=[reason] * n,
+        )
+
+    def quality_of(self, i: int) -> Quality:
+        return Quality.GOOD if self.quality is None else self.quality[i]
+
+    def body(self) -> dict[str, Any]:
+        """Canonical JSON-able form; see docs/payloads.md ("block")."""
+        if self.seq_first is None:
+            raise ValueError("block has no sequence number: commit it to the buffer first")
+        out: dict[str, Any] = {
+            "seq": self.seq_first,
+            "n": len(self.values),
+            "group": self.group,
+            "ts": self.acq_ts_ns,
+            "tags": list(self.tags),
+            "units": list(self.units),
+            "values": self.values,
+        }
+        if self.quality is not None:
+            out["quality"] = [str(q) for q in self.quality]
+            out["reasons"] = self.reasons
+        if self.source_ts_ns is not None:
+            out["src_ts"] = self.source_ts_ns
+        return out
+
+
+@dataclass(slots=True)
+class Event:
+    """Something that happened, as opposed to a measured value: data loss, gap,
+    device state change, limit excursion, anomaly, drift, audit record.
+
+    ``device`` is a device id, or ``"agent"`` for agent-level events.
+    """
+
+    device: str
+    kind: str
+    severity: Severity = Severity.INFO
+    data: dict[str, Any] = field(default_factory=dict)
+    ts_ns: int = field(default_factory=now_ns)
+    seq: int | None = None
+
+    def body(self) -> dict[str, Any]:
+        """Canonical JSON-able form; see docs/payloads.md ("event")."""
+        if self.seq is None:
+            raise ValueError("event has no sequence number: commit it to the buffer first")
+        return {
+            "seq": self.seq,
+            "ts": self.ts_ns,
+            "kind": self.kind,
+            "severity": str(self.severity),
+            "data": self.data,
+        }
+
+
+def readings_count(blocks: Sequence[Block]) -> int:
+    return sum(len(b.values) for b in blocks)

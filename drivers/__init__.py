@@ -1,0 +1,1 @@
+"""Protocol drivers. Each module registers one :class:`drivers.base.Driver`."""
