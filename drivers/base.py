@@ -366,9 +366,8 @@ def build_groups(
 ) -> dict[str, PollGroup]:
     """Compile the profile's groups (with per-device overrides) into :class:`PollGroup`s."""
     groups: dict[str, PollGroup] = {}
-    for name, spec in profile.groups.items():
-        spec = overrides.get(name, spec)
+    for name, default in profile.groups.items():
         tags = [t for t in profile.tags if t.group == name]
         if tags:
-            groups[name] = PollGroup(device_id, name, spec, tags, connection.timeout)
+            groups[name] = PollGroup(device_id, name, overrides.get(name, default), tags, connection.timeout)
     return groups

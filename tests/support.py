@@ -37,7 +37,9 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0
 
 
 def mosquitto_binary() -> str:
-    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    path = shutil.which("mosquitto")
+    if path is None and os.path.exists("/usr/sbin/mosquitto"):
+        path = "/usr/sbin/mosquitto"
     if not path:
         raise RuntimeError("mosquitto not installed: .ci/run installs it (apt-get install mosquitto)")
     return path
@@ -92,7 +94,8 @@ class Collector:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"collector-{os.getpid()}-{id(self)}")
+        client_id = f"collector-{os.getpid()}-{id(self)}"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
