@@ -116,7 +116,8 @@ def format_status(s: dict[str, Any]) -> str:
         f"buffer depth: {buf.get('depth_readings')} readings in {buf.get('depth_records')} records, "
         f"oldest undelivered {buf.get('oldest_undelivered_age_s')} s, size {buf.get('size_bytes')} bytes",
         "",
-        f"{'device':<16} {'state':<11} {'last poll':<25} {'polls':>7} {'failed':>6} {'errors':<30} rtt p50/p99 ms",
+        f"{'device':<16} {'state':<11} {'last poll':<25} {'polls':>7} {'failed':>6} {'errors':<30} "
+        "rtt p50/p99 ms",
     ]
     for dev, d in (s.get("devices") or {}).items():
         groups = d.get("groups", {}).values()
