@@ -1,0 +1,190 @@
+"""A Modbus register image built from a device profile: the simulator's side of the
+contract the agent reads.
+
+The layout is not written down twice: it is derived, tag by tag, from the same profile
+YAML (``deploy/profiles/*.yaml``) that the agent's Modbus driver loads, and every value
+is encoded with the driver's own codec. A tag name is the name of the model value it
+shows (a process signal, a status bit, or a device-specific extra such as a particle
+counter's record field); a profile naming a value the model does not have is rejected
+when the server starts, not discovered as a silent zero on the wire.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from drivers.codec import DataType, WordOrder, decode, encode, register_count
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
+
+TABLES = ("holding", "input", "coil", "discrete")
+_VENDOR_BASE = {"holding": 40001, "input": 30001, "coil": 1, "discrete": 10001}
+FUNCTION_TABLE = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 3: "holding", 6: "holding", 16: "holding"}
+FUNCTION_TABLE.update({4: "input", 22: "holding", 23: "holding"})
+
+
+def load_profile(name_or_path: str | Path) -> dict[str, Any]:
+    """A profile as plain data: a path, or a name resolved in ``deploy/profiles``."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "tags" not in data:
+        raise ValueError(f"{path}: not a device profile (no 'tags')")
+    return data
+
+
+def pdu_address(table: str, address: int) -> int:
+    """Vendor 1-based notation (40001, 30001, 10001, 1) to the 0-based PDU address."""
+    base = _VENDOR_BASE[table]
+    if address < base:
+        raise ValueError(f"address {address} is below {base}, the first {table} register")
+    return address - base
+
+
+@dataclass(frozen=True, slots=True)
+class TagSlot:
+    """Where one tag lives and how its engineering value becomes register words."""
+
+    name: str
+    table: str
+    start: int
+    """0-based PDU address of the first register (or coil)."""
+    type: DataType
+    word_order: WordOrder
+    scale: float
+    offset: float
+    bit: int | None
+    length: int | None = None
+    """Characters of a ``string`` tag."""
+
+    @property
+    def width(self) -> int:
+        if self.bit is not None or self.table in ("coil", "discrete"):
+            return 1
+        return register_count(self.type, self.length)
+
+    def words(self, value: float | bool | str) -> list[int]:
+        if isinstance(value, str):
+            return encode(value, self.type, self.word_order, length=self.length)
+        raw = (float(value) - self.offset) / self.scale
+        if self.type.startswith(("int", "uint")):
+            raw = _clip_int(self.type, raw)
+        return encode(raw, self.type, self.word_order)
+
+    def value_of(self, words: list[int]) -> float:
+        """Engineering value of written registers (the inverse of :meth:`words`)."""
+        raw = decode(words, self.type, self.word_order)
+        if isinstance(raw, str):
+            raise ValueError(f"{self.name} is text, not a number")
+        return float(raw) * self.scale + self.offset
+
+
+_INT_LIMITS = {
+    "int16": (-(2**15), 2**15 - 1),
+    "uint16": (0, 2**16 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint64": (0, 2**64 - 1),
+}
+
+
+def _clip_int(type_: str, raw: float) -> int:
+    """Saturate like a real transmitter at the ends of its register range."""
+    lo, hi = _INT_LIMITS[type_]
+    if not math.isfinite(raw):
+        return hi if raw > 0 else lo
+    return int(min(max(round(raw), lo), hi))
+
+
+def slots_of(profile: Mapping[str, Any], groups: Iterable[str] | None = None) -> list[TagSlot]:
+    """The tag slots of a Modbus profile (optionally only some poll groups), with the
+    profile-level ``defaults`` applied the way the driver applies them."""
+    defaults = profile.get("defaults") or {}
+    wanted = set(groups) if groups is not None else None
+    out: list[TagSlot] = []
+    for tag in profile["tags"]:
+        if wanted is not None and tag.get("group", "default") not in wanted:
+            continue
+        t = {**defaults, **tag}
+        table = t.get("table", "holding")
+        bit = t.get("bit")
+        out.append(
+            TagSlot(
+                name=t["name"],
+                table=table,
+                start=pdu_address(table, int(t["address"])),
+                type=DataType("uint16" if bit is not None else t.get("type", "uint16")),
+                word_order=WordOrder(t.get("word_order", "ABCD")),
+                scale=float(t.get("scale", 1.0)),
+                offset=float(t.get("offset", 0.0)),
+                bit=bit,
+                length=t.get("length"),
+            )
+        )
+    return out
+
+
+class RegisterImage:
+    """The four Modbus tables of one unit, as arrays, filled from named values.
+
+    Reads are allowed anywhere between the lowest and highest defined address of a table
+    (a gap reads as 0, as on most devices, so a driver may coalesce across small gaps);
+    outside that span the request is an illegal-address error.
+    """
+
+    def __init__(self, slots: list[TagSlot], extra_spans: Mapping[str, tuple[int, int]] | None = None):
+        self.slots = slots
+        spans: dict[str, tuple[int, int]] = dict(extra_spans or {})
+        for s in slots:
+            lo, hi = spans.get(s.table, (s.start, s.start + s.width))
+            spans[s.table] = (min(lo, s.start), max(hi, s.start + s.width))
+        self.spans = spans
+        self.tables = {t: np.zeros(hi, dtype=np.uint16) for t, (_, hi) in spans.items()}
+
+    def fill(self, values: Mapping[str, float | bool | str]) -> None:
+        """Encode every slot from ``values`` (keyed by tag name)."""
+        status_words: dict[tuple[str, int], tuple[int, WordOrder]] = {}
+        for s in self.slots:
+            arr = self.tables[s.table]
+            v = values[s.name]
+            if s.table in ("coil", "discrete"):
+                arr[s.start] = 1 if v else 0
+            elif s.bit is not None:
+                word, _ = status_words.get((s.table, s.start), (0, s.word_order))
+                status_words[(s.table, s.start)] = (word | (1 << s.bit) if v else word, s.word_order)
+            else:
+                arr[s.start : s.start + s.width] = s.words(v)
+        for (table, start), (word, order) in status_words.items():
+            self.tables[table][start] = encode(word, DataType.UINT16, order)[0]
+
+    def names(self) -> set[str]:
+        return {s.name for s in self.slots}
+
+    def check_values(self, values: Mapping[str, Any], what: str) -> None:
+        """Fail at start-up when the profile names values the device does not produce."""
+        missing = sorted(self.names() - set(values))
+        if missing:
+            raise ValueError(f"{what}: profile tags with no simulated value: {', '.join(missing)}")
+
+    def read(self, table: str, address: int, count: int) -> list[int] | None:
+        """Registers (or 0/1 for bits) ``address…address+count-1``; ``None`` if outside the map."""
+        span = self.spans.get(table)
+        if span is None or count < 1 or address < span[0] or address + count > span[1]:
+            return None
+        return [int(x) for x in self.tables[table][address : address + count]]
+
+    def write(self, table: str, address: int, words: list[int]) -> bool:
+        span = self.spans.get(table)
+        if span is None or address < span[0] or address + len(words) > span[1]:
+            return False
+        self.tables[table][address : address + len(words)] = words
+        return True
