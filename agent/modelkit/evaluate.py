@@ -1,0 +1,177 @@
+"""Event-level evaluation of a frozen model on labelled data, through the agent's own
+scoring path (:func:`agent.modelkit.scoring.run_offline`).
+
+Definitions (fixed before testing, Annex 22 draft):
+
+* a fault is *detected* when an alarm starts inside its window ``[start, end]``;
+  detection delay = that alarm's start - fault start;
+* an alarm starting inside any fault window is a true alarm; one starting within
+  ``grace`` after a fault ended is a *late* alarm (the process is still recovering:
+  counted separately, neither true nor false); any other alarm is a false alarm;
+* precision = true / (true + false) alarms, recall = detected / faults, F1 their
+  harmonic mean; false alarms are also given per device-week;
+* the rule-based baseline delay is the first sample outside the model's training
+  normal range (0.1-99.9 %) inside the fault window: what a fixed alert limit at
+  the edge of normal data would have caught, and when.
+
+Communication faults (``comm_*``) change no process value and are excluded: they
+surface as bad-quality readings, not anomalies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.modelkit.csvdata import Dataset, FaultLabel
+from agent.modelkit.scoring import LoadedModel, OfflineResult, Settings, run_offline
+
+WEEK = 7 * 86400.0
+
+
+@dataclass
+class DeviceResult:
+    device: str
+    result: OfflineResult
+    faults: list[FaultLabel]
+    data: Dataset
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.quantile(values, q)), 1) if values else None
+
+
+def first_limit_crossing(model: LoadedModel, data: Dataset, fault: FaultLabel) -> float | None:
+    m = model.manifest
+    lo = np.array([s.normal_low for s in m.signals])
+    hi = np.array([s.normal_high for s in m.signals])
+    inside = (data.ts >= fault.start) & (data.ts <= fault.end)
+    vals = data.values[inside]
+    with np.errstate(invalid="ignore"):
+        out = ((vals < lo) | (vals > hi)).any(axis=1)
+    hits = np.flatnonzero(out)
+    return float(data.ts[inside][hits[0]] - fault.start) if len(hits) else None
+
+
+def evaluate(
+    model: LoadedModel,
+    data: dict[str, Dataset],
+    labels: list[FaultLabel],
+    *,
+    grace: float = 1800.0,
+    settings: Settings | None = None,
+) -> tuple[dict[str, Any], list[DeviceResult]]:
+    settings = settings or Settings.of(model.manifest)
+    per_device: list[DeviceResult] = []
+    delays: list[float] = []
+    baseline: list[float] = []
+    per_kind: dict[str, dict[str, Any]] = {}
+    n_true = n_false = n_late = n_faults = n_detected = 0
+    span = 0.0
+    for device, ds in sorted(data.items()):
+        faults = [f for f in labels if f.device == device and not f.kind.startswith("comm_")]
+        result = run_offline(model, settings, ds.ts, ds.values)
+        per_device.append(DeviceResult(device, result, faults, ds))
+        span += float(ds.ts[-1] - ds.ts[0]) if len(ds.ts) else 0.0
+        starts = [t.ts for t in result.transitions if t.phase == "start"]
+        for s in starts:
+            if any(f.start <= s <= f.end for f in faults):
+                n_true += 1
+            elif any(f.end < s <= f.end + grace for f in faults):
+                n_late += 1
+            else:
+                n_false += 1
+        for f in faults:
+            n_faults += 1
+            kind = per_kind.setdefault(f.kind, {"faults": 0, "detected": 0, "delays": []})
+            kind["faults"] += 1
+            hit = next((s for s in starts if f.start <= s <= f.end), None)
+            if hit is not None:
+                n_detected += 1
+                kind["detected"] += 1
+                delays.append(hit - f.start)
+                kind["delays"].append(hit - f.start)
+            crossing = first_limit_crossing(model, ds, f)
+            if crossing is not None:
+                baseline.append(crossing)
+    precision = n_true / (n_true + n_false) if n_true + n_false else None
+    recall = n_detected / n_faults if n_faults else None
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if precision is not None and recall is not None and precision + recall > 0
+        else None
+    )
+    metrics: dict[str, Any] = {
+        "model": model.ident,
+        "settings": {
+            "threshold": settings.threshold,
+            "raise_after": settings.raise_after,
+            "clear_after": settings.clear_after,
+        },
+        "devices": len(data),
+        "device_days": round(span / 86400, 3),
+        "faults": n_faults,
+        "detected": n_detected,
+        "alarms": n_true + n_false + n_late,
+        "true_alarms": n_true,
+        "false_alarms": n_false,
+        "late_alarms": n_late,
+        "grace_s": grace,
+        "precision": None if precision is None else round(precision, 4),
+        "recall": None if recall is None else round(recall, 4),
+        "f1": None if f1 is None else round(f1, 4),
+        "false_alarms_per_device_week": round(n_false / (span / WEEK), 3) if span else None,
+        "delay_median_s": _pct(delays, 0.5),
+        "delay_p90_s": _pct(delays, 0.9),
+        "baseline_limit_delay_median_s": _pct(baseline, 0.5),
+        "baseline_limit_detected": len(baseline),
+        "per_kind": {
+            k: {"faults": v["faults"], "detected": v["detected"], "delay_median_s": _pct(v["delays"], 0.5)}
+            for k, v in sorted(per_kind.items())
+        },
+    }
+    return metrics, per_device
+
+
+def plot(model: LoadedModel, results: list[DeviceResult], out_dir: Path, threshold: float) -> list[Path]:
+    """One PNG per device: score over time, threshold, faults shaded, alarms marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from agent.modelkit.manifest import ModelError
+
+        raise ModelError(
+            "plots need matplotlib (the 'train' extra): pip install 'cleanroom-edge[train]'"
+        ) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in results:
+        fig, ax = plt.subplots(figsize=(11, 3.2))
+        t0 = r.result.ts[0] if len(r.result.ts) else 0.0
+        hours = (r.result.ts - t0) / 3600
+        ax.plot(hours, r.result.scores, lw=0.6, color="tab:blue", label="score")
+        ax.axhline(threshold, color="tab:red", lw=0.8, ls="--", label="threshold")
+        for f in r.faults:
+            ax.axvspan((f.start - t0) / 3600, (f.end - t0) / 3600, color="tab:orange", alpha=0.3)
+            ax.text((f.start - t0) / 3600, threshold, f.kind, fontsize=7, rotation=90, va="bottom")
+        for t in r.result.transitions:
+            if t.phase == "start":
+                ax.axvline((t.ts - t0) / 3600, color="tab:red", lw=0.8)
+        ax.set_yscale("symlog", linthresh=max(threshold, 1e-3))
+        ax.set_xlabel("hours")
+        ax.set_title(
+            f"{model.manifest.id} {model.manifest.version} on {r.device} (faults shaded, alarms red)"
+        )
+        ax.legend(loc="upper right", fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{r.device}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

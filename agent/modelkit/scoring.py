@@ -1,0 +1,483 @@
+"""The one windowing -> scoring -> hysteresis path, shared by the agent
+(:mod:`agent.inference`) and by ``models evaluate|score``, so offline metrics describe
+exactly what the agent does.
+
+Samples are resampled onto the model's period: a *slot* is the mean of the good
+samples in one period (missing when there are none). A window is the last ``W`` slots.
+Incomplete-window policy: a window is scored only when at least ``min_completeness``
+of its (slot, signal) cells hold data; gaps are then filled forward (leading gaps with
+the training mean). Unscored windows neither raise nor clear an alarm, and the state
+shows ``incomplete`` so nobody mistakes silence for health. After start, or after a gap
+longer than a window, the track is ``warming_up`` until a full window has elapsed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.modelkit.manifest import Manifest, ModelError, verify
+
+CHUNK = 4096
+"""Windows per ``session.run`` offline (bounds memory on long histories)."""
+TOP_SIGNALS = 3
+"""Contributing signals listed in an anomaly event."""
+
+State = Literal["warming_up", "ok", "incomplete", "alarm"]
+
+
+class LoadedModel:
+    """A verified manifest and one onnxruntime session for it (shared by all its bindings)."""
+
+    def __init__(self, manifest_path: Path) -> None:
+        self.manifest_path = manifest_path
+        self.manifest: Manifest
+        self.manifest, self.onnx_path = verify(manifest_path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(self.onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
+            raise ModelError(
+                f"model {self.manifest.id}: onnxruntime cannot load {self.onnx_path}: {exc}"
+            ) from None
+        shape = self.session.get_inputs()[0].shape
+        m = self.manifest
+        if shape[1:] != [m.window, len(m.signals)]:
+            raise ModelError(
+                f"model {m.id}: graph input is {shape}, "
+                f"manifest says window {m.window} x {len(m.signals)} signals"
+            )
+        self.mean = np.array([s.mean for s in m.signals], dtype=np.float64)
+
+    @property
+    def ident(self) -> dict[str, str]:
+        """What every decision carries: which exact model made it."""
+        m = self.manifest
+        return {"id": m.id, "version": m.version, "sha256": m.sha256}
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores ``[N]`` and per-signal contributions ``[N, S]`` of float32 windows ``[N, W, S]``."""
+        if len(windows) == 0:
+            return np.zeros(0, np.float32), np.zeros((0, len(self.mean)), np.float32)
+        scores, contribs = [], []
+        for i in range(0, len(windows), CHUNK):
+            s, c = self.session.run(["score", "contrib"], {"window": windows[i : i + CHUNK]})
+            scores.append(s)
+            contribs.append(c)
+        return np.concatenate(scores), np.concatenate(contribs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Decision settings: the manifest's, with a binding's overrides applied."""
+
+    threshold: float
+    raise_after: int
+    clear_after: int
+    min_completeness: float
+
+    @classmethod
+    def of(cls, manifest: Manifest, **overrides: Any) -> Settings:
+        def pick(name: str, default: Any) -> Any:
+            value = overrides.get(name)
+            return default if value is None else value
+
+        return cls(
+            threshold=float(pick("threshold", manifest.threshold)),
+            raise_after=int(pick("raise_after", manifest.hysteresis.raise_after)),
+            clear_after=int(pick("clear_after", manifest.hysteresis.clear_after)),
+            min_completeness=float(pick("min_completeness", manifest.min_completeness)),
+        )
+
+
+class Debounce:
+    """Raise after ``raise_after`` consecutive "over" observations, clear after
+    ``clear_after`` consecutive "under" ones; anything else keeps the state.
+    Used by the anomaly alarms and by the limit rules alike."""
+
+    def __init__(self, raise_after: int, clear_after: int) -> None:
+        self.raise_after = raise_after
+        self.clear_after = clear_after
+        self.active = False
+        self._run = 0
+
+    def update(self, over: bool) -> bool | None:
+        """True when this observation raises, False when it clears, None otherwise."""
+        if over != self.active:
+            self._run += 1
+            if self._run >= (self.raise_after if over else self.clear_after):
+                self.active = over
+                self._run = 0
+                return over
+        else:
+            self._run = 0
+        return None
+
+
+class SlotAccumulator:
+    """Means of good samples per period slot; the open (newest) slot carries over between calls."""
+
+    def __init__(self, period: float, n_signals: int) -> None:
+        self.period = period
+        self.n = n_signals
+        self.open_id: int | None = None
+        self._sum = np.zeros(n_signals)
+        self._count = np.zeros(n_signals)
+        self.late = 0
+        """Samples older than the open slot (out of order): dropped and counted."""
+
+    def add(self, ts: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add samples (``ts`` seconds ``[n]``, ``vals`` ``[n, S]`` with NaN = bad/missing);
+        return the slots this closed: ids ``[k]`` and means ``[k, S]`` (NaN = no data)."""
+        ids = np.floor(ts / self.period).astype(np.int64)
+        if self.open_id is not None:
+            keep = ids >= self.open_id
+            self.late += int((~keep).sum())
+            ids, vals = ids[keep], vals[keep]
+        if len(ids) == 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.n))
+        uniq, inv = np.unique(ids, return_inverse=True)
+        valid = ~np.isnan(vals)
+        filled = np.where(valid, vals, 0.0)
+        k = len(uniq)
+        sums = np.empty((k, self.n))
+        counts = np.empty((k, self.n))
+        for s in range(self.n):
+            sums[:, s] = np.bincount(inv, weights=filled[:, s], minlength=k)
+            counts[:, s] = np.bincount(inv, weights=valid[:, s], minlength=k)
+        if self.open_id is not None and uniq[0] == self.open_id:
+            sums[0] += self._sum
+            counts[0] += self._count
+        elif self.open_id is not None:
+            uniq = np.concatenate([[self.open_id], uniq])
+            sums = np.vstack([self._sum, sums])
+            counts = np.vstack([self._count, counts])
+        self.open_id, self._sum, self._count = int(uniq[-1]), sums[-1].copy(), counts[-1].copy()
+        return uniq[:-1], _means(sums[:-1], counts[:-1])
+
+    def flush(self) -> tuple[np.ndarray, np.ndarray]:
+        """Close the open slot (end of an offline series)."""
+        if self.open_id is None:
+            return np.zeros(0, np.int64), np.zeros((0, self.n))
+        ids, means = np.array([self.open_id]), _means(self._sum[None], self._count[None])
+        self.open_id = None
+        return ids, means
+
+
+def _means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+@dataclass
+class Ready:
+    """Windows closed by one feed: per closed slot its state inputs, and the windows to score."""
+
+    ids: np.ndarray
+    """Slot id each window ends on."""
+    completeness: np.ndarray
+    warm: np.ndarray
+    scored: np.ndarray
+    """Boolean mask over ``ids``: which windows are in ``windows``."""
+    windows: np.ndarray
+    """float32 ``[j, W, S]`` filled windows to score."""
+    drift: list[DriftChange] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Windower:
+    """Keeps the last ``W - 1`` slots and turns newly closed slots into windows."""
+
+    def __init__(self, window: int, fill: np.ndarray, min_completeness: float) -> None:
+        self.w = window
+        self.fill = fill
+        self.min_completeness = min_completeness
+        self.n = len(fill)
+        self._hist = np.full((window - 1, self.n), np.nan)
+        self._last: int | None = None
+        self._first: int | None = None
+
+    def push(
+        self, ids: np.ndarray, means: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(completeness ``[k]``, warm ``[k]``, scored mask ``[k]``, float32 windows ``[j, W, S]``)."""
+        k = len(ids)
+        if k == 0:
+            return (
+                np.zeros(0),
+                np.zeros(0, bool),
+                np.zeros(0, bool),
+                np.zeros((0, self.w, self.n), np.float32),
+            )
+        if self._last is None or ids[0] - self._last > self.w:
+            self._hist[:] = np.nan  # start, or a gap longer than a window: warm up again
+            self._last = int(ids[0]) - 1
+            self._first = int(ids[0])
+        span = int(ids[-1]) - self._last
+        rows = np.full((span, self.n), np.nan)
+        rows[ids - self._last - 1] = means
+        full = np.vstack([self._hist, rows])
+        pos = ids - self._last - 1 + (self.w - 1)  # row of each closed slot in `full`
+        windows = np.lib.stride_tricks.sliding_window_view(full, self.w, axis=0)[pos - self.w + 1]
+        windows = windows.transpose(0, 2, 1)  # [k, W, S]
+        missing = np.isnan(windows)
+        completeness = 1.0 - missing.mean(axis=(1, 2))
+        assert self._first is not None
+        warm = ids - self._first + 1 >= self.w
+        scored = warm & (completeness >= self.min_completeness)
+        out = _fill(windows[scored], missing[scored], self.fill)
+        self._hist = full[-(self.w - 1) :].copy()
+        self._last = int(ids[-1])
+        return completeness, warm, scored, out
+
+
+def _fill(windows: np.ndarray, missing: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """Forward-fill gaps along the window; leading gaps get the training mean."""
+    if not missing.any():
+        return windows.astype(np.float32)
+    w = windows.shape[1]
+    idx = np.where(missing, 0, np.arange(w)[None, :, None])
+    np.maximum.accumulate(idx, axis=1, out=idx)
+    out = np.take_along_axis(windows, idx, axis=1)
+    out = np.where(np.isnan(out), fill[None, None, :], out)
+    return out.astype(np.float32)
+
+
+@dataclass
+class DriftChange:
+    phase: Literal["start", "end"]
+    ts: float
+    signals: dict[str, dict[str, float]]
+    """Per signal: ``shift_sigma`` and ``psi`` at the time of the change."""
+
+
+class DriftMonitor:
+    """Recent slot means vs the training baseline: mean shift in training σ and PSI."""
+
+    CHECK_EVERY = 60
+    """Slots between drift evaluations (drift is slow; checking every slot is waste)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.m = manifest
+        self.rows = max(2, int(manifest.drift.window / manifest.period))
+        self._ring = np.full((self.rows, len(manifest.signals)), np.nan)
+        self._pos = 0
+        self._since = 0
+        self.active = False
+        self.last: dict[str, dict[str, float]] = {}
+
+    def add(self, ids: np.ndarray, means: np.ndarray) -> DriftChange | None:
+        if len(ids) == 0:
+            return None
+        rows = means[-self.rows :]
+        at = (self._pos + np.arange(len(rows))) % self.rows
+        self._ring[at] = rows
+        self._pos = int((self._pos + len(rows)) % self.rows)
+        self._since += len(ids)
+        if self._since < self.CHECK_EVERY:
+            return None
+        self._since = 0
+        stats = self.measure()
+        if stats is None:
+            return None
+        self.last = stats
+        b = self.m.drift
+        out = {k: v for k, v in stats.items() if v["shift_sigma"] > b.mean_shift_sigma or v["psi"] > b.psi}
+        ts = float((ids[-1] + 1) * self.m.period)
+        if bool(out) != self.active:
+            self.active = bool(out)
+            return DriftChange("start" if out else "end", ts, out or stats)
+        return None
+
+    def measure(self) -> dict[str, dict[str, float]] | None:
+        """Per-signal drift statistics, or None while the window is too empty to judge."""
+        out: dict[str, dict[str, float]] = {}
+        for j, spec in enumerate(self.m.signals):
+            col = self._ring[:, j]
+            col = col[~np.isnan(col)]
+            if len(col) < self.m.drift.min_fill * self.rows:
+                return None
+            shift = abs(float(col.mean()) - spec.mean) / spec.std
+            out[spec.name] = {
+                "shift_sigma": round(shift, 3),
+                "psi": round(psi(col, spec.bin_edges, spec.bin_fractions), 4),
+            }
+        return out
+
+
+def psi(values: np.ndarray, edges: list[float], expected: list[float]) -> float:
+    """Population stability index of ``values`` against training bin fractions."""
+    counts = np.bincount(np.searchsorted(np.asarray(edges), values, side="right"), minlength=len(expected))
+    actual = np.clip(counts / max(1, len(values)), 1e-4, None)
+    exp = np.clip(np.asarray(expected), 1e-4, None)
+    return float(np.sum((actual - exp) * np.log(actual / exp)))
+
+
+@dataclass
+class Transition:
+    """An alarm starting or ending on one track."""
+
+    phase: Literal["start", "end"]
+    ts: float
+    """End time of the window that changed the state (unix seconds)."""
+    score: float
+    peak_score: float
+    started: float
+    """When the alarm started (for ``end``: its duration is ``ts - started``)."""
+    top: list[dict[str, Any]]
+    """Signals contributing most at the peak: signal, contribution, value, normal range, unit."""
+
+
+@dataclass
+class Decision:
+    transitions: list[Transition]
+    alarm: np.ndarray
+    """Alarm state after each window of the :class:`Ready` (for offline series)."""
+    scores: np.ndarray
+    """Score of each window (NaN when not scored)."""
+    top_signal: np.ndarray
+    """Index of the top contributing signal per window (-1 when not scored)."""
+
+
+class Track:
+    """One model on one data stream: accumulate -> window -> (caller scores) -> decide.
+
+    Split in two so the engine can score windows of many tracks of one model in one
+    batched ``session.run``: :meth:`feed` yields windows, :meth:`decide` takes scores.
+    """
+
+    def __init__(self, model: LoadedModel, settings: Settings, drift: bool = True) -> None:
+        m = model.manifest
+        self.model = model
+        self.settings = settings
+        self.acc = SlotAccumulator(m.period, len(m.signals))
+        self.win = Windower(m.window, model.mean, settings.min_completeness)
+        self.drift = DriftMonitor(m) if drift else None
+        self.debounce = Debounce(settings.raise_after, settings.clear_after)
+        self.state: State = "warming_up"
+        self.last_score: float | None = None
+        self.last_completeness: float | None = None
+        self.last_ts: float | None = None
+        self.windows_scored = 0
+        self.windows_incomplete = 0
+        self._peak = 0.0
+        self._peak_top: list[dict[str, Any]] = []
+        self._started = 0.0
+
+    def feed(self, ts: np.ndarray, vals: np.ndarray) -> Ready:
+        return self._ready(*self.acc.add(ts, vals))
+
+    def flush(self) -> Ready:
+        return self._ready(*self.acc.flush())
+
+    def _ready(self, ids: np.ndarray, means: np.ndarray) -> Ready:
+        completeness, warm, scored, windows = self.win.push(ids, means)
+        ready = Ready(ids, completeness, warm, scored, windows)
+        if self.drift is not None:
+            change = self.drift.add(ids, means)
+            if change is not None:
+                ready.drift.append(change)
+        return ready
+
+    def decide(self, ready: Ready, scores: np.ndarray, contribs: np.ndarray) -> Decision:
+        m = self.model.manifest
+        k = len(ready)
+        alarm = np.zeros(k, bool)
+        all_scores = np.full(k, np.nan)
+        all_scores[ready.scored] = scores
+        top_signal = np.full(k, -1)
+        if len(scores):
+            top_signal[ready.scored] = np.argmax(contribs, axis=1)
+        transitions: list[Transition] = []
+        j = 0
+        thr = self.settings.threshold
+        for i in range(k):
+            ts = float((ready.ids[i] + 1) * m.period)
+            self.last_completeness = float(ready.completeness[i])
+            self.last_ts = ts
+            if not ready.scored[i]:
+                self.state = "warming_up" if not ready.warm[i] else "incomplete"
+                self.windows_incomplete += bool(ready.warm[i])
+                alarm[i] = self.debounce.active
+                continue
+            score = float(scores[j])
+            self.last_score = score
+            self.windows_scored += 1
+            change = self.debounce.update(score > thr)
+            if self.debounce.active and (change or score > self._peak):
+                if change:
+                    self._started = ts
+                self._peak = score
+                self._peak_top = self._top(contribs[j], ready.windows[j][-1])
+            if change is True:
+                transitions.append(Transition("start", ts, score, self._peak, self._started, self._peak_top))
+            elif change is False:
+                transitions.append(Transition("end", ts, score, self._peak, self._started, self._peak_top))
+                self._peak = 0.0
+            self.state = "alarm" if self.debounce.active else "ok"
+            alarm[i] = self.debounce.active
+            j += 1
+        return Decision(transitions, alarm, all_scores, top_signal)
+
+    def _top(self, contrib: np.ndarray, last: np.ndarray) -> list[dict[str, Any]]:
+        out = []
+        for s in np.argsort(contrib)[::-1][:TOP_SIGNALS]:
+            spec = self.model.manifest.signals[s]
+            out.append(
+                {
+                    "signal": spec.name,
+                    "contribution": round(float(contrib[s]), 4),
+                    "value": round(float(last[s]), 6),
+                    "normal_range": [spec.normal_low, spec.normal_high],
+                    "unit": spec.unit,
+                }
+            )
+        return out
+
+
+@dataclass
+class OfflineResult:
+    ts: np.ndarray
+    """Window end times (unix seconds)."""
+    scores: np.ndarray
+    alarm: np.ndarray
+    top_signal: np.ndarray
+    transitions: list[Transition]
+
+
+def run_offline(model: LoadedModel, settings: Settings, ts: np.ndarray, vals: np.ndarray) -> OfflineResult:
+    """Score a whole series through the agent's path, in chunks (bounded memory)."""
+    track = Track(model, settings, drift=False)
+    parts: list[tuple[np.ndarray, Decision]] = []
+    for ready in _chunks(track, ts, vals):
+        scores, contribs = model.score(ready.windows)
+        parts.append((ready.ids, track.decide(ready, scores, contribs)))
+    period = model.manifest.period
+
+    def cat(get: Any, dtype: Any) -> np.ndarray:
+        return np.concatenate([get(p) for p in parts]) if parts else np.zeros(0, dtype)
+
+    return OfflineResult(
+        ts=cat(lambda p: (p[0] + 1) * period, float),
+        scores=cat(lambda p: p[1].scores, float),
+        alarm=cat(lambda p: p[1].alarm, bool),
+        top_signal=cat(lambda p: p[1].top_signal, int),
+        transitions=[t for p in parts for t in p[1].transitions],
+    )
+
+
+def _chunks(track: Track, ts: np.ndarray, vals: np.ndarray, rows: int = 50_000) -> Iterator[Ready]:
+    for i in range(0, len(ts), rows):
+        yield track.feed(ts[i : i + rows], vals[i : i + rows])
+    yield track.flush()
