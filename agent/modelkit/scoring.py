@@ -108,18 +108,18 @@ class Debounce:
         self.raise_after = raise_after
         self.clear_after = clear_after
         self.active = False
-        self._run = 0
+        self.run = 0
 
     def update(self, over: bool) -> bool | None:
         """True when this observation raises, False when it clears, None otherwise."""
         if over != self.active:
-            self._run += 1
-            if self._run >= (self.raise_after if over else self.clear_after):
+            self.run += 1
+            if self.run >= (self.raise_after if over else self.clear_after):
                 self.active = over
-                self._run = 0
+                self.run = 0
                 return over
         else:
-            self._run = 0
+            self.run = 0
         return None
 
 
