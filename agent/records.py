@@ -86,6 +86,9 @@ class Block:
     source_ts_ns: int | list[int | None] | None = None
     state: dict[str, str] | None = None
     seq_first: int | None = None
+    events: list[Event] | None = None
+    """Events the driver detected while reading this block (e.g. records lost at a
+    counter whose buffer wrapped), committed with it; not part of the block's body."""
 
     def __len__(self) -> int:
         return len(self.values)

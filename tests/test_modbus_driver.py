@@ -1,0 +1,579 @@
+"""Modbus TCP driver against real pymodbus servers (and raw sockets for broken devices)
+on loopback: decoding, coalescing, exception replies, garbage, silence, shared gateways,
+records mode, and configuration errors."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from pymodbus.constants import ExcCodes
+from pymodbus.pdu import ModbusPDU
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType as SimType
+from pymodbus.simulator import SimData, SimDevice
+
+from agent.records import Block, Quality
+from drivers import modbus
+from drivers.base import DeviceContext, DeviceError, build_groups
+from drivers.codec import DataType, WordOrder, encode
+from drivers.modbus import Connection, ModbusDriver
+from tests.support import free_port
+
+Action = Callable[[int, int, int, int, list[int], Any], Awaitable[ExcCodes | None]]
+
+
+def sim_device(
+    unit: int,
+    holding: Sequence[int] = (0,) * 8,
+    inputs: Sequence[int] = (0,) * 8,
+    coils: Sequence[bool] = (False,) * 16,
+    action: Action | None = None,
+) -> SimDevice:
+    """A unit whose four tables start at PDU address 0; anything past them is an illegal address."""
+    return SimDevice(
+        id=unit,
+        simdata=(
+            [SimData(0, values=list(coils), datatype=SimType.BITS)],
+            [SimData(0, values=list(coils), datatype=SimType.BITS)],
+            [SimData(0, values=list(holding), datatype=SimType.REGISTERS)],
+            [SimData(0, values=list(inputs), datatype=SimType.REGISTERS)],
+        ),
+        action=action,
+    )
+
+
+class Server:
+    """A pymodbus TCP server on a free port that counts the requests it receives."""
+
+    def __init__(self, devices: list[SimDevice]) -> None:
+        self.port = free_port()
+        self.requests: list[tuple[int, int, int, int]] = []  # (unit, function, address, count)
+        self.server = ModbusTcpServer(devices, address=("127.0.0.1", self.port), trace_pdu=self._trace)
+
+    def _trace(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
+        if not sending:
+            self.requests.append((pdu.dev_id, pdu.function_code, pdu.address, pdu.count))
+        return pdu
+
+
+@asynccontextmanager
+async def serving(*devices: SimDevice) -> AsyncIterator[Server]:
+    srv = Server(list(devices))
+    await srv.server.serve_forever(background=True)
+    try:
+        yield srv
+    finally:
+        await srv.server.shutdown()
+
+
+def make_driver(
+    tags: list[dict[str, Any]],
+    port: int,
+    *,
+    unit: int = 1,
+    device: str = "dev1",
+    groups: dict[str, Any] | None = None,
+    state: dict[str, str] | None = None,
+    **conn: Any,
+) -> ModbusDriver:
+    profile = ModbusDriver.profile_model().model_validate(
+        {"profile": "t", "protocol": "modbus", "groups": groups or {"default": {}}, "tags": tags}
+    )
+    connection = Connection.model_validate(
+        {"host": "127.0.0.1", "port": port, "unit_id": unit, "timeout": 0.3, "retries": 0, **conn}
+    )
+    ctx = DeviceContext(
+        id=device,
+        profile=profile,
+        connection=connection,
+        groups=build_groups(device, profile, connection, {}),
+        state=state or {},
+    )
+    return ModbusDriver(ctx)
+
+
+async def read_one(driver: ModbusDriver, group: str = "default") -> Block:
+    blocks = await driver.read(driver.ctx.groups[group])
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def by_tag(block: Block) -> dict[str, Any]:
+    return dict(zip(block.tags, block.values, strict=True))
+
+
+def reasons(block: Block) -> dict[str, str | None]:
+    return dict(zip(block.tags, block.reasons or [None] * len(block), strict=True))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+async def test_reads_every_type_and_word_order_with_scaling() -> None:
+    holding = (
+        encode(-12, DataType.INT16)  # 40001
+        + encode(451, DataType.UINT16)  # 40002 (×0.1)
+        + encode(-70000, DataType.INT32, WordOrder.CDAB)  # 40003-04
+        + encode(37.25, DataType.FLOAT32)  # 40005-06
+        + encode(5.5, DataType.FLOAT32, WordOrder.CDAB)  # 40007-08 (BINDER-style)
+        + encode(-1.0e10, DataType.FLOAT64, WordOrder.DCBA)  # 40009-12
+        + encode("BR-7", DataType.STRING, length=6)  # 40013-15
+        + encode(0b1000_0000_0000_0101, DataType.UINT16)  # 40016 status word
+    )
+    inputs = encode(3_000_000_000, DataType.UINT32, WordOrder.BADC)  # 30001-02
+    coils = [True, False, True] + [False] * 13
+    tags = [
+        {"name": "i16", "address": 40001, "type": "int16"},
+        {"name": "temp", "address": 40002, "scale": 0.1, "unit": "degC"},
+        {"name": "i32", "address": 40003, "type": "int32", "word_order": "CDAB"},
+        {"name": "f32", "address": 40005, "type": "float32"},
+        {"name": "co2", "address": 40007, "type": "float32", "word_order": "CDAB"},
+        {"name": "f64", "address": 40009, "type": "float64", "word_order": "DCBA"},
+        {"name": "name", "address": 40013, "type": "string", "length": 6},
+        {"name": "door", "address": 40016, "bit": 0},
+        {"name": "alarm", "address": 40016, "bit": 15},
+        {"name": "spare", "address": 40016, "bit": 1},
+        {"name": "u32", "address": 30001, "type": "uint32", "word_order": "BADC"},
+        {"name": "pump", "address": 1},
+        {"name": "valve", "address": 2},
+        {"name": "di", "address": 10003},
+    ]
+    async with serving(sim_device(1, holding, inputs + [0] * 6, coils)) as srv:
+        driver = make_driver(tags, srv.port)
+        await driver.connect()
+        try:
+            block = await read_one(driver)
+        finally:
+            await driver.close()
+    assert block.quality is None, block.reasons
+    values = by_tag(block)
+    assert values == {
+        "i16": -12,
+        "temp": pytest.approx(45.1),
+        "i32": -70000,
+        "f32": 37.25,
+        "co2": 5.5,
+        "f64": -1.0e10,
+        "name": "BR-7",
+        "door": True,
+        "alarm": True,
+        "spare": False,
+        "u32": 3_000_000_000,
+        "pump": True,
+        "valve": False,
+        "di": True,
+    }
+    assert block.units[block.tags.index("temp")] == "degC"
+    # one request per table: the holding map is contiguous
+    assert sorted(f for _, f, _, _ in srv.requests) == [1, 2, 3, 4]
+    assert driver.ctx.stats.requests == 4
+
+
+async def test_integer_groups_stay_integers_on_the_fast_path() -> None:
+    """A pure int16 group decodes as one array; unscaled values stay ints in the payload."""
+    values = list(range(-50, 50))
+    async with serving(sim_device(1, holding=[v & 0xFFFF for v in values])) as srv:
+        tags = [{"name": f"t{i}", "address": 40001 + i, "type": "int16"} for i in range(100)]
+        driver = make_driver(tags, srv.port)
+        await driver.connect()
+        try:
+            block = await read_one(driver)
+        finally:
+            await driver.close()
+    assert block.values == values
+    assert all(type(v) is int for v in block.values)
+
+
+# --------------------------------------------------------------------------- coalescing
+
+
+@pytest.mark.parametrize(
+    ("conn", "expected"),
+    [
+        ({}, [(0, 3), (20, 11), (100, 2)]),  # gap 17 > max_gap 10 splits, gap 8 does not
+        ({"max_gap": 0}, [(0, 3), (20, 2), (30, 1), (100, 2)]),
+        ({"max_registers_per_request": 10}, [(0, 3), (20, 2), (30, 1), (100, 2)]),
+        ({"one_request_per_tag": True}, [(0, 2), (2, 1), (20, 2), (30, 1), (100, 2)]),
+    ],
+)
+async def test_coalescing_issues_the_planned_requests(
+    conn: dict[str, Any], expected: list[tuple[int, int]]
+) -> None:
+    tags = [
+        {"name": "a", "address": 40001, "type": "float32"},
+        {"name": "b", "address": 40003},
+        {"name": "c", "address": 40021, "type": "int32"},
+        {"name": "d", "address": 40031},
+        {"name": "e", "address": 40101, "type": "float32"},
+    ]
+    async with serving(sim_device(1, holding=[0] * 110)) as srv:
+        driver = make_driver(tags, srv.port, **conn)
+        await driver.connect()
+        try:
+            block = await read_one(driver)
+        finally:
+            await driver.close()
+    assert block.quality is None
+    assert [(a, c) for _, _, a, c in srv.requests] == expected
+
+
+def test_coalesce_never_splits_a_value_and_respects_limits() -> None:
+    reads = modbus.coalesce([(0, 4), (3, 4), (120, 4), (124, 2)], max_count=125, max_gap=200)
+    assert reads == [(0, 124), (124, 2)]  # (120, 4) stays whole in the first read
+    with pytest.raises(ValueError, match="exceeds"):
+        modbus.coalesce([(0, 126)], max_count=125, max_gap=0)
+
+
+# --------------------------------------------------------------------------- device errors
+
+
+async def test_exception_replies_make_only_their_request_bad() -> None:
+    tags = [
+        {"name": "ok", "address": 40001},
+        {"name": "missing", "address": 40500},  # past the map: illegal data address
+        {"name": "failing", "address": 30001},
+    ]
+
+    async def action(
+        fc: int, start: int, address: int, count: int, regs: list[int], values: Any
+    ) -> ExcCodes | None:
+        return ExcCodes.DEVICE_FAILURE if fc == 4 else None
+
+    async with serving(sim_device(1, holding=[7] * 8, action=action)) as srv:
+        driver = make_driver(tags, srv.port)
+        await driver.connect()
+        try:
+            block = await read_one(driver)
+            again = await read_one(driver)
+        finally:
+            await driver.close()
+    assert by_tag(block) == {"ok": 7, "missing": None, "failing": None}
+    assert reasons(block) == {
+        "ok": None,
+        "missing": "illegal_data_address",
+        "failing": "slave_device_failure",
+    }
+    assert block.quality == [Quality.GOOD, Quality.BAD, Quality.BAD]
+    assert by_tag(again)["ok"] == 7
+    errors = driver.ctx.stats.errors
+    assert errors["illegal_data_address"] == 2 and errors["slave_device_failure"] == 2
+
+
+async def test_server_busy_is_retried_after_the_configured_wait() -> None:
+    busy = {"left": 2}
+
+    async def action(
+        fc: int, start: int, address: int, count: int, regs: list[int], values: Any
+    ) -> ExcCodes | None:
+        if busy["left"]:
+            busy["left"] -= 1
+            return ExcCodes.DEVICE_BUSY
+        return None
+
+    async with serving(sim_device(1, holding=[42] * 8, action=action)) as srv:
+        driver = make_driver([{"name": "x", "address": 40001}], srv.port, retries=2, retry_busy_wait=0.05)
+        await driver.connect()
+        try:
+            block = await read_one(driver)
+            busy["left"] = 5
+            refused = await read_one(driver)
+        finally:
+            await driver.close()
+    assert block.values == [42] and block.quality is None
+    assert refused.reasons == ["server_busy"]  # still busy after 2 retries: bad, not a crash
+    assert driver.ctx.stats.retries == 4
+    assert driver.ctx.stats.errors["server_busy"] == 5
+
+
+class RawServer:
+    """A TCP "device" whose replies a test scripts frame by frame (garbage, truncation...).
+
+    ``reply(request_mbap, pdu)`` returns the bytes to send (or ``None`` for silence).
+    """
+
+    def __init__(self, reply: Callable[[bytes, bytes], bytes | None]) -> None:
+        self.reply = reply
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(7)
+                pdu = await reader.readexactly(struct.unpack(">H", header[4:6])[0] - 1)
+                out = self.reply(header, pdu)
+                if out:
+                    writer.write(out)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> RawServer:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def good_reply(header: bytes, pdu: bytes, value: int = 9) -> bytes:
+    count = struct.unpack(">H", pdu[3:5])[0]
+    body = bytes([pdu[0], 2 * count]) + struct.pack(f">{count}H", *([value] * count))
+    return header[:4] + struct.pack(">H", len(body) + 1) + header[6:7] + body
+
+
+@pytest.mark.parametrize(
+    ("broken", "reason", "counter"),
+    [
+        (lambda h, p: b"\x13\x37garbage-that-is-no-modbus", "comm_error", "garbled"),
+        # MBAP announces 9 bytes, 5 arrive: a truncated frame
+        (lambda h, p: h[:4] + b"\x00\x09" + h[6:7] + b"\x03\x06\x00", "comm_error", "garbled"),
+        # well-formed frame, but byte count says 8 while 2 data bytes follow
+        (lambda h, p: h[:4] + b"\x00\x05" + h[6:7] + b"\x03\x08\x00\x01", "comm_error", "garbled"),
+        # well-formed reply with one register fewer than asked for
+        (lambda h, p: good_reply(h, p[:3] + b"\x00\x01"), "decode_error", "wrong_length"),
+    ],
+    ids=["garbage", "truncated", "bad-byte-count", "wrong-length"],
+)
+async def test_broken_replies_are_bad_readings_and_the_driver_recovers(
+    broken: Callable[[bytes, bytes], bytes], reason: str, counter: str
+) -> None:
+    script = {"broken": True}
+
+    def reply(header: bytes, pdu: bytes) -> bytes:
+        if script["broken"]:
+            script["broken"] = False
+            return broken(header, pdu)
+        return good_reply(header, pdu)
+
+    async with RawServer(reply) as srv:
+        driver = make_driver([{"name": "a", "address": 40001}, {"name": "b", "address": 40002}], srv.port)
+        await driver.connect()
+        try:
+            bad = await read_one(driver)
+            good = await read_one(driver)
+        finally:
+            await driver.close()
+    assert bad.values == [None, None] and bad.reasons == [reason, reason]
+    assert driver.ctx.stats.errors[counter] == 1
+    assert good.values == [9, 9] and good.quality is None
+
+
+async def test_silence_raises_timeout_then_the_device_is_degraded() -> None:
+    async with RawServer(lambda h, p: None) as srv:
+        driver = make_driver([{"name": "a", "address": 40001}], srv.port, degrade_after=2, degrade_for=60)
+        await driver.connect()
+        try:
+            for _ in range(2):
+                with pytest.raises(DeviceError) as err:
+                    await read_one(driver)
+                assert err.value.reason == "timeout"
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            skipped = await read_one(driver)
+            assert loop.time() - t0 < 0.1  # no bus time spent on a degraded device
+        finally:
+            await driver.close()
+    assert skipped.reasons == [modbus.DEGRADED] and skipped.values == [None]
+    assert driver.ctx.stats.errors["timeout"] == 2
+
+
+async def test_unreachable_device_fails_connect_cleanly() -> None:
+    driver = make_driver([{"name": "a", "address": 40001}], free_port())
+    with pytest.raises(DeviceError) as err:
+        await driver.connect()
+    assert err.value.reason == "not_connected"
+    assert not modbus._BUSES  # the failed attempt left no bus behind
+
+
+# --------------------------------------------------------------------------- gateways
+
+
+async def test_units_behind_one_gateway_share_one_connection() -> None:
+    connections: list[bool] = []
+    devices = [sim_device(1, holding=[11] * 8), sim_device(2, holding=[22] * 8)]
+    srv = Server(devices)
+    srv.server.trace_connect = connections.append
+    await srv.server.serve_forever(background=True)
+    try:
+        one = make_driver([{"name": "x", "address": 40001}], srv.port, unit=1, device="one")
+        two = make_driver([{"name": "x", "address": 40001}], srv.port, unit=2, device="two")
+        await one.connect()
+        await two.connect()
+        assert one._bus is two._bus and one._bus is not None and one._bus.refs == 2
+        a, b = await asyncio.gather(read_one(one), read_one(two))
+        await one.close()
+        c = await read_one(two)  # the gateway connection survives the first device closing
+        await two.close()
+    finally:
+        await srv.server.shutdown()
+    assert (a.values, b.values, c.values) == ([11], [22], [22])
+    assert {u for u, *_ in srv.requests} == {1, 2}
+    assert not modbus._BUSES
+
+
+# --------------------------------------------------------------------------- records mode
+
+RECORD_GROUPS = {
+    "counts": {
+        "interval": "10s",
+        "mode": "records",
+        "records": {
+            "count": {"address": 40024},
+            "index": {"address": 40025},
+            "timestamp": {"address": 30001, "type": "uint32"},
+            "status": {"address": 30007, "type": "uint32"},
+            "status_bits": [
+                {"bit": 0, "name": "laser"},
+                {"bit": 3, "name": "service", "quality": "uncertain"},
+            ],
+            "capacity": 5,
+            "max_records_per_read": 3,
+        },
+    }
+}
+RECORD_TAGS = [
+    {"name": "um0_5", "address": 30009, "type": "uint32", "group": "counts", "unit": "counts"},
+    {"name": "um5_0", "address": 30011, "type": "uint32", "group": "counts", "unit": "counts"},
+]
+
+
+class Counter:
+    """A Lighthouse-like remote counter: a rotating buffer of (ts, status, c1, c2) records,
+    positions 1..count oldest first, selected by writing 40025."""
+
+    def __init__(self, capacity: int = 5) -> None:
+        self.capacity = capacity
+        self.records: list[tuple[int, int, int, int]] = []
+        self.selected = 0xFFFF
+        self.writes = 0
+
+    def add(self, ts: int, status: int = 0, c1: int = 0, c2: int = 0) -> None:
+        self.records = [*self.records, (ts, status, c1, c2)][-self.capacity :]
+
+    async def action(
+        self, fc: int, start: int, address: int, count: int, regs: list[int], values: Any
+    ) -> None:
+        if fc == 6 and address == 24 and values:
+            self.selected = int(values[0])
+            self.writes += 1
+        elif fc == 3:
+            regs[23] = len(self.records)
+        elif fc == 4 and self.records:
+            pos = len(self.records) if self.selected == 0xFFFF else self.selected
+            ts, status, c1, c2 = self.records[pos - 1]
+            image = encode(ts, DataType.UINT32) + [0] * 4 + encode(status, DataType.UINT32)
+            regs[0:12] = image + encode(c1, DataType.UINT32) + encode(c2, DataType.UINT32)
+
+
+async def drain(driver: ModbusDriver) -> list[Block]:
+    return await driver.read(driver.ctx.groups["counts"])
+
+
+async def test_records_mode_drains_in_order_with_watermark_status_and_wrap_loss() -> None:
+    counter = Counter(capacity=5)
+    for k in range(4):
+        counter.add(1_700_000_000 + 60 * k, c1=100 + k, c2=k)
+    counter.records[1] = (*counter.records[1][:1], 0b1, *counter.records[1][2:])  # laser fault
+    counter.records[2] = (*counter.records[2][:1], 0b1000, *counter.records[2][2:])  # service due
+    device = sim_device(1, holding=[0] * 30, inputs=[0] * 16, action=counter.action)
+    async with serving(device) as srv:
+        drv = make_driver(RECORD_TAGS, srv.port, groups=RECORD_GROUPS, state={"counts.last_ts": "1699999000"})
+        await drv.connect()
+        try:
+            first = await drain(drv)  # 3 of 4 (max_records_per_read)
+            second = await drain(drv)  # the 4th
+            nothing = await drain(drv)
+            for k in range(4, 12):  # 8 more records into a 5-slot buffer: 3 are overwritten
+                counter.add(1_700_000_000 + 60 * k, c1=100 + k)
+            after_wrap = await drain(drv) + await drain(drv)
+        finally:
+            await drv.close()
+        # a fresh agent without a watermark takes only the newest record
+        fresh = make_driver(RECORD_TAGS, srv.port, groups=RECORD_GROUPS)
+        await fresh.connect()
+        try:
+            newest = await drain(fresh)
+        finally:
+            await fresh.close()
+
+    delivered = first + second
+    assert [b.values[0] for b in delivered] == [100, 101, 102, 103]
+    assert [b.source_ts_ns for b in delivered] == [(1_700_000_000 + 60 * k) * 10**9 for k in range(4)]
+    assert delivered[-1].state == {"counts.last_ts": str(1_700_000_000 + 180)}
+    assert delivered[0].quality is None
+    assert (
+        delivered[1].quality == [Quality.BAD, Quality.BAD] and delivered[1].reasons == ["device_status"] * 2
+    )
+    assert delivered[1].values == [101, 1]  # the original record is kept, flagged
+    assert delivered[2].quality == [Quality.UNCERTAIN] * 2
+    assert nothing == []
+    assert [b.values[0] for b in after_wrap] == [107, 108, 109, 110, 111]
+    loss = after_wrap[0].events
+    assert loss is not None and loss[0].kind == "data_loss"
+    assert loss[0].data["reason"] == "device_buffer_wrapped" and loss[0].data["estimated_records"] == 3
+    assert [b.values[0] for b in newest] == [111]
+    assert counter.writes > 0 and not any(e.kind for b in delivered for e in (b.events or []))
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("tag", "message"),
+    [
+        ({"name": "a", "address": 40001, "table": "input"}, "is a holding address"),
+        ({"name": "a", "address": 5, "vendor_notation": False}, "needs an explicit table"),
+        ({"name": "a", "address": 25001}, "not in vendor notation"),
+        ({"name": "a", "address": 1, "type": "float32"}, "coil is one bit"),
+        ({"name": "a", "address": 40001, "type": "float32", "bit": 3}, "16-bit register"),
+        ({"name": "a", "address": 40001, "type": "string"}, "length is required"),
+        ({"name": "a", "address": 40000}, "below the first register"),
+        ({"name": "a", "address": 40001, "word_order": "ABDC"}, "word_order"),
+    ],
+)
+def test_bad_tags_are_rejected_with_the_reason(tag: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        ModbusDriver.profile_model().model_validate({"profile": "p", "protocol": "modbus", "tags": [tag]})
+
+
+@pytest.mark.parametrize(
+    ("conn", "message"),
+    [
+        ({"transport": "tcp"}, "needs a host"),
+        ({"transport": "rtu", "port": 502}, "serial device path"),
+        ({"transport": "rtu", "port": "/dev/ttyS0", "host": "x"}, "has no host"),
+        ({"host": "h", "max_registers_per_request": 200}, "less than or equal to 125"),
+        ({"host": "h", "parity": "X"}, "parity"),
+    ],
+)
+def test_bad_connections_are_rejected_with_the_reason(conn: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Connection.model_validate(conn)
+
+
+def test_profile_defaults_apply_to_tags_that_do_not_set_them() -> None:
+    profile: Any = ModbusDriver.profile_model().model_validate(
+        {
+            "profile": "binder",
+            "protocol": "modbus",
+            "defaults": {"word_order": "CDAB", "table": "input", "vendor_notation": False, "address_base": 0},
+            "tags": [
+                {"name": "t", "address": 4, "type": "float32"},
+                {"name": "u", "address": 6, "word_order": "ABCD"},
+            ],
+        }
+    )
+    t, u = profile.tags
+    assert (t.word_order, t.table_and_number()) == (WordOrder.CDAB, ("input", 4))
+    assert u.word_order == WordOrder.ABCD
