@@ -164,6 +164,7 @@ def plot(model: LoadedModel, results: list[DeviceResult], out_dir: Path, thresho
             if t.phase == "start":
                 ax.axvline((t.ts - t0) / 3600, color="tab:red", lw=0.8)
         ax.set_yscale("symlog", linthresh=max(threshold, 1e-3))
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("hours")
         ax.set_title(
             f"{model.manifest.id} {model.manifest.version} on {r.device} (faults shaded, alarms red)"
