@@ -181,6 +181,10 @@ class ProcessModel(ABC):
     def _step(self, t_s: float, dt_s: float, faults: dict[str, Fault]) -> None:
         """Advance the state from ``t_s`` to ``t_s + dt_s`` with the given faults active."""
 
+    def signal_specs(self) -> Mapping[str, Signal]:
+        """Signals of this instance (a particle counter's depend on its channels and grade)."""
+        return self.SIGNALS
+
     @abstractmethod
     def signals(self) -> dict[str, float]:
         """Current readings in engineering units, as the device's sensors report them."""

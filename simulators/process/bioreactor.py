@@ -19,13 +19,8 @@ from typing import Any, ClassVar, cast
 from pydantic import Field
 
 from simulators.process.base import Fault, ModelParams, ProcessModel, Signal, lag_alpha, register
-from simulators.process.faults import (
-    Co2SupplyFailureParams,
-    ContaminationParams,
-    DoStuckParams,
-    PhDriftParams,
-    TemperatureOscillationParams,
-)
+from simulators.process.control import PI, SUPPLY_LOW_BAR, heat_disturbance, supply_factor, supply_pressure
+from simulators.process.faults import ContaminationParams, DoStuckParams, PhDriftParams
 
 O2_AIR = 0.2095
 HCO3_FRESH_MM = 24.0  # bicarbonate of fresh medium
@@ -163,8 +158,10 @@ class Bioreactor(ProcessModel):
         # begins in control instead of with a start-up transient.
         self.temp_true = p.temperature_setpoint_c
         self.temp_meas = self.temp_true
-        self.heat_i = (self.temp_true - p.ambient_c) / self.TAU_LOSS_S / self.HEAT_MAX_C_PER_S
-        self.heater = self.heat_i
+        self.heater = (self.temp_true - p.ambient_c) / self.TAU_LOSS_S / self.HEAT_MAX_C_PER_S
+        self.heat_pi = PI(0.5, 600.0, 0.0, 1.0, self.heater)
+        self.do_pi = PI(0.02, 900.0, -1.0, 1.0, -0.65)
+        self.co2_pi = PI(20.0, 1800.0, 0.0, self.CO2_MAX_PCT)
         self.age_h = 0.0
         self.supply_bar = 1.0
         self.agitation = p.agitation_min_rpm
@@ -194,12 +191,11 @@ class Bioreactor(ProcessModel):
         self.perfusion = 0.0
         sp = self._setpoints["ph_setpoint"]
         self.dco2 = self.hco3 / (CO2_MM_PER_PCT * 10 ** (sp - 6.1)) - RESIDUAL_CO2_PCT
-        self.co2_i = self.dco2
+        self.co2_pi.i = self.dco2
         self.ph_true = sp
         self.ph_meas = sp
         self.do_true = self._setpoints["do_setpoint_pct"]
         self.do_meas = self.do_true
-        self.do_i = -0.65
         self.vcd_meas = self.xv
         self.weight = self.volume * 1.01
 
@@ -249,33 +245,17 @@ class Bioreactor(ProcessModel):
 
     def _temperature(self, t_s: float, dt_s: float, faults: dict[str, Fault]) -> None:
         p = self.params
-        err = self._setpoints["temperature_setpoint_c"] - self.temp_meas
-        kp, ki = 0.5, 0.5 / 600.0
-        self.heat_i = min(1.0, max(0.0, self.heat_i + ki * err * dt_s))
-        self.heater = min(1.0, max(0.0, self.heat_i + kp * err))
-        rate = self.heater * self.HEAT_MAX_C_PER_S - (self.temp_true - p.ambient_c) / self.TAU_LOSS_S
-        osc = faults.get("temperature_oscillation")
-        if osc is not None:
-            op = cast(TemperatureOscillationParams, osc.params)
-            w = 2 * math.pi / op.period
-            rate += op.amplitude_c * w * math.cos(w * (t_s - osc.start_s))
-        self.temp_true += rate * dt_s
+        self.heater = self.heat_pi.update(self._setpoints["temperature_setpoint_c"] - self.temp_meas, dt_s)
+        loss = (self.temp_true - p.ambient_c) / self.TAU_LOSS_S
+        self.temp_true += (self.heater * self.HEAT_MAX_C_PER_S - loss + heat_disturbance(faults, t_s)) * dt_s
 
     def _gas_supply(self, dt_s: float, faults: dict[str, Fault]) -> None:
-        fail = faults.get("co2_supply_failure")
-        if fail is None:
-            self.supply_bar = 1.0
-        else:
-            decline = cast(Co2SupplyFailureParams, fail.params).decline_bar_per_h
-            self.supply_bar = max(0.0, self.supply_bar - decline * dt_s / 3600.0)
+        self.supply_bar = supply_pressure(self.supply_bar, faults, dt_s)
 
     def _do_cascade(self, dt_s: float, faults: dict[str, Fault]) -> None:
         """DO PI controller whose output ``u`` in [-1, 1] walks N2 → agitation → air → O2."""
         p = self.params
-        err = self._setpoints["do_setpoint_pct"] - self.do_meas
-        kp, ki = 0.02, 0.02 / 900.0
-        self.do_i = min(1.0, max(-1.0, self.do_i + ki * err * dt_s))
-        u = min(1.0, max(-1.0, self.do_i + kp * err))
+        u = self.do_pi.update(self._setpoints["do_setpoint_pct"] - self.do_meas, dt_s)
         span = p.agitation_max_rpm - p.agitation_min_rpm
         self.n2 = -u * self.N2_MAX if u < 0 else 0.0
         self.agitation = p.agitation_min_rpm + span * min(1.0, max(0.0, 3 * u))
@@ -290,17 +270,14 @@ class Bioreactor(ProcessModel):
         db = self.params.ph_deadband
         err = self.ph_meas - sp
         eff = 0.0 if abs(err) <= db else err - math.copysign(db, err)
-        kp, ki = 20.0, 20.0 / 1800.0
-        self.co2_i = min(self.CO2_MAX_PCT, max(0.0, self.co2_i + ki * eff * dt_s))
-        co2_pct = min(self.CO2_MAX_PCT, max(0.0, self.co2_i + kp * eff))
+        co2_pct = self.co2_pi.update(eff, dt_s)
         if self.base_on:
             self.base_on = self.ph_meas < sp - db / 2
         else:
             self.base_on = self.ph_meas < sp - db and co2_pct < 1.0
         carrier = self.air + self.o2 + self.n2
         frac = co2_pct / 100.0
-        # A falling supply pressure starves the mass-flow controller below 0.5 bar.
-        self.co2 = frac / (1.0 - frac) * carrier * min(1.0, self.supply_bar / 0.5)
+        self.co2 = frac / (1.0 - frac) * carrier * supply_factor(self.supply_bar)
 
     def _liquid_phase(self, dt_h: float, age_h: float, faults: dict[str, Fault]) -> None:
         p = self.params
@@ -405,6 +382,6 @@ class Bioreactor(ProcessModel):
             "ph_low": self.ph_meas < sp_ph - 0.2,
             "do_low": self.do_meas < 20.0,
             "agitation_fault": self.agitation == 0.0,
-            "gas_supply_low": self.supply_bar < 0.5,
+            "gas_supply_low": self.supply_bar < SUPPLY_LOW_BAR,
             "base_pump_on": self.base_on,
         }

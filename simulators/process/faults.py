@@ -84,6 +84,13 @@ class CounterFlowFaultParams(Strict):
     """Actual sample flow during the fault (nominal 28.3 L/min); the flow-OK bit clears."""
 
 
+class CommExceptionParams(Strict):
+    """A protocol-level error reply instead of data."""
+
+    code: int = Field(4, ge=1, le=255)
+    """Modbus exception code to answer with (4 = slave device failure); other protocols map it."""
+
+
 FAULT_PARAMS: dict[str, type[Strict]] = {
     "door_open": NoParams,
     "co2_supply_failure": Co2SupplyFailureParams,
@@ -97,7 +104,7 @@ FAULT_PARAMS: dict[str, type[Strict]] = {
     "counter_flow_fault": CounterFlowFaultParams,
     "comm_timeout": NoParams,
     "comm_garbled": NoParams,
-    "comm_exception": NoParams,
+    "comm_exception": CommExceptionParams,
     "comm_disconnect": NoParams,
 }
 """Every fault kind and the model of its ``params:`` block in a scenario."""
