@@ -223,61 +223,44 @@ class TagDefaults(Strict):
     """Default address notation (see :class:`Tag`)."""
 
 
-class RecordField(Strict):
-    """A register of a record-keeping device that is not itself a tag (count, timestamp…)."""
-
-    address: int = Field(ge=0, le=465536)
-    """Address in vendor notation (``40024``, ``30001``), counted from 1."""
-    type: DataType = DataType.UINT16
-    """Data type of the register(s)."""
-    word_order: WordOrder = WordOrder.ABCD
-    """Word order of a multi-register value."""
-
-    def as_tag(self, name: str) -> Tag:
-        return Tag(name=name, address=self.address, type=self.type, word_order=self.word_order)
-
-
-class StatusBit(Strict):
-    """One bit of a record's status word and what it does to the record's quality."""
-
-    bit: int = Field(ge=0, le=31)
-    """Bit number, 0 = least significant."""
-    name: str
-    """What the bit means (``laser``, ``flow``…), for people and the docs."""
-    quality: Literal["bad", "uncertain"] = "bad"
-    """Quality of every reading of a record taken while the bit is active (reason ``device_status``)."""
-    active_low: bool = False
-    """True when the bit is *set* while things are fine (an "OK" flag) and a fault clears it."""
-
-
 class RecordLayout(Strict):
     """Where a record-keeping device (remote particle counter) keeps its record buffer.
 
     The model is the Lighthouse-like one: ``count`` records at positions
-    ``first_index … first_index + count - 1``, oldest first; writing a position to
-    ``index`` makes the record's registers (the group's tags, ``timestamp``, ``status``)
-    show that record. When the buffer is full the oldest record drops out and every
-    position moves down by one. The driver never clears the buffer nor sets the clock.
+    ``first_index … first_index + count - 1``, oldest first; writing a position to the
+    index register makes the group's tags (input registers) show that record. When the
+    buffer is full the oldest record drops out and every position moves down by one.
+    The record's own fields are ordinary tags of the group: its timestamp
+    (``timestamp_tag``) and its status bits (bit-field tags named in ``bad_when`` /
+    ``uncertain_when``). The driver never clears the buffer nor sets the clock.
     """
 
-    count: RecordField
-    """Number of records in the buffer (e.g. ``{address: 40024}``)."""
-    index: RecordField
-    """Record selector the driver writes (e.g. ``{address: 40025}``)."""
-    timestamp: RecordField
-    """The selected record's sample time, Unix seconds (e.g. ``{address: 30001, type: uint32}``)."""
-    status: RecordField | None = None
-    """The selected record's status word (e.g. ``{address: 30007, type: uint32}``)."""
-    status_bits: list[StatusBit] = Field(default_factory=list)
-    """Status bits that make a record's readings bad or uncertain."""
-    first_index: int = Field(default=1, ge=0)
-    """Position of the oldest record."""
+    count_address: int = Field(ge=40001, le=465536)
+    """Holding register with the number of records in the buffer (vendor notation, e.g. ``40024``)."""
+    index_address: int = Field(ge=40001, le=465536)
+    """Holding register the driver writes to select a record (vendor notation, e.g. ``40025``)."""
+    newest_index: int = Field(default=0xFFFF, ge=0, le=0xFFFF)
+    """Index value that selects the newest record (used on first contact, when no watermark exists)."""
+    first_index: int = Field(default=0, ge=0)
+    """Index of the oldest record in the buffer (0 on the simulated counter; some firmware counts from 1)."""
     capacity: int = Field(default=3000, ge=1)
-    """Buffer size: a full buffer rotates (and positions shift while it is drained)."""
+    """Buffer size: a full buffer rotates (positions shift while it is drained)."""
+    timestamp_tag: str
+    """Tag of this group holding the record's sample time, Unix seconds (becomes the block's source time)."""
+    bad_when: list[str] = Field(default_factory=list)
+    """Tags of this group (status bits) that, when true, make the record's other readings bad
+    (reason ``device_status``), e.g. laser or flow fault. The values are kept: the original
+    record is stored, flagged."""
+    uncertain_when: list[str] = Field(default_factory=list)
+    """Tags of this group that, when true, make the record's other readings uncertain
+    (reason ``device_status``), e.g. overflow or service due."""
     max_records_per_read: int = Field(default=100, ge=1)
     """Records drained per poll at most, so one poll stays within its timeout; the rest follow next poll."""
     backfill: bool = False
     """On first contact (no watermark yet), deliver the whole buffer instead of only the newest record."""
+
+    def referenced_tags(self) -> list[str]:
+        return [self.timestamp_tag, *self.bad_when, *self.uncertain_when]
 
 
 class Group(GroupSpec):
@@ -877,6 +860,18 @@ class ModbusDriver(Driver):
                 def _defaults(cls, data: Any) -> Any:
                     return _apply_defaults(data)
 
+                @model_validator(mode="after")
+                def _record_tags_in_group(self) -> Any:
+                    for name, spec in self.groups.items():
+                        if isinstance(spec, Group) and spec.records is not None:
+                            here = {t.name for t in self.tags if t.group == name}
+                            missing = [n for n in spec.records.referenced_tags() if n not in here]
+                            if missing:
+                                raise ValueError(
+                                    f"group {name!r}: records layout names tags not in the group: {missing}"
+                                )
+                    return self
+
             cached = ModbusProfile
             cls._modbus_profile_model = cached  # type: ignore[attr-defined]
         return cached
@@ -897,18 +892,18 @@ class _RecordReader:
         self.driver = driver
         self.group = group
         self.layout = layout
-        self.n = len(tags)
-        extra = [layout.timestamp.as_tag("__timestamp")]
-        if layout.status is not None:
-            extra.append(layout.status.as_tag("__status"))
+        names = [t.name for t in tags]  # the profile checked that the layout's tags are here
+        self.ts_index = names.index(layout.timestamp_tag)
+        self.bad_bits = [names.index(n) for n in layout.bad_when]
+        self.uncertain_bits = [names.index(n) for n in layout.uncertain_when]
+        self.exempt = {self.ts_index, *self.bad_bits, *self.uncertain_bits}
         conn = driver.conn
-        self.record_plan = build_plan([*tags, *extra], conn)
-        self.ts_plan = build_plan(extra[:1], conn)
-        self.count_plan = build_plan([layout.count.as_tag("__count")], conn)
-        index = layout.index.as_tag("__index")
-        if index.table_and_number()[0] != "holding":
-            raise ValueError(f"group {group.name!r}: the record index must be a holding register")
-        self.index_address = build_plan([index], conn).reads[0].start
+        self.record_plan = build_plan(tags, conn)
+        self.ts_plan = build_plan([tags[self.ts_index]], conn)
+        self.count_plan = build_plan([Tag(name="record_count", address=layout.count_address)], conn)
+        self.index_address = (
+            build_plan([Tag(name="record_index", address=layout.index_address)], conn).reads[0].start
+        )
         self.state_key = f"{group.name}.last_ts"
         stored = driver.ctx.state.get(self.state_key)
         self.watermark: int | None = int(stored) if stored else None
@@ -921,8 +916,8 @@ class _RecordReader:
             raise _RecordUnavailable(next(iter(outcome.failed.values())))
         return values.tolist() if isinstance(values, np.ndarray) else values
 
-    async def _select(self, position: int) -> None:
-        refused = await self.driver.write_register(self.index_address, position)
+    async def _select(self, index: int) -> None:
+        refused = await self.driver.write_register(self.index_address, index)
         if refused is not None:
             raise _RecordUnavailable(refused)
 
@@ -950,8 +945,12 @@ class _RecordReader:
         first, last = layout.first_index, layout.first_index + count - 1
         wm = self.watermark
         loss: dict[str, Any] | None = None
+        if wm is None and not layout.backfill:
+            block = await self._record(layout.newest_index)
+            self.watermark = _seconds(block)
+            return [block]
         if wm is None:
-            start = first if layout.backfill else last
+            start = first
         else:
             if await self._ts_at(last) <= wm:
                 return []
@@ -970,11 +969,9 @@ class _RecordReader:
         prev = wm
         for position in range(start, min(last, start + layout.max_records_per_read - 1) + 1):
             block = await self._record(position)
-            ts = block.source_ts_ns
-            assert isinstance(ts, int)
-            if prev is not None and ts // 1_000_000_000 <= prev:
+            if prev is not None and _seconds(block) <= prev:
                 break  # positions moved under us: the rest comes next poll
-            prev = ts // 1_000_000_000
+            prev = _seconds(block)
             blocks.append(block)
         if blocks and count >= layout.capacity and await self._ts_at(start) != _seconds(blocks[0]):
             return []  # the buffer rotated during the batch: re-read it next poll
@@ -989,26 +986,31 @@ class _RecordReader:
             self.watermark = prev
         return blocks
 
-    async def _record(self, position: int) -> Block:
+    async def _record(self, index: int) -> Block:
         acq = now_ns()
-        await self._select(position)
+        await self._select(index)
         values = await self._values(self.record_plan)
-        ts = values[self.n]
+        ts = values[self.ts_index]
         if not isinstance(ts, int):
             raise _RecordUnavailable(Reason.DECODE_ERROR)
-        worst = None
-        if self.layout.status is not None:
-            worst = _status_quality(int(values[self.n + 1] or 0), self.layout.status_bits)
-        block = self.group.finish(values[: self.n], acq_ts_ns=acq, source_ts_ns=ts * 1_000_000_000)
+        block = self.group.finish(values, acq_ts_ns=acq, source_ts_ns=ts * 1_000_000_000)
         block.state = {self.state_key: str(ts)}
+        worst = None
+        if any(values[i] for i in self.bad_bits):
+            worst = Quality.BAD
+        elif any(values[i] for i in self.uncertain_bits):
+            worst = Quality.UNCERTAIN
         if worst is not None:
             # Readings taken under a device fault keep their values (the original record)
-            # but never pass as good; a reading already bad (out of range) stays so.
-            qs = block.quality or [Quality.GOOD] * self.n
-            rs = block.reasons or [None] * self.n
-            block.quality = [q if q is Quality.BAD else worst for q in qs]
+            # but never pass as good; a reading already bad (out of range) stays so. The
+            # timestamp and the status bits themselves are the device's own report.
+            n = len(values)
+            qs = block.quality or [Quality.GOOD] * n
+            rs = block.reasons or [None] * n
+            block.quality = [q if q is Quality.BAD or i in self.exempt else worst for i, q in enumerate(qs)]
             block.reasons = [
-                r if q is Quality.BAD else Reason.DEVICE_STATUS for q, r in zip(qs, rs, strict=True)
+                r if q is Quality.BAD or i in self.exempt else Reason.DEVICE_STATUS
+                for i, (q, r) in enumerate(zip(qs, rs, strict=True))
             ]
         return block
 
@@ -1022,18 +1024,6 @@ class _RecordUnavailable(Exception):
 def _seconds(block: Block) -> int:
     assert isinstance(block.source_ts_ns, int)
     return block.source_ts_ns // 1_000_000_000
-
-
-def _status_quality(status: int, bits: Sequence[StatusBit]) -> Quality | None:
-    """Worst quality the active status bits call for (``None``: the record is fine)."""
-    worst: Quality | None = None
-    for b in bits:
-        active = bool((status >> b.bit) & 1) != b.active_low
-        if active:
-            if b.quality == "bad":
-                return Quality.BAD
-            worst = Quality.UNCERTAIN
-    return worst
 
 
 def _as_tag(spec: TagBase) -> Tag:

@@ -429,20 +429,20 @@ RECORD_GROUPS = {
         "interval": "10s",
         "mode": "records",
         "records": {
-            "count": {"address": 40024},
-            "index": {"address": 40025},
-            "timestamp": {"address": 30001, "type": "uint32"},
-            "status": {"address": 30007, "type": "uint32"},
-            "status_bits": [
-                {"bit": 0, "name": "laser"},
-                {"bit": 3, "name": "service", "quality": "uncertain"},
-            ],
+            "count_address": 40024,
+            "index_address": 40025,
+            "timestamp_tag": "sample_end_ts",
+            "bad_when": ["laser_fault"],
+            "uncertain_when": ["service_due"],
             "capacity": 5,
             "max_records_per_read": 3,
         },
     }
 }
 RECORD_TAGS = [
+    {"name": "sample_end_ts", "address": 30001, "type": "uint32", "group": "counts", "unit": "s"},
+    {"name": "laser_fault", "address": 30008, "bit": 0, "group": "counts"},
+    {"name": "service_due", "address": 30008, "bit": 3, "group": "counts"},
     {"name": "um0_5", "address": 30009, "type": "uint32", "group": "counts", "unit": "counts"},
     {"name": "um5_0", "address": 30011, "type": "uint32", "group": "counts", "unit": "counts"},
 ]
@@ -450,7 +450,7 @@ RECORD_TAGS = [
 
 class Counter:
     """A Lighthouse-like remote counter: a rotating buffer of (ts, status, c1, c2) records,
-    positions 1..count oldest first, selected by writing 40025."""
+    positions 0..count-1 oldest first (0xFFFF: newest), selected by writing 40025."""
 
     def __init__(self, capacity: int = 5) -> None:
         self.capacity = capacity
@@ -470,8 +470,7 @@ class Counter:
         elif fc == 3:
             regs[23] = len(self.records)
         elif fc == 4 and self.records:
-            pos = len(self.records) if self.selected == 0xFFFF else self.selected
-            ts, status, c1, c2 = self.records[pos - 1]
+            ts, status, c1, c2 = self.records[-1 if self.selected == 0xFFFF else self.selected]
             image = encode(ts, DataType.UINT32) + [0] * 4 + encode(status, DataType.UINT32)
             regs[0:12] = image + encode(c1, DataType.UINT32) + encode(c2, DataType.UINT32)
 
@@ -508,21 +507,22 @@ async def test_records_mode_drains_in_order_with_watermark_status_and_wrap_loss(
             await fresh.close()
 
     delivered = first + second
-    assert [b.values[0] for b in delivered] == [100, 101, 102, 103]
+    assert [b.values[3] for b in delivered] == [100, 101, 102, 103]
     assert [b.source_ts_ns for b in delivered] == [(1_700_000_000 + 60 * k) * 10**9 for k in range(4)]
     assert delivered[-1].state == {"counts.last_ts": str(1_700_000_000 + 180)}
     assert delivered[0].quality is None
-    assert (
-        delivered[1].quality == [Quality.BAD, Quality.BAD] and delivered[1].reasons == ["device_status"] * 2
-    )
-    assert delivered[1].values == [101, 1]  # the original record is kept, flagged
-    assert delivered[2].quality == [Quality.UNCERTAIN] * 2
+    # laser fault: the counts are bad (values kept: the original record, flagged); the
+    # timestamp and the status bits themselves are the device's own report
+    assert delivered[1].quality == [Quality.GOOD] * 3 + [Quality.BAD] * 2
+    assert delivered[1].reasons == [None] * 3 + ["device_status"] * 2
+    assert delivered[1].values == [1_700_000_060, True, False, 101, 1]
+    assert delivered[2].quality == [Quality.GOOD] * 3 + [Quality.UNCERTAIN] * 2
     assert nothing == []
-    assert [b.values[0] for b in after_wrap] == [107, 108, 109, 110, 111]
+    assert [b.values[3] for b in after_wrap] == [107, 108, 109, 110, 111]
     loss = after_wrap[0].events
     assert loss is not None and loss[0].kind == "data_loss"
     assert loss[0].data["reason"] == "device_buffer_wrapped" and loss[0].data["estimated_records"] == 3
-    assert [b.values[0] for b in newest] == [111]
+    assert [b.values[3] for b in newest] == [111]
     assert counter.writes > 0 and not any(e.kind for b in delivered for e in (b.events or []))
 
 
