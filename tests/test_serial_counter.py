@@ -1,0 +1,353 @@
+"""Serial particle-counter driver over a real pty against a protocol peer.
+
+The peer speaks the Lasair-like protocol of docs/simulators.md on the master side of a
+pty pair (checksummed replies, a record queue that CTD2 reads and CPQ pops) and can
+garble, truncate, refuse or swallow replies. The "buffer" here is a dict standing for
+the buffer's committed state: a test commits a block by numbering it and merging its
+state, exactly what agent.buffer does in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import threading
+import time
+import tty
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from agent.records import Block, Quality
+from drivers.base import DeviceContext, DeviceError, build_groups
+from drivers.serial_counter import (
+    FrameError,
+    SerialCounterDriver,
+    checksum,
+    frame,
+    parse_record,
+    parse_reply,
+)
+
+T0 = 1_795_867_200  # 2026-11-28 08:00:00 UTC
+SERIAL = "LSR-SIM-000123"
+
+
+def record(
+    i: int, counts: tuple[int, ...] = (12, 4, 1, 0), laser: int = 1, flow: int = 1, valid: int = 1
+) -> str:
+    ts = time.gmtime(T0 + 60 * i)
+    pairs = ",".join(f"{s},{c}" for s, c in zip(("0.3", "0.5", "1.0", "5.0"), counts, strict=True))
+    return (
+        f"{time.strftime('%Y-%m-%d', ts)},{time.strftime('%H:%M:%S', ts)},PC1,{SERIAL},"
+        f"{laser},{flow},{valid},60,28.3,L,4,{pairs}"
+    )
+
+
+class CounterPeer:
+    """The device end of the pty: answers commands from a record queue, with faults."""
+
+    def __init__(self, records: list[str]) -> None:
+        self.master, self._slave = os.openpty()  # the slave stays open: a pty whose
+        tty.setraw(self._slave)  # last slave fd closes answers EIO on the master
+        self.path = os.ttyname(self._slave)
+        self.queue: deque[str] = deque(records)
+        self.faults: deque[str] = deque()
+        self.silent = False
+        self.commands: list[str] = []
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="counter-peer")
+        self._thread.start()
+
+    def _reply(self, cmd: str) -> str:
+        if cmd == "CSN":
+            return f"RSN {SERIAL}"
+        if cmd == "CQC":
+            return f"RQC {len(self.queue)}"
+        if cmd == "CTD2":
+            return f"RTD2 {self.queue[0]}" if self.queue else "RND2"
+        if cmd == "CPQ":
+            if self.queue:
+                self.queue.popleft()
+            return f"RPQ {len(self.queue)}"
+        return "ERR UNKNOWN"
+
+    def _serve(self) -> None:
+        buf = b""
+        while True:
+            ready, _, _ = select.select([self.master, self._stop_r], [], [])
+            if self._stop_r in ready:
+                return
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:
+                return
+            buf += data
+            while b"\n" in buf or b"\r" in buf:
+                cut = min(i for i in (buf.find(b"\n"), buf.find(b"\r")) if i >= 0)
+                line, buf = buf[:cut].decode().strip(), buf[cut + 1 :]
+                if not line:
+                    continue
+                payload, _, xx = line.partition("*")
+                if xx and int(xx, 16) != checksum(payload.encode()):
+                    self._send(frame("ERR CHECKSUM"))
+                    continue
+                self.commands.append(payload)
+                self._answer(payload)
+
+    def _answer(self, cmd: str) -> None:
+        fault = self.faults.popleft() if self.faults else None
+        if self.silent or fault == "silent":
+            return
+        if fault == "busy":
+            self._send(frame("ERR BUSY"))
+            return
+        out = frame(self._reply(cmd))
+        if fault == "garble":
+            out = out[:6] + bytes([out[6] ^ 0x01]) + out[7:]
+        elif fault == "partial":
+            out = out[: len(out) // 2]
+        elif fault == "late":  # a stale reply from before, then the real one
+            out = frame("RQC 7") + out
+        self._send(out)
+
+    def _send(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        os.write(self._stop_w, b"x")
+        self._thread.join(5)
+        for fd in (self.master, self._slave, self._stop_r, self._stop_w):
+            os.close(fd)
+
+
+TAGS: list[dict[str, Any]] = [
+    {"name": "pc_0_5um", "field": "count", "size_um": 0.5, "unit": "counts"},
+    {"name": "pc_5_0um", "field": "count", "size_um": 5.0, "unit": "counts"},
+    {"name": "pc_0_5um_m3", "field": "count", "size_um": 0.5, "per": "m3", "unit": "counts/m3"},
+    {"name": "pc_0_5um_ft3", "field": "count", "size_um": 0.5, "per": "ft3", "unit": "counts/ft3"},
+    {"name": "laser_ok", "field": "laser_ok"},
+    {"name": "volume", "field": "volume", "unit": "L"},
+]
+
+
+def make_driver(path: str, state: dict[str, str], timeout: str = "300ms") -> SerialCounterDriver:
+    profile = SerialCounterDriver.profile_model().model_validate(
+        {
+            "profile": "pc",
+            "protocol": "serial_counter",
+            "groups": {"records": {"interval": "1s"}},
+            "tags": [{**t, "group": "records"} for t in TAGS],
+        }
+    )
+    conn = SerialCounterDriver.Connection.model_validate({"port": path, "timeout": timeout})
+    ctx = DeviceContext(
+        id="pc1", profile=profile, connection=conn, groups=build_groups("pc1", profile, conn, {}), state=state
+    )
+    return SerialCounterDriver(ctx)
+
+
+class FakeBuffer:
+    """Commits blocks the way agent.buffer does: numbers them, merges their state."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, str] = {}
+        self.blocks: list[Block] = []
+
+    def commit(self, blocks: list[Block]) -> None:
+        for b in blocks:
+            b.seq_first = len(self.blocks)
+            self.blocks.append(b)
+            self.state.update(b.state or {})
+
+
+@pytest.fixture
+def peer() -> Iterator[CounterPeer]:
+    p = CounterPeer([record(i, counts=(10 + i, 4, 1, i % 2)) for i in range(3)])
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+async def drain(drv: SerialCounterDriver, buf: FakeBuffer, polls: int = 10) -> None:
+    group = drv.ctx.groups["records"]
+    for _ in range(polls):
+        buf.commit(await drv.read(group))
+
+
+async def test_records_drained_in_order_exactly_once_with_their_timestamps(peer: CounterPeer) -> None:
+    buf = FakeBuffer()
+    drv = make_driver(peer.path, buf.state)
+    await drv.connect()
+    try:
+        await drain(drv, buf)
+    finally:
+        await drv.close()
+    assert [b.source_ts_ns for b in buf.blocks] == [(T0 + 60 * i) * 10**9 for i in range(3)]
+    first = dict(zip(buf.blocks[0].tags, buf.blocks[0].values, strict=True))
+    assert first["pc_0_5um"] == 4 and first["pc_5_0um"] == 0 and first["laser_ok"] == 1
+    assert first["pc_0_5um_m3"] == pytest.approx(4 / 0.0283)
+    assert first["pc_0_5um_ft3"] == pytest.approx(4 / (0.0283 / 0.028316846592))
+    assert first["volume"] == pytest.approx(28.3)
+    assert all(b.quality is None for b in buf.blocks)
+    assert [dict(zip(b.tags, b.values, strict=True))["pc_5_0um"] for b in buf.blocks] == [0, 1, 0]
+    assert not peer.queue, "every committed record popped"
+    assert buf.state["last_ts"] == str((T0 + 120) * 10**9) and buf.state["serial"] == SERIAL
+
+
+async def test_a_record_is_never_popped_before_it_is_committed(peer: CounterPeer) -> None:
+    drv = make_driver(peer.path, {})
+    await drv.connect()
+    try:
+        group = drv.ctx.groups["records"]
+        [block] = await drv.read(group)  # handed out, never committed
+        assert await drv.read(group) == [] and await drv.read(group) == []
+        assert len(peer.queue) == 3 and "CPQ" not in peer.commands
+        assert block.state is not None and block.state["last_ts"] == str(T0 * 10**9)
+    finally:
+        await drv.close()
+
+
+async def test_crash_between_commit_and_pop_does_not_duplicate(peer: CounterPeer) -> None:
+    buf = FakeBuffer()
+    drv = make_driver(peer.path, buf.state)
+    await drv.connect()
+    buf.commit(await drv.read(drv.ctx.groups["records"]))
+    await drv.close()  # "crash": committed, never popped
+    assert len(peer.queue) == 3
+    restarted = make_driver(peer.path, dict(buf.state))  # state as reloaded from the buffer
+    await restarted.connect()
+    try:
+        await drain(restarted, buf)
+    finally:
+        await restarted.close()
+    assert [b.source_ts_ns for b in buf.blocks] == [(T0 + 60 * i) * 10**9 for i in range(3)]
+    assert not peer.queue
+
+
+async def test_garbled_partial_late_and_busy_replies_resync(peer: CounterPeer) -> None:
+    buf = FakeBuffer()
+    drv = make_driver(peer.path, buf.state)
+    await drv.connect()
+    try:
+        peer.faults.extend(["garble", "busy", "late"])
+        await drain(drv, buf, polls=1)
+        assert len(buf.blocks) == 1 and buf.blocks[0].quality is None
+        errors = drv.ctx.stats.errors
+        assert errors["checksum"] == 1 and errors["device_busy"] == 1 and errors["unexpected_reply"] == 1
+        peer.faults.append("partial")
+        with pytest.raises(DeviceError) as err:
+            await drv.read(drv.ctx.groups["records"])
+        assert err.value.reason == "timeout" and errors["partial_frame"] == 1
+        await drain(drv, buf)
+        assert [b.source_ts_ns for b in buf.blocks] == [(T0 + 60 * i) * 10**9 for i in range(3)]
+    finally:
+        await drv.close()
+
+
+async def test_silent_device_is_a_timeout_device_error(peer: CounterPeer) -> None:
+    drv = make_driver(peer.path, {})
+    await drv.connect()
+    try:
+        peer.silent = True
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError) as err:
+            await drv.read(drv.ctx.groups["records"])
+        assert err.value.reason == "timeout" and time.monotonic() - t0 < 2.0
+    finally:
+        await drv.close()
+    with pytest.raises(DeviceError):
+        await make_driver("/dev/nonexistent-tty", {}).connect()
+
+
+async def test_status_bits_and_bad_records_become_quality() -> None:
+    p = CounterPeer(
+        [
+            record(0, laser=0),
+            record(1, flow=0),
+            record(2, valid=0),
+            "2026-11-28,not-a-time,PC1,X,1,1,1,60,28.3,L,0",
+            record(3),
+            record(2),  # the clock went back: kept, flagged
+        ]
+    )
+    buf = FakeBuffer()
+    drv = make_driver(p.path, buf.state)
+    try:
+        await drv.connect()
+        await drain(drv, buf)
+    finally:
+        await drv.close()
+        p.close()
+
+    def q(b: Block, tag: str) -> tuple[Any, Quality, str | None]:
+        i = list(b.tags).index(tag)
+        return b.values[i], b.quality_of(i), b.reasons[i] if b.reasons else None
+
+    laser, flow, invalid, garbage, ok, back = buf.blocks
+    assert q(laser, "pc_0_5um") == (None, Quality.BAD, "laser_fault") and q(laser, "laser_ok")[0] == 0
+    assert q(flow, "pc_0_5um") == (4, Quality.UNCERTAIN, "flow_fault")
+    assert q(flow, "pc_0_5um_m3") == (None, Quality.BAD, "flow_fault")
+    assert q(invalid, "pc_0_5um") == (4, Quality.UNCERTAIN, "sample_invalid")
+    assert all(r == "decode_error" for r in garbage.reasons or []) and len(garbage.reasons or []) == len(TAGS)
+    assert ok.quality is None
+    assert q(back, "pc_0_5um") == (4, Quality.UNCERTAIN, "timestamp_before_watermark")
+    assert not p.queue, "the undecodable record was recorded as bad, then popped"
+
+
+def test_tag_and_connection_config_errors_are_clear() -> None:
+    with pytest.raises(ValidationError, match="a count tag needs size_um"):
+        SerialCounterDriver.Tag.model_validate({"name": "x", "field": "count"})
+    with pytest.raises(ValidationError, match="apply to count tags only"):
+        SerialCounterDriver.Tag.model_validate({"name": "x", "field": "laser_ok", "per": "m3"})
+    with pytest.raises(ValidationError, match="port"):
+        SerialCounterDriver.Connection.model_validate({"baudrate": 9600})
+
+
+# --------------------------------------------------------------------------- framer properties
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_reply_parser_raises_only_frame_error(data: bytes) -> None:
+    try:
+        text = parse_reply(data)
+    except FrameError:
+        return
+    assert frame(text).rstrip(b"\r\n") == data.rstrip(b"\r\n")
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_record_parser_raises_only_frame_error(text: str) -> None:
+    with contextlib.suppress(FrameError):
+        parse_record(text)
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            ["2026-11-28", "12:01:00", "PC1", "1", "0", "60", "28.3", "L", "ft3", "4", "-1", "x", ""]
+        ),
+        max_size=20,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_record_parser_on_near_valid_fields(fields: list[str]) -> None:
+    try:
+        rec = parse_record(",".join(fields))
+    except FrameError:
+        return
+    assert len(rec.channels) == int(fields[10])
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=120))
+def test_frame_round_trip(payload: str) -> None:
+    assert parse_reply(frame(payload)) == payload
