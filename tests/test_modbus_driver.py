@@ -5,6 +5,7 @@ records mode, and configuration errors."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -23,6 +24,8 @@ from drivers import modbus
 from drivers.base import DeviceContext, DeviceError, build_groups
 from drivers.codec import DataType, WordOrder, encode
 from drivers.modbus import Connection, ModbusDriver
+from simulators.servers.modbus import serve_counter_modbus, serve_incubator_modbus
+from simulators.servers.registers import load_profile
 from tests.support import free_port
 
 Action = Callable[[int, int, int, int, list[int], Any], Awaitable[ExcCodes | None]]
@@ -577,3 +580,69 @@ def test_profile_defaults_apply_to_tags_that_do_not_set_them() -> None:
     t, u = profile.tags
     assert (t.word_order, t.table_and_number()) == (WordOrder.CDAB, ("input", 4))
     assert u.word_order == WordOrder.ABCD
+
+
+# --------------------------------------------------------------------------- simulators
+
+
+def profile_driver(
+    profile_name: str, device: str = "sim", state: dict[str, str] | None = None, **conn: Any
+) -> ModbusDriver:
+    """A driver for a shipped profile (deploy/profiles), as the agent builds it."""
+    profile = ModbusDriver.profile_model().model_validate(load_profile(profile_name))
+    connection = Connection.model_validate({"timeout": 1.0, **conn})
+    groups = build_groups(device, profile, connection, {})
+    return ModbusDriver(
+        DeviceContext(id=device, profile=profile, connection=connection, groups=groups, state=state or {})
+    )
+
+
+async def test_simulated_particle_counter_records_drain_without_gaps() -> None:
+    """The simulator's counter (one record per 10 s sample at 100× speed): the driver picks
+    up where it left off, record after record, each exactly one sample period apart."""
+    async with serve_counter_modbus(speed=100, seed=3, params={"sample": 10, "buffer_size": 50}) as sim:
+        driver = profile_driver("particle-counter-sim-modbus", host=sim.host, port=sim.port)
+        await driver.connect()
+        try:
+            status = await read_one(driver, "status")
+            first: list[Block] = []
+            for _ in range(100):
+                first = await driver.read(driver.ctx.groups["records"])
+                if first:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.6)  # ~6 more samples
+            later = await driver.read(driver.ctx.groups["records"])
+        finally:
+            await driver.close()
+    assert status.quality is None, status.reasons
+    assert by_tag(status)["map_version"] >= 1
+    assert len(first) == 1 and len(later) >= 3
+    stamps = [b.source_ts_ns for b in first + later]
+    assert all(isinstance(t, int) for t in stamps)
+    assert {b - a for a, b in itertools.pairwise(stamps)} == {10 * 10**9}  # no gap, no repeat
+    for block in first + later:
+        values = by_tag(block)
+        assert block.quality is None, block.reasons
+        assert (
+            values["count_0_3um"]
+            >= values["count_0_5um"]
+            >= values["count_1_0um"]
+            >= values["count_5_0um"]
+            >= 0
+        )
+        assert block.state == {"records.last_ts": str(values["sample_end_ts"])}
+
+
+async def test_simulated_incubator_over_tcp_reads_every_group_good() -> None:
+    async with serve_incubator_modbus(speed=1, seed=1) as sim:
+        driver = profile_driver("incubator-sim-modbus", host=sim.host, port=sim.port)
+        await driver.connect()
+        try:
+            blocks = {g: await read_one(driver, g) for g in driver.ctx.groups}
+        finally:
+            await driver.close()
+    for block in blocks.values():
+        assert block.quality is None, (block.group, block.reasons)
+    process = by_tag(blocks["process"])
+    assert 30 < process["temperature_c"] < 40 and 0 < process["co2_pct"] < 25
