@@ -24,6 +24,8 @@ from agent.records import Block
 from drivers import modbus
 from drivers.base import DeviceContext, DeviceError, build_groups
 from drivers.modbus import Connection, ModbusDriver
+from simulators.servers.modbus import serve_incubator_modbus
+from simulators.servers.registers import load_profile
 
 
 def crc(frame: bytes) -> bytes:
@@ -200,3 +202,28 @@ def test_inter_frame_gap_follows_the_baud_rate() -> None:
     assert gap(baudrate=9600, parity="E") == pytest.approx(3.5 * 11 / 9600)
     assert gap(baudrate=115200) == pytest.approx(0.00175)  # fixed above 19200 bit/s
     assert Connection.model_validate({"host": "h"}).frame_gap_s() == 0.0
+
+
+async def test_simulated_incubators_share_one_rtu_bus() -> None:
+    """Two BINDER-like incubators (floats low word first) on the simulator's RTU bus."""
+    async with serve_incubator_modbus(transport="rtu", unit_ids=(1, 2), seed=2) as sim:
+        assert sim.pty_path is not None
+        profile = ModbusDriver.profile_model().model_validate(load_profile("incubator-sim-rtu"))
+        drivers = []
+        for unit in (1, 2):
+            connection = Connection.model_validate(
+                {"transport": "rtu", "port": sim.pty_path, "unit_id": unit, "baudrate": 9600, "timeout": 1.0}
+            )
+            groups = build_groups(f"inc{unit}", profile, connection, {})
+            drivers.append(ModbusDriver(DeviceContext(f"inc{unit}", profile, connection, groups)))
+        for d in drivers:
+            await d.connect()
+        try:
+            blocks = await asyncio.gather(*(d.read(d.ctx.groups["process"]) for d in drivers))
+        finally:
+            for d in drivers:
+                await d.close()
+    for (block,) in blocks:
+        assert block.quality is None, block.reasons
+        temperature = dict(zip(block.tags, block.values, strict=True))["temperature_c"]
+        assert isinstance(temperature, float) and 30 < temperature < 40
