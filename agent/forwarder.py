@@ -401,6 +401,8 @@ class Forwarder:
     async def stop(self, grace_s: float = 5.0) -> None:
         """Deliver what is committed within ``grace_s``, publish the retained ``offline`` status,
         disconnect. Whatever is not acknowledged by then stays in the buffer for the next start."""
+        if not self._tasks:
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_s
         while loop.time() < deadline and not await self._idle():

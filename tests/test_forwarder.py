@@ -1,0 +1,501 @@
+"""The forwarder against a real mosquitto: complete, ordered, PUBACK-gated delivery; outages;
+retained status and last will; TLS with verification; the payload contract (JSON Schema)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.buffer import AsyncBuffer, BufferConfig
+from agent.forwarder import AgentIdentity, Forwarder, MqttConfig
+from agent.records import Block, Event, Quality
+from tests.support import Collector, Mosquitto, free_port, wait_for
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "payload.schema.json").read_text())
+IDENTITY = AgentIdentity(agent_id="gw-test", version="0.1.0", config_hash="c0ffee")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check_schema(value: Any, schema: dict[str, Any] | None = None, path: str = "$") -> None:
+    """The subset of JSON Schema 2020-12 that docs/payload.schema.json uses (no dependency)."""
+    s = SCHEMA if schema is None else schema
+    if "$ref" in s:
+        s = SCHEMA["$defs"][s["$ref"].rsplit("/", 1)[1]]
+    if "oneOf" in s:
+        ok = 0
+        for sub in s["oneOf"]:
+            try:
+                check_schema(value, sub, path)
+                ok += 1
+            except AssertionError:
+                pass
+        assert ok == 1, f"{path}: matches {ok} of oneOf"
+        return
+    kinds = {
+        "object": lambda v: isinstance(v, dict),
+        "array": lambda v: isinstance(v, list),
+        "string": lambda v: isinstance(v, str),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "boolean": lambda v: isinstance(v, bool),
+        "null": lambda v: v is None,
+    }
+    if "type" in s:
+        types = [s["type"]] if isinstance(s["type"], str) else s["type"]
+        assert any(kinds[t](value) for t in types), f"{path}: {value!r} is not {types}"
+    if "const" in s:
+        assert value == s["const"], f"{path}: {value!r} != {s['const']!r}"
+    if "enum" in s:
+        assert value in s["enum"], f"{path}: {value!r} not in {s['enum']}"
+    if "minimum" in s:
+        assert value >= s["minimum"], f"{path}: {value} < {s['minimum']}"
+    if isinstance(value, dict):
+        for key in s.get("required", []):
+            assert key in value, f"{path}: missing {key!r}"
+        props = s.get("properties", {})
+        if s.get("additionalProperties") is False:
+            extra = set(value) - set(props)
+            assert not extra, f"{path}: unexpected {sorted(extra)}"
+        for key, sub in props.items():
+            if key in value:
+                check_schema(value[key], sub, f"{path}.{key}")
+    if isinstance(value, list):
+        assert len(value) >= s.get("minItems", 0), f"{path}: too few items"
+        if "items" in s:
+            for i, item in enumerate(value):
+                check_schema(item, s["items"], f"{path}[{i}]")
+
+
+async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:  # noqa: ASYNC109
+    """Like tests.support.wait_for, but yields to the event loop the forwarder runs on."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if asyncio.iscoroutine(v):
+            v = await v
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
+        await asyncio.sleep(0.02)
+
+
+def blocks_for(device: str, i: int, n: int = 4) -> Block:
+    quality = [Quality.GOOD] * n
+    quality[0] = Quality.BAD if i % 7 == 0 else Quality.GOOD
+    return Block(
+        device=device,
+        group="fast",
+        acq_ts_ns=time.time_ns(),
+        tags=[f"t{k}" for k in range(n)],
+        units=["degC"] * n,
+        values=[None if quality[0] is Quality.BAD and k == 0 else i + k / 10 for k in range(n)],
+        quality=quality if i % 7 == 0 else None,
+        reasons=(["timeout"] + [None] * (n - 1)) if i % 7 == 0 else None,
+        source_ts_ns=time.time_ns() if i % 2 else None,
+    )
+
+
+def received_seqs(messages: list[tuple[str, bytes, bool]], device: str) -> list[int]:
+    """Reading seqs in arrival order from every data message of ``device`` (duplicates kept)."""
+    out: list[int] = []
+    for topic, payload, _ in messages:
+        if topic == f"cleanroom/{device}/data":
+            for b in json.loads(payload)["blocks"]:
+                out.extend(range(b["seq"], b["seq"] + b["n"]))
+    return out
+
+
+def dedup_in_order(seqs: list[int]) -> list[int]:
+    seen: set[int] = set()
+    return [s for s in seqs if not (s in seen or seen.add(s))]  # type: ignore[func-returns-value]
+
+
+async def depth(buf: AsyncBuffer) -> int:
+    return int((await buf.stats())["depth_records"])
+
+
+class Rig:
+    def __init__(self, buf: AsyncBuffer, fw: Forwarder) -> None:
+        self.buf, self.fw = buf, fw
+
+
+@pytest.fixture
+async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    rigs: list[Rig] = []
+
+    async def make(port: int, **mqtt_kw: Any) -> Rig:
+        path = tmp_path / f"buf{len(rigs)}.db"
+        buf = AsyncBuffer(BufferConfig(path=path, synchronous="normal", commit_interval="10ms"), "gw")
+        await buf.open()
+        cfg = MqttConfig.model_validate(
+            {"host": "127.0.0.1", "port": port, "flush_interval": "20ms", "reconnect_min": "50ms",
+             "reconnect_max": "300ms", "inflight_window": 4, "flush_max_readings": 40, **mqtt_kw}
+        )  # fmt: skip
+        fw = Forwarder(cfg, buf, IDENTITY)
+        await fw.start()
+        rigs.append(Rig(buf, fw))
+        return rigs[-1]
+
+    yield make
+    for rig in rigs:
+        await rig.fw.stop(grace_s=0.5)
+        await rig.buf.close()
+
+
+class SessionCollector:
+    """A subscriber with a persistent session (what a historian uses): the broker keeps its
+    subscription and queues its messages across the broker's own restart."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=f"historian-{os.getpid()}", clean_session=False
+        )
+        self.client.reconnect_delay_set(0.05, 0.2)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("cleanroom/#", qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10)
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+
+    def snapshot(self) -> list[tuple[str, bytes, bool]]:
+        with self._lock:
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def persistent_broker() -> Iterator[Mosquitto]:
+    broker = Mosquitto()
+    os.chmod(broker.dir, 0o777)  # mosquitto started as root drops to its own user, which must save there
+    conf = f"persistence true\npersistence_location {broker.dir}/\nautosave_interval 0\n"
+    broker.conf.write_text(broker.conf.read_text() + conf)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_schema_check_rejects_what_the_contract_forbids() -> None:
+    good = {"schema": "cleanroom-edge/events/1", "agent": "a", "device": "d",
+            "events": [{"seq": 1, "ts": 2, "kind": "gap", "severity": "info", "data": {}}]}  # fmt: skip
+    check_schema(good)
+    for broken in (
+        {**good, "extra": 1},
+        {**good, "events": [{**good["events"][0], "severity": "fatal"}]},  # type: ignore[dict-item]
+        {**good, "events": [{"ts": 2, "kind": "gap", "severity": "info", "data": {}}]},
+        {**good, "events": []},
+    ):
+        with pytest.raises(AssertionError):
+            check_schema(broken)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_everything_committed_arrives_once_in_order(
+    mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any], protocol: str
+) -> None:
+    rig = await make_rig(mosquitto.port, protocol=protocol)
+    for i in range(60):
+        rig.buf.submit([blocks_for("bioreactor-1", i), blocks_for("incubator-2", i, n=3)])
+        if i % 20 == 0:
+            rig.buf.submit((), [Event("incubator-2", "device_state", data={"state": "connected"})])
+        await asyncio.sleep(0.002)
+    rig.buf.submit((), [Event("agent", "audit", data={"action": "test"})])
+    await rig.buf.flush()
+    await until(lambda: _zero(rig.buf), what="depth 0")
+    stats = await rig.buf.stats()
+    assert stats["delivered_readings_total"] == stats["committed_readings_total"] == 60 * 7
+    await until(lambda: len(received_seqs(collector.messages, "incubator-2")) >= 180, what="all readings")
+
+    for device, n in (("bioreactor-1", 4), ("incubator-2", 3)):
+        seqs = received_seqs(collector.messages, device)
+        assert len(seqs) == 60 * n == len(set(seqs)), "no loss, no duplicates without an outage"
+        assert seqs == sorted(seqs), "per-device order"
+    data_msgs = [json.loads(p) for t, p, _ in collector.messages if t.endswith("/data")]
+    assert all(sum(b["n"] for b in m["blocks"]) <= 40 for m in data_msgs), "flush_max_readings respected"
+    assert len(data_msgs) < 60, "readings are batched"
+    events = collector.json("/events")
+    assert [e["device"] for e in events].count("incubator-2") >= 1
+    assert any(t == "cleanroom/agent/events" for t, _, _ in collector.messages)
+    for _, payload, _ in collector.messages:
+        check_schema(json.loads(payload))
+    first = json.loads(next(p for t, p, _ in collector.messages if t == "cleanroom/bioreactor-1/data"))
+    assert first["agent"] == "gw-test" and first["blocks"][0]["quality"][0] == "bad"
+    assert first["blocks"][0]["reasons"][0] == "timeout" and first["blocks"][0]["values"][0] is None
+
+
+async def _zero(buf: AsyncBuffer) -> bool:
+    return await depth(buf) == 0
+
+
+async def test_broker_restart_mid_run_loses_nothing_and_keeps_order(
+    persistent_broker: Mosquitto, make_rig: Callable[..., Any]
+) -> None:
+    historian = SessionCollector(persistent_broker.port)
+    try:
+        rig = await make_rig(persistent_broker.port)
+        produced = 0
+
+        async def produce(count: int) -> None:
+            nonlocal produced
+            for _ in range(count):
+                rig.buf.submit([blocks_for("bioreactor-1", produced), blocks_for("incubator-2", produced)])
+                produced += 1
+                await asyncio.sleep(0.005)
+
+        await produce(40)
+        persistent_broker.stop()
+        await until(lambda: not rig.fw.stats()["connected"], what="disconnect noticed")
+        delivered_at_outage = (await rig.buf.stats())["delivered_readings_total"]
+        await produce(40)
+        await rig.buf.flush()
+        await asyncio.sleep(0.3)
+        during = await rig.buf.stats()
+        assert during["depth_readings"] > 0, "rows committed during the outage stay undelivered"
+        assert during["delivered_readings_total"] == delivered_at_outage, "nothing marked without PUBACK"
+        persistent_broker.start()
+        await produce(20)
+        await rig.buf.flush()
+        await until(lambda: _zero(rig.buf), timeout=15, what="backlog delivered after restart")
+        assert rig.fw.stats()["reconnects"] >= 1
+        total = produced * 4
+        for device in ("bioreactor-1", "incubator-2"):
+            await until(lambda d=device: len(set(received_seqs(historian.snapshot(), d))) >= total)
+            seqs = received_seqs(historian.snapshot(), device)
+            unique = dedup_in_order(seqs)
+            assert len(unique) == total, "nothing lost"
+            assert unique == sorted(unique), "order kept"
+            # duplicates only from the window that was unacknowledged when the broker went away
+            assert len(seqs) - len(unique) <= 4 * 40 * 2
+    finally:
+        historian.close()
+
+
+async def test_nothing_marked_delivered_without_puback(
+    mosquitto: Mosquitto, make_rig: Callable[..., Any]
+) -> None:
+    """A frozen broker (SIGSTOP) accepts the TCP bytes but acknowledges nothing."""
+    rig = await make_rig(mosquitto.port)
+    await until(lambda: rig.fw.stats()["connected"], what="connected")
+    assert mosquitto.proc is not None
+    os.kill(mosquitto.proc.pid, signal.SIGSTOP)
+    try:
+        for i in range(20):
+            rig.buf.submit([blocks_for("d1", i)])
+        await rig.buf.flush()
+        await until(lambda: rig.fw.stats()["published"] > 0, what="published into the frozen broker")
+        await asyncio.sleep(0.3)
+        stats = await rig.buf.stats()
+        assert stats["delivered_readings_total"] == 0 and stats["depth_readings"] == 80
+        assert rig.fw.stats()["acked"] == 0
+    finally:
+        os.kill(mosquitto.proc.pid, signal.SIGCONT)
+    await until(lambda: _zero(rig.buf), what="delivered once the broker acknowledges")
+
+
+async def test_broker_down_at_start_does_not_fail_start(make_rig: Callable[..., Any]) -> None:
+    port = free_port()
+    rig = await make_rig(port)
+    rig.buf.submit([blocks_for("d1", 0)])
+    await rig.buf.flush()
+    await until(lambda: rig.fw.stats()["reconnects"] >= 2, what="retrying")
+    assert not rig.fw.stats()["connected"] and "failed" in rig.fw.stats()["last_error"]
+    broker = Mosquitto(port=port).start()
+    try:
+        collector = Collector(port)
+        try:
+            await until(lambda: _zero(rig.buf), what="delivered once the broker is up")
+            await until(lambda: received_seqs(collector.messages, "d1") == [0, 1, 2, 3], what="arrived")
+        finally:
+            collector.close()
+    finally:
+        await rig.fw.stop(grace_s=0.2)
+        broker.close()
+
+
+async def test_status_retained_online_will_on_abrupt_loss_offline_on_stop(
+    mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any]
+) -> None:
+    rig = await make_rig(mosquitto.port)
+
+    def statuses() -> list[dict[str, Any]]:
+        return [json.loads(p) for t, p, _ in collector.messages if t == "cleanroom/agent/status"]
+
+    await until(lambda: [s["status"] for s in statuses()] == ["online"], what="online")
+    online = statuses()[0]
+    assert online["agent"] == "gw-test" and online["version"] == "0.1.0" and online["config_hash"] == "c0ffee"
+    # abrupt loss: the TCP connection dies without an MQTT DISCONNECT
+    sock = rig.fw._client.socket()
+    assert sock is not None
+    sock.shutdown(socket.SHUT_RDWR)
+    await until(
+        lambda: [s["status"] for s in statuses()] == ["online", "offline", "online"], what="will, back"
+    )
+    assert statuses()[1]["reason"] == "connection_lost"
+    await rig.fw.stop(grace_s=1)
+    await until(lambda: statuses()[-1]["status"] == "offline", what="offline on stop")
+    assert statuses()[-1]["reason"] == "clean_stop"
+    for s in statuses():
+        check_schema(s)
+    late = Collector(mosquitto.port, topic="cleanroom/agent/status")
+    try:
+        retained = await until(lambda: late.messages, what="retained status")
+        assert retained[0][2] is True and json.loads(retained[0][1])["status"] == "offline"
+    finally:
+        late.close()
+
+
+def _accepting(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def make_pki(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 signed by it, and an unrelated CA."""
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return path
+
+    now = dt.datetime.now(dt.UTC)
+    out: dict[str, Path] = {}
+    cas: dict[str, tuple[ec.EllipticCurvePrivateKey, x509.Certificate]] = {}
+    for ca in ("ca", "other_ca"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(f"test {ca}"))
+            .issuer_name(name(f"test {ca}"))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .sign(key, hashes.SHA256())
+        )
+        cas[ca] = (key, cert)
+        out[ca] = d / f"{ca}.pem"
+        out[ca].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca_key, ca_cert = cas["ca"]
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("localhost"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    out["cert"] = d / "server.pem"
+    out["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out["key"] = write_key(key, d / "server.key")
+    return out
+
+
+async def test_tls_with_verification(make_rig: Callable[..., Any]) -> None:
+    broker = Mosquitto()
+    os.chmod(broker.dir, 0o755)  # mosquitto started as root reads the certificates as its own user
+    pki = make_pki(broker.dir)
+    plain = free_port()
+    tls_conf = f"cafile {pki['ca']}\ncertfile {pki['cert']}\nkeyfile {pki['key']}\n"
+    broker.conf.write_text(broker.conf.read_text() + tls_conf + f"listener {plain} 127.0.0.1\n")
+    broker.start()
+    try:
+        wait_for(lambda: _accepting(plain), what="plain listener")
+        collector = Collector(plain)
+        try:
+            wrong = await make_rig(broker.port, tls={"enabled": True, "ca_file": str(pki["other_ca"])})
+            good = await make_rig(
+                broker.port, tls={"enabled": True, "ca_file": str(pki["ca"])}, client_id="good"
+            )
+            await until(lambda: good.fw.stats()["connected"], what="TLS connection with a verified broker")
+            good.buf.submit([blocks_for("d1", 1)])
+            await good.buf.flush()
+            await until(lambda: received_seqs(collector.messages, "d1") == [0, 1, 2, 3], what="over TLS")
+            await until(lambda: wrong.fw.stats()["reconnects"] >= 1, what="attempt against an unknown CA")
+            assert not wrong.fw.stats()["connected"]
+            assert "certificate verify failed" in wrong.fw.stats()["last_error"]
+        finally:
+            collector.close()
+    finally:
+        broker.close()
+
+
+def test_config_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="either password or password_file"):
+        MqttConfig.model_validate({"host": "h", "password": "x", "password_file": str(tmp_path / "p")})
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        MqttConfig.model_validate({"host": "h", "qos": 2})
+    cfg = MqttConfig.model_validate({"host": "h", "password": "s3cret"})
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.model_dump())
+    missing = MqttConfig.model_validate({"host": "h", "password_file": str(tmp_path / "nope")})
+    with pytest.raises(ValueError, match="password_file"):
+        missing.resolve_password()
+    with pytest.raises(ValueError, match="cannot load certificates"):
+        Forwarder(
+            MqttConfig.model_validate(
+                {"host": "h", "tls": {"enabled": True, "ca_file": str(tmp_path / "x")}}
+            ),
+            AsyncBuffer(BufferConfig(path=tmp_path / "b.db"), "a"),
+            IDENTITY,
+        )
