@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import tty
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from simulators.process.base import Clock
 from simulators.servers.device import SimulatedDevice, Value
 from simulators.servers.faults import CommFault, FaultSchedule
+from simulators.servers.pty import PtyPort
 from simulators.servers.registers import FUNCTION_TABLE, RegisterImage, load_profile, slots_of
 
 log = logging.getLogger(__name__)
@@ -131,7 +130,8 @@ class ModbusServer:
         self._store = _Datastore(self.units)
         self._tcp: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
-        self._pty: tuple[int, int] | None = None
+        self._pty: PtyPort | None = None
+        self._rtu_tasks: set[asyncio.Task[None]] = set()
         self.port: int | None = None
         self.pty_path: str | None = None
 
@@ -216,40 +216,26 @@ class ModbusServer:
     # ------------------------------------------------------------------ RTU on a pty
 
     async def start_rtu(self, link: Path | None = None) -> str:
-        """Open a pty pair and serve RTU on its master side; return the slave path (also
-        symlinked at ``link``) that a client opens as its serial port."""
-        master, slave = os.openpty()
-        tty.setraw(slave)  # no echo or line editing between client and server
-        os.set_blocking(master, False)
-        self._pty = (master, slave)
-        self.pty_path = os.ttyname(slave)
-        if link is not None:
-            _link(link, self.pty_path)
+        """Serve RTU on a pty; return the slave path (also symlinked at ``link``) that a
+        client opens as its serial port."""
         framer = FramerRTU(DecodePDU(True))
         buf = bytearray()
-        loop = asyncio.get_running_loop()
-        pending: set[asyncio.Task[None]] = set()
         lock = asyncio.Lock()
 
         async def handle() -> None:
             async with lock:  # one bus, one request at a time, in arrival order
-                replies = await self._feed(framer, buf, rtu=True)
-                for reply in replies:
-                    with contextlib.suppress(BlockingIOError):
-                        os.write(master, reply)  # type: ignore[arg-type]
+                for reply in await self._feed(framer, buf, rtu=True):
+                    if self._pty is not None:
+                        self._pty.write(reply)  # type: ignore[arg-type]
 
-        def readable() -> None:
-            try:
-                data = os.read(master, 4096)
-            except (BlockingIOError, OSError):
-                return
+        def received(data: bytes) -> None:
             buf.extend(data)
-            task = loop.create_task(handle())
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+            task = asyncio.get_running_loop().create_task(handle())
+            self._rtu_tasks.add(task)
+            task.add_done_callback(self._rtu_tasks.discard)
 
-        loop.add_reader(master, readable)
-        self._rtu_tasks = pending
+        self._pty = PtyPort(received, link)
+        self.pty_path = self._pty.path
         return self.pty_path
 
     # ------------------------------------------------------------------ shutdown
@@ -262,19 +248,10 @@ class ModbusServer:
             await self._tcp.wait_closed()
             self._tcp = None
         if self._pty is not None:
-            master, slave = self._pty
-            asyncio.get_running_loop().remove_reader(master)
             for task in list(self._rtu_tasks):
                 task.cancel()
-            os.close(master)
-            os.close(slave)
+            self._pty.close()
             self._pty = None
-
-
-def _link(link: Path, target: str) -> None:
-    """Point ``link`` at the pty (replacing a stale link from an earlier run)."""
-    link.unlink(missing_ok=True)
-    link.symlink_to(target)
 
 
 def _garble(frame: bytes, rtu: bool) -> bytes:

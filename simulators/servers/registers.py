@@ -141,14 +141,24 @@ class RegisterImage:
     outside that span the request is an illegal-address error.
     """
 
-    def __init__(self, slots: list[TagSlot], extra_spans: Mapping[str, tuple[int, int]] | None = None):
+    def __init__(self, slots: list[TagSlot]) -> None:
         self.slots = slots
-        spans: dict[str, tuple[int, int]] = dict(extra_spans or {})
+        spans: dict[str, tuple[int, int]] = {}
         for s in slots:
             lo, hi = spans.get(s.table, (s.start, s.start + s.width))
             spans[s.table] = (min(lo, s.start), max(hi, s.start + s.width))
         self.spans = spans
         self.tables = {t: np.zeros(hi, dtype=np.uint16) for t, (_, hi) in spans.items()}
+
+    def extend(self, table: str, end: int) -> None:
+        """Make registers up to ``end`` (exclusive) addressable, e.g. write-only command registers."""
+        lo, hi = self.spans.get(table, (0, 0))
+        if end > hi:
+            self.spans[table] = (lo, end)
+            grown = np.zeros(end, dtype=np.uint16)
+            if table in self.tables:
+                grown[:hi] = self.tables[table]
+            self.tables[table] = grown
 
     def fill(self, values: Mapping[str, float | bool | str]) -> None:
         """Encode every slot from ``values`` (keyed by tag name)."""

@@ -1,0 +1,52 @@
+"""The simulator profiles are accepted by the agent's own drivers, fit the models they
+are served from, and are all documented in docs/simulators.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from drivers.base import load_drivers
+from simulators.process.base import Clock
+from simulators.servers.device import SimulatedDevice
+from simulators.servers.modbus import unit_for
+from simulators.servers.registers import PROFILE_DIR, load_profile
+
+SIM_PROFILES = sorted(p.stem for p in PROFILE_DIR.glob("*-sim*.yaml"))
+DOC = Path(__file__).resolve().parents[1] / "docs" / "simulators.md"
+
+
+def test_every_simulator_profile_is_here() -> None:
+    assert set(SIM_PROFILES) >= {
+        "bioreactor-sim",
+        "bioreactor-sim-opcua",
+        "incubator-sim-modbus",
+        "incubator-sim-rtu",
+        "particle-counter-sim-modbus",
+        "particle-counter-sim-serial",
+    }
+
+
+@pytest.mark.parametrize("name", SIM_PROFILES)
+def test_profile_validates_with_its_driver(name: str) -> None:
+    data = load_profile(name)
+    driver = load_drivers()[data["protocol"]]
+    profile = driver.profile_model().model_validate(data)
+    assert profile.profile == name and profile.tags
+
+
+@pytest.mark.parametrize("name", [n for n in SIM_PROFILES if load_profile(n)["protocol"] == "modbus"])
+def test_modbus_profile_fits_its_model(name: str) -> None:
+    data = load_profile(name)
+    device = SimulatedDevice.create(data["device_kind"], "dev-1", clock=Clock(1.0), seed=0)
+    unit = unit_for(device, data)  # raises when a tag names a value the device does not produce
+    assert unit.read("holding" if "holding" in unit.image.spans else "input", 0, 1)
+
+
+@pytest.mark.parametrize("name", SIM_PROFILES)
+def test_every_tag_is_documented(name: str) -> None:
+    text = DOC.read_text()
+    assert f"`{name}`" in text or f"{name}.yaml" in text
+    missing = [t["name"] for t in load_profile(name)["tags"] if f"`{t['name']}`" not in text]
+    assert not missing, f"{name}: tags not in docs/simulators.md: {missing}"
