@@ -230,7 +230,7 @@ class Bioreactor(ProcessModel):
         stuck = faults.get("do_stuck")
         if stuck is None:
             self.do_frozen = None
-            self.do_meas = do_reading
+            self.do_meas = max(0.0, do_reading)
         else:
             if self.do_frozen is None:
                 value = cast(DoStuckParams, stuck.params).value

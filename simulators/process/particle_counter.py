@@ -179,6 +179,12 @@ class ParticleCounter(ProcessModel):
         self._shape = (0.5 / sizes) ** ISO_SLOPE  # background C(≥D)/C(≥0.5)
         self._sizes = sizes
         self.channel_keys = [channel_key(d) for d in p.channels_um]
+        self._limit_channels = [
+            (i, limit)
+            for size, limit in ((0.5, self.limit_0_5), (5.0, self.limit_5_0))
+            for i, d in enumerate(p.channels_um)
+            if math.isclose(d, size)
+        ]
 
     # ------------------------------------------------------------------ commands
 
@@ -284,12 +290,7 @@ class ParticleCounter(ProcessModel):
 
     def _over_limit(self, conc: np.ndarray[Any, np.dtype[np.float64]]) -> bool:
         """The device threshold bit: any Annex 1 size over its limit in this one sample."""
-        over = False
-        for size, limit in ((0.5, self.limit_0_5), (5.0, self.limit_5_0)):
-            hit = np.flatnonzero(np.isclose(self._sizes, size))
-            if hit.size:
-                over = over or bool(conc[hit[0]] > limit)
-        return over
+        return any(conc[i] > limit for i, limit in self._limit_channels)
 
     # ------------------------------------------------------------------ read-outs
 
