@@ -646,3 +646,17 @@ async def test_simulated_incubator_over_tcp_reads_every_group_good() -> None:
         assert block.quality is None, (block.group, block.reasons)
     process = by_tag(blocks["process"])
     assert 30 < process["temperature_c"] < 40 and 0 < process["co2_pct"] < 25
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["generic-modbus-example", "incubator-sim-modbus", "incubator-sim-rtu", "particle-counter-sim-modbus"],
+)
+def test_shipped_profiles_validate_and_plan(name: str) -> None:
+    """Every shipped Modbus profile loads and compiles to read plans within protocol limits."""
+    driver = profile_driver(name, host="127.0.0.1", port=502)
+    plans = [*driver._plans.values(), *(r.record_plan for r in driver._records.values())]
+    assert plans and all(p.reads for p in plans)
+    for plan in plans:
+        for rd in plan.reads:
+            assert rd.count <= (2000 if rd.table in ("coil", "discrete") else 125)
