@@ -163,8 +163,6 @@ class Buffer:
         self.cfg = cfg
         self.agent_id = agent_id
         self._conn: sqlite3.Connection | None = None
-        self._next_seq = 0
-        self._counters = dict.fromkeys(_COUNTERS, 0)
         self._page_size = 4096
         self._budget_pages = 0
 
@@ -206,11 +204,7 @@ class Buffer:
                     f"{path} has buffer schema {version}, this agent uses {SCHEMA_VERSION}: "
                     "start the agent (or a writing command) once to migrate it"
                 )
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            self._next_seq = int(meta["next_seq"])
-            for k in _COUNTERS:
-                self._counters[k] = int(meta.get(k, 0))
-            if not readonly and meta.get("agent_id") != self.agent_id:
+            if not readonly and self.meta("agent_id") != self.agent_id:
                 conn.execute(
                     "INSERT INTO meta(key, value) VALUES ('agent_id', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -254,10 +248,44 @@ class Buffer:
 
     def commit(self, items: Sequence[Block | Event]) -> CommitResult:
         """Assign seqs in order and commit ``items`` (and the state of their blocks) in one
-        transaction; on failure nothing is committed and the items keep no seq."""
+        transaction; on failure nothing is committed and the items keep no seq.
+
+        The next seq is read inside the write transaction, so another writer on the same file
+        (``buffer replay`` recording its audit event while the agent runs) never reuses a seq."""
         result = CommitResult()
+        try:
+            with self._transaction():
+                conn = self.conn
+                seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+                rows = self._assign(items, seq, result)
+                seq += sum(r[3] for r in rows)
+                conn.executemany(
+                    "INSERT INTO records(kind, device, seq_first, n, acq_ts_ns, body) VALUES (?,?,?,?,?,?)",
+                    rows,
+                )
+                if result.state:
+                    conn.executemany(
+                        "INSERT INTO kv(key, value) VALUES (?, ?) "
+                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        list(result.state.items()),
+                    )
+                self._add("committed_readings_total", result.readings)
+                seq = self._enforce_limit(seq, result.events)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(seq),))
+        except BaseException:
+            for item in items:
+                if isinstance(item, Block):
+                    item.seq_first = None
+                else:
+                    item.seq = None
+            raise
+        return result
+
+    @staticmethod
+    def _assign(
+        items: Sequence[Block | Event], seq: int, result: CommitResult
+    ) -> list[tuple[str, str, int, int, int, str]]:
         rows: list[tuple[str, str, int, int, int, str]] = []
-        seq = self._next_seq
         for item in items:
             if isinstance(item, Block):
                 item.seq_first = seq
@@ -277,39 +305,13 @@ class Buffer:
                 item.seq = seq
                 rows.append(("event", item.device, seq, 1, item.ts_ns, dumps(item.body())))
                 seq += 1
-        try:
-            with self._transaction():
-                conn = self.conn
-                conn.executemany(
-                    "INSERT INTO records(kind, device, seq_first, n, acq_ts_ns, body) VALUES (?,?,?,?,?,?)",
-                    rows,
-                )
-                if result.state:
-                    conn.executemany(
-                        "INSERT INTO kv(key, value) VALUES (?, ?) "
-                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                        list(result.state.items()),
-                    )
-                counters = dict(self._counters)
-                counters["committed_readings_total"] += result.readings
-                seq = self._enforce_limit(seq, counters, result.events)
-                self._write_meta(seq, counters)
-        except BaseException:
-            for item in items:
-                if isinstance(item, Block):
-                    item.seq_first = None
-                else:
-                    item.seq = None
-            raise
-        self._next_seq = seq
-        self._counters = counters
-        return result
+        return rows
 
-    def _write_meta(self, next_seq: int, counters: Mapping[str, int]) -> None:
-        self.conn.executemany(
-            "UPDATE meta SET value = ? WHERE key = ?",
-            [(str(next_seq), "next_seq"), *((str(v), k) for k, v in counters.items())],
-        )
+    def _add(self, counter: str, amount: int) -> None:
+        if amount:
+            self.conn.execute(
+                "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key = ?", (amount, counter)
+            )
 
     def live_bytes(self) -> int:
         """Pages in use (not the file size: freed pages are reused before the file grows)."""
@@ -323,7 +325,7 @@ class Buffer:
     def _live_pages(self) -> int:
         return self.live_bytes() // self._page_size
 
-    def _enforce_limit(self, seq: int, counters: dict[str, int], events: list[Event]) -> int:
+    def _enforce_limit(self, seq: int, events: list[Event]) -> int:
         """Inside the commit transaction: drop delivered rows, then the oldest undelivered, until
         the live pages are back under 90 % of the budget; record undelivered losses as events."""
         if self._live_pages() <= self._budget_pages:
@@ -364,7 +366,7 @@ class Buffer:
                     d["first_ts"] = min(d["first_ts"], ts)
                     d["last_ts"] = max(d["last_ts"], ts)
         for device, data in sorted(lost.items()):
-            counters["lost_readings_total"] += data["readings"]
+            self._add("lost_readings_total", data["readings"])
             event = Event(device=device, kind="data_loss", severity=Severity.ALARM, data=data, seq=seq)
             conn.execute(
                 "INSERT INTO records(kind, device, seq_first, n, acq_ts_ns, body) VALUES ('event',?,?,1,?,?)",
@@ -405,10 +407,7 @@ class Buffer:
                         (when, *chunk),
                     ).fetchall()
                 )
-            counters = dict(self._counters)
-            counters["delivered_readings_total"] += readings
-            self._write_meta(self._next_seq, counters)
-        self._counters = counters
+            self._add("delivered_readings_total", readings)
         return readings
 
     def mark_undelivered(
@@ -458,26 +457,32 @@ class Buffer:
         return None if row is None else str(row[0])
 
     def stats(self, now: int | None = None) -> dict[str, Any]:
+        """Depth and counters from one read snapshot (another process may be writing)."""
         conn = self.conn
-        depth_records, depth_readings = conn.execute(
-            "SELECT count(*), coalesce(sum(CASE kind WHEN 'data' THEN n ELSE 0 END), 0) "
-            "FROM records WHERE delivered_ns IS NULL"
-        ).fetchone()
-        oldest = conn.execute(
-            "SELECT acq_ts_ns FROM records WHERE delivered_ns IS NULL ORDER BY id LIMIT 1"
-        ).fetchone()
+        conn.execute("BEGIN")
+        try:
+            depth_records, depth_readings = conn.execute(
+                "SELECT count(*), coalesce(sum(CASE kind WHEN 'data' THEN n ELSE 0 END), 0) "
+                "FROM records WHERE delivered_ns IS NULL"
+            ).fetchone()
+            oldest = conn.execute(
+                "SELECT acq_ts_ns FROM records WHERE delivered_ns IS NULL ORDER BY id LIMIT 1"
+            ).fetchone()
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            live = self.live_bytes()
+        finally:
+            conn.execute("COMMIT")
         t = now_ns() if now is None else now
         return {
             "path": str(self.cfg.path),
             "depth_records": int(depth_records),
             "depth_readings": int(depth_readings),
             "oldest_undelivered_age_s": None if oldest is None else round((t - oldest[0]) / 1e9, 3),
-            "records_total": int(conn.execute("SELECT count(*) FROM records").fetchone()[0]),
-            "size_bytes": self.live_bytes(),
+            "size_bytes": live,
             "file_bytes": _file_bytes(self.cfg.path),
             "max_bytes": self.cfg.max_bytes,
-            "next_seq": self._next_seq,
-            **self._counters,
+            "next_seq": int(meta["next_seq"]),
+            **{k: int(meta.get(k, 0)) for k in _COUNTERS},
             "schema_version": SCHEMA_VERSION,
         }
 
