@@ -147,7 +147,11 @@ class Tag(TagBase):
     """
 
     address: int = Field(ge=0, le=465536)
-    """Register (or coil) address; see the rule above (vendor notation by default)."""
+    """Register (or coil) address. Vendor notation (default): the leading digit names the table
+    (4xxxx holding, 3xxxx input, 1xxxx discrete input, below 10000 coil; six digits for
+    registers above 9999) and the rest counts from ``address_base``, so 40001 is holding
+    PDU address 0. With ``vendor_notation: false``: a plain number in ``table``, counted
+    from ``address_base``."""
     table: Table | None = None
     """``holding``, ``input``, ``coil`` or ``discrete``; implied by a vendor-notation address
     (it must agree with it if given), required otherwise."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -302,6 +303,7 @@ class RawServer:
 
     def __init__(self, reply: Callable[[bytes, bytes], bytes | None]) -> None:
         self.reply = reply
+        self.requests = 0
         self.port = free_port()
         self.server: asyncio.Server | None = None
 
@@ -310,6 +312,7 @@ class RawServer:
             while True:
                 header = await reader.readexactly(7)
                 pdu = await reader.readexactly(struct.unpack(">H", header[4:6])[0] - 1)
+                self.requests += 1
                 out = self.reply(header, pdu)
                 if out:
                     writer.write(out)
@@ -372,7 +375,8 @@ async def test_broken_replies_are_bad_readings_and_the_driver_recovers(
     assert good.values == [9, 9] and good.quality is None
 
 
-async def test_silence_raises_timeout_then_the_device_is_degraded() -> None:
+async def test_silence_raises_timeout_then_the_device_is_degraded(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="cleanroom.modbus")
     async with RawServer(lambda h, p: None) as srv:
         driver = make_driver([{"name": "a", "address": 40001}], srv.port, degrade_after=2, degrade_for=60)
         await driver.connect()
@@ -381,14 +385,33 @@ async def test_silence_raises_timeout_then_the_device_is_degraded() -> None:
                 with pytest.raises(DeviceError) as err:
                     await read_one(driver)
                 assert err.value.reason == "timeout"
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            skipped = await read_one(driver)
-            assert loop.time() - t0 < 0.1  # no bus time spent on a degraded device
+            asked = srv.requests
+            skipped = [await read_one(driver) for _ in range(3)]
         finally:
             await driver.close()
-    assert skipped.reasons == [modbus.DEGRADED] and skipped.values == [None]
+    assert srv.requests == asked == 2  # a degraded device costs the bus nothing
+    assert all(b.reasons == [modbus.DEGRADED] and b.values == [None] for b in skipped)
     assert driver.ctx.stats.errors["timeout"] == 2
+    # one log line per state change (timeout, then degraded), not one per failed poll
+    assert [r.message.split(":")[1].split()[0] for r in caplog.records] == ["timeout", "degraded"]
+
+
+async def test_close_after_scan_reconnects_for_every_poll() -> None:
+    connects: list[bool] = []
+    srv = Server([sim_device(1, holding=[5] * 8)])
+    srv.server.trace_connect = connects.append
+    await srv.server.serve_forever(background=True)
+    try:
+        driver = make_driver([{"name": "x", "address": 40001}], srv.port, close_after_scan=True)
+        await driver.connect()
+        try:
+            blocks = [await read_one(driver) for _ in range(3)]
+        finally:
+            await driver.close()
+    finally:
+        await srv.server.shutdown()
+    assert [b.values for b in blocks] == [[5]] * 3
+    assert connects.count(True) == 3
 
 
 async def test_unreachable_device_fails_connect_cleanly() -> None:
