@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from agent.buffer import BufferConfig
-from agent.fields import Strict
+from agent.fields import Duration, Strict
 from agent.forwarder import MqttConfig
 from agent.inference import ModelBindingConfig
 from agent.limits import LimitsConfig
@@ -55,8 +55,8 @@ class AgentSection(Strict):
     """Free text naming the plant/suite, carried in the status message."""
     status_listen: str = "127.0.0.1:8765"
     """Where ``cleanroom-agent status`` reaches the running agent: ``HOST:PORT`` (HTTP on loopback)."""
-    shutdown_grace: float = 5.0
-    """Seconds a clean stop (SIGTERM) may spend delivering committed data before disconnecting."""
+    shutdown_grace: Duration = 5.0
+    """Time a clean stop (SIGTERM) may spend delivering committed data before disconnecting."""
 
 
 class DeviceConfig(Strict):

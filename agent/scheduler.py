@@ -1,7 +1,7 @@
 """Polls every device on its own schedule and hands what it reads to the buffer.
 
 One :class:`DeviceRunner` per device, one task per poll group, so a dead or slow
-device never delays another. Polls start on absolute ticks (``t0 + k·interval``) so
+device never delays another. Polls start on absolute ticks (``t0 + k·interval``, the first at once) so
 there is no drift over hours; a poll still running at its next tick is an overrun
 (counted, the missed tick skipped). The runner owns the device connection: a failed
 connect or a :class:`~drivers.base.DeviceError` closes the driver and reconnects with
@@ -194,7 +194,7 @@ class DeviceRunner:
     async def _poll_loop(self, group: PollGroup, t0: float) -> None:
         stats = self.group_stats[group.name]
         interval = group.interval_s
-        k = 0
+        k = -1
         while True:
             k += 1
             tick = t0 + k * interval

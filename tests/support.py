@@ -48,12 +48,21 @@ def mosquitto_binary() -> str:
 class Mosquitto:
     """A private mosquitto on 127.0.0.1:port that a test can stop and restart."""
 
-    def __init__(self, port: int | None = None, extra_conf: str = "") -> None:
+    def __init__(self, port: int | None = None, extra_conf: str = "", persistence: bool = False) -> None:
+        """``persistence``: sessions and queued messages survive a stop/start, so a
+        subscriber with a persistent session misses nothing across a broker restart."""
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="mosq-"))
         self.conf = self.dir / "mosquitto.conf"
+        # mosquitto started as root drops to user "mosquitto", which cannot write our temp
+        # folder; "user root" keeps it (the option is ignored when not started as root).
+        persist = (
+            f"persistence true\npersistence_location {self.dir}/\nuser root\n"
+            if persistence
+            else "persistence false\n"
+        )
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persist}"
             f"max_inflight_messages 0\nmax_queued_messages 0\n{extra_conf}"
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -90,12 +99,17 @@ class Mosquitto:
 class Collector:
     """A test subscriber: collects every message on ``topic`` (QoS 1) in arrival order."""
 
-    def __init__(self, port: int, topic: str = "#") -> None:
+    def __init__(self, port: int, topic: str = "#", persistent: bool = False) -> None:
+        """``persistent``: a non-clean session, so the broker queues what arrives while
+        this subscriber is reconnecting (use with ``Mosquitto(persistence=True)``)."""
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         client_id = f"collector-{os.getpid()}-{id(self)}"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not persistent
+        )
+        self.client.reconnect_delay_set(0.1, 1)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
@@ -115,3 +129,90 @@ class Collector:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+class ThreadedSim:
+    """Run an async simulator context manager (e.g. ``serve_bioreactor_modbus(...)``) on
+    its own event loop in a thread, so a test can run the agent as a separate process
+    and still look at the simulator's model."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        import asyncio
+
+        self._factory = factory
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sim-loop", daemon=True)
+        self._cm: Any = None
+        self.sim: Any = None
+
+    def __enter__(self) -> Any:
+        import asyncio
+
+        self._thread.start()
+        self._cm = self._factory()
+        self.sim = asyncio.run_coroutine_threadsafe(self._cm.__aenter__(), self._loop).result(15)
+        return self.sim
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the simulator's loop (models are not thread-safe)."""
+        import asyncio
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    def __exit__(self, *exc: Any) -> None:
+        import asyncio
+
+        try:
+            asyncio.run_coroutine_threadsafe(self._cm.__aexit__(None, None, None), self._loop).result(15)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+
+class AgentProcess:
+    """``cleanroom-agent run`` as a real child process (so it can be SIGKILLed)."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        import sys
+
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "-c", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def running(self) -> bool:
+        """True while the agent runs; raises with its log if it exited (fail fast, not by timeout)."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise AssertionError(f"agent exited unexpectedly:\n{self.log.read_text()[-3000:]}")
+        return True
+
+    def terminate(self, timeout: float = 20) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
