@@ -170,7 +170,7 @@ def test_every_reading_arrives_once_with_served_values(
     assert len(readings) == len({r["seq"] for r in readings}), "each reading arrives exactly once"
     assert_no_loss_and_ordered(readings, events, stats["next_seq"])
 
-    signals = frozen_sim.call(lambda: frozen_sim.sim.model.signals())
+    signals = frozen_sim.call(frozen_sim.sim.model.signals)
     process = [r for r in readings if r["group"] == "process"]
     assert process and all(r["quality"] == "good" for r in process)
     checked = 0
