@@ -120,9 +120,8 @@ def split_vendor_address(address: int) -> tuple[Table, int]:
     """
     if address < 10000:
         return "coil", address
-    digits, div = (5, 10000) if address < 100000 else (6, 100000)
-    prefix, number = divmod(address, div)
-    if prefix not in _TABLE_OF_PREFIX or digits > 6 or (digits == 6 and number > 65536):
+    prefix, number = divmod(address, 10000 if address < 100000 else 100000)
+    if prefix not in _TABLE_OF_PREFIX or number > 65536:
         raise ValueError(
             f"address {address} is not in vendor notation (0xxxx coil, 1xxxx discrete, 3xxxx input, "
             "4xxxx holding; 5 or 6 digits); write the plain register number with an explicit table "
@@ -525,26 +524,21 @@ def _decode_plan(
 # --------------------------------------------------------------------------- buses
 
 
-class _GuardedFramer:
-    """Notes that bytes arrived for the current request, and turns a frame pymodbus cannot
-    decode into "garbled" instead of an exception escaping into the transport (which would
-    drop the connection that other units on the bus share)."""
+def _guarded(framer: Any, bus: Bus) -> Any:
+    """The pymodbus framer, made to note that bytes arrived for the current request and to
+    treat a frame it cannot decode as garbage instead of letting the exception escape into
+    the transport (which would drop the connection other units on the bus share)."""
+    inner = framer.handleFrame
 
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
+    def handle_frame(data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, Any]:
+        bus.rx_bytes += len(data)
+        try:
+            return inner(data, exp_devid, exp_tid)  # type: ignore[no-any-return]
+        except ModbusException:
+            return len(data), None
 
-    def wrap(self, framer: Any) -> Any:
-        inner = framer.handleFrame
-
-        def handle_frame(data: bytes, exp_devid: int, exp_tid: int) -> tuple[int, Any]:
-            self.bus.rx_bytes += len(data)
-            try:
-                return inner(data, exp_devid, exp_tid)  # type: ignore[no-any-return]
-            except ModbusException:
-                return len(data), None
-
-        framer.handleFrame = handle_frame
-        return framer
+    framer.handleFrame = handle_frame
+    return framer
 
 
 class _Garbled(Exception):
@@ -583,7 +577,7 @@ class Bus:
                 reconnect_delay=0,
             )
             framer = FramerRTU(DecodePDU(False))
-        self.client.ctx.framer = _GuardedFramer(self).wrap(framer)
+        self.client.ctx.framer = _guarded(framer, self)
         # A unit that never answers must not make pymodbus drop the shared connection.
         self.client.set_max_no_responses(1 << 30)
 
@@ -681,7 +675,6 @@ class _Outcome:
     regs: npt.NDArray[np.uint16]
     bits: npt.NDArray[np.bool_]
     failed: dict[int, str] = field(default_factory=dict)
-    answered: bool = False
 
 
 @register
@@ -769,7 +762,6 @@ class ModbusDriver(Driver):
             if isinstance(reply, str):
                 out.failed.update(dict.fromkeys(rd.tags, reply))
                 continue
-            out.answered = True
             got = reply.bits[: rd.count] if rd.table in BIT_TABLES else reply.registers
             if len(got) != rd.count:
                 self.ctx.stats.error("wrong_length")

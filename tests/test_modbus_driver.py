@@ -414,6 +414,32 @@ async def test_close_after_scan_reconnects_for_every_poll() -> None:
     assert connects.count(True) == 3
 
 
+async def test_lost_connection_raises_and_reconnect_resumes() -> None:
+    """The scheduler's cycle: a dropped link is a DeviceError; close + connect recovers."""
+    srv = Server([sim_device(1, holding=[3] * 8)])
+    await srv.server.serve_forever(background=True)
+    driver = make_driver([{"name": "x", "address": 40001}], srv.port, retries=1)
+    try:
+        await driver.connect()
+        before = await read_one(driver)
+        await srv.server.shutdown()
+        with pytest.raises(DeviceError) as err:
+            await read_one(driver)
+        await driver.close()
+        with pytest.raises(DeviceError):
+            await driver.connect()  # still down: a clean connect error, no bus left behind
+        assert not modbus._BUSES
+        srv.server = ModbusTcpServer([sim_device(1, holding=[4] * 8)], address=("127.0.0.1", srv.port))
+        await srv.server.serve_forever(background=True)
+        await driver.connect()
+        after = await read_one(driver)
+    finally:
+        await driver.close()
+        await srv.server.shutdown()
+    assert before.values == [3] and after.values == [4]
+    assert err.value.reason in ("comm_error", "timeout")
+
+
 async def test_unreachable_device_fails_connect_cleanly() -> None:
     driver = make_driver([{"name": "a", "address": 40001}], free_port())
     with pytest.raises(DeviceError) as err:
