@@ -1,0 +1,132 @@
+"""``cleanroom-agent buffer stats|export|replay`` on a real buffer file."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.buffer import Buffer, BufferConfig
+from agent.buffer_cli import iso_ns, parse_time
+from agent.cli import main
+from agent.records import Block, Event, Quality
+
+T0 = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "buf.db"
+    core = Buffer(BufferConfig(path=path), "gw-7")
+    core.open()
+    core.commit(
+        [
+            Block("bio-1", "fast", T0, ["temp", "ph"], ["degC", "pH"], [37.01, 7.2], source_ts_ns=T0 - 5),
+            Block(
+                "bio-1", "fast", T0 + 60 * 10**9, ["temp", "ph"], ["degC", "pH"], [None, 7.19],
+                quality=[Quality.BAD, Quality.GOOD], reasons=["timeout", None], source_ts_ns=[None, T0 + 1],
+            ),
+            Block("pc-3", "rec", T0 + 120 * 10**9, ["0.5um", "open"], ["counts", None], [12, True]),
+            Event("bio-1", "device_state", data={"state": "connected"}),
+        ]
+    )  # fmt: skip
+    core.mark_delivered([1, 2])
+    core.close()
+    return path
+
+
+def test_time_helpers_round_trip_nanoseconds() -> None:
+    assert iso_ns(T0 + 123_456_789) == "2026-01-01T00:00:00.123456789Z"
+    assert parse_time("2026-01-01T00:00:00Z") == T0
+    assert parse_time("2026-01-01T01:00:00+01:00") == T0
+    assert parse_time("2026-01-01T00:00:00") == T0  # no offset: UTC
+
+
+def test_stats(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["buffer", "stats", "--db", str(db)]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["agent"] == "gw-7"
+    assert stats["depth_records"] == 2 and stats["depth_readings"] == 2
+    assert stats["committed_readings_total"] == 6 and stats["delivered_readings_total"] == 4
+    assert stats["next_seq"] == 7
+
+
+def test_export_csv_one_row_per_reading(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["buffer", "export", "--db", str(db)]) == 0
+    out = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(out.out)))
+    assert "exported 6 readings" in out.err
+    assert [(r["device"], r["tag"], r["seq"]) for r in rows] == [
+        ("bio-1", "temp", "0"), ("bio-1", "ph", "1"), ("bio-1", "temp", "2"), ("bio-1", "ph", "3"),
+        ("pc-3", "0.5um", "4"), ("pc-3", "open", "5"),
+    ]  # fmt: skip
+    first, bad, flag = rows[0], rows[2], rows[5]
+    assert first["agent"] == "gw-7" and first["value"] == "37.01" and first["unit"] == "degC"
+    assert first["quality"] == "good" and first["reason"] == ""
+    assert first["acq_ts"] == "2026-01-01T00:00:00.000000000Z" and first["acq_ts_ns"] == str(T0)
+    assert first["source_ts_ns"] == str(T0 - 5) and first["source_ts"] == "2025-12-31T23:59:59.999999995Z"
+    assert bad["value"] == "" and bad["quality"] == "bad" and bad["reason"] == "timeout"
+    assert bad["source_ts"] == "" and rows[3]["source_ts_ns"] == str(T0 + 1)
+    assert flag["value"] == "true" and flag["unit"] == ""
+
+
+def test_export_filters_and_jsonl_file(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "x.jsonl"
+    argv = ["buffer", "export", "--db", str(db), "--format", "jsonl", "--out", str(out), "--device", "bio-1",
+            "--tag", "ph", "--since", "2026-01-01T00:00:30Z", "--until", "2026-01-01T00:05:00Z"]  # fmt: skip
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [
+        {"agent": "gw-7", "device": "bio-1", "group": "fast", "tag": "ph", "seq": 3, "value": 7.19,
+         "unit": "pH", "quality": "good", "reason": None, "source_ts": iso_ns(T0 + 1), "source_ts_ns": T0 + 1,
+         "acq_ts": "2026-01-01T00:01:00.000000000Z", "acq_ts_ns": T0 + 60 * 10**9}
+    ]  # fmt: skip
+
+
+def test_replay_marks_undelivered_and_audits(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    why = "historian lost a day"
+    assert main(["buffer", "replay", "--db", str(db), "--device", "bio-1", "--why", why]) == 0
+    assert "marked 2 delivered rows (4 readings)" in capsys.readouterr().out
+    core = Buffer(BufferConfig(path=db), "gw-7")
+    core.open()
+    pending = core.pending(0, 100)
+    core.close()
+    assert [(r.kind, r.device, r.seq_first) for r in pending] == [
+        ("data", "bio-1", 0), ("data", "bio-1", 2), ("data", "pc-3", 4),
+        ("event", "bio-1", 6), ("event", "agent", 7),
+    ]  # fmt: skip
+    audit = json.loads(pending[-1].body)
+    assert audit["kind"] == "audit" and audit["data"]["action"] == "buffer_replay"
+    assert audit["data"]["new"]["rows"] == 2 and audit["data"]["new"]["device"] == "bio-1"
+    assert audit["data"]["why"] == why
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["buffer", "stats", "--db", "/nonexistent/buf.db"], "no buffer database at /nonexistent/buf.db"),
+        (["buffer", "export", "--db", "{db}", "--since", "yesterday"], "'yesterday' is not an ISO-8601 time"),
+        (["buffer", "export", "--db", "{db}", "--out", "/nonexistent/dir/x.csv"], "cannot write"),
+        (["buffer", "stats", "--db", "{garbage}"], "file is not a database"),
+        (["buffer", "stats", "-c", "{missing_cfg}"], "nope.yaml: cannot read"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not sqlite" * 100)
+    subst = {"db": str(db), "garbage": str(garbage), "missing_cfg": str(tmp_path / "nope.yaml")}
+    assert main([a.format(**subst) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_db_or_config_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["buffer", "stats"])
+    assert exc.value.code == 2
+    assert "one of the arguments --db -c/--config is required" in capsys.readouterr().err
