@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from agent.fields import Duration, Strict
 from simulators.process.base import MODELS, ProcessModel, create_model
-from simulators.process.faults import COMM_FAULTS, Fault
+from simulators.process.faults import COMM_FAULTS, FAULT_PARAMS, Fault
 
 SERVE_KEYS = frozenset(
     {
@@ -108,6 +108,13 @@ class FaultSpec(Strict):
             out["params"] = {"code": int(m["code"])}
         return out
 
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        if kind not in FAULT_PARAMS:
+            raise ValueError(f"unknown fault kind {kind!r}; known: {', '.join(sorted(FAULT_PARAMS))}")
+        return kind
+
     def window(self, start_time_s: float) -> tuple[float, float]:
         """Absolute ``[start, end)`` in simulated Unix seconds (end may be infinite)."""
         begin = start_time_s + self.start
@@ -156,7 +163,7 @@ class DeviceSpec(Strict):
             if f.kind not in cls.FAULTS and f.kind not in COMM_FAULTS:
                 known = ", ".join(sorted(cls.FAULTS | COMM_FAULTS))
                 raise ValueError(
-                    f"device {self.id!r}: faults[{i}]: a {self.kind} cannot have {f.kind!r}; "
+                    f"device {self.id!r}: faults[{i}]: {f.kind!r} does not apply to kind {self.kind}; "
                     f"it takes: {known}"
                 )
             try:
