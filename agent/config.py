@@ -255,6 +255,8 @@ def _format_errors(src: _Lines, exc: ValidationError, prefix: Loc = ()) -> Itera
             msg = "unknown key (check its spelling and its indentation)"
         if err["type"] == "missing":
             msg = "required key is missing"
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         yield src.problem(yaml_loc, msg)
 
 
