@@ -36,9 +36,9 @@ def make_block(device: str, tags: list[str], units: list[str | None], i: int) ->
     return Block(device, "fast", now_ns(), tags, units, [i + k * 0.25 for k in range(len(tags))])
 
 
-async def until(cond: Callable[[], Any], what: str, timeout: float = 120.0) -> None:
+async def until(cond: Callable[[], Any], what: str, within_s: float = 120.0) -> None:
     """Bounded wait: a bench that cannot finish fails, it never hangs."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while True:
         v = cond()
         if asyncio.iscoroutine(v):
