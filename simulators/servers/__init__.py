@@ -7,11 +7,22 @@ In-process API (tests, demo)::
         sim.port, sim.model
 """
 
+from simulators.servers.faults import CommFault
 from simulators.servers.modbus import (
     serve_bioreactor_modbus,
     serve_counter_modbus,
     serve_incubator_modbus,
     serve_modbus,
 )
+from simulators.servers.opcua import serve_bioreactor_opcua
+from simulators.servers.serial_ascii import serve_counter_serial
 
-__all__ = ["serve_bioreactor_modbus", "serve_counter_modbus", "serve_incubator_modbus", "serve_modbus"]
+__all__ = [
+    "CommFault",
+    "serve_bioreactor_modbus",
+    "serve_bioreactor_opcua",
+    "serve_counter_modbus",
+    "serve_counter_serial",
+    "serve_incubator_modbus",
+    "serve_modbus",
+]

@@ -1,0 +1,355 @@
+"""OPC UA front end: a bioreactor with a LADS-like (OPC 30500) address space.
+
+The address space is built from the profile (``deploy/profiles/bioreactor-sim-opcua.yaml``):
+each tag's node id ``nsu=<uri>;s=A.B.C`` becomes the variable ``C`` below the objects
+``A`` / ``B`` under ``Objects``, so the map the agent reads and the server it reads from
+come from one file. Values are pushed from the model on a short timer with the device
+clock (simulated time) as source timestamp; subscriptions see them change like on a
+real device. Security policies and user login are optional, as on a real server.
+
+Comm faults: timeout / garbled / exception become bad status codes on every value (the
+device behind the server stopped answering, sent garbage, reported a failure);
+disconnect takes the whole server off the network for the fault window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from asyncua import Server, ua
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.address_space import NodeData
+
+from simulators.process.base import Clock
+from simulators.servers.counter import serial_number
+from simulators.servers.device import SimulatedDevice, Value
+from simulators.servers.faults import CommFault, FaultSchedule
+from simulators.servers.registers import load_profile
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "urn:cleanroom-edge:sim:bioreactor"
+APPLICATION_URI = "urn:cleanroom-edge:sim:bioreactor:server"
+DEFAULT_PROFILE = "bioreactor-sim-opcua"
+_NODE_RE = re.compile(r"^(?:nsu=(?P<uri>[^;]+)|ns=\d+);s=(?P<path>[A-Za-z0-9_.]+)$")
+
+UNECE_CODES = {"degC": "CEL", "%": "P1", "rpm": "RPM", "kg": "KGM", "L": "LTR", "mL": "MLT", "bar": "BAR"}
+UNECE_CODES |= {"d": "DAY", "slpm": "L2", "1/d": "E91"}
+"""UNECE Rec. 20 common codes for the units the profile uses (EUInformation.UnitId)."""
+
+FAULT_STATUS = {
+    CommFault.TIMEOUT: ua.StatusCodes.BadTimeout,
+    CommFault.GARBLED: ua.StatusCodes.BadDataEncodingInvalid,
+    CommFault.EXCEPTION: ua.StatusCodes.BadDeviceFailure,
+}
+
+
+def eu_information(unit: str) -> ua.EUInformation:
+    code = UNECE_CODES.get(unit)
+    return ua.EUInformation(
+        NamespaceUri="http://www.opcfoundation.org/UA/units/un/cefact",
+        UnitId=int.from_bytes(code.encode(), "big") if code else -1,
+        DisplayName=ua.LocalizedText(unit),
+        Description=ua.LocalizedText(unit),
+    )
+
+
+def _variant(value: Value) -> ua.Variant:
+    if isinstance(value, bool):
+        return ua.Variant(value, ua.VariantType.Boolean)
+    if isinstance(value, str):
+        return ua.Variant(value, ua.VariantType.String)
+    return ua.Variant(float(value), ua.VariantType.Double)
+
+
+class _Users:
+    """One user name and password; anonymous sessions are refused."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self.user, self.password = user, password
+
+    def get_user(
+        self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None
+    ) -> User | None:
+        if username == self.user and password == self.password:
+            return User(role=UserRole.User, name=username)
+        return None
+
+
+class OpcUaBioreactor:
+    """One bioreactor, one OPC UA server."""
+
+    def __init__(
+        self,
+        device: SimulatedDevice,
+        profile: Mapping[str, Any],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 4840,
+        cert: Path | None = None,
+        key: Path | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        update_interval_s: float = 0.2,
+    ) -> None:
+        if (user is None) != (password is None):
+            raise ValueError("give both user and password, or neither")
+        self.device = device
+        self.tags = [_parse_tag(t) for t in profile["tags"]]
+        self.host, self.port = host, port
+        self.cert, self.key = cert, key
+        self.user, self.password = user, password
+        self.update_interval_s = update_interval_s
+        self.serial = f"BR-SIM-{serial_number(device.device_id):06d}"
+        missing = sorted({name for name, *_ in self.tags} - set(self.values()))
+        if missing:
+            raise ValueError(f"{profile.get('profile')}: tags with no simulated value: {', '.join(missing)}")
+        self.history: OrderedDict[float, dict[str, Value]] = OrderedDict()
+        """Recent snapshots by simulated time: what was served with that source timestamp."""
+        self._server: Server | None = None
+        self._nodes: dict[str, ua.NodeId] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.offline = False
+
+    @property
+    def url(self) -> str:
+        return f"opc.tcp://{self.host}:{self.port}/cleanroom-sim/"
+
+    def values(self) -> dict[str, Value]:
+        out = self.device.values()
+        out["state"] = "Running" if out.get("running") else "Stopped"
+        out["serial_number"] = self.serial
+        out["firmware_version"] = "2.4.1"
+        out["model_name"] = "CLEANROOM-SIM BIOREACTOR"
+        return out
+
+    # ------------------------------------------------------------------ server
+
+    async def _build(self) -> Server:
+        server = Server(
+            user_manager=_Users(self.user, self.password) if self.user and self.password else None
+        )
+        await server.init()
+        server.set_endpoint(self.url)
+        server.set_server_name("cleanroom-sim bioreactor")
+        await server.set_application_uri(APPLICATION_URI)
+        policies = [ua.SecurityPolicyType.NoSecurity]
+        if self.cert is not None and self.key is not None:
+            await server.load_certificate(str(self.cert))
+            await server.load_private_key(str(self.key))
+            policies += [
+                ua.SecurityPolicyType.Basic256Sha256_Sign,
+                ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+                ua.SecurityPolicyType.Aes128Sha256RsaOaep_Sign,
+                ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt,
+                ua.SecurityPolicyType.Aes256Sha256RsaPss_Sign,
+                ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
+            ]
+        server.set_security_policy(policies)
+        if self.user:
+            server.set_identity_tokens([ua.UserNameIdentityToken])
+        idx = await server.register_namespace(NAMESPACE)
+        await self._address_space(server, idx)
+        return server
+
+    async def _address_space(self, server: Server, idx: int) -> None:
+        objects: dict[str, Any] = {}
+        values = self.values()
+        setpoints = self.device.model.SETPOINTS
+        self._nodes = {}
+        for name, path, unit, rng in self.tags:
+            parts = path.split(".")
+            parent = server.nodes.objects
+            for depth in range(1, len(parts)):
+                key = ".".join(parts[:depth])
+                if key not in objects:
+                    objects[key] = await parent.add_object(
+                        ua.NodeId(key, idx), ua.QualifiedName(parts[depth - 1], idx)
+                    )
+                parent = objects[key]
+            node = await parent.add_variable(
+                ua.NodeId(path, idx), ua.QualifiedName(parts[-1], idx), _variant(values[name])
+            )
+            if isinstance(values[name], float | int) and not isinstance(values[name], bool):
+                if rng is not None:
+                    await node.add_property(
+                        ua.NodeId(f"{path}.EURange", idx), "EURange", ua.Range(Low=rng[0], High=rng[1])
+                    )
+                if unit is not None:
+                    await node.add_property(
+                        ua.NodeId(f"{path}.EngineeringUnits", idx), "EngineeringUnits", eu_information(unit)
+                    )
+            if name in setpoints:
+                await node.set_writable()
+                server.set_attribute_value_setter(node.nodeid, self._setter(name))
+            self._nodes[name] = node.nodeid
+
+    def _setter(self, name: str) -> Any:
+        """Client writes reach the model; a value the device refuses is dropped (it reverts at
+        the next update: asyncua's setter hook cannot answer BadOutOfRange)."""
+
+        def setter(node: NodeData, attr: ua.AttributeIds, value: ua.DataValue) -> None:
+            raw = value.Value.Value if value.Value is not None else None
+            if not isinstance(raw, int | float) or isinstance(raw, bool):
+                return
+            try:
+                self.device.model.set_setpoint(name, float(raw))
+            except ValueError as exc:
+                log.info("%s: write refused: %s", self.device.device_id, exc)
+                return
+            node.attributes[attr].value = value
+
+        return setter
+
+    async def start(self) -> None:
+        self._server = await self._build()
+        await self._server.start()
+        await self._update()
+        self._task = asyncio.create_task(self._run(), name=f"opcua-sim-{self.device.device_id}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._server is not None:
+            if self.offline and self._server.bserver is not None:
+                await self._server.bserver.start()  # stop() expects a listening server
+            await self._server.stop()
+            self._server = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.update_interval_s)
+            try:
+                await self._tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s: OPC UA update failed", self.device.device_id)
+
+    async def _tick(self) -> None:
+        """One update; a disconnect fault closes the listener and every session (the
+        address space is kept, so the server comes back within one update)."""
+        assert self._server is not None and self._server.bserver is not None
+        fault = self.device.fault()
+        down = fault is not None and fault.kind is CommFault.DISCONNECT
+        if down and not self.offline:
+            await self._server.bserver.stop()
+            self.offline = True
+        elif not down and self.offline:
+            await self._server.bserver.start()
+            self.offline = False
+        if not down:
+            await self._update()
+
+    async def _update(self) -> None:
+        """Write every variable from the model at one simulated instant."""
+        server = self._server
+        if server is None:
+            return
+        t = self.device.now()
+        values = self.values()
+        fault = self.device.fault()
+        status = ua.StatusCode(FAULT_STATUS[fault.kind]) if fault is not None else ua.StatusCode()
+        source_ts = datetime.fromtimestamp(t, UTC)
+        server_ts = datetime.now(UTC)
+        for name, nodeid in self._nodes.items():
+            dv = ua.DataValue(
+                Value=_variant(values[name]),
+                StatusCode=status,
+                SourceTimestamp=source_ts,
+                ServerTimestamp=server_ts,
+            )
+            await server.write_attribute_value(nodeid, dv)
+        self.history[t] = values
+        while len(self.history) > 200:
+            self.history.popitem(last=False)
+
+
+def _parse_tag(tag: Mapping[str, Any]) -> tuple[str, str, str | None, tuple[float, float] | None]:
+    m = _NODE_RE.match(str(tag.get("node_id", "")))
+    if not m:
+        raise ValueError(
+            f"tag {tag.get('name')!r}: the simulator serves string node ids (ns=…;s=… or nsu=…;s=…)"
+        )
+    if m["uri"] is not None and m["uri"] != NAMESPACE:
+        raise ValueError(f"tag {tag['name']!r}: namespace {m['uri']!r} is not {NAMESPACE!r}")
+    rng = tag.get("range")
+    return str(tag["name"]), m["path"], tag.get("unit"), (float(rng[0]), float(rng[1])) if rng else None
+
+
+@dataclass
+class OpcUaSim:
+    server: OpcUaBioreactor
+    device: SimulatedDevice
+    clock: Clock
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def model(self) -> Any:
+        return self.device.model
+
+
+@asynccontextmanager
+async def serve_bioreactor_opcua(
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    speed: float = 1.0,
+    seed: int = 0,
+    device_id: str = "bioreactor-1",
+    profile: str | Path | None = None,
+    params: Mapping[str, Any] | None = None,
+    faults: list[str] | None = None,
+    clock: Clock | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    update_interval_s: float = 0.2,
+) -> AsyncIterator[OpcUaSim]:
+    """``async with serve_bioreactor_opcua(port=0, speed=60) as sim:`` → ``sim.url``, ``sim.model``."""
+    clock = clock or Clock(speed)
+    device = SimulatedDevice.create(
+        "bioreactor", device_id, clock=clock, seed=seed, params=params, faults=FaultSchedule.parse(faults)
+    )
+    server = OpcUaBioreactor(
+        device,
+        load_profile(profile or DEFAULT_PROFILE),
+        host=host,
+        port=port or _free_port(host),
+        cert=cert,
+        key=key,
+        user=user,
+        password=password,
+        update_interval_s=update_interval_s,
+    )
+    await server.start()
+    try:
+        yield OpcUaSim(server, device, clock)
+    finally:
+        await server.close()
+
+
+def _free_port(host: str) -> int:
+    """asyncua needs the port in its endpoint URL before it binds, so pick one first."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
