@@ -54,34 +54,31 @@ def sparse_map(seed: int = 7) -> list[dict[str, Any]]:
     return tags
 
 
-def minimum_reads(tags: list[dict[str, Any]]) -> int:
-    """Fewest reads covering every value whole: DP over values sorted by address (an
-    optimal read covers a contiguous run of them; reading over a value is free)."""
-    spans = sorted(
-        {
-            (t["address"] - 40001, 1 if "bit" in t else register_count(DataType(t["type"]), t.get("length")))
-            for t in tags
-        }
-    )
-    n = len(spans)
-    best = [0] + [n + 1] * n
-    for i in range(1, n + 1):
-        end = -1
-        for j in range(i - 1, -1, -1):  # run spans[j:i]
-            start = spans[j][0]
-            end = max(end, spans[j][0] + spans[j][1])
-            if end - start > MAX_REGS:
-                break
-            covered = spans[j][0] + spans[j][1]
-            ok = True
-            for s, w in spans[j + 1 : i]:
-                if s - covered > MAX_GAP:
-                    ok = False
-                    break
+def fewest_reads(spans: list[tuple[int, int]], max_count: int, max_gap: int) -> int:
+    """Fewest reads covering every ``(start, width)`` value whole, computed independently of
+    the driver: DP over the values sorted by address (an optimal read covers a run of
+    consecutive values; reading over a value is free), each run checked for the register
+    limit and for holes wider than ``max_gap``."""
+    spans = sorted(spans)
+    best = [0] + [len(spans) + 1] * len(spans)
+    for i in range(1, len(spans) + 1):
+        for j in range(i):
+            run = spans[j:i]
+            covered, ok = run[0][0] + run[0][1], True
+            for s, w in run[1:]:
+                ok = ok and s - covered <= max_gap
                 covered = max(covered, s + w)
-            if ok:
+            if ok and covered - run[0][0] <= max_count:
                 best[i] = min(best[i], best[j] + 1)
-    return best[n]
+    return best[-1]
+
+
+def minimum_reads(tags: list[dict[str, Any]]) -> int:
+    spans = {
+        (t["address"] - 40001, 1 if "bit" in t else register_count(DataType(t["type"]), t.get("length")))
+        for t in tags
+    }
+    return fewest_reads(sorted(spans), MAX_REGS, MAX_GAP)
 
 
 def driver_for(tags: list[dict[str, Any]], port: int, **conn: Any) -> ModbusDriver:

@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 from pymodbus.constants import ExcCodes
 from pymodbus.pdu import ModbusPDU
@@ -21,6 +23,7 @@ from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
 from agent.records import Block, Quality
+from bench.modbus_requests import fewest_reads
 from drivers import modbus
 from drivers.base import DeviceContext, DeviceError, build_groups
 from drivers.codec import DataType, WordOrder, encode
@@ -232,6 +235,27 @@ def test_coalesce_never_splits_a_value_and_respects_limits() -> None:
     assert reads == [(0, 124), (124, 2)]  # (120, 4) stays whole in the first read
     with pytest.raises(ValueError, match="exceeds"):
         modbus.coalesce([(0, 126)], max_count=125, max_gap=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 400), st.sampled_from([1, 2, 4])), min_size=1, max_size=25),
+    st.integers(4, 125),
+    st.integers(0, 20),
+)
+def test_coalesce_is_minimal_and_valid(spans: list[tuple[int, int]], max_count: int, max_gap: int) -> None:
+    reads = modbus.coalesce(spans, max_count, max_gap)
+    assert len(reads) == fewest_reads(spans, max_count, max_gap)
+    for start, width in spans:  # every value inside exactly one read, whole
+        assert sum(1 for a, c in reads if a <= start and start + width <= a + c) >= 1
+    assert all(c <= max_count for _, c in reads)
+    for a, c in reads:  # no read bridges a hole wider than max_gap
+        inside = sorted((s, w) for s, w in spans if a <= s and s + w <= a + c)
+        covered = a
+        for s, w in inside:
+            assert s - covered <= max_gap
+            covered = max(covered, s + w)
+        assert covered == a + c
 
 
 # --------------------------------------------------------------------------- device errors
