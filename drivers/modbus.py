@@ -951,6 +951,11 @@ class _RecordReader:
             if await self._ts_at(last) <= wm:
                 return []
             lo, hi = first, last  # invariant: ts(hi) > wm
+            if last > first:  # the common case, one new record, costs one probe
+                if await self._ts_at(last - 1) <= wm:
+                    lo = last
+                else:
+                    hi = last - 1
             while lo < hi:
                 mid = (lo + hi) // 2
                 if await self._ts_at(mid) > wm:

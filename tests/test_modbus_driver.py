@@ -533,6 +533,7 @@ class Counter:
         self.records: list[tuple[int, int, int, int]] = []
         self.selected = 0xFFFF
         self.writes = 0
+        self.add_after_record_reads: int | None = None  # a new record arrives mid-drain
 
     def add(self, ts: int, status: int = 0, c1: int = 0, c2: int = 0) -> None:
         self.records = [*self.records, (ts, status, c1, c2)][-self.capacity :]
@@ -546,6 +547,11 @@ class Counter:
         elif fc == 3:
             regs[23] = len(self.records)
         elif fc == 4 and self.records:
+            if count > 2 and self.add_after_record_reads is not None:  # a whole record, not a probe
+                self.add_after_record_reads -= 1
+                if self.add_after_record_reads < 0:
+                    self.add_after_record_reads = None
+                    self.add(self.records[-1][0] + 60, c1=self.records[-1][2] + 1)
             ts, status, c1, c2 = self.records[-1 if self.selected == 0xFFFF else self.selected]
             image = encode(ts, DataType.UINT32) + [0] * 4 + encode(status, DataType.UINT32)
             regs[0:12] = image + encode(c1, DataType.UINT32) + encode(c2, DataType.UINT32)
@@ -600,6 +606,52 @@ async def test_records_mode_drains_in_order_with_watermark_status_and_wrap_loss(
     assert loss[0].data["reason"] == "device_buffer_wrapped" and loss[0].data["estimated_records"] == 3
     assert [b.values[3] for b in newest] == [111]
     assert counter.writes > 0 and not any(e.kind for b in delivered for e in (b.events or []))
+
+
+async def test_records_shifting_during_a_drain_lose_and_repeat_nothing() -> None:
+    """A new record on a full buffer moves every position down by one mid-drain: the
+    batch is dropped and re-read, so the delivered sequence has neither gap nor repeat."""
+    counter = Counter(capacity=5)
+    for k in range(5):
+        counter.add(1_700_000_000 + 60 * k, c1=100 + k)
+    counter.add_after_record_reads = 1  # the 6th record lands after the first record read
+    async with serving(sim_device(1, holding=[0] * 30, inputs=[0] * 16, action=counter.action)) as srv:
+        drv = make_driver(RECORD_TAGS, srv.port, groups=RECORD_GROUPS, state={"counts.last_ts": "1700000060"})
+        await drv.connect()
+        try:
+            polls = [await drain(drv) for _ in range(3)]
+        finally:
+            await drv.close()
+    assert polls[0] == []  # the rotated batch was dropped
+    delivered = [b.values[3] for b in polls[1] + polls[2]]
+    assert delivered == [102, 103, 104, 105]
+    assert not any(b.events for b in polls[1] + polls[2])  # nothing was lost at the device
+
+
+async def test_records_cleared_at_the_device_is_a_loss_event() -> None:
+    counter = Counter(capacity=50)
+    for k in range(4):
+        counter.add(1_700_000_000 + 60 * k, c1=100 + k)
+    async with serving(sim_device(1, holding=[0] * 30, inputs=[0] * 16, action=counter.action)) as srv:
+        drv = make_driver(RECORD_TAGS, srv.port, groups=RECORD_GROUPS, state={"counts.last_ts": "1700000060"})
+        await drv.connect()
+        try:
+            before = await drain(drv)
+            counter.records = []  # someone cleared the buffer at the counter...
+            for k in range(6, 8):  # ...and it kept sampling; records 4 and 5 are gone
+                counter.add(1_700_000_000 + 60 * k, c1=100 + k)
+            after = await drain(drv)
+        finally:
+            await drv.close()
+    assert [b.values[3] for b in before] == [102, 103]
+    assert [b.values[3] for b in after] == [106, 107]
+    assert after[0].events is not None
+    event = after[0].events[0]
+    assert (event.kind, event.data["reason"], event.data["estimated_records"]) == (
+        "data_loss",
+        "device_buffer_cleared",
+        2,
+    )
 
 
 # --------------------------------------------------------------------------- configuration
