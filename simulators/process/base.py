@@ -126,7 +126,7 @@ class ModelParams(Strict):
     """Parameters every model has."""
 
     step_s: float = Field(1.0, gt=0, le=60)
-    """Internal integration step. 1 s resolves door openings; up to 10 s is fine for multi-day runs."""
+    """Internal step. 1 s resolves a door opening; 5–30 s is fine for multi-day bioreactor runs."""
 
 
 class ProcessModel(ABC):
