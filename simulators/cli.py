@@ -29,7 +29,6 @@ log = logging.getLogger("cleanroom-sim")
 
 KINDS = {"bioreactor": "bioreactor", "incubator": "incubator", "particle-counter": "particle_counter"}
 PROTOCOLS = ("modbus-tcp", "modbus-rtu", "opcua", "serial")
-DEFAULT_PROTOCOL = {"bioreactor": "modbus-tcp", "incubator": "modbus-tcp", "particle_counter": "modbus-tcp"}
 
 
 def _unit_ids(text: str) -> list[int]:
@@ -113,33 +112,35 @@ def _print_endpoints(endpoints: Sequence[dict[str, Any]]) -> None:
 
 
 def _run_device(args: argparse.Namespace) -> int:
-    from simulators.servers.plant import DeviceSpec, Plant
+    from simulators.process.scenario import DeviceSpec, load_scenario
+    from simulators.servers.plant import Plant, ServeSpec
 
-    protocol = args.protocol or DEFAULT_PROTOCOL[args.kind]
-    ids = args.device_id or [f"{args.kind.replace('_', '-')}-{u}" for u in args.unit_id]
-    if len(ids) != len(args.unit_id):
-        raise ValueError("give one --device-id per --unit-id")
-    specs = [
-        DeviceSpec(
-            id=dev,
-            kind=args.kind,
-            protocol=protocol,
-            endpoint="cli",
-            host=args.host,
-            port=args.port,
-            unit_id=uid,
-            profile=args.profile,
-            faults=args.fault,
-            pty_link=str(args.pty_link) if args.pty_link else None,
-            cert=args.cert,
-            key=args.key,
-            user=args.user,
-            password=args.password,
-        )
-        for dev, uid in zip(ids, args.unit_id, strict=True)
-    ]
-    plant = Plant(specs, speed=args.speed, seed=args.seed, scenario=args.scenario)
-    return asyncio.run(_serve(plant, None))
+    if args.scenario is not None:
+        scenario = load_scenario(args.scenario)
+        specs = [d for d in scenario.devices if d.kind == args.kind]
+        if args.device_id:
+            specs = [scenario.device(i) for i in args.device_id]
+        if not specs:
+            raise ValueError(f"{args.scenario}: no {args.kind} device in the scenario")
+    else:
+        ids = args.device_id or [f"{args.kind.replace('_', '-')}-{u}" for u in args.unit_id]
+        specs = [DeviceSpec(id=i, kind=args.kind) for i in ids]
+    units = args.unit_id if len(args.unit_id) == len(specs) else list(range(1, len(specs) + 1))
+    serve = {
+        "protocol": args.protocol or "modbus-tcp",
+        "endpoint": "cli",
+        "host": args.host,
+        "port": args.port,
+        "profile": args.profile,
+        "faults": args.fault,
+        "pty_link": args.pty_link,
+        "cert": args.cert,
+        "key": args.key,
+        "user": args.user,
+        "password": args.password,
+    }
+    pairs = [(d, ServeSpec(unit_id=u, **serve)) for d, u in zip(specs, units, strict=True)]
+    return asyncio.run(_serve(Plant(pairs, speed=args.speed, seed=args.seed), None))
 
 
 def _run_plant(args: argparse.Namespace) -> int:
@@ -173,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level != "DEBUG":
+        # asyncua and pymodbus warn about every unusual client; a simulator expects those
+        for noisy in ("asyncua", "pymodbus"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -332,7 +332,7 @@ async def serve_bioreactor_opcua(
         device,
         load_profile(profile or DEFAULT_PROFILE),
         host=host,
-        port=port or _free_port(host),
+        port=port or free_port(host),
         cert=cert,
         key=key,
         user=user,
@@ -346,7 +346,7 @@ async def serve_bioreactor_opcua(
         await server.close()
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     """asyncua needs the port in its endpoint URL before it binds, so pick one first."""
     import socket
 

@@ -1,41 +1,40 @@
 """A whole plant of simulated devices in one process: one clock, many servers.
 
-The plant file lists devices with what the process needs (kind, params, faults) and how
-each is served (protocol, port, unit id, endpoint). Devices naming the same
-``endpoint`` share one server: several Modbus unit ids behind one TCP gateway, or
+A plant file is a scenario file (:mod:`simulators.process.scenario`: kind, params and
+faults per device) whose devices also say how they are served: ``protocol``, ``port``,
+``unit_id``, ``endpoint`` … (validated here as :class:`ServeSpec`). Devices naming the
+same ``endpoint`` share one server: several Modbus unit ids behind one TCP gateway, or
 several units on one RTU bus (one pty). ``endpoints()`` is what the agent's demo builds
-its configuration from (written as JSON by ``cleanroom-sim plant --endpoints FILE``).
+its configuration from (``cleanroom-sim plant --endpoints FILE`` writes it as JSON).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from agent.fields import Strict
 from simulators.process.base import Clock
+from simulators.process.scenario import DeviceSpec, Scenario, load_scenario
 from simulators.servers.device import SimulatedDevice
 from simulators.servers.faults import FaultSchedule
 from simulators.servers.modbus import DEFAULT_PROFILES, ModbusServer, ModbusUnit, unit_for
+from simulators.servers.opcua import DEFAULT_PROFILE as OPCUA_PROFILE
+from simulators.servers.opcua import OpcUaBioreactor, free_port
 from simulators.servers.registers import load_profile
+from simulators.servers.serial_ascii import SERIAL_PROFILE, SerialCounterServer
 
-Kind = Literal["bioreactor", "incubator", "particle_counter"]
 Protocol = Literal["modbus-tcp", "modbus-rtu", "opcua", "serial"]
 
 
-class DeviceSpec(Strict):
-    """One simulated device and how it is served."""
+class ServeSpec(Strict):
+    """How one device is served (the serving keys of a plant file's device entry)."""
 
-    id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
-    """Device id: seeds the model (with the plant seed) and names the device in endpoints."""
-    kind: Kind
-    """Process model: ``bioreactor``, ``incubator`` or ``particle_counter``."""
     protocol: Protocol = "modbus-tcp"
     """Front end: ``modbus-tcp``, ``modbus-rtu`` (pty), ``opcua`` (bioreactors), ``serial`` (counters)."""
     endpoint: str | None = None
@@ -48,11 +47,9 @@ class DeviceSpec(Strict):
     """Modbus unit id of the device on its server."""
     profile: str | None = None
     """Profile name or path the register/node map is built from (default: the kind's simulator profile)."""
-    params: dict[str, Any] = Field(default_factory=dict)
-    """Process-model parameters (see docs/simulators-process.md)."""
     faults: list[str] = Field(default_factory=list)
-    """Communication faults, ``kind[=code]@start[+duration]`` in simulated time since start."""
-    pty_link: str | None = None
+    """Extra comm faults, ``kind[=code]@start[+duration]`` (simulated time since start); CLI ``--fault``."""
+    pty_link: Path | None = None
     """Serial protocols: symlink created to the pty's slave side (what a client opens)."""
     cert: Path | None = None
     """OPC UA: server certificate; with ``key``, secure endpoints are offered besides None."""
@@ -64,83 +61,100 @@ class DeviceSpec(Strict):
     """OPC UA: password for ``user`` (a simulator credential, not a secret of the plant)."""
 
     @model_validator(mode="after")
-    def _protocol_fits_kind(self) -> DeviceSpec:
-        if self.protocol == "opcua" and self.kind != "bioreactor":
-            raise ValueError(f"{self.id}: the OPC UA front end serves bioreactors only")
-        if self.protocol == "serial" and self.kind != "particle_counter":
-            raise ValueError(f"{self.id}: the serial ASCII front end serves particle counters only")
+    def _pairs(self) -> ServeSpec:
         if (self.cert is None) != (self.key is None):
-            raise ValueError(f"{self.id}: give both cert and key, or neither")
+            raise ValueError("give both cert and key, or neither")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("give both user and password, or neither")
         return self
 
+    def check_kind(self, device: str, kind: str) -> None:
+        if self.protocol == "opcua" and kind != "bioreactor":
+            raise ValueError(f"{device}: the OPC UA front end serves bioreactors only")
+        if self.protocol == "serial" and kind != "particle_counter":
+            raise ValueError(f"{device}: the serial ASCII front end serves particle counters only")
 
-class PlantConfig(Strict):
-    """A plant file (``cleanroom-sim plant --config``)."""
-
-    speed: float = Field(1.0, gt=0)
-    """Simulated seconds per wall second, shared by every device."""
-    seed: int = 0
-    """Base seed; each device's stream is derived from (seed, device id)."""
-    scenario: Path | None = None
-    """Scenario file whose per-device params and faults apply to devices of the same id."""
-    devices: list[DeviceSpec]
-    """The devices."""
-
-    @model_validator(mode="after")
-    def _unique(self) -> PlantConfig:
-        seen: set[str] = set()
-        for d in self.devices:
-            if d.id in seen:
-                raise ValueError(f"device id {d.id!r} appears twice")
-            seen.add(d.id)
-        return self
+    def profile_name(self, kind: str) -> str:
+        if self.profile:
+            return self.profile
+        if self.protocol == "opcua":
+            return OPCUA_PROFILE
+        if self.protocol == "serial":
+            return SERIAL_PROFILE
+        return DEFAULT_PROFILES[(kind, self.protocol.removeprefix("modbus-"))]
 
 
 class _Endpoint:
     """One server and the devices behind it."""
 
-    def __init__(self, protocol: str, specs: list[DeviceSpec], devices: list[SimulatedDevice]) -> None:
-        self.protocol = protocol
-        self.specs = specs
+    def __init__(self, serves: list[ServeSpec], devices: list[SimulatedDevice]) -> None:
+        self.serves = serves
         self.devices = devices
+        self.protocol = serves[0].protocol
         self.server: Any = None
+        if self.protocol in ("opcua", "serial") and len(devices) > 1:
+            names = ", ".join(d.device_id for d in devices)
+            raise ValueError(f"{names}: one device per {self.protocol} endpoint")
 
     async def start(self) -> None:
-        spec = self.specs[0]
+        s, dev = self.serves[0], self.devices[0]
         if self.protocol in ("modbus-tcp", "modbus-rtu"):
-            transport = "tcp" if self.protocol == "modbus-tcp" else "rtu"
             units: dict[int, ModbusUnit] = {}
-            for s, dev in zip(self.specs, self.devices, strict=True):
-                if s.unit_id in units:
-                    raise ValueError(f"endpoint {s.endpoint!r}: unit id {s.unit_id} is used twice")
-                data = load_profile(s.profile or DEFAULT_PROFILES[(s.kind, transport)])
-                units[s.unit_id] = unit_for(dev, data)
+            for spec, device in zip(self.serves, self.devices, strict=True):
+                if spec.unit_id in units:
+                    raise ValueError(f"endpoint {spec.endpoint!r}: unit id {spec.unit_id} is used twice")
+                units[spec.unit_id] = unit_for(device, load_profile(spec.profile_name(device.kind)))
             self.server = ModbusServer(units)
-            if transport == "tcp":
-                await self.server.start_tcp(spec.host, spec.port)
+            if self.protocol == "modbus-tcp":
+                await self.server.start_tcp(s.host, s.port)
             else:
-                await self.server.start_rtu(Path(spec.pty_link) if spec.pty_link else None)
+                await self.server.start_rtu(s.pty_link)
+        elif self.protocol == "opcua":
+            self.server = OpcUaBioreactor(
+                dev,
+                load_profile(s.profile_name(dev.kind)),
+                host=s.host,
+                port=s.port or free_port(s.host),
+                cert=s.cert,
+                key=s.key,
+                user=s.user,
+                password=s.password,
+            )
+            await self.server.start()
         else:
-            raise ValueError(f"protocol {self.protocol!r} is not served yet")
+            self.server = SerialCounterServer(dev)
+            self.server.start(s.pty_link)
 
     async def close(self) -> None:
         if self.server is not None:
-            await self.server.close()
+            if isinstance(self.server, SerialCounterServer):
+                self.server.close()
+            else:
+                await self.server.close()
             self.server = None
 
     def entries(self) -> list[dict[str, Any]]:
         out = []
-        for s in self.specs:
-            e: dict[str, Any] = {"device": s.id, "kind": s.kind, "protocol": self.protocol}
+        for s, dev in zip(self.serves, self.devices, strict=True):
+            e: dict[str, Any] = {"device": dev.device_id, "kind": dev.kind, "protocol": self.protocol}
             if self.protocol == "modbus-tcp":
                 port = self.server.port
-                e |= {"address": f"{s.host}:{port}", "host": s.host, "port": port, "unit_id": s.unit_id}
+                e["address"] = f"{s.host}:{port}"
+                e["unit_id"] = s.unit_id
                 e["connection"] = {"transport": "tcp", "host": s.host, "port": port, "unit_id": s.unit_id}
             elif self.protocol == "modbus-rtu":
-                path = s.pty_link or self.server.pty_path
-                e |= {"address": path, "pty": self.server.pty_path, "unit_id": s.unit_id}
+                path = str(s.pty_link) if s.pty_link else self.server.pty_path
+                e["address"] = path
+                e["unit_id"] = s.unit_id
                 e["connection"] = {"transport": "rtu", "port": path, "unit_id": s.unit_id}
-            e["profile"] = s.profile or DEFAULT_PROFILES[(s.kind, self.protocol.removeprefix("modbus-"))]
+            elif self.protocol == "opcua":
+                e["address"] = self.server.url
+                e["connection"] = {"url": self.server.url}
+            else:
+                path = str(s.pty_link) if s.pty_link else self.server.path
+                e["address"] = path
+                e["connection"] = {"port": path}
+            e["profile"] = s.profile_name(dev.kind)
             out.append(e)
         return out
 
@@ -150,50 +164,46 @@ class Plant:
 
     def __init__(
         self,
-        specs: Sequence[DeviceSpec],
+        devices: Sequence[tuple[DeviceSpec, ServeSpec]],
         *,
         speed: float = 1.0,
         seed: int = 0,
-        scenario: Path | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.clock = clock or Clock(speed)
-        self.seed = seed
         self.devices: dict[str, SimulatedDevice] = {}
-        groups: dict[tuple[str, str], list[DeviceSpec]] = {}
-        for i, s in enumerate(specs):
-            key = (s.protocol, s.endpoint) if s.endpoint else (s.protocol, f"\0{i}")
-            groups.setdefault(key, []).append(s)
-            self.devices[s.id] = SimulatedDevice.create(
-                s.kind,
-                s.id,
-                clock=self.clock,
-                seed=seed,
-                params=s.params,
-                faults=FaultSchedule.parse(s.faults),
-            )
-        if scenario is not None:
-            raise ValueError("scenario files are not supported yet")
-        self._endpoints = [
-            _Endpoint(protocol, group, [self.devices[s.id] for s in group])
-            for (protocol, _), group in groups.items()
-        ]
+        groups: dict[tuple[str, str], tuple[list[ServeSpec], list[SimulatedDevice]]] = {}
+        for i, (spec, serve) in enumerate(devices):
+            serve.check_kind(spec.id, spec.kind)
+            model = spec.build(seed=seed, start_time_s=self.clock.now())
+            device = SimulatedDevice(spec.id, model, self.clock, FaultSchedule.parse(serve.faults))
+            self.devices[spec.id] = device
+            key = (serve.protocol, serve.endpoint or f"\0{i}")
+            group = groups.setdefault(key, ([], []))
+            group[0].append(serve)
+            group[1].append(device)
+        self._endpoints = [_Endpoint(serves, devs) for serves, devs in groups.values()]
 
     @classmethod
-    def from_config(cls, cfg: PlantConfig, *, speed: float | None = None, seed: int | None = None) -> Plant:
+    def from_scenario(
+        cls, scenario: Scenario, *, speed: float | None = None, seed: int | None = None
+    ) -> Plant:
+        pairs = []
+        for d in scenario.devices:
+            try:
+                pairs.append((d, ServeSpec.model_validate(d.serve)))
+            except ValidationError as exc:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"device {d.id!r}: {problems}") from None
         return cls(
-            cfg.devices,
-            speed=speed if speed is not None else cfg.speed,
-            seed=seed if seed is not None else cfg.seed,
-            scenario=cfg.scenario,
+            pairs,
+            speed=speed if speed is not None else (scenario.speed or 1.0),
+            seed=seed if seed is not None else scenario.seed,
         )
 
     @classmethod
     def from_file(cls, path: Path, *, speed: float | None = None, seed: int | None = None) -> Plant:
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{path}: a plant file is a mapping with 'devices:'")
-        return cls.from_config(PlantConfig.model_validate(data), speed=speed, seed=seed)
+        return cls.from_scenario(load_scenario(path), speed=speed, seed=seed)
 
     async def __aenter__(self) -> Plant:
         try:

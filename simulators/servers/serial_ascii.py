@@ -24,6 +24,8 @@ from simulators.servers.device import SimulatedDevice
 from simulators.servers.faults import CommFault, FaultSchedule
 from simulators.servers.pty import PtyPort
 
+SERIAL_PROFILE = "particle-counter-sim-serial"
+"""The profile the agent reads this counter with (record fields, not registers)."""
 MAX_LINE = 256
 """Longer input without a line end is noise: it is discarded, not buffered forever."""
 
