@@ -1,0 +1,290 @@
+"""``cleanroom-agent demo`` / ``make demo``: the whole product on one machine.
+
+Starts the simulated plant (``cleanroom-sim plant``, a separate process, as real
+equipment would be), an embedded MQTT broker (amqtt) unless ``--broker`` names one, and
+the agent with a configuration built from the plant's endpoint list; then shows what
+arrives *at the broker* — not what the agent thinks it sent — until Ctrl-C or
+``--duration``, and ends with the account: readings polled, committed, delivered, lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PLANT = ROOT / "simulators" / "scenarios" / "plant.yaml"
+MODELS = ROOT / "models"
+log = logging.getLogger("cleanroom.demo")
+
+
+class DemoError(Exception):
+    """A demo prerequisite failed; the message says which and why."""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_plant(workdir: Path, speed: float) -> tuple[subprocess.Popen[bytes], list[dict[str, Any]]]:
+    endpoints = workdir / "endpoints.json"
+    endpoints.unlink(missing_ok=True)
+    err = (workdir / "simulators.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulators.cli",
+            "plant",
+            "--config",
+            str(PLANT),
+            "--endpoints",
+            str(endpoints),
+            "--speed",
+            str(speed),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+    )
+    deadline = time.monotonic() + 60
+    while not endpoints.exists() or not endpoints.read_text().strip().endswith("]"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(10)
+            tail = (workdir / "simulators.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise DemoError("the simulated plant did not start:\n  " + "\n  ".join(tail))
+        time.sleep(0.1)
+    return proc, json.loads(endpoints.read_text())
+
+
+def _write_config(workdir: Path, endpoints: list[dict[str, Any]], broker: tuple[str, int]) -> Path:
+    devices = [
+        {
+            "id": e["device"],
+            "profile": e["profile"],
+            "connection": e["connection"],
+            "description": f"simulated {e['kind']} over {e['protocol']}",
+        }
+        for e in endpoints
+    ]
+    config: dict[str, Any] = {
+        "agent": {
+            "id": "demo-gateway",
+            "site": "simulated cleanroom suite",
+            "status_listen": f"127.0.0.1:{_free_port()}",
+        },
+        "buffer": {"path": str(workdir / "buffer.db"), "synchronous": "normal"},
+        "mqtt": {"host": broker[0], "port": broker[1], "topic_prefix": "cleanroom"},
+        "devices": devices,
+    }
+    path = workdir / "agent.yaml"
+    path.write_text("# written by cleanroom-agent demo\n" + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class LiveView:
+    """Subscribes to everything under the prefix and prints a readable line per block
+    and per event, from paho's thread (printing is all it does)."""
+
+    def __init__(self, host: str, port: int, prefix: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.readings = 0
+        self.events = 0
+        self.seqs: set[int] = set()
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"demo-view-{os.getpid()}")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{prefix}/#", qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:
+            return
+        with self._lock:
+            if msg.topic.endswith("/data"):
+                for b in payload.get("blocks", []):
+                    self.readings += b["n"]
+                    self.seqs.update(range(b["seq"], b["seq"] + b["n"]))
+                    print(_block_line(payload["device"], b), flush=True)
+            elif msg.topic.endswith("/events"):
+                for e in payload.get("events", []):
+                    self.events += 1
+                    self.seqs.add(e["seq"])
+                    print(_event_line(payload["device"], e), flush=True)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _clock(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%H:%M:%S")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _block_line(device: str, b: dict[str, Any]) -> str:
+    quality = b.get("quality")
+    shown = []
+    for i, tag in enumerate(b["tags"][:5]):
+        unit = b["units"][i] or ""
+        q = "" if quality is None or quality[i] == "good" else f" [{quality[i]}: {b['reasons'][i]}]"
+        shown.append(f"{tag}={_fmt(b['values'][i])}{(' ' + unit) if unit else ''}{q}")
+    more = f"  (+{b['n'] - 5} more)" if b["n"] > 5 else ""
+    bad = "" if quality is None else f"  {sum(q != 'good' for q in quality)} not good"
+    seq = f"#{b['seq']}-{b['seq'] + b['n'] - 1}"
+    return f"{_clock(b['ts'])}  {device:<8} {b['group']:<10} {seq:<14} " + "  ".join(shown) + more + bad
+
+
+def _event_line(device: str, e: dict[str, Any]) -> str:
+    data = ", ".join(f"{k}={_fmt(v)}" for k, v in e.get("data", {}).items() if not isinstance(v, dict | list))
+    return f"{_clock(e['ts'])}  {device:<8} EVENT {e['kind']} ({e['severity']}) #{e['seq']}  {data}"
+
+
+async def _demo(workdir: Path, duration: float | None, broker_arg: str | None, speed: float) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    print(f"starting the simulated plant (speed ×{speed:g}) …", flush=True)
+    plant, endpoints = await asyncio.to_thread(_start_plant, workdir, speed)
+    amqtt_broker = None
+    try:
+        if broker_arg:
+            host, _, port = broker_arg.rpartition(":")
+            broker = (host or "127.0.0.1", int(port))
+        else:
+            amqtt_broker, broker = await _embedded_broker()
+        return await _run(workdir, endpoints, broker, amqtt_broker is not None, duration, stop)
+    finally:
+        plant.terminate()
+        try:
+            await asyncio.to_thread(plant.wait, 10)
+        except subprocess.TimeoutExpired:
+            plant.kill()
+        if amqtt_broker is not None:
+            await amqtt_broker.shutdown()
+
+
+async def _embedded_broker() -> tuple[Any, tuple[str, int]]:
+    try:
+        from amqtt.broker import Broker
+    except ImportError:
+        raise DemoError(
+            "no embedded broker: install the demo extra (pip install 'cleanroom-edge[demo]') "
+            "or pass --broker HOST:PORT"
+        ) from None
+    for name in ("amqtt", "transitions"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    broker = ("127.0.0.1", _free_port())
+    amqtt_broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"{broker[0]}:{broker[1]}"}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+    )
+    await amqtt_broker.start()
+    return amqtt_broker, broker
+
+
+async def _run(
+    workdir: Path,
+    endpoints: list[dict[str, Any]],
+    broker: tuple[str, int],
+    embedded: bool,
+    duration: float | None,
+    stop: asyncio.Event,
+) -> int:
+    from agent.app import Agent
+
+    config_path = _write_config(workdir, endpoints, broker)
+    loaded = load_config(config_path)
+    kinds: dict[str, int] = {}
+    for e in endpoints:
+        kinds[f"{e['kind']} over {e['protocol']}"] = kinds.get(f"{e['kind']} over {e['protocol']}", 0) + 1
+    print("plant:", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    print(f"broker: {'embedded amqtt' if embedded else 'external'} at {broker[0]}:{broker[1]}")
+    print(f"agent config: {config_path} (sha256 {loaded.sha256[:12]})")
+    print("live view of what reaches the broker (Ctrl-C to stop):\n", flush=True)
+
+    view = LiveView(broker[0], broker[1], "cleanroom")
+    agent = Agent(loaded)
+    t0 = time.monotonic()
+    try:
+        await agent.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=duration)
+    finally:
+        polls = sum(
+            g["polls"]
+            for d in (agent.scheduler.status() if agent.scheduler else {}).values()
+            for g in d["groups"].values()
+        )
+        await agent.stop()
+        await asyncio.sleep(0.5)  # the last acknowledged messages reach the view
+        view.close()
+    from agent.buffer import Buffer
+
+    buf = Buffer(loaded.config.buffer, loaded.config.agent.id)
+    buf.open(readonly=True)
+    try:
+        stats = buf.stats()
+    finally:
+        buf.close()
+    elapsed = time.monotonic() - t0
+    print(
+        f"\n── summary after {elapsed:.0f} s ─────────────────────────────\n"
+        f"devices                {len(loaded.devices)}\n"
+        f"polls                  {polls}\n"
+        f"readings committed     {stats['committed_readings_total']}\n"
+        f"readings delivered     {stats['delivered_readings_total']}  (acknowledged by the broker)\n"
+        f"readings seen at view  {view.readings}\n"
+        f"events seen at view    {view.events}\n"
+        f"still buffered         {stats['depth_readings']}\n"
+        f"lost                   {stats['lost_readings_total']}\n"
+        f"buffer                 {stats['path']}"
+    )
+    return 0
+
+
+def run_demo(duration: float | None, broker: str | None, speed: float, workdir: str | None) -> int:
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        if workdir:
+            wd = Path(workdir)
+            wd.mkdir(parents=True, exist_ok=True)
+            return asyncio.run(_demo(wd, duration, broker, speed))
+        with tempfile.TemporaryDirectory(prefix="cleanroom-demo-") as tmp:
+            return asyncio.run(_demo(Path(tmp), duration, broker, speed))
+    except DemoError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 1
