@@ -36,6 +36,8 @@ from agent.records import Block, Event, Quality, Reason, Severity, dumps, now_ns
 log = logging.getLogger("cleanroom.buffer")
 
 SCHEMA_VERSION = 2
+CLOSE_ATTEMPTS = 3
+"""Commit attempts on close before giving up (loudly) on records the disk will not take."""
 AGENT_DEVICE = "agent"
 
 
@@ -642,6 +644,11 @@ class AsyncBuffer:
         except sqlite3.Error as exc:
             # Keep the batch queued and retry: nothing submitted is dropped, flush() keeps waiting.
             self.commit_errors += 1
+            if self._closing and self.commit_errors >= CLOSE_ATTEMPTS:
+                log.error("closing with %d records NOT committed: %s", len(self._queue), exc)
+                self._queue.clear()
+                self._fail_waiters(exc)
+                return
             log.error("buffer commit of %d records failed (%s); retrying", len(batch), exc)
             await asyncio.sleep(min(5.0, 0.1 * 2 ** min(self.commit_errors, 6)))
             return
@@ -669,6 +676,12 @@ class AsyncBuffer:
         self._flush_waiters = still
         if still:
             self._flush_now = True
+
+    def _fail_waiters(self, exc: Exception) -> None:
+        for _, fut in self._flush_waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+        self._flush_waiters = []
 
     async def pending(self, after_id: int, limit: int) -> list[StoredRecord]:
         result: list[StoredRecord] = await self._call(self.core.pending, after_id, limit)

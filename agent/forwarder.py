@@ -237,8 +237,10 @@ class Forwarder:
 
     def _on_connect(self, ok: bool, reason: str) -> None:
         if not ok:
-            self._last_error = f"broker refused connection: {reason}"
-            log.error("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
+            error = f"broker refused connection: {reason}"
+            if error != self._last_error:  # once per streak, not once per retry
+                log.error("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
+            self._last_error = error
             return
         self._connected = True
         self._connected_since = time.monotonic()
@@ -253,11 +255,10 @@ class Forwarder:
         was = self._connected
         self._connected = False
         self._session_ended.set()
-        if not self._stopping:
+        if was and not self._stopping:
             self._last_error = f"disconnected: {reason}"
-            if was:
-                log.warning("lost broker connection (%s); %d publishes in flight will be resent",
-                            reason, len(self._inflight))  # fmt: skip
+            log.warning("lost broker connection (%s); %d publishes in flight will be resent",
+                        reason, len(self._inflight))  # fmt: skip
 
     def _on_puback(self, mid: int, ok: bool, reason: str) -> None:
         status = self._status_acks.pop(mid, None)

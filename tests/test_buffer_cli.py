@@ -130,3 +130,25 @@ def test_db_or_config_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         main(["buffer", "stats"])
     assert exc.value.code == 2
     assert "one of the arguments --db -c/--config is required" in capsys.readouterr().err
+
+
+async def test_replay_while_the_agent_writes_never_reuses_a_seq(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two writers on one file: the agent's group commit and the CLI's audit record."""
+    from agent.buffer import AsyncBuffer
+
+    buf = AsyncBuffer(BufferConfig(path=db), "gw-7")
+    await buf.open()
+    buf.submit([Block("bio-1", "fast", T0, ["temp"], ["degC"], [37.0])])
+    await buf.flush()
+    assert main(["buffer", "replay", "--db", str(db), "--device", "pc-3"]) == 0
+    later = Block("bio-1", "fast", T0, ["temp"], ["degC"], [37.1])
+    buf.submit([later])
+    await buf.flush()
+    rows = await buf.pending(0, 100)
+    stats = await buf.stats()
+    await buf.close()
+    firsts = [r.seq_first for r in rows]
+    assert len(firsts) == len(set(firsts)) and later.seq_first == 9 == stats["next_seq"] - 1
+    assert json.loads(rows[-2].body)["data"]["action"] == "buffer_replay"

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -499,3 +500,35 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
             AsyncBuffer(BufferConfig(path=tmp_path / "b.db"), "a"),
             IDENTITY,
         )
+
+
+@pytest.fixture
+def auth_broker() -> Iterator[Mosquitto]:
+    broker = Mosquitto()
+    os.chmod(broker.dir, 0o755)
+    passwd = broker.dir / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "edge", "pa55-w0rd"], check=True, timeout=10)
+    os.chmod(passwd, 0o644)
+    conf = broker.conf.read_text()
+    broker.conf.write_text(
+        conf.replace("allow_anonymous true", f"allow_anonymous false\npassword_file {passwd}")
+    )
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+async def test_username_password(
+    auth_broker: Mosquitto, tmp_path: Path, make_rig: Callable[..., Any]
+) -> None:
+    secret_file = tmp_path / "mqtt-password"
+    secret_file.write_text("pa55-w0rd\n")
+    good = await make_rig(auth_broker.port, username="edge", password_file=str(secret_file), client_id="good")
+    bad = await make_rig(auth_broker.port, username="edge", password="wrong", client_id="bad")
+    good.buf.submit([blocks_for("d1", 1)])
+    await good.buf.flush()
+    await until(lambda: _zero(good.buf), what="delivered with the right password")
+    await until(lambda: "refused" in (bad.fw.stats()["last_error"] or ""), what="refusal reported")
+    assert not bad.fw.stats()["connected"] and "wrong" not in str(bad.fw.stats())
