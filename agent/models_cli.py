@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from pydantic import ValidationError
 
 from agent.fields import parse_duration
+from agent.limits import LimitsConfig
 from agent.modelkit.csvdata import Dataset, FaultLabel, in_windows, iso, load_csv, load_labels, parse_time
 from agent.modelkit.manifest import ModelError, read_manifest, write_manifest
 from agent.modelkit.scoring import LoadedModel, Settings, run_offline
@@ -43,7 +46,8 @@ def register(subparsers: Any) -> None:
     t.add_argument("--raise-after", type=int, default=3)
     t.add_argument("--clear-after", type=int, default=6)
     t.add_argument("--holdout", type=float, default=0.3, help="trailing fraction held out for calibration")
-    t.add_argument("--margin", type=float, default=1.2, help="threshold safety factor over held-out data")
+    t.add_argument("--margin", type=float, default=1.1, help="threshold safety factor")
+    t.add_argument("--false-alarms-per-week", type=float, default=0.2, help="calibration target per device")
     t.add_argument(
         "--exclude-after", type=parse_duration, default=7200.0, help="recovery time dropped after faults"
     )
@@ -57,6 +61,9 @@ def register(subparsers: Any) -> None:
     e.add_argument("--grace", type=parse_duration, default=1800.0, help="recovery time after a fault")
     e.add_argument("--plots", type=Path, help="folder for one PNG per device")
     e.add_argument("--record", action="store_true", help="write the metrics into the manifest's validation")
+    e.add_argument(
+        "--limits", type=Path, help="YAML limits section (as in the agent config) for the rule baseline"
+    )
     e.set_defaults(func=_guard(cmd_evaluate))
 
     s = sub.add_parser("score", help="score a CSV: timestamp, score, alarm, top_signal")
@@ -153,6 +160,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         clear_after=args.clear_after,
         holdout=args.holdout,
         margin=args.margin,
+        false_alarms_per_week=args.false_alarms_per_week,
         units=units,
         notes=args.notes,
         **({"intended_use": args.intended_use} if args.intended_use else {}),
@@ -208,12 +216,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model = LoadedModel(args.model)
     data, labels = _inputs(args, model.manifest.signal_names)
-    metrics, results = evaluate(model, data, labels, grace=args.grace)
+    limits, limit_data = None, None
+    if args.limits is not None:
+        limits = _limits(args.limits)
+        limit_data = {
+            d: load_csv(Path(ds.source), sep=args.sep, time_column=args.time_column) for d, ds in data.items()
+        }
+    metrics, results = evaluate(model, data, labels, grace=args.grace, limits=limits, limit_data=limit_data)
     if args.plots is not None:
         metrics["plots"] = [str(p) for p in plot(model, results, args.plots, model.manifest.threshold)]
     print(json.dumps(metrics, indent=1))
     if args.record:
-        keep = ("precision", "recall", "f1", "false_alarms_per_device_week", "delay_median_s", "delay_p90_s")
+        keep = (
+            "precision",
+            "recall",
+            "f1",
+            "false_alarms_per_device_week",
+            "delay_median_s",
+            "delay_p90_s",
+            "rule_limits_delay_median_s",
+            "model_earlier_than_rules",
+        )
         extra = {f"eval_{k}": metrics[k] for k in keep}
         extra.update(
             eval_data=", ".join(sorted({str(Path(d.source).parent) for d in data.values()})),
@@ -224,6 +247,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         m = model.manifest
         write_manifest(args.model, m.model_copy(update={"validation": {**m.validation, **extra}}))
     return 0
+
+
+def _limits(path: Path) -> LimitsConfig:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return LimitsConfig.model_validate(raw.get("limits", raw) if isinstance(raw, dict) else raw)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ModelError(f"{path}: not a limits section: {exc}") from None
 
 
 def cmd_score(args: argparse.Namespace) -> int:

@@ -10,9 +10,10 @@ Definitions (fixed before testing, Annex 22 draft):
   counted separately, neither true nor false); any other alarm is a false alarm;
 * precision = true / (true + false) alarms, recall = detected / faults, F1 their
   harmonic mean; false alarms are also given per device-week;
-* the rule-based baseline delay is the first sample outside the model's training
-  normal range (0.1-99.9 %) inside the fault window: what a fixed alert limit at
-  the edge of normal data would have caught, and when.
+* two rule-based baselines: the first sample outside the model's training normal
+  range (0.1-99.9 %) inside the fault window (a strict limit at the edge of normal
+  data), and, given a limits file, the first excursion the agent's own
+  :class:`~agent.limits.LimitMonitor` raises with those GMP alert/action limits.
 
 Communication faults (``comm_*``) change no process value and are excluded: they
 surface as bad-quality readings, not anomalies.
@@ -20,14 +21,17 @@ surface as bad-quality readings, not anomalies.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agent.limits import LimitsConfig
 from agent.modelkit.csvdata import Dataset, FaultLabel
 from agent.modelkit.scoring import LoadedModel, OfflineResult, Settings, run_offline
+from agent.records import Event, Quality, Value
 
 WEEK = 7 * 86400.0
 
@@ -56,6 +60,36 @@ def first_limit_crossing(model: LoadedModel, data: Dataset, fault: FaultLabel) -
     return float(data.ts[inside][hits[0]] - fault.start) if len(hits) else None
 
 
+def limit_excursions(limits: LimitsConfig, device: str, data: Dataset) -> list[float]:
+    """Start times of the excursions the agent's :class:`~agent.limits.LimitMonitor`
+    raises on this series (the rule-based baseline), fed as the agent would feed it."""
+    from agent.audit import Auditor
+    from agent.limits import LimitMonitor
+    from agent.records import Block
+    from drivers.base import ProfileBase, TagBase
+
+    profile = ProfileBase(profile="eval", protocol="csv", tags=[TagBase(name=s) for s in data.signals])
+    # one limits file serves every evaluated device: particle rules apply to the device at hand
+    limits = limits.model_copy(
+        update={"particles": [p.model_copy(update={"device": device}) for p in limits.particles]}
+    )
+    starts: list[float] = []
+
+    def collect(e: Event) -> None:
+        if e.kind == "excursion" and e.data["phase"] == "start":
+            starts.append(e.data["start_ts"] / 1e9)
+
+    monitor = LimitMonitor(limits, {device: profile}, collect, Auditor(lambda e: None))
+    monitor._started = True
+    units = [None] * len(data.signals)
+    for ts, row in zip(data.ts, data.values.tolist(), strict=True):
+        values: list[Value] = [None if math.isnan(v) else v for v in row]
+        quality = None if None not in values else [Quality.BAD if v is None else Quality.GOOD for v in values]
+        block = Block(device, "eval", int(ts * 1e9), data.signals, units, values, quality)
+        monitor.on_committed([block], [])
+    return starts
+
+
 def evaluate(
     model: LoadedModel,
     data: dict[str, Dataset],
@@ -63,11 +97,18 @@ def evaluate(
     *,
     grace: float = 1800.0,
     settings: Settings | None = None,
+    limits: LimitsConfig | None = None,
+    limit_data: dict[str, Dataset] | None = None,
 ) -> tuple[dict[str, Any], list[DeviceResult]]:
+    """Metrics (see the module docstring). With ``limits`` (and ``limit_data``: every
+    column of each device), the baseline also includes the first excursion of the
+    configured rule-based limits inside each fault window."""
     settings = settings or Settings.of(model.manifest)
     per_device: list[DeviceResult] = []
     delays: list[float] = []
     baseline: list[float] = []
+    rules: list[float] = []
+    n_rules = 0
     per_kind: dict[str, dict[str, Any]] = {}
     n_true = n_false = n_late = n_faults = n_detected = 0
     span = 0.0
@@ -76,6 +117,7 @@ def evaluate(
         result = run_offline(model, settings, ds.ts, ds.values)
         per_device.append(DeviceResult(device, result, faults, ds))
         span += float(ds.ts[-1] - ds.ts[0]) if len(ds.ts) else 0.0
+        excursions = limit_excursions(limits, device, (limit_data or data)[device]) if limits else []
         starts = [t.ts for t in result.transitions if t.phase == "start"]
         for s in starts:
             if any(f.start <= s <= f.end for f in faults):
@@ -97,6 +139,11 @@ def evaluate(
             crossing = first_limit_crossing(model, ds, f)
             if crossing is not None:
                 baseline.append(crossing)
+            rule_hit = next((x for x in excursions if f.start <= x <= f.end), None)
+            if rule_hit is not None:
+                rules.append(rule_hit - f.start)
+            if hit is not None and rule_hit is not None and hit < rule_hit:
+                n_rules += 1
     precision = n_true / (n_true + n_false) if n_true + n_false else None
     recall = n_detected / n_faults if n_faults else None
     f1 = (
@@ -128,6 +175,9 @@ def evaluate(
         "delay_p90_s": _pct(delays, 0.9),
         "baseline_limit_delay_median_s": _pct(baseline, 0.5),
         "baseline_limit_detected": len(baseline),
+        "rule_limits_detected": len(rules) if limits else None,
+        "rule_limits_delay_median_s": _pct(rules, 0.5),
+        "model_earlier_than_rules": n_rules if limits else None,
         "per_kind": {
             k: {"faults": v["faults"], "detected": v["detected"], "delay_median_s": _pct(v["delays"], 0.5)}
             for k, v in sorted(per_kind.items())

@@ -124,25 +124,32 @@ class Debounce:
 
 
 class SlotAccumulator:
-    """Means of good samples per period slot; the open (newest) slot carries over between calls."""
+    """Means of good samples per period slot; the open (newest) slot carries over between calls.
+
+    Slot ``k`` covers ``(k·P, (k+1)·P]``: a sample stamped at the end of an interval (a
+    particle counter's record, stamped at sample end) belongs to the interval it
+    describes, and a sample exactly on the boundary closes its slot at once instead of
+    waiting a whole period for the next sample.
+    """
 
     def __init__(self, period: float, n_signals: int) -> None:
         self.period = period
         self.n = n_signals
         self.open_id: int | None = None
+        self.closed_upto = np.iinfo(np.int64).min
         self._sum = np.zeros(n_signals)
         self._count = np.zeros(n_signals)
         self.late = 0
-        """Samples older than the open slot (out of order): dropped and counted."""
+        """Samples for slots already closed (out of order): dropped and counted."""
 
     def add(self, ts: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Add samples (``ts`` seconds ``[n]``, ``vals`` ``[n, S]`` with NaN = bad/missing);
         return the slots this closed: ids ``[k]`` and means ``[k, S]`` (NaN = no data)."""
-        ids = np.floor(ts / self.period).astype(np.int64)
-        if self.open_id is not None:
-            keep = ids >= self.open_id
+        ids = np.ceil(ts / self.period).astype(np.int64) - 1
+        keep = ids > self.closed_upto
+        if not keep.all():
             self.late += int((~keep).sum())
-            ids, vals = ids[keep], vals[keep]
+            ids, vals, ts = ids[keep], vals[keep], ts[keep]
         if len(ids) == 0:
             return np.zeros(0, np.int64), np.zeros((0, self.n))
         uniq, inv = np.unique(ids, return_inverse=True)
@@ -161,7 +168,13 @@ class SlotAccumulator:
             uniq = np.concatenate([[self.open_id], uniq])
             sums = np.vstack([self._sum, sums])
             counts = np.vstack([self._count, counts])
+        if float(ts.max()) >= (uniq[-1] + 1) * self.period:  # the newest slot's end is reached
+            self.open_id, self._sum, self._count = None, np.zeros(self.n), np.zeros(self.n)
+            self.closed_upto = int(uniq[-1])
+            return uniq, _means(sums, counts)
         self.open_id, self._sum, self._count = int(uniq[-1]), sums[-1].copy(), counts[-1].copy()
+        if len(uniq) > 1:
+            self.closed_upto = int(uniq[-2])
         return uniq[:-1], _means(sums[:-1], counts[:-1])
 
     def flush(self) -> tuple[np.ndarray, np.ndarray]:
@@ -169,6 +182,7 @@ class SlotAccumulator:
         if self.open_id is None:
             return np.zeros(0, np.int64), np.zeros((0, self.n))
         ids, means = np.array([self.open_id]), _means(self._sum[None], self._count[None])
+        self.closed_upto = self.open_id
         self.open_id = None
         return ids, means
 
@@ -206,7 +220,7 @@ class Windower:
         self.n = len(fill)
         self._hist = np.full((window - 1, self.n), np.nan)
         self._last: int | None = None
-        self._first: int | None = None
+        self._first = 0
 
     def push(
         self, ids: np.ndarray, means: np.ndarray
@@ -224,6 +238,10 @@ class Windower:
             self._hist[:] = np.nan  # start, or a gap longer than a window: warm up again
             self._last = int(ids[0]) - 1
             self._first = int(ids[0])
+        # warm-up restarts at every gap longer than a window, wherever it falls in the batch
+        prev = np.concatenate([[self._last], ids[:-1]])
+        restart = np.where(ids - prev > self.w, ids, np.int64(self._first))
+        first = np.maximum.accumulate(restart)
         span = int(ids[-1]) - self._last
         rows = np.full((span, self.n), np.nan)
         rows[ids - self._last - 1] = means
@@ -233,12 +251,12 @@ class Windower:
         windows = windows.transpose(0, 2, 1)  # [k, W, S]
         missing = np.isnan(windows)
         completeness = 1.0 - missing.mean(axis=(1, 2))
-        assert self._first is not None
-        warm = ids - self._first + 1 >= self.w
+        warm = ids - first + 1 >= self.w
         scored = warm & (completeness >= self.min_completeness)
         out = _fill(windows[scored], missing[scored], self.fill)
         self._hist = full[-(self.w - 1) :].copy()
         self._last = int(ids[-1])
+        self._first = int(first[-1])
         return completeness, warm, scored, out
 
 

@@ -1,0 +1,287 @@
+"""Model toolkit: CSV reading, the shared windowing/scoring/hysteresis path, real ONNX
+graphs (PCA, isolation forest), training, calibration, evaluation, tamper refusal.
+
+The helpers here (``write_csv``, ``syn_model``) are imported by the inference and CLI
+tests, so every test trains on the same small synthetic process."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.modelkit.csvdata import FaultLabel, load_csv, load_labels
+from agent.modelkit.evaluate import evaluate
+from agent.modelkit.manifest import ModelError, read_manifest
+from agent.modelkit.scoring import (
+    Debounce,
+    DriftMonitor,
+    LoadedModel,
+    Settings,
+    SlotAccumulator,
+    Windower,
+    run_offline,
+)
+from agent.modelkit.train import TrainOptions, train
+
+T0 = 1_767_571_200.0
+PERIOD = 10.0
+SIGNALS = ("temp", "ph", "do")
+FAULT = (5 * 3600.0, 5.5 * 3600.0)
+"""Offset (s) of the synthetic fault window: temperature 1 °C low for 30 minutes."""
+
+
+def series(
+    hours: float, seed: int, fault: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A small correlated process: temperature, pH, and a DO that follows a slow cycle."""
+    rng = np.random.default_rng(seed)
+    n = int(hours * 3600 / PERIOD)
+    t = T0 + np.arange(n) * PERIOD
+    temp = 37 + 0.05 * rng.standard_normal(n)
+    ph = 7.2 - 0.02 * (temp - 37) + 0.01 * rng.standard_normal(n)
+    do = 40 + 2 * np.sin((t - T0) / 3600) + 0.5 * rng.standard_normal(n)
+    if fault is not None:
+        inside = (t >= T0 + fault[0]) & (t < T0 + fault[1])
+        temp[inside] -= 1.0
+    return t, np.column_stack([temp, ph, do])
+
+
+def write_csv(
+    path: Path, hours: float = 12, seed: int = 1, fault: tuple[float, float] | None = None, sep: str = ","
+) -> Path:
+    t, v = series(hours, seed, fault)
+    lines = [sep.join(("timestamp", *SIGNALS))]
+    lines += [sep.join([f"{ts:.0f}", *(f"{x:.5f}" for x in row)]) for ts, row in zip(t, v, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def syn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PCA model trained on 24 h of normal synthetic data (session-wide: trained once)."""
+    d = tmp_path_factory.mktemp("model")
+    ds = load_csv(write_csv(d / "normal.csv", hours=24, seed=1))
+    return train([ds], TrainOptions(model_id="syn-pca", window=12, units={"temp": "degC"}), d / "out")
+
+
+@pytest.fixture
+def model_copy(syn_model: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained model (for tests that alter files)."""
+    out = tmp_path / "m"
+    shutil.copytree(syn_model.parent, out)
+    return out / syn_model.name
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def test_csv_sniffs_semicolon_decimal_comma_iso_time_and_labels(tmp_path: Path) -> None:
+    p = tmp_path / "historian.csv"
+    p.write_text(
+        "Time;Temp;pH;state\n"
+        "2026-01-05T00:00:00Z;37,01;7,20;normal\n"
+        "2026-01-05 00:00:10;37,02;7,21;normal\n"
+        "2026-01-05T00:00:20+00:00;;7,22;FAULT\n"
+    )
+    ds = load_csv(p, label_column="state")
+    assert ds.signals == ["Temp", "pH"]
+    assert ds.ts.tolist() == [T0, T0 + 10, T0 + 20]
+    assert ds.values[0].tolist() == [37.01, 7.2]
+    assert np.isnan(ds.values[2, 0])
+    assert ds.abnormal.tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"signals": ["temp", "nope"]}, "no column(s) nope"),
+        ({"time_column": "when"}, "no time column 'when'"),
+        ({"label_column": "lbl"}, "no label column 'lbl'"),
+    ],
+)
+def test_csv_bad_columns_are_clear_errors(tmp_path: Path, kwargs: dict[str, object], message: str) -> None:
+    p = write_csv(tmp_path / "x.csv", hours=0.1)
+    with pytest.raises(ModelError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_csv(p, **kwargs)  # type: ignore[arg-type]
+
+
+def test_csv_unparseable_time_names_the_line(tmp_path: Path) -> None:
+    p = tmp_path / "x.csv"
+    p.write_text("timestamp,a\n1767571200,1\nyesterday,2\n")
+    with pytest.raises(ModelError, match="line 3, column 'timestamp'"):
+        load_csv(p)
+
+
+def test_labels_file(tmp_path: Path) -> None:
+    p = tmp_path / "labels.csv"
+    p.write_text("kind,device,start,end\ndoor_open,inc1,1767571200,2026-01-05T00:01:00Z\n")
+    assert load_labels(p) == [FaultLabel("door_open", "inc1", T0, T0 + 60)]
+
+
+# --------------------------------------------------------------------------- shared path
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8), seed=st.integers(0, 1000))
+def test_online_feeding_in_any_chunks_equals_offline(cuts: list[int], seed: int) -> None:
+    """The agent feeds commits of any size; the windows must not depend on how data arrives."""
+    rng = np.random.default_rng(seed)
+    ts = np.sort(T0 + rng.uniform(0, 4000, 400))
+    vals = rng.normal(size=(400, 2))
+    vals[rng.random((400, 2)) < 0.1] = np.nan
+
+    def run(bounds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        acc, win = SlotAccumulator(PERIOD, 2), Windower(5, np.zeros(2), 0.5)
+        comp, wins = [], []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            c, _, _, w = win.push(*acc.add(ts[a:b], vals[a:b]))
+            comp.append(c)
+            wins.append(w)
+        c, _, _, w = win.push(*acc.flush())
+        return np.concatenate([*comp, c]), np.concatenate([*wins, w])
+
+    one = run([0, 400])
+    many = run([0, *sorted(cuts), 400])
+    np.testing.assert_array_equal(one[0], many[0])
+    np.testing.assert_array_equal(one[1], many[1])
+
+
+def test_windower_completeness_warmup_and_gap_policy() -> None:
+    acc, win = SlotAccumulator(1.0, 1), Windower(4, np.array([9.0]), 0.75)
+    ts = T0 + np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22, 23, 24], dtype=float)
+    vals = np.array(
+        [[1], [2], [3], [4], [np.nan], [np.nan], [7], [8], [9], [1], [1], [1], [1], [1]], dtype=float
+    )
+    ids, means = acc.add(ts, vals)
+    completeness, warm, scored, windows = win.push(ids, means)
+    # samples on slot boundaries close their slot at once: all 14 slots are out
+    assert (
+        warm.tolist() == [False, False, False, True, True, True, True, True, True] + [False] * 3 + [True] * 2
+    )
+    # window ending at slot 5 has two of four slots missing: not scored
+    assert completeness[5] == 0.5 and not scored[5]
+    # window ending at slot 4 has one gap, filled forward from slot 3
+    assert scored[4]
+    np.testing.assert_array_equal(windows[1, :, 0], [2, 3, 4, 4])
+    # a gap longer than the window restarts warm-up instead of scoring a window of nothing
+    assert not scored[9:12].any()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    overs=st.lists(st.booleans(), max_size=60), raise_after=st.integers(1, 5), clear_after=st.integers(1, 5)
+)
+def test_debounce_matches_its_definition(overs: list[bool], raise_after: int, clear_after: int) -> None:
+    d = Debounce(raise_after, clear_after)
+    active = False
+    for i, over in enumerate(overs):
+        change = d.update(over)
+        # reference: state flips when the last k observations all disagree with it and
+        # the flip has not happened within them
+        need = clear_after if active else raise_after
+        run = 0
+        for prev in reversed(overs[: i + 1]):
+            if prev == active:
+                break
+            run += 1
+        expect = run >= need and run == need
+        assert (change is not None) == expect, (overs[: i + 1], change)
+        if change is not None:
+            assert change is (not active)
+            active = change
+        assert d.active is active
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_pca_graph_contributions_decompose_the_score(syn_model: Path) -> None:
+    model = LoadedModel(syn_model)
+    rng = np.random.default_rng(3)
+    m = model.manifest
+    windows = (model.mean + rng.normal(size=(64, m.window, 3)) * [s.std for s in m.signals] * 3).astype(
+        np.float32
+    )
+    scores, contrib = model.score(windows)
+    assert scores.shape == (64,) and contrib.shape == (64, 3)
+    np.testing.assert_allclose(contrib.sum(axis=1), scores, rtol=1e-4, atol=1e-4)
+    assert model.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_training_writes_a_complete_manifest(syn_model: Path) -> None:
+    m = read_manifest(syn_model)
+    assert m.method == "pca" and m.signal_names == list(SIGNALS)
+    assert m.signals[0].unit == "degC"
+    assert m.period == PERIOD and m.window == 12
+    assert m.provenance.rows == int(24 * 3600 / PERIOD)
+    assert len(m.provenance.data_sha256) == 64
+    assert m.validation["fit_windows"] > 0 and m.validation["components"] >= 1
+    assert m.threshold > m.validation["holdout_p99_score"]  # type: ignore[operator]
+
+
+def test_detects_the_fault_and_stays_quiet_on_independent_normal_data(
+    syn_model: Path, tmp_path: Path
+) -> None:
+    model = LoadedModel(syn_model)
+    faulty = load_csv(write_csv(tmp_path / "dev1.csv", hours=10, seed=7, fault=FAULT))
+    normal = load_csv(write_csv(tmp_path / "dev2.csv", hours=10, seed=8))
+    labels = [FaultLabel("temp_low", "dev1", T0 + FAULT[0], T0 + FAULT[1])]
+    metrics, results = evaluate(model, {"dev1": faulty, "dev2": normal}, labels)
+    assert metrics["recall"] == 1.0 and metrics["false_alarms"] == 0 and metrics["f1"] == 1.0
+    assert metrics["delay_median_s"] <= 3 * PERIOD * model.manifest.hysteresis.raise_after
+    start = next(t for t in results[0].result.transitions if t.phase == "start")
+    assert start.top[0]["signal"] == "temp"
+    assert start.top[0]["value"] < start.top[0]["normal_range"][0]
+
+
+def test_offline_and_settings_overrides_use_the_same_track(syn_model: Path) -> None:
+    model = LoadedModel(syn_model)
+    t, v = series(10, 7, FAULT)
+    base = run_offline(model, Settings.of(model.manifest), t, v)
+    strict = run_offline(model, Settings.of(model.manifest, raise_after=1000), t, v)
+    np.testing.assert_array_equal(base.scores, strict.scores)
+    assert base.alarm.any() and not strict.alarm.any()
+
+
+def test_isolation_forest_is_a_real_onnx_graph(tmp_path: Path) -> None:
+    ds = load_csv(write_csv(tmp_path / "n.csv", hours=4, seed=2))
+    path = train([ds], TrainOptions(model_id="syn-if", method="iforest", window=6), tmp_path / "out")
+    model = LoadedModel(path)
+    t, v = series(4, 9, (2 * 3600.0, 2.5 * 3600.0))
+    r = run_offline(model, Settings.of(model.manifest), t, v)
+    inside = (r.ts > T0 + 2 * 3600 + 120) & (r.ts < T0 + 2.5 * 3600)
+    outside = r.ts < T0 + 2 * 3600
+    assert np.nanmean(r.scores[inside]) > np.nanmean(r.scores[outside])
+
+
+def test_tampered_model_is_refused_with_a_clear_message(model_copy: Path) -> None:
+    onnx_file = model_copy.parent / read_manifest(model_copy).file
+    data = bytearray(onnx_file.read_bytes())
+    data[-1] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"syn-pca 1\.0\.0: syn-pca\.onnx has sha256 .* refusing to load it"):
+        LoadedModel(model_copy)
+
+
+def test_malformed_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    p = tmp_path / "x.model.yaml"
+    p.write_text("id: x\nversion: 1\n")
+    with pytest.raises(ModelError, match=r"invalid manifest: .*file: Field required"):
+        read_manifest(p)
+
+
+def test_drift_monitor_flags_a_shifted_signal(syn_model: Path) -> None:
+    m = read_manifest(syn_model)
+    mon = DriftMonitor(m.model_copy(update={"drift": m.drift.model_copy(update={"window": 600 * PERIOD})}))
+    t, v = series(4, 5)
+    ids = np.floor(t / PERIOD).astype(np.int64)
+    assert mon.add(ids, v) is None and not mon.active
+    v[:, 1] += 10 * m.signals[1].std
+    change = mon.add(ids + len(ids), v)
+    assert change is not None and change.phase == "start"
+    assert set(change.signals) == {"ph"} and change.signals["ph"]["shift_sigma"] > 5
