@@ -322,7 +322,7 @@ class Connection(ConnectionBase):
     close_after_scan: bool = False
     """Disconnect after every poll (devices or gateways that allow one TCP client and time it out)."""
     degrade_after: int = Field(default=3, ge=1)
-    """Consecutive polls without reply after which the device is skipped for ``degrade_for``."""
+    """Consecutive unanswered requests after which the device is skipped for ``degrade_for``."""
     degrade_for: Duration = 30.0
     """How long a degraded device is skipped (its readings are bad ``degraded``), so a dead
     unit cannot slow down the others on its bus."""
@@ -582,6 +582,8 @@ class Bus:
         self.client.set_max_no_responses(1 << 30)
 
     def compatible(self, conn: Connection) -> bool:
+        if conn.transport == "tcp":
+            return True
         return (conn.baudrate, conn.parity, conn.stopbits, conn.bytesize) == (
             self.conn.baudrate,
             self.conn.parity,
@@ -749,16 +751,11 @@ class ModbusDriver(Driver):
     async def _execute(self, plan: _Plan) -> _Outcome:
         """Run a plan's reads; exception replies and garbage fail only their own read.
 
-        Raises :class:`DeviceError` when the device stays silent (after retries), which
-        also counts towards degrading it.
+        Raises :class:`DeviceError` when the device stays silent (after retries).
         """
         out = _Outcome(np.zeros(plan.n_regs, dtype=np.uint16), np.zeros(plan.n_bits, dtype=np.bool_))
         for rd in plan.reads:
-            try:
-                reply = await self._call(_READ_FUNCTIONS[rd.table], rd.start, rd.count)
-            except DeviceError:
-                self._missed()
-                raise
+            reply = await self._call(_READ_FUNCTIONS[rd.table], rd.start, rd.count)
             if isinstance(reply, str):
                 out.failed.update(dict.fromkeys(rd.tags, reply))
                 continue
@@ -774,7 +771,6 @@ class ModbusDriver(Driver):
                 out.bits[rd.offset : rd.offset + rd.count] = got
             else:
                 out.regs[rd.offset : rd.offset + rd.count] = got
-        self._misses = 0
         if not out.failed:
             self._set_health("ok")
         return out
@@ -795,6 +791,10 @@ class ModbusDriver(Driver):
                 )
             except TimeoutError:
                 stats.error(Reason.TIMEOUT)
+                # Counted per request, not per poll: the scheduler may cancel a poll whose
+                # retries outlast its deadline, and the count must survive that.
+                if self._missed():
+                    break
                 continue
             except _Garbled:
                 stats.error("garbled")
@@ -805,6 +805,7 @@ class ModbusDriver(Driver):
                 self._set_health(exc.reason, exc.detail)
                 raise
             stats.request_done(time.monotonic() - t0)
+            self._misses = 0
             if not reply.isError():
                 return reply
             name = EXCEPTION_NAMES.get(reply.exception_code, f"exception_{reply.exception_code}")
@@ -814,15 +815,19 @@ class ModbusDriver(Driver):
                 continue
             self._set_health(name, f"{fn} {address}")
             return name
-        self._set_health(Reason.TIMEOUT, f"unit {self.conn.unit_id} did not answer {fn} {address}")
+        if time.monotonic() >= self._degraded_until:  # else "degraded" was just logged
+            self._set_health(Reason.TIMEOUT, f"unit {self.conn.unit_id} did not answer {fn} {address}")
         raise DeviceError(Reason.TIMEOUT, f"unit {self.conn.unit_id} did not answer")
 
-    def _missed(self) -> None:
+    def _missed(self) -> bool:
+        """Count an unanswered request; True when that degrades the device."""
         self._misses += 1
-        if self._misses >= self.conn.degrade_after:
-            self._degraded_until = time.monotonic() + self.conn.degrade_for
-            self._misses = self.conn.degrade_after - 1  # one more miss after the pause degrades again
-            self._set_health(DEGRADED, f"skipped for {self.conn.degrade_for:g}s after repeated timeouts")
+        if self._misses < self.conn.degrade_after:
+            return False
+        self._degraded_until = time.monotonic() + self.conn.degrade_for
+        self._misses = self.conn.degrade_after - 1  # one more miss after the pause degrades again
+        self._set_health(DEGRADED, f"skipped for {self.conn.degrade_for:g}s after repeated timeouts")
+        return True
 
     def _set_health(self, state: str, detail: str = "") -> None:
         """Log a device's state only when it changes: a dead device is one line, not one per poll."""

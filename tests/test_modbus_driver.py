@@ -420,6 +420,26 @@ async def test_silence_raises_timeout_then_the_device_is_degraded(caplog: pytest
     assert [r.message.split(":")[1].split()[0] for r in caplog.records] == ["timeout", "degraded"]
 
 
+async def test_degrading_survives_the_scheduler_cancelling_a_slow_poll() -> None:
+    """Retries can outlast the scheduler's poll deadline; the unanswered requests still count."""
+    async with RawServer(lambda h, p: None) as srv:
+        driver = make_driver(
+            [{"name": "a", "address": 40001}], srv.port, retries=5, degrade_after=3, timeout=0.2
+        )
+        await driver.connect()
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(read_one(driver), 0.5)  # cancelled during the 3rd attempt
+            asked = srv.requests
+            with pytest.raises(DeviceError):
+                await read_one(driver)  # the 3rd miss: degraded at once, the 5 retries not spent
+            skipped = await read_one(driver)
+        finally:
+            await driver.close()
+    assert srv.requests == asked + 1
+    assert skipped.reasons == [modbus.DEGRADED]
+
+
 async def test_close_after_scan_reconnects_for_every_poll() -> None:
     connects: list[bool] = []
     srv = Server([sim_device(1, holding=[5] * 8)])
