@@ -6,6 +6,7 @@ tests, so every test trains on the same small synthetic process."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def test_online_feeding_in_any_chunks_equals_offline(cuts: list[int], seed: int)
     def run(bounds: list[int]) -> tuple[np.ndarray, np.ndarray]:
         acc, win = SlotAccumulator(PERIOD, 2), Windower(5, np.zeros(2), 0.5)
         comp, wins = [], []
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        for a, b in itertools.pairwise(bounds):
             c, _, _, w = win.push(*acc.add(ts[a:b], vals[a:b]))
             comp.append(c)
             wins.append(w)
