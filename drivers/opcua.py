@@ -24,8 +24,9 @@ raw PublishResults (not asyncua's per-item events) so a notification message sta
 unit: **each notification message becomes one Block holding only the tags that changed**
 (in group order). Repeating unchanged values to fill a group-shaped block would forge
 readings the server never sent, with a fresh acquisition time: not Original in the
-ALCOA+ sense. A tag that appears more than once in one message (queue size > 1) opens a
-further block, so no block holds a tag twice. The per-subset :class:`PollGroup` (which
+ALCOA+ sense. When a message holds several samples of a tag (queue size > 1), the k-th
+samples of all tags form the k-th block, so no block holds a tag twice and each tag's
+samples stay in time order. The per-subset :class:`PollGroup` (which
 carries scale/offset/range) is built once per distinct subset and cached.
 
 Liveness. The scheduler calls :meth:`OpcUaDriver.read` on every tick of a subscribed
@@ -92,7 +93,7 @@ _URI_ELEMENT = re.compile(r"\{([^{}]+)\}")
 _LINK_ERRORS = (OSError, TimeoutError, UaError)
 """What asyncua raises when the link, the session or the secure channel is gone."""
 _BAD_NODE_ID_UNKNOWN = StatusCodes.BadNodeIdUnknown
-_SUBSET_CACHE = 256
+_SUBSET_CACHE = 32
 
 
 # --------------------------------------------------------------------------- config
@@ -170,8 +171,10 @@ class Connection(ConnectionBase):
     """Password for ``username``; prefer ``password_file`` or ``${ENV}`` expansion over plain text."""
     password_file: Path | None = None
     """File holding the password for ``username`` (first line), readable only by the agent."""
-    keepalive: Duration = 1.0
-    """Server liveness probe period: a dead server is detected within about twice this."""
+    keepalive: Duration = 5.0
+    """Server liveness probe period: a dead server is detected within about twice this. A
+    probe unanswered for this long counts as a dead link, so not much below the server's
+    worst response time under load."""
     session_timeout: Duration = 30.0
     """Session lifetime the server keeps without traffic (asked for; the server may revise it)."""
     max_nodes_per_request: int = Field(default=1000, ge=1)
@@ -349,18 +352,22 @@ class _GroupSubscription:
                     self.driver.link_lost(Reason.COMM_ERROR, f"subscription status {status.name}")
 
     def _emit_changes(self, items: Sequence[ua.MonitoredItemNotification], acq: int) -> None:
+        """Layer k holds each tag's k-th sample of this message (a server lists an item's
+        queued samples together), so every block has each tag at most once, in time order."""
         n = len(self.group.tags)
-        layer: dict[int, ua.DataValue] = {}
+        layers: list[dict[int, ua.DataValue]] = []
+        seen: dict[int, int] = {}
         for item in items:
             handle = int(item.ClientHandle)
             if not 0 <= handle < n:
                 self.driver.ctx.stats.error("unknown_handle")
                 continue
-            if handle in layer:
-                self._emit_layer(layer, acq)
-                layer = {}
-            layer[handle] = item.Value
-        if layer:
+            k = seen.get(handle, 0)
+            seen[handle] = k + 1
+            if k == len(layers):
+                layers.append({})
+            layers[k][handle] = item.Value
+        for layer in layers:
             self._emit_layer(layer, acq)
 
     def _emit_layer(self, layer: dict[int, ua.DataValue], acq: int) -> None:

@@ -326,6 +326,38 @@ async def test_subscription_emits_only_the_tags_that_changed(server: UaServerThr
         await drv.close()
 
 
+async def test_queued_samples_become_successive_blocks_in_time_order(server: UaServerThread) -> None:
+    drv = make_driver(
+        server.url,
+        tags=TAGS[:3],
+        group={
+            "interval": "2s",
+            "mode": "subscribe",
+            "sampling_interval": "10ms",
+            "publishing_interval": "700ms",
+            "queue_size": 5,
+        },
+    )
+    group = drv.ctx.groups["default"]
+    blocks: list[Block] = []
+    await drv.connect()
+    try:
+        await drv.subscribe(group, blocks.append)
+        await eventually(lambda: blocks, what="initial values")
+        blocks.clear()
+        for v in (41.0, 42.0, 43.0):
+            server.write("do", v)
+        server.write("temperature", 37.5)
+        await eventually(lambda: sum(len(b) for b in blocks) >= 4, what="queued samples")
+        samples = [(t, v) for b in blocks for t, v in zip(b.tags, b.values, strict=True)]
+        assert [v for t, v in samples if t == "do"] == [41.0, 42.0, 43.0], "each sample, in time order"
+        assert all(len(set(b.tags)) == len(b.tags) for b in blocks), "no block holds a tag twice"
+        if len(blocks) == 3:  # all four samples came in one notification message
+            assert [list(b.tags) for b in blocks] == [["temperature", "do"], ["do"], ["do"]]
+    finally:
+        await drv.close()
+
+
 async def test_subscription_deadband_suppresses_small_changes(server: UaServerThread) -> None:
     drv = make_driver(
         server.url,
