@@ -6,10 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 
 from simulators.process.scenario import Scenario, load_scenario, parse_time
-from simulators.servers.plant import PlantConfig
+from simulators.servers.plant import ServeSpec
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "simulators" / "scenarios"
 
@@ -42,10 +41,15 @@ def test_the_plant_file_merges_its_fault_scenario_and_keeps_serving_keys_aside()
     assert scn.start == parse_time("2026-01-05T00:00:00Z") and scn.speed == 60
 
 
-def test_the_plant_file_is_also_a_valid_front_end_plant_config() -> None:
-    """The file is shared with the protocol front ends; their model must accept it too."""
-    cfg = PlantConfig.model_validate(yaml.safe_load((SCENARIOS / "plant.yaml").read_text()))
-    assert len(cfg.devices) == 18 and cfg.scenario == Path("plant-faults.yaml")
+def test_the_plant_file_serving_keys_are_valid_for_the_front_ends() -> None:
+    """The file is shared with the protocol front ends; their serving model must accept every device."""
+    scn = load_scenario(SCENARIOS / "plant.yaml")
+    protocols = []
+    for d in scn.devices:
+        serve = ServeSpec.model_validate(d.serve)
+        serve.check_kind(d.id, d.kind)
+        protocols.append(serve.protocol)
+    assert set(protocols) == {"modbus-tcp", "modbus-rtu", "opcua", "serial"}
 
 
 def test_labels_are_absolute_sorted_and_clipped() -> None:
@@ -120,6 +124,11 @@ BAD = {
         "co2_setpoint_pct",
     ),
     "kind": ("devices: [{id: a, kind: centrifuge}]", "devices[0].kind"),
+    "zero sample": ("devices: [{id: a, kind: particle_counter, params: {sample: 0s}}]", "at least 1 s"),
+    "rocking range": (
+        "devices: [{id: a, kind: bioreactor, params: {agitation_min_rpm: 30, agitation_max_rpm: 20}}]",
+        "agitation_min_rpm must not exceed",
+    ),
     "start": ("start: yesterday\ndevices: [{id: a, kind: incubator}]", "ISO-8601"),
     "no devices": ("name: x", "'devices:'"),
     "not yaml": ("devices: [", "not valid YAML"),
@@ -134,6 +143,14 @@ def test_bad_scenarios_fail_with_a_message_naming_the_problem(case: str, tmp_pat
     with pytest.raises(ValueError, match=r"bad\.yaml") as info:
         load_scenario(path)
     assert message in str(info.value)
+
+
+def test_unreadable_files_are_value_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot read"):
+        load_scenario(tmp_path / "missing.yaml")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00devices")
+    with pytest.raises(ValueError, match="UTF-8"):
+        load_scenario(tmp_path / "bin.yaml")
 
 
 def test_a_referenced_scenario_cannot_chain(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, cast
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from simulators.process.base import Fault, ModelParams, ProcessModel, Signal, lag_alpha, register
 from simulators.process.control import PI, SUPPLY_LOW_BAR, heat_disturbance, supply_factor, supply_pressure
@@ -74,6 +74,14 @@ class BioreactorParams(ModelParams):
     """Batch length; after it a new batch is seeded (so long ground-truth runs cycle)."""
     ambient_c: float = Field(22.0, ge=10, le=35)
     """Room temperature the bag loses heat to."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BioreactorParams:
+        if self.agitation_min_rpm > self.agitation_max_rpm:
+            raise ValueError("agitation_min_rpm must not exceed agitation_max_rpm")
+        if self.feed_end_day < self.feed_start_day or self.final_volume_l < self.initial_volume_l:
+            raise ValueError("the fed-batch phase must end after it starts and not shrink the volume")
+        return self
 
 
 @register

@@ -92,6 +92,13 @@ class ParticleCounterParams(ModelParams):
     clock_offset_s: float = 0.0
     """Device real-time clock minus true time at power-up (an unsynchronised clock)."""
 
+    @field_validator("sample")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v < 1.0:
+            raise ValueError("a sample lasts at least 1 s")
+        return v
+
     @field_validator("channels_um")
     @classmethod
     def _increasing(cls, v: tuple[float, ...]) -> tuple[float, ...]:
