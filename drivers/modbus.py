@@ -182,6 +182,8 @@ class Tag(TagBase):
             raise ValueError("bit selects one bit of a 16-bit register: type must be bool (or unset)")
         if (self.type is DataType.STRING) != (self.length is not None):
             raise ValueError("length is required for type string, and only for it")
+        if number - self.address_base > 65535:
+            raise ValueError(f"address {self.address} is past the last register (PDU address 65535)")
         if number - self.address_base < 0:
             raise ValueError(
                 f"address {self.address} is below the first register (address_base {self.address_base})"

@@ -687,6 +687,7 @@ async def test_records_cleared_at_the_device_is_a_loss_event() -> None:
         ({"name": "a", "address": 40001, "type": "float32", "bit": 3}, "16-bit register"),
         ({"name": "a", "address": 40001, "type": "string"}, "length is required"),
         ({"name": "a", "address": 40000}, "below the first register"),
+        ({"name": "a", "address": 465536, "address_base": 0}, "past the last register"),
         ({"name": "a", "address": 40001, "word_order": "ABDC"}, "word_order"),
     ],
 )
