@@ -50,3 +50,12 @@ def test_every_tag_is_documented(name: str) -> None:
     assert f"`{name}`" in text or f"{name}.yaml" in text
     missing = [t["name"] for t in load_profile(name)["tags"] if f"`{t['name']}`" not in text]
     assert not missing, f"{name}: tags not in docs/simulators.md: {missing}"
+
+
+def test_plant_serving_keys_are_documented() -> None:
+    from simulators.servers.plant import ServeSpec
+
+    text = DOC.read_text()
+    for name, field in ServeSpec.model_fields.items():
+        assert field.description, f"ServeSpec.{name} has no docstring"
+        assert f"| `{name}` |" in text and field.description in text, name
