@@ -85,6 +85,21 @@ def test_columns_rows_and_labels(tmp_path: Path) -> None:
     assert set(ends[flow_ok == 0]) == {START + 3600 + 60 * k for k in range(1, 31)}
 
 
+def test_the_csv_is_what_a_served_model_shows_at_that_time(tmp_path: Path) -> None:
+    """A front end advancing the same device at irregular request times sees the generated rows."""
+    scn = Scenario.model_validate(SCENARIO)
+    generate(scn, 1, 4, tmp_path, period_s=60)
+    _, inc = read(tmp_path / "inc-01.csv")
+    served = scn.build(seed=4)["inc-01"]
+    for t in (7.5, 1234.0, 1805.2):
+        served.advance(START + t)
+    for k in (31, 45, 60):  # rows after the door opening at 30 min, and the last row
+        served.advance(START + 60 * k)
+        signals = list(served.signals().values())
+        assert inc[k, 0] == START + 60 * k
+        assert list(inc[k, 1 : 1 + len(signals)]) == pytest.approx(signals, rel=1e-9)
+
+
 def test_bad_arguments_are_value_errors(tmp_path: Path) -> None:
     scn = Scenario.model_validate(SCENARIO)
     with pytest.raises(ValueError, match="hours"):

@@ -6,6 +6,8 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from simulators.process import MODELS, Clock, ProcessModel, create_model
@@ -169,3 +171,22 @@ def test_counter_commands_buffer_wrap_and_clock() -> None:
     pc.advance(3000)
     assert len(pc.records()) == 1
     assert pc.signals()["record_count"] == 1.0
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    kind=st.sampled_from(["incubator", "particle_counter"]),
+    steps=st.lists(st.floats(min_value=0.0, max_value=900.0), min_size=1, max_size=12),
+)
+def test_any_request_pattern_sees_the_same_process(kind: str, steps: list[float]) -> None:
+    """Front ends advance on every request, at whatever times clients poll: it must not matter."""
+    a = create_model(kind, "dev-01", seed=9, params={"grade": "C"} if kind == "particle_counter" else {})
+    b = create_model(kind, "dev-01", seed=9, params={"grade": "C"} if kind == "particle_counter" else {})
+    t = 0.0
+    for dt in steps:
+        t += dt
+        a.advance(t)
+    b.advance(t)
+    assert a.t == b.t and a.signals() == b.signals() and a.status() == b.status()
+    if isinstance(a, ParticleCounter) and isinstance(b, ParticleCounter):
+        assert a.records() == b.records()
