@@ -10,6 +10,7 @@ pymodbus RTU client on pyserial.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import struct
 import time
@@ -24,7 +25,7 @@ from agent.records import Block
 from drivers import modbus
 from drivers.base import DeviceContext, DeviceError, build_groups
 from drivers.modbus import Connection, ModbusDriver
-from simulators.servers.modbus import serve_incubator_modbus
+from simulators.servers.modbus import serve_counter_modbus, serve_incubator_modbus
 from simulators.servers.registers import load_profile
 
 
@@ -227,3 +228,30 @@ async def test_simulated_incubators_share_one_rtu_bus() -> None:
         assert block.quality is None, block.reasons
         temperature = dict(zip(block.tags, block.values, strict=True))["temperature_c"]
         assert isinstance(temperature, float) and 30 < temperature < 40
+
+
+async def test_simulated_particle_counter_records_over_rtu() -> None:
+    """Records mode over a serial line: select-then-read pairs stay paired on the bus."""
+    async with serve_counter_modbus(transport="rtu", speed=100, seed=4, params={"sample": 10}) as sim:
+        assert sim.pty_path is not None
+        profile = ModbusDriver.profile_model().model_validate(load_profile("particle-counter-sim-modbus"))
+        connection = Connection.model_validate({"transport": "rtu", "port": sim.pty_path, "timeout": 1.0})
+        driver = ModbusDriver(
+            DeviceContext("pc", profile, connection, build_groups("pc", profile, connection, {}))
+        )
+        await driver.connect()
+        try:
+            first: list[Block] = []
+            for _ in range(100):  # the first sample completes 0.1 s after start
+                first = await driver.read(driver.ctx.groups["records"])
+                if first:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.4)
+            later = await driver.read(driver.ctx.groups["records"])
+        finally:
+            await driver.close()
+    stamps = [b.source_ts_ns for b in first + later]
+    assert len(stamps) >= 3
+    assert {b - a for a, b in itertools.pairwise(stamps)} == {10 * 10**9}
+    assert all(b.quality is None for b in first + later)
