@@ -120,10 +120,14 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
 
 
 def _migrate_v2(db: sqlite_utils.Database) -> None:
-    """Export and replay select by device and time; persistent counters make ``stats`` survive
-    restarts. Counters start from what the rows still show (pruned history is unknown)."""
+    """Export and replay select by device and time, retention and overflow by delivery time;
+    persistent counters make ``stats`` survive restarts. Counters start from what the rows still
+    show (pruned history is unknown)."""
     db.table("records").create_index(
         ["device", "acq_ts_ns"], index_name="records_device_ts", if_not_exists=True
+    )
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS records_delivered ON records(delivered_ns) WHERE delivered_ns IS NOT NULL"
     )
     committed = db.execute("SELECT coalesce(sum(n), 0) FROM records WHERE kind = 'data'").fetchone()[0]
     delivered = db.execute(
@@ -194,7 +198,7 @@ class Buffer:
                 conn.execute(f"PRAGMA synchronous = {self.cfg.synchronous.upper()}")
             self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
             # WAL gets an eighth of the budget: checkpoint (and truncate) before it outgrows it.
-            wal_pages = max(16, min(1000, self.cfg.max_bytes // 8 // self._page_size))
+            wal_pages = max(4, min(1000, self.cfg.max_bytes // 8 // self._page_size))
             self._budget_pages = max(4, (self.cfg.max_bytes - wal_pages * self._page_size) // self._page_size)
             if not readonly:
                 conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
@@ -335,17 +339,20 @@ class Buffer:
         conn = self.conn
         low_water = self._budget_pages * 9 // 10
         lost: dict[str, dict[str, Any]] = {}
-        for where in ("delivered_ns IS NOT NULL", "delivered_ns IS NULL"):
+        # Delivered rows oldest delivery first (lossless), then undelivered oldest first; each
+        # selection walks a partial index, so a full buffer costs O(log n) per commit, not a scan.
+        for where, order in (("delivered_ns IS NOT NULL", "delivered_ns"), ("delivered_ns IS NULL", "id")):
             while (live := self._live_pages()) > low_water:
-                rows_total = conn.execute(f"SELECT count(*) FROM records WHERE {where}").fetchone()[0]
-                if not rows_total:
+                # two queries: min() and max() together would scan; alone each is one b-tree descent
+                lo = conn.execute("SELECT min(id) FROM records").fetchone()[0]
+                hi = conn.execute("SELECT max(id) FROM records").fetchone()[0]
+                if lo is None:
                     break
-                total = conn.execute("SELECT count(*) FROM records").fetchone()[0]
-                per_row = max(live / max(total, 1), 1e-9)
-                batch = min(rows_total, max(16, math.ceil((live - low_water) / per_row * 1.1)))
+                per_row = live / (hi - lo + 1)  # ids are dense enough for an estimate
+                batch = max(16, math.ceil((live - low_water) / per_row * 1.1))
                 gone = conn.execute(
                     "DELETE FROM records WHERE id IN "
-                    f"(SELECT id FROM records WHERE {where} ORDER BY id LIMIT ?) "
+                    f"(SELECT id FROM records WHERE {where} ORDER BY {order} LIMIT ?) "
                     "RETURNING kind, device, seq_first, n, acq_ts_ns, delivered_ns",
                     (batch,),
                 ).fetchall()
@@ -367,6 +374,8 @@ class Buffer:
                     d["last_seq"] = max(d["last_seq"], seq_first + n - 1)
                     d["first_ts"] = min(d["first_ts"], ts)
                     d["last_ts"] = max(d["last_ts"], ts)
+                if len(gone) < batch:
+                    break
         for device, data in sorted(lost.items()):
             self._add("lost_readings_total", data["readings"])
             event = Event(device=device, kind="data_loss", severity=Severity.ALARM, data=data, seq=seq)
