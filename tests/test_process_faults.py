@@ -194,3 +194,14 @@ def test_comm_faults_are_reported_in_their_window_and_leave_the_process_alone(ki
         seen[t] = inc.comm_fault()
         assert inc.signals() == clean.signals()
     assert seen == {599: None, 601: kind, 899: kind, 901: None}
+
+
+def test_the_over_temperature_cut_out_stops_the_heater_independently() -> None:
+    inc = faulty(
+        "incubator", "temperature_oscillation", H, 2 * H, {"amplitude_c": 3.0, "period": "30m"}, step_s=2.0
+    )
+    d = trace(inc, 0, 2 * H, 10.0)
+    cut = d["over_temp"] == 1
+    assert cut.any() and not cut[d["t"] <= H].any()
+    assert (d["heater_pct"][cut] == 0).all()
+    assert 37.8 < d["temperature_c"].max() < 38.5  # the cut-out (setpoint + 1 °C) limits the excursion

@@ -144,7 +144,10 @@ class Incubator(ProcessModel):
             self.over_temp = False
         self.heater = 0.0 if self.over_temp else self.heat_pi.update(sp_t - self.temp_meas, dt_s)
         loss = (self.temp - p.ambient_c) / (self.TAU_DOOR_TEMP_S if self.door_open else self.TAU_LOSS_S)
-        self.temp += (self.heater * self.HEAT_MAX_C_PER_S - loss + heat_disturbance(faults, t_s)) * dt_s
+        disturbance = heat_disturbance(faults, t_s)
+        if self.over_temp:  # the cut-out opens the heating circuit, faulty part included
+            disturbance = min(0.0, disturbance)
+        self.temp += (self.heater * self.HEAT_MAX_C_PER_S - loss + disturbance) * dt_s
 
         # CO2: injection (rate-limited, supply-limited) against leakage; no active removal.
         self.co2_valve = self.co2_pi.update(self._setpoints["co2_setpoint_pct"] - self.co2_meas, dt_s)
