@@ -218,3 +218,21 @@ def test_cli_rejects_bad_arguments_cleanly() -> None:
     )
     assert out.returncode == 2
     assert "unknown fault" in out.stderr and "Traceback" not in out.stderr
+
+
+async def test_malformed_requests_get_exceptions_and_the_connection_survives() -> None:
+    async with serve_bioreactor_modbus(port=0) as sim:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+        try:
+
+            async def ask(hex_frame: str) -> bytes:
+                writer.write(bytes.fromhex(hex_frame))
+                return await asyncio.wait_for(reader.read(260), 2)
+
+            assert (await ask("000100000002015500")).hex() == "00010000000301d501"  # unknown function: 1
+            short_rw = await ask("0002000000050117000000")  # read/write multiple, cut short
+            assert short_rw[7] == 0x97 and short_rw[8] == 1
+            ok = await ask("000300000006010400000002")  # read 2 input registers still works
+            assert ok[:9].hex() == "000300000007010404"
+        finally:
+            writer.close()

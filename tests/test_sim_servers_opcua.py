@@ -57,8 +57,10 @@ async def test_address_space_values_writes_subscription_and_faults() -> None:
             target = client.get_node(ua.NodeId("Bioreactor.Temperature.TargetValue", idx))
             await target.write_value(ua.DataValue(ua.Variant(36.5, ua.VariantType.Double)))
             assert sim.model.setpoints()["temperature_setpoint_c"] == 36.5
-            await target.write_value(ua.DataValue(ua.Variant(90.0, ua.VariantType.Double)))
+            with pytest.raises(ua.uaerrors.BadOutOfRange):
+                await target.write_value(ua.DataValue(ua.Variant(90.0, ua.VariantType.Double)))
             assert sim.model.setpoints()["temperature_setpoint_c"] == 36.5
+            assert await target.read_value() == 36.5
             with pytest.raises(ua.UaStatusCodeError):  # process values are read-only
                 await current.write_value(ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
 

@@ -151,7 +151,11 @@ class ModbusServer:
                 return None if rtu else _DROP
             if fault.kind is CommFault.EXCEPTION:
                 return self._frame(framer, pdu, ExceptionResponse(pdu.function_code, fault.code))
-        response = await pdu.datastore_update(self._store, pdu.dev_id)  # type: ignore[arg-type]
+        try:
+            response = await pdu.datastore_update(self._store, pdu.dev_id)  # type: ignore[arg-type]
+        except Exception as exc:  # a request kind the datastore cannot serve: a device failure, not a crash
+            log.info("unit %s: cannot serve %s: %s", pdu.dev_id, type(pdu).__name__, exc)
+            response = ExceptionResponse(pdu.function_code, ExcCodes.DEVICE_FAILURE)
         frame = self._frame(framer, pdu, response)
         if fault is not None and fault.kind is CommFault.GARBLED:
             return _garble(frame, rtu)
@@ -170,10 +174,10 @@ class ModbusServer:
             try:
                 used, pdu = framer.handleFrame(bytes(buf), 0, 0)
             except ModbusIOException as exc:  # a function code we do not implement
+                fc_at = 1 if rtu else 7
+                fc = exc.fcode if exc.fcode is not None else (buf[fc_at] if len(buf) > fc_at else 0)
                 buf.clear()
-                bad = ExceptionResponse(
-                    exc.fcode or 0, ExcCodes.ILLEGAL_FUNCTION, exc.dev_id, exc.transaction_id
-                )
+                bad = ExceptionResponse(fc & 0x7F, ExcCodes.ILLEGAL_FUNCTION, exc.dev_id, exc.transaction_id)
                 if rtu and exc.dev_id not in self.units:
                     continue
                 out.append(framer.buildFrame(bad))

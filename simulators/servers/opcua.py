@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Server, ua
+from asyncua.common.callback import CallbackType
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import NodeData
 
@@ -120,6 +121,7 @@ class OpcUaBioreactor:
         self._nodes: dict[str, ua.NodeId] = {}
         self._task: asyncio.Task[None] | None = None
         self.offline = False
+        self._refused: set[ua.NodeId] = set()
 
     @property
     def url(self) -> str:
@@ -160,6 +162,7 @@ class OpcUaBioreactor:
             server.set_identity_tokens([ua.UserNameIdentityToken])
         idx = await server.register_namespace(NAMESPACE)
         await self._address_space(server, idx)
+        server.subscribe_server_callback(CallbackType.PostWrite, self._post_write)
         return server
 
     async def _address_space(self, server: Server, idx: int) -> None:
@@ -195,21 +198,29 @@ class OpcUaBioreactor:
             self._nodes[name] = node.nodeid
 
     def _setter(self, name: str) -> Any:
-        """Client writes reach the model; a value the device refuses is dropped (it reverts at
-        the next update: asyncua's setter hook cannot answer BadOutOfRange)."""
+        """Client writes reach the model; a value the device refuses is not stored and is
+        answered ``BadOutOfRange`` (by :meth:`_post_write`: a setter cannot return a status)."""
 
         def setter(node: NodeData, attr: ua.AttributeIds, value: ua.DataValue) -> None:
             raw = value.Value.Value if value.Value is not None else None
-            if not isinstance(raw, int | float) or isinstance(raw, bool):
-                return
             try:
+                if not isinstance(raw, int | float) or isinstance(raw, bool):
+                    raise ValueError(f"{name} needs a number, got {raw!r}")
                 self.device.model.set_setpoint(name, float(raw))
             except ValueError as exc:
                 log.info("%s: write refused: %s", self.device.device_id, exc)
+                self._refused.add(node.nodeid)
                 return
             node.attributes[attr].value = value
 
         return setter
+
+    async def _post_write(self, event: Any, dispatcher: Any) -> None:
+        """Turn the status of refused setpoint writes into ``BadOutOfRange`` before the reply goes out."""
+        for i, item in enumerate(event.request_params.NodesToWrite):
+            if item.NodeId in self._refused:
+                event.response_params[i] = ua.StatusCode(ua.StatusCodes.BadOutOfRange)
+        self._refused.clear()
 
     async def start(self) -> None:
         self._server = await self._build()
