@@ -20,10 +20,15 @@ That is at-least-once reading plus exact de-duplication by the watermark, i.e. e
 record is committed exactly once, provided ``ctx.state`` reflects commits as they happen
 (the scheduler should pass a live view of the buffer's state); if it holds only the state
 loaded at start, the driver also accepts the buffer having numbered the emitted block
-(``seq_first``) as proof of commit. The price is throughput: one new record per poll (the
-next record is only visible after the pop), so the group interval bounds the catch-up
-rate after an outage (a 3,000-record backlog takes 3,000 polls: poll at 1 s or faster).
-The driver never clears the device queue, starts or stops sampling, or sets the clock.
+(``seq_first``) as proof of commit. The driver never clears the device queue, starts or
+stops sampling, or sets the clock.
+
+The next record only becomes visible after the pop, so at most one record is ever
+uncommitted. Group ``mode`` decides how fast the queue drains: ``subscribe`` (the
+default) runs a drain task that emits a record, waits for its commit (one buffer commit
+interval, ~0.1 s), pops it and goes on, so a 3,000-record backlog after an outage clears
+in minutes; the group interval is then the idle period when the queue is empty and the
+scheduler's liveness check. ``poll`` hands out at most one new record per poll interval.
 
 A record that is older than the watermark but not the same record (the device clock was
 set back) is emitted, flagged ``uncertain`` (``timestamp_before_watermark``), never
@@ -54,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import hashlib
 import logging
 import time
@@ -67,7 +73,7 @@ from pydantic import Field, model_validator
 
 from agent.fields import Duration
 from agent.records import Block, Quality, Reason
-from drivers.base import ConnectionBase, DeviceError, Driver, PollGroup, TagBase, register
+from drivers.base import ConnectionBase, DeviceError, Driver, Emit, GroupSpec, PollGroup, TagBase, register
 
 log = logging.getLogger("cleanroom.drivers.serial_counter")
 
@@ -215,6 +221,15 @@ class Tag(TagBase):
         return self
 
 
+class Group(GroupSpec):
+    """The record group of one counter (a profile has exactly one: records drain once)."""
+
+    mode: Literal["subscribe", "poll"] = "subscribe"
+    """``subscribe``: drain continuously, the next record as soon as the previous one is
+    committed; the interval is the idle period and liveness check. ``poll``: at most one
+    new record per interval."""
+
+
 class Connection(ConnectionBase):
     """The serial port of one counter."""
 
@@ -327,7 +342,9 @@ class SerialCounterDriver(Driver):
 
     protocol: ClassVar[str] = "serial_counter"
     Tag: ClassVar[type[TagBase]] = Tag
+    Group: ClassVar[type[GroupSpec]] = Group
     Connection: ClassVar[type[ConnectionBase]] = Connection
+    supports_subscribe: ClassVar[bool] = True
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -340,6 +357,8 @@ class SerialCounterDriver(Driver):
         self._executor: ThreadPoolExecutor | None = None
         self._port: _Port | None = None
         self._inflight: _Inflight | None = None
+        self._drain: asyncio.Task[None] | None = None
+        self._drain_error: DeviceError | None = None
         self.serial_number: str | None = None
         last_ts = ctx.state.get("last_ts")
         self._newest_ts: int | None = int(last_ts) if last_ts and last_ts.isdigit() else None
@@ -383,6 +402,11 @@ class SerialCounterDriver(Driver):
             )
 
     async def close(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None:
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
         port, self._port = self._port, None
         executor, self._executor = self._executor, None
         if executor is not None:
@@ -415,10 +439,52 @@ class SerialCounterDriver(Driver):
             return text, None
 
     async def read(self, group: PollGroup) -> list[Block]:
+        if self._drain is not None:
+            # Subscribe mode: this is the scheduler's liveness check of the drain task.
+            if self._drain_error is not None:
+                raise self._drain_error
+            return []
+        block = await self._next_block(group)
+        return [] if block is None else [block]
+
+    async def subscribe(self, group: PollGroup, emit: Emit) -> None:
+        self._drain_error = None
+        self._drain = asyncio.create_task(self._drain_loop(group, emit), name=f"drain:{self.ctx.id}")
+
+    async def _drain_loop(self, group: PollGroup, emit: Emit) -> None:
+        try:
+            while True:
+                block = await self._next_block(group)
+                if block is None:
+                    await asyncio.sleep(group.interval_s)
+                    continue
+                emit(block)
+                await self._until_committed(block)
+        except DeviceError as exc:
+            self._drain_error = exc
+        except Exception as exc:  # a bug here must surface through the liveness check, not vanish
+            log.exception("%s: drain task failed", self.ctx.id)
+            self._drain_error = DeviceError("driver_error", repr(exc))
+
+    async def _until_committed(self, block: Block) -> None:
+        """Poll the committed watermark (the buffer offers no commit event to drivers),
+        at most ``commit_wait``; after that the record is handed out again."""
+        for _ in range(max(1, int(self.conn.commit_wait / 0.02))):
+            if self._committed() == self._digest_of(block):
+                return
+            await asyncio.sleep(0.02)
+
+    def _digest_of(self, block: Block) -> str | None:
+        inflight = self._inflight
+        return inflight.digest if inflight is not None and inflight.block is block else None
+
+    async def _next_block(self, group: PollGroup) -> Block | None:
+        """Pop what is committed; the next record as a block, or None (queue empty, or the
+        record handed out last is still waiting for its commit)."""
         while True:
             head = await self._head()
             if head is None:
-                return []
+                return None
             text, record = head
             digest = record_digest(text)
             if digest == self._committed():
@@ -430,7 +496,7 @@ class SerialCounterDriver(Driver):
         inflight = self._inflight
         if inflight is not None and inflight.digest == digest:
             if time.monotonic() - inflight.since < self.conn.commit_wait:
-                return []  # handed out, not yet committed: wait, never pop
+                return None  # handed out, not yet committed: wait, never pop
             self.ctx.stats.error("commit_wait_expired")
             log.warning(
                 "%s: record %s not committed after %.0fs; emitting it again",
@@ -447,7 +513,7 @@ class SerialCounterDriver(Driver):
                 self._newest_ts = record.ts_ns
         block = self._block(group, text, record, out_of_order)
         self._inflight = _Inflight(digest, block, time.monotonic(), out_of_order)
-        return [block]
+        return block
 
     def _block(self, group: PollGroup, text: str, record: CounterRecord | None, out_of_order: bool) -> Block:
         state = {"last_digest": record_digest(text), "serial": self.serial_number or ""}
