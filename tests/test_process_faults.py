@@ -205,3 +205,22 @@ def test_the_over_temperature_cut_out_stops_the_heater_independently() -> None:
     assert cut.any() and not cut[d["t"] <= H].any()
     assert (d["heater_pct"][cut] == 0).all()
     assert 37.8 < d["temperature_c"].max() < 38.5  # the cut-out (setpoint + 1 °C) limits the excursion
+
+
+def test_bag_leak_loses_weight_without_a_harvest() -> None:
+    br = faulty("bioreactor", "bag_leak", H, 5 * H, {"rate_ml_per_h": 25.0}, step_s=5.0)
+    d = trace(br, 0, 6 * H, 300.0)
+    t, w = d["t"], d["weight_kg"]
+    before = w[np.searchsorted(t, H)]
+    after = w[np.searchsorted(t, 5 * H)]
+    assert before - after == pytest.approx(4 * 0.025 * 1.01, abs=0.01)  # 100 mL at 1.01 kg/L
+    assert np.ptp(w[t > 5 * H]) < 0.015 and np.ptp(w[t <= H]) < 0.015  # flat outside the window
+    assert d["vcd_e6_per_ml"][t > 5 * H].min() > 0.25  # the liquid leaves with its cells
+
+
+def test_laser_failure_blinds_the_counter_and_says_so() -> None:
+    counts, inside, recs = counter("laser_failure", 2 * H, 3 * H, grade="C")
+    full = [(r, c) for r, c, i in zip(recs, counts, inside, strict=True) if i][1:-1]
+    assert full and all(not r.laser_ok and r.service and c.sum() == 0 for r, c in full)
+    assert all(r.laser_ok and not r.service for r, i in zip(recs, inside, strict=True) if not i)
+    assert counts[~inside, 0].min() > 0

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from simulators.process.base import Fault, ModelParams, ProcessModel, Signal, lag_alpha, register
 from simulators.process.control import PI, SUPPLY_LOW_BAR, heat_disturbance, supply_factor, supply_pressure
-from simulators.process.faults import ContaminationParams, DoStuckParams, PhDriftParams
+from simulators.process.faults import BagLeakParams, ContaminationParams, DoStuckParams, PhDriftParams
 
 O2_AIR = 0.2095
 HCO3_FRESH_MM = 24.0  # bicarbonate of fresh medium
@@ -128,6 +128,7 @@ class Bioreactor(ProcessModel):
             "contamination",
             "agitation_failure",
             "co2_supply_failure",
+            "bag_leak",
         }
     )
     SETPOINTS: ClassVar[Mapping[str, tuple[float, float]]] = {
@@ -328,7 +329,9 @@ class Bioreactor(ProcessModel):
         self.hco3 = max(0.3, self.hco3 + (-acid + exchange * (HCO3_FRESH_MM - self.hco3) + base_mm) * dt_h)
         self.ph_true = 6.1 + math.log10(self.hco3 / (CO2_MM_PER_PCT * (self.dco2 + RESIDUAL_CO2_PCT)))
         self.base_ml += base_l_per_h * 1000 * dt_h
-        self.volume += (feed_l_per_h + base_l_per_h) * dt_h
+        leak = faults.get("bag_leak")
+        leak_l_per_h = cast(BagLeakParams, leak.params).rate_ml_per_h / 1000 if leak is not None else 0.0
+        self.volume = max(0.05, self.volume + (feed_l_per_h + base_l_per_h - leak_l_per_h) * dt_h)
 
         # Cells: logistic growth after activation, slowed off-optimum; stress kills.
         sp_t = self._setpoints["temperature_setpoint_c"]

@@ -61,6 +61,13 @@ class ContaminationParams(Strict):
     """Bacteria per mL when the fault starts."""
 
 
+class BagLeakParams(Strict):
+    """A pin-hole or weld leak in the culture bag: liquid (with cells) is lost."""
+
+    rate_ml_per_h: float = Field(20.0, gt=0, le=1000)
+    """Liquid lost per hour; the weight falls without a harvest."""
+
+
 class ParticleFactorParams(Strict):
     """Extra particles on top of the room's background concentration."""
 
@@ -99,9 +106,11 @@ FAULT_PARAMS: dict[str, type[Strict]] = {
     "do_stuck": DoStuckParams,
     "contamination": ContaminationParams,
     "agitation_failure": NoParams,
+    "bag_leak": BagLeakParams,
     "particle_burst": ParticleBurstParams,
     "particle_elevation": ParticleFactorParams,
     "counter_flow_fault": CounterFlowFaultParams,
+    "laser_failure": NoParams,
     "comm_timeout": NoParams,
     "comm_garbled": NoParams,
     "comm_exception": CommExceptionParams,

@@ -157,7 +157,7 @@ class ParticleCounter(ProcessModel):
         "service",
         "threshold_high",
     )
-    FAULTS = frozenset({"particle_burst", "particle_elevation", "counter_flow_fault"})
+    FAULTS = frozenset({"particle_burst", "particle_elevation", "counter_flow_fault", "laser_failure"})
 
     params: ParticleCounterParams
 
@@ -266,7 +266,9 @@ class ParticleCounter(ProcessModel):
         flow = p.flow_lpm
         if flow_fault is not None:
             flow = p.flow_lpm + frac * (cast(CounterFlowFaultParams, flow_fault.params).flow_lpm - p.flow_lpm)
-        sampled_m3 = flow * (t1 - t0) / 60.0 / 1000.0
+        # With the laser out nothing is detected for that part of the sample.
+        dark, _ = self._overlap("laser_failure", t0, t1)
+        sampled_m3 = flow * (t1 - t0) / 60.0 / 1000.0 * (1.0 - dark)
         activity = rng.gamma(p.activity_shape, 1.0 / p.activity_shape)
         expected = conc * activity * sampled_m3
         differential = np.maximum(expected - np.append(expected[1:], 0.0), 0.0)
@@ -281,10 +283,10 @@ class ParticleCounter(ProcessModel):
             volume_l=nominal_l,
             flow_lpm=round(flow, 2),
             location=p.location,
-            laser_ok=True,
+            laser_ok=dark == 0.0,
             flow_ok=abs(flow - p.flow_lpm) <= 0.05 * p.flow_lpm,
             overflow=bool(conc[0] * activity > COINCIDENCE_LIMIT_PER_M3),
-            service=False,
+            service=dark > 0.0,
             threshold_high=self._over_limit(conc_measured),
             counts=tuple(int(c) for c in counts),
             temperature_c=round(20.5 + 0.3 * float(env[0]), 2),
@@ -335,14 +337,14 @@ class ParticleCounter(ProcessModel):
 
     def status(self) -> dict[str, bool]:
         last = self._last
-        flow_ok = "counter_flow_fault" not in self.faults.active(self.t)
+        active = self.faults.active(self.t)
         return {
             "running": self.running,
             "sampling": self.running and self.t >= self._sample_start,
             "device_error": False,
-            "laser_ok": True,
-            "flow_ok": flow_ok,
+            "laser_ok": "laser_failure" not in active,
+            "flow_ok": "counter_flow_fault" not in active,
             "overflow": bool(last and last.overflow),
-            "service": False,
+            "service": "laser_failure" in active,
             "threshold_high": bool(last and last.threshold_high),
         }
