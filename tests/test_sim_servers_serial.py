@@ -143,3 +143,12 @@ def test_doc_examples_have_valid_checksums() -> None:
         assert xor(payload.encode()) == cs, payload
     cmd = re.search(r"checksum \(`([A-Z0-9]+)\*([0-9A-F]{2})`\)", text)
     assert cmd and xor(cmd[1].encode()) == cmd[2]
+
+
+async def test_records_rotated_out_of_the_sensor_before_queueing_count_as_lost() -> None:
+    async with serve_counter_serial(speed=6000, seed=2, params={"buffer_size": 4}) as sim:
+        await wait_records(sim, 4)
+        await asyncio.sleep(0.2)  # ~20 more samples; the sensor keeps only the last 4
+        queued, lost = parse((await talk(sim, ["CST"]))[0]).split()[2:]
+        newest = sim.model.records()[-1].index
+        assert int(queued) == 4 and int(lost) == newest + 1 - 4  # every record is queued or counted

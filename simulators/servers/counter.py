@@ -178,10 +178,12 @@ class RecordQueue:
         self.capacity = capacity
         self.lost = 0
         self._seen = model.buffer[-1].index if model.buffer else -1
+        """Index of the last record taken (records before the queue existed are not owed)."""
 
     def pull(self) -> None:
         """Take the records completed since the last pull (call after advancing the model)."""
         for rec in self.model.records_since(self._seen):
+            self.lost += rec.index - self._seen - 1  # rotated out of the sensor's buffer unseen
             if len(self.queue) >= self.capacity:
                 self.queue.popleft()
                 self.lost += 1
