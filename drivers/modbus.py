@@ -260,7 +260,8 @@ class RecordLayout(Strict):
     """Tags of this group that, when true, make the record's other readings uncertain
     (reason ``device_status``), e.g. overflow or service due."""
     max_records_per_read: int = Field(default=100, ge=1)
-    """Records drained per poll at most, so one poll stays within its timeout; the rest follow next poll."""
+    """Records drained per poll at most (a poll also stops taking records after half the group's
+    timeout); the rest follow next poll."""
     backfill: bool = False
     """On first contact (no watermark yet), deliver the whole buffer instead of only the newest record."""
 
@@ -938,6 +939,10 @@ class _RecordReader:
             return [self.group.bad(exc.reason)]
 
     async def _drain(self) -> list[Block]:
+        # Blocks are returned only when the poll ends, so a poll the scheduler cancels
+        # delivers nothing: stop taking records after half the group's timeout, and a
+        # large backlog drains over several polls instead of never.
+        budget_end = time.monotonic() + 0.5 * self.group.timeout_s
         layout = self.layout
         count = (await self._values(self.count_plan))[0]
         if not isinstance(count, int) or count < 0:
@@ -976,6 +981,8 @@ class _RecordReader:
         blocks: list[Block] = []
         prev = wm
         for position in range(start, min(last, start + layout.max_records_per_read - 1) + 1):
+            if blocks and time.monotonic() > budget_end:
+                break
             block = await self._record(position)
             if prev is not None and _seconds(block) <= prev:
                 break  # positions moved under us: the rest comes next poll

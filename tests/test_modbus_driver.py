@@ -554,6 +554,7 @@ class Counter:
         self.selected = 0xFFFF
         self.writes = 0
         self.add_after_record_reads: int | None = None  # a new record arrives mid-drain
+        self.record_read_delay = 0.0  # a slow device or line
 
     def add(self, ts: int, status: int = 0, c1: int = 0, c2: int = 0) -> None:
         self.records = [*self.records, (ts, status, c1, c2)][-self.capacity :]
@@ -567,7 +568,9 @@ class Counter:
         elif fc == 3:
             regs[23] = len(self.records)
         elif fc == 4 and self.records:
-            if count > 2 and self.add_after_record_reads is not None:  # a whole record, not a probe
+            if count > 2:  # a whole record, not a timestamp probe
+                await asyncio.sleep(self.record_read_delay)
+            if count > 2 and self.add_after_record_reads is not None:
                 self.add_after_record_reads -= 1
                 if self.add_after_record_reads < 0:
                     self.add_after_record_reads = None
@@ -646,6 +649,26 @@ async def test_records_shifting_during_a_drain_lose_and_repeat_nothing() -> None
     delivered = [b.values[3] for b in polls[1] + polls[2]]
     assert delivered == [102, 103, 104, 105]
     assert not any(b.events for b in polls[1] + polls[2])  # nothing was lost at the device
+
+
+async def test_records_backlog_on_a_slow_device_drains_over_several_polls() -> None:
+    """Each poll stops taking records after half the group's timeout (so the scheduler
+    never cancels it empty-handed); the backlog still arrives complete and in order."""
+    counter = Counter(capacity=50)
+    for k in range(6):
+        counter.add(1_700_000_000 + 60 * k, c1=100 + k)
+    counter.record_read_delay = 0.06
+    groups = {"counts": {**RECORD_GROUPS["counts"], "timeout": "250ms"}}
+    groups["counts"]["records"] = {**RECORD_GROUPS["counts"]["records"], "max_records_per_read": 100}
+    async with serving(sim_device(1, holding=[0] * 30, inputs=[0] * 16, action=counter.action)) as srv:
+        drv = make_driver(RECORD_TAGS, srv.port, groups=groups, state={"counts.last_ts": "1699999999"})
+        await drv.connect()
+        try:
+            polls = [await drain(drv) for _ in range(6)]
+        finally:
+            await drv.close()
+    assert 1 <= max(len(p) for p in polls) < 6  # no single poll took the whole backlog
+    assert [b.values[3] for p in polls for b in p] == [100 + k for k in range(6)]
 
 
 async def test_records_cleared_at_the_device_is_a_loss_event() -> None:
