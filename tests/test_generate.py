@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +132,21 @@ def test_the_cli_writes_the_same_files(tmp_path: Path, capsys: pytest.CaptureFix
     ]
     with (tmp_path / "labels.csv").open() as fh:
         assert sum(1 for _ in fh) == 1 + 6
+
+
+def test_output_does_not_depend_on_the_interpreters_hash_seed(tmp_path: Path) -> None:
+    """Seeding uses a stable digest of the device id, never ``hash()`` (salted per process)."""
+    scenario = (
+        Path(__file__).resolve().parent.parent / "simulators" / "scenarios" / "cleanroom-particles.yaml"
+    )
+    code = (
+        "import sys; from simulators.process.generate import generate as g; g(sys.argv[1], 2, 5, sys.argv[2])"
+    )
+    root = Path(__file__).resolve().parent.parent
+    for salt in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": salt, "PYTHONPATH": str(root)}
+        subprocess.run(
+            [sys.executable, "-c", code, str(scenario), str(tmp_path / salt)], env=env, check=True, timeout=60
+        )
+    for f in sorted((tmp_path / "1").iterdir()):
+        assert f.read_bytes() == (tmp_path / "2" / f.name).read_bytes(), f.name
