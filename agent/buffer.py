@@ -50,7 +50,8 @@ class BufferConfig(Strict):
     max_bytes: ByteSize = Field(default=2 * 1024**3, ge=64 * 1024)
     """Upper bound of the live data (used database pages, including the WAL, which is checkpointed
     to stay within an eighth of it). When full, the oldest delivered rows are dropped first, then
-    the oldest undelivered ones, and the loss is recorded as a ``data_loss`` event."""
+    the oldest undelivered ones, and the loss is recorded as a ``data_loss`` event. Lowering it
+    deletes nothing at start; the following commits enforce it by the same rule."""
     synchronous: Literal["off", "normal", "full", "extra"] = "full"
     """SQLite durability of a commit. ``full`` (default): a committed record survives a power loss,
     at the price of one fsync per group commit (about ten per second with the default interval).

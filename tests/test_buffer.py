@@ -211,6 +211,19 @@ def test_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
         Buffer(cfg(tmp_path), "a1").open()
 
 
+async def test_config_change_keeps_backlog(tmp_path: Path) -> None:
+    """Reopening with other settings (durability, commit timing, a smaller cap) deletes nothing."""
+    core = Buffer(cfg(tmp_path, max_bytes="4MiB"), "a1")
+    core.open()
+    core.commit([block(n=50) for _ in range(400)])
+    before = core.pending(0, 10_000)
+    core.close()
+    buf = AsyncBuffer(cfg(tmp_path, max_bytes="1MiB", synchronous="full", commit_interval="5ms"), "a1")
+    await buf.open()
+    assert await buf.pending(0, 10_000) == before
+    await buf.close()
+
+
 CHILD = """
 import asyncio, sys
 from agent.buffer import AsyncBuffer, BufferConfig
@@ -290,6 +303,10 @@ class BufferMachine(RuleBasedStateMachine):
             assert e.kind == "data_loss" and e.seq == self.next_seq
             self.next_seq += 1
             self.lost += e.data["readings"]
+        if result.events:  # undelivered rows go only once no delivered row is left
+            assert not self.core.conn.execute(
+                "SELECT 1 FROM records WHERE delivered_ns IS NOT NULL"
+            ).fetchone()
 
     @rule(count=st.integers(1, 20))
     def deliver(self, count: int) -> None:
