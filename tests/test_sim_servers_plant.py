@@ -26,7 +26,7 @@ seed: 3
 devices:
   - {id: br-a, kind: bioreactor, protocol: modbus-tcp, endpoint: gw, unit_id: 1}
   - {id: br-b, kind: bioreactor, protocol: modbus-tcp, endpoint: gw, unit_id: 2,
-     faults: ["comm_exception@0s+1h"]}
+     faults: ["comm_exception=6@0s+1h"]}
   - {id: inc-a, kind: incubator, protocol: modbus-rtu, endpoint: bus, unit_id: 4, pty_link: LINK}
   - {id: pc-a, kind: particle_counter, protocol: serial, params: {grade: B}}
 """
@@ -49,7 +49,7 @@ async def test_plant_serves_each_device_where_its_endpoint_says(tmp_path: Path) 
         faulted = await tcp.read_input_registers(0, count=2, device_id=2)  # scenario comm fault
         tcp.close()
         assert not ok.isError() and 3500 < ok.registers[0] < 3900
-        assert faulted.isError() and faulted.exception_code == 4
+        assert faulted.isError() and faulted.exception_code == 6  # the scenario's code
 
         rtu = AsyncModbusSerialClient(eps["inc-a"]["connection"]["port"], timeout=1, retries=0)
         await rtu.connect()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from simulators.process.base import Clock, ProcessModel, create_model
-from simulators.servers.faults import CommFault, FaultSchedule, FaultWindow
+from simulators.servers.faults import DEFAULT_EXCEPTION_CODE, CommFault, FaultSchedule, FaultWindow
 
 Value = float | bool | str
 
@@ -50,13 +50,19 @@ class SimulatedDevice:
         return t
 
     def fault(self) -> FaultWindow | None:
-        """The communication fault to act out now: a CLI/test window first, else the scenario's."""
-        elapsed = self.clock.now() - self.model.start_time_s
-        window = self.faults.active(elapsed)
+        """The communication fault to act out now: a CLI/test window first, else the scenario's
+        (with its exception code, when the scenario gives one)."""
+        t = self.now()
+        window = self.faults.active(t - self.model.start_time_s)
         if window is not None:
             return window
         kind = self.model.comm_fault()
-        return FaultWindow(CommFault(kind), 0.0) if kind else None
+        if kind is None:
+            return None
+        scheduled = self.model.faults.active(self.model.t)[kind]
+        code = getattr(scheduled.params, "code", DEFAULT_EXCEPTION_CODE)
+        t0 = self.model.start_time_s
+        return FaultWindow(CommFault(kind), scheduled.start_s - t0, scheduled.end_s - t0, code)
 
     def values(self) -> dict[str, Value]:
         """Every named value a profile may show: signals, status bits and setpoints."""
