@@ -293,6 +293,34 @@ async def test_exception_replies_make_only_their_request_bad() -> None:
     assert errors["illegal_data_address"] == 2 and errors["slave_device_failure"] == 2
 
 
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (ExcCodes.ILLEGAL_FUNCTION, "illegal_function"),
+        (ExcCodes.ILLEGAL_ADDRESS, "illegal_data_address"),
+        (ExcCodes.ILLEGAL_VALUE, "illegal_data_value"),
+        (ExcCodes.DEVICE_FAILURE, "slave_device_failure"),
+        (ExcCodes.ACKNOWLEDGE, "acknowledge"),
+        (ExcCodes.DEVICE_BUSY, "server_busy"),
+        (ExcCodes.GATEWAY_PATH_UNAVIABLE, "gateway_path_unavailable"),
+        (ExcCodes.GATEWAY_NO_RESPONSE, "gateway_target_failed"),
+    ],
+)
+async def test_every_exception_code_has_its_reason(code: ExcCodes, reason: str) -> None:
+    async def action(fc: int, start: int, address: int, count: int, regs: list[int], values: Any) -> ExcCodes:
+        return code
+
+    async with serving(sim_device(1, action=action)) as srv:
+        driver = make_driver([{"name": "x", "address": 40001}], srv.port)
+        await driver.connect()
+        try:
+            block = await read_one(driver)
+        finally:
+            await driver.close()
+    assert block.values == [None] and block.reasons == [reason]
+    assert driver.ctx.stats.errors[reason] == 1
+
+
 async def test_server_busy_is_retried_after_the_configured_wait() -> None:
     busy = {"left": 2}
 
