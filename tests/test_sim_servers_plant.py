@@ -150,3 +150,24 @@ def test_cli_generate_writes_ground_truth(tmp_path: Path) -> None:
     assert len(rows) >= 20 and "ph" in rows[0]
     labels = list(csv.DictReader((tmp_path / "out" / "labels.csv").open()))
     assert [(lab["kind"], lab["device"]) for lab in labels] == [("ph_drift", "br-x")]
+
+
+def test_cli_device_from_a_scenario_on_a_serial_line(tmp_path: Path) -> None:
+    link = tmp_path / "pc"
+    scenario = ROOT / "simulators" / "scenarios" / "comm-faults.yaml"
+    cmd = ["particle-counter", "--protocol", "serial", "--scenario", str(scenario), "--pty-link", str(link)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulators.cli", *cmd], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().split() == ["pc-comm", "particle_counter", "serial", str(link)]
+        with serial.Serial(str(link), timeout=2) as port:
+            port.write(b"CSN\r\n")
+            assert port.readline().startswith(b"RSN LSR-SIM-")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
