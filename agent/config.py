@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,16 @@ from agent.fields import Duration, Strict
 from agent.forwarder import MqttConfig
 from agent.inference import ModelBindingConfig
 from agent.limits import LimitsConfig
-from drivers.base import ConnectionBase, Driver, GroupSpec, PollGroup, ProfileBase, build_groups, load_drivers
+from drivers.base import (
+    ConnectionBase,
+    Driver,
+    GroupSpec,
+    PollGroup,
+    ProfileBase,
+    available_protocols,
+    build_groups,
+    driver_for,
+)
 
 BUNDLED_PROFILES = Path(__file__).resolve().parent.parent / "deploy" / "profiles"
 """Profiles shipped with the agent (simulators and generic examples)."""
@@ -300,16 +309,14 @@ def _index_profiles(dirs: list[Path], problems: list[str]) -> dict[str, _Profile
     return found
 
 
-def _validate_profile(
-    source: _ProfileSource, registry: Mapping[str, type[Driver]], problems: list[str]
-) -> tuple[type[Driver], ProfileBase] | None:
-    if source.protocol not in registry:
-        known = ", ".join(sorted(registry))
+def _validate_profile(source: _ProfileSource, problems: list[str]) -> tuple[type[Driver], ProfileBase] | None:
+    driver = driver_for(source.protocol) if source.protocol else None
+    if driver is None:
+        known = ", ".join(available_protocols())
         problems.append(
             source.src.problem(("protocol",), f"{source.protocol!r} has no driver (known: {known})")
         )
         return None
-    driver = registry[source.protocol]
     try:
         return driver, driver.profile_model().model_validate(source.src.data)
     except ValidationError as exc:
@@ -343,7 +350,6 @@ def load_config(path: str | Path) -> LoadedConfig:
         problems.extend(_format_errors(src, exc))
         raise ConfigError(problems) from None
 
-    registry = load_drivers()
     profiles = _index_profiles(list(cfg.profiles_dirs), problems)
     validated: dict[str, tuple[type[Driver], ProfileBase] | None] = {}
     devices: list[ResolvedDevice] = []
@@ -361,7 +367,7 @@ def load_config(path: str | Path) -> LoadedConfig:
             problems.append(src.problem((*loc, "profile"), f"no profile {dev.profile!r} (known: {known})"))
             continue
         if dev.profile not in validated:
-            validated[dev.profile] = _validate_profile(profiles[dev.profile], registry, problems)
+            validated[dev.profile] = _validate_profile(profiles[dev.profile], problems)
         resolved = validated[dev.profile]
         if resolved is None:
             problems.append(src.problem((*loc, "profile"), f"profile {dev.profile!r} is invalid (see above)"))

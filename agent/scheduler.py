@@ -1,13 +1,16 @@
 """Polls every device on its own schedule and hands what it reads to the buffer.
 
 One :class:`DeviceRunner` per device, one task per poll group, so a dead or slow
-device never delays another. Polls start on absolute ticks (``t0 + k·interval``, the first at once) so
-there is no drift over hours; a poll still running at its next tick is an overrun
-(counted, the missed tick skipped). The runner owns the device connection: a failed
-connect or a :class:`~drivers.base.DeviceError` closes the driver and reconnects with
-exponential backoff and jitter, and while the device is away every tick of every
-group still yields a block of bad-quality readings, so the gap is visible downstream
-in the data itself, with ``device_state`` events marking its start and end.
+device never delays another. Polls start on absolute ticks (``t0 + k·interval``, the
+first at once), so there is no drift over hours. A poll that runs past whole ticks is
+an overrun: the missed ticks are counted and skipped, and a block of bad readings
+(reason ``overrun``) marks the hole; a poll merely late starts at once.
+
+The runner owns the device connection: a failed connect or a
+:class:`~drivers.base.DeviceError` closes the driver and reconnects with exponential
+backoff and jitter, and while the device is away every tick of every group still
+yields a block of bad-quality readings, so the gap is visible downstream in the data
+itself, with ``device_state`` events marking its start and end.
 
 Subscription groups (a driver with ``supports_subscribe`` and a group with
 ``mode: subscribe``) are subscribed after each connect; their tick calls ``read``,
@@ -198,14 +201,16 @@ class DeviceRunner:
         while True:
             k += 1
             tick = t0 + k * interval
-            delay = tick - time.monotonic()
-            if delay < 0:
-                skipped = math.floor(-delay / interval) + 1
-                stats.overruns += skipped
-                k += skipped
+            late = time.monotonic() - tick
+            if late >= interval:
+                # The previous poll ran past whole ticks: those polls did not happen.
+                # One bad block (reason ``overrun``) marks the hole in the data.
+                missed = math.floor(late / interval)
+                stats.overruns += missed
+                self._submit([group.bad(Reason.OVERRUN)], ())
+                k += missed
                 tick = t0 + k * interval
-                delay = tick - time.monotonic()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(max(0.0, tick - time.monotonic()))
             stats.jitter_s.append(time.monotonic() - tick)
             await self._poll_once(group, stats)
 

@@ -343,21 +343,37 @@ _NOT_DRIVERS = {"base", "codec"}
 
 
 def register(cls: type[Driver]) -> type[Driver]:
-    """Class decorator: make a driver available under its ``protocol`` name."""
+    """Class decorator: make a driver available under its ``protocol`` name (which must be
+    its module's name, see :func:`driver_for`)."""
     if cls.protocol in _REGISTRY and _REGISTRY[cls.protocol] is not cls:
         raise RuntimeError(f"two drivers claim protocol {cls.protocol!r}")
     _REGISTRY[cls.protocol] = cls
     return cls
 
 
-def load_drivers() -> dict[str, type[Driver]]:
-    """Import every driver module in this package (so adding a protocol is adding a
-    module) and return the registry."""
+def available_protocols() -> list[str]:
+    """Protocol names: a driver module's name is its protocol, so nothing lists them twice."""
     import drivers
 
-    for mod in pkgutil.iter_modules(drivers.__path__):
-        if not mod.name.startswith("_") and mod.name not in _NOT_DRIVERS:
-            importlib.import_module(f"drivers.{mod.name}")
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(drivers.__path__)
+        if not m.name.startswith("_") and m.name not in _NOT_DRIVERS
+    )
+
+
+def driver_for(protocol: str) -> type[Driver] | None:
+    """The driver of ``protocol``, importing its module on first use: an agent without OPC UA
+    devices never loads the OPC UA stack (memory on a small gateway is not free)."""
+    if protocol not in _REGISTRY and protocol in available_protocols():
+        importlib.import_module(f"drivers.{protocol}")
+    return _REGISTRY.get(protocol)
+
+
+def load_drivers() -> dict[str, type[Driver]]:
+    """Import every driver module (for generated docs and tests) and return the registry."""
+    for protocol in available_protocols():
+        driver_for(protocol)
     return dict(_REGISTRY)
 
 
