@@ -143,7 +143,8 @@ def decode(
 ) -> int | float | bool | str:
     """Decode one value from exactly the registers it occupies.
 
-    ``bit`` selects one bit of a 16-bit register (the result is a ``bool``); ``length``
+    ``bit`` selects one bit of a 16-bit register (the result is a ``bool``; a ``bool``
+    without a bit is "register non-zero", as devices that flag with 0/1 or 0/0xFFFF mean it); ``length``
     is the character count of a string (trailing NULs and spaces are dropped: devices
     pad fixed-width text fields with either). Non-ASCII text is a :class:`CodecError`:
     a garbled name must not pass as a valid one.
@@ -153,7 +154,7 @@ def decode(
         if len(regs) != 1:
             raise CodecError(f"a bit field needs 1 register, got {len(regs)}")
         word = int(_byteswap(regs)[0]) if _swaps(order)[1] else int(regs[0])
-        return bool((word >> (bit or 0)) & 1)
+        return word != 0 if bit is None else bool((word >> bit) & 1)
     expected = register_count(dtype, length)
     if len(regs) != expected:
         raise CodecError(f"{dtype} needs {expected} register(s), got {len(regs)}")

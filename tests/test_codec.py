@@ -100,6 +100,8 @@ def test_word_orders_match_vendor_layouts() -> None:
     assert encode(25.0, DataType.FLOAT32, WordOrder.DCBA) == [0x0000, 0xC841]
     assert decode([0x0001, 0x0000], DataType.UINT32, WordOrder.ABCD) == 65536
     assert decode([0x0001, 0x0000], DataType.UINT32, WordOrder.CDAB) == 1
+    assert decode([0xFFFF], DataType.BOOL) is True and decode([2], DataType.BOOL) is True
+    assert decode([0], DataType.BOOL) is False and decode([2], DataType.BOOL, bit=0) is False
     assert decode([0x4142], DataType.STRING, length=2) == "AB"
     assert decode([0x4142], DataType.STRING, WordOrder.BADC, length=2) == "BA"
 
