@@ -144,9 +144,9 @@ def decode(
     """Decode one value from exactly the registers it occupies.
 
     ``bit`` selects one bit of a 16-bit register (the result is a ``bool``; a ``bool``
-    without a bit is "register non-zero", as devices that flag with 0/1 or 0/0xFFFF mean it); ``length``
-    is the character count of a string (trailing NULs and spaces are dropped: devices
-    pad fixed-width text fields with either). Non-ASCII text is a :class:`CodecError`:
+    without a bit means "register non-zero", as devices flagging with 0/1 or 0/0xFFFF
+    mean it). ``length`` is the character count of a string (trailing NULs and spaces
+    are dropped: devices pad fixed-width text fields with either). Non-ASCII text is a :class:`CodecError`:
     a garbled name must not pass as a valid one.
     """
     regs = as_registers(registers)
