@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,6 @@ class ModbusSim:
     host: str = "127.0.0.1"
     port: int | None = None
     pty_path: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> SimulatedDevice:
@@ -312,7 +311,7 @@ def make_units(
     """Units of one kind, device ids ``<kind>-<unit>`` unless given; each unit its own model
     (seeded from ``seed`` and its device id, so units differ but runs repeat)."""
     data = load_profile(profile or DEFAULT_PROFILES[(kind, transport)])
-    ids = list(device_ids) if device_ids else [f"{kind}-{u}" for u in unit_ids]
+    ids = list(device_ids) if device_ids else [f"{kind.replace('_', '-')}-{u}" for u in unit_ids]
     units: dict[int, ModbusUnit] = {}
     for uid, dev_id in zip(unit_ids, ids, strict=True):
         device = SimulatedDevice.create(
@@ -346,11 +345,21 @@ async def serve_modbus(
     faults: Sequence[str] = (),
     clock: Clock | None = None,
     pty_link: Path | None = None,
+    device_ids: Sequence[str] | None = None,
 ) -> AsyncIterator[ModbusSim]:
-    """Run a Modbus simulator for the duration of the ``async with`` block."""
+    """Run a Modbus simulator for the duration of the ``async with`` block: one device per
+    unit id (ids ``<kind>-<unit>`` unless ``device_ids`` names them), one shared clock."""
     clock = clock or Clock(speed)
     units = make_units(
-        kind, transport, unit_ids, clock=clock, seed=seed, profile=profile, params=params, faults=faults
+        kind,
+        transport,
+        unit_ids,
+        clock=clock,
+        seed=seed,
+        profile=profile,
+        params=params,
+        faults=faults,
+        device_ids=device_ids,
     )
     server = ModbusServer(units)
     sim = ModbusSim(server, {u: unit.device for u, unit in units.items()}, clock, host)
