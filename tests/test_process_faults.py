@@ -130,6 +130,7 @@ def test_contamination_crashes_do_and_ph_faster_than_t_cells_could() -> None:
     assert d["viability_pct"][late].min() < d["viability_pct"][before].min() - 5
     # The bag is discarded when the window closes: a fresh batch is seeded.
     assert d["vcd_e6_per_ml"][t > 36 * H].max() < 0.4 and d["do_pct"][-1] > 30
+    assert d["culture_day"][-1] == pytest.approx(1 / 24, abs=0.01)
 
 
 def test_agitation_failure_stops_rocking_and_do_falls() -> None:

@@ -70,6 +70,15 @@ def test_a_full_batch_grows_cells_and_makes_the_controllers_work_harder() -> Non
     assert 0.02 <= mu <= 0.05
 
 
+def test_batches_cycle_so_long_runs_stay_realistic() -> None:
+    br = create_model("bioreactor", "br-01", seed=1, params={"run_days": 2.0, "step_s": 30.0})
+    data = trace(br, 5 * 24, every_s=3600.0)
+    day = data["culture_day"]
+    assert day.max() < 2.0 and list(np.flatnonzero(np.diff(day) < 0) + 1) == [48, 96]
+    assert data["vcd_e6_per_ml"][[48, 96]] == pytest.approx(0.3, rel=0.05)  # re-seeded
+    assert data["volume_l"][48] == 0.5 and data["base_added_ml"][48] == 0.0
+
+
 @pytest.mark.parametrize(("grade", "state"), sorted(GRADE_LIMITS))
 def test_particle_background_sits_under_the_grade_limit(grade: str, state: str) -> None:
     pc = create_model("particle_counter", "pc-01", seed=2, params={"grade": grade, "state": state})

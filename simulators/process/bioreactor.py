@@ -181,14 +181,18 @@ class Bioreactor(ProcessModel):
         self.base_on = False
         self.ph_offset = 0.0
         self.do_frozen: float | None = None
-        self._batch = -1
+        self._batch_start_s = self.start_time_s
         self._seed_culture()
         # Zero-length control passes so flows read their steady values before the first step.
         self._do_cascade(0.0, {})
         self._ph_control(0.0)
 
     def _seed_culture(self) -> None:
-        """Inoculate a fresh bag: new medium, seed cells, controllers kept."""
+        """Inoculate a fresh bag: new medium, seed cells, controllers kept.
+
+        Called at start-up, ``run_days`` after the last inoculation, and when a
+        contamination window closes (the bag is discarded and the run restarted).
+        """
         p = self.params
         self.volume = p.initial_volume_l
         self.xv = p.seed_vcd_e6_per_ml
@@ -209,13 +213,10 @@ class Bioreactor(ProcessModel):
         self.weight = self.volume * 1.01
 
     def _step(self, t_s: float, dt_s: float, faults: dict[str, Fault]) -> None:
-        p = self.params
-        run_s = p.run_days * 86400.0
-        batch = int((t_s - self.start_time_s) // run_s)
-        if batch != self._batch or self._contamination_ended(faults):
-            self._batch = batch
+        if t_s - self._batch_start_s >= self.params.run_days * 86400.0 or self._contamination_ended(faults):
+            self._batch_start_s = t_s
             self._seed_culture()
-        age_h = ((t_s - self.start_time_s) - batch * run_s) / 3600.0
+        age_h = (t_s - self._batch_start_s) / 3600.0
         dt_h = dt_s / 3600.0
         n = self.noise
 

@@ -9,7 +9,7 @@ occurrence is also a ground-truth label ``(kind, device, start, end)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,8 +147,8 @@ class Fault:
 class FaultSet:
     """The faults scheduled on one device; models ask it what is active at a time."""
 
-    def __init__(self, faults: Iterable[Fault] = ()) -> None:
-        self._faults: list[Fault] = sorted(faults, key=lambda f: f.start_s)
+    def __init__(self) -> None:
+        self._faults: list[Fault] = []
 
     def add(self, fault: Fault) -> None:
         self._faults.append(fault)
@@ -156,9 +156,6 @@ class FaultSet:
 
     def __iter__(self) -> Iterator[Fault]:
         return iter(self._faults)
-
-    def __len__(self) -> int:
-        return len(self._faults)
 
     def active(self, t_s: float) -> dict[str, Fault]:
         """Active faults by kind (if two of a kind overlap, the earlier one wins)."""
