@@ -157,6 +157,7 @@ class Forwarder:
         self._client_lock = threading.Lock()
         self._stopping = False
         self._connected = False
+        self._refused = False
         self._session_ended = asyncio.Event()
         self._wake = asyncio.Event()
         self._mark_wake = asyncio.Event()
@@ -219,6 +220,7 @@ class Forwarder:
         with self._client_lock:
             if self._stopping:
                 return False
+            self._refused = False
             client = self._client
             client.loop_stop()
             if self.cfg.protocol == "5":
@@ -237,6 +239,7 @@ class Forwarder:
 
     def _on_connect(self, ok: bool, reason: str) -> None:
         if not ok:
+            self._refused = True
             error = f"broker refused connection: {reason}"
             if error != self._last_error:  # once per streak, not once per retry
                 log.error("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
@@ -255,10 +258,16 @@ class Forwarder:
         was = self._connected
         self._connected = False
         self._session_ended.set()
-        if was and not self._stopping:
+        if self._stopping:
+            return
+        if was:
             self._last_error = f"disconnected: {reason}"
             log.warning("lost broker connection (%s); %d publishes in flight will be resent",
                         reason, len(self._inflight))  # fmt: skip
+        elif not self._refused:
+            # Closed before a CONNACK, without a refusal: e.g. the broker rejected our client
+            # certificate after the TLS 1.3 handshake had already completed on our side.
+            self._last_error = f"connection closed before the broker accepted it: {reason}"
 
     def _on_puback(self, mid: int, ok: bool, reason: str) -> None:
         status = self._status_acks.pop(mid, None)

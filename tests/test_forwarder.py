@@ -426,56 +426,69 @@ def make_pki(d: Path) -> dict[str, Path]:
         out[ca] = d / f"{ca}.pem"
         out[ca].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     ca_key, ca_cert = cas["ca"]
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("localhost"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
+    leaves = {
+        "server": ("localhost", ExtendedKeyUsageOID.SERVER_AUTH),
+        "client": ("edge-gateway", ExtendedKeyUsageOID.CLIENT_AUTH),
+    }
+    for leaf, (cn, usage) in leaves.items():
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName(cn), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    out["cert"] = d / "server.pem"
-    out["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    out["key"] = write_key(key, d / "server.key")
+        out[f"{leaf}_cert"] = d / f"{leaf}.pem"
+        out[f"{leaf}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out[f"{leaf}_key"] = write_key(key, d / f"{leaf}.key")
     return out
 
 
-async def test_tls_with_verification(make_rig: Callable[..., Any]) -> None:
+async def test_tls_verified_both_ways(make_rig: Callable[..., Any]) -> None:
+    """The broker's certificate is verified (an unknown CA fails), and the broker requires ours."""
     broker = Mosquitto()
     os.chmod(broker.dir, 0o755)  # mosquitto started as root reads the certificates as its own user
     pki = make_pki(broker.dir)
     plain = free_port()
-    tls_conf = f"cafile {pki['ca']}\ncertfile {pki['cert']}\nkeyfile {pki['key']}\n"
+    tls_conf = (
+        f"cafile {pki['ca']}\ncertfile {pki['server_cert']}\nkeyfile {pki['server_key']}\n"
+        "require_certificate true\n"
+    )
     broker.conf.write_text(broker.conf.read_text() + tls_conf + f"listener {plain} 127.0.0.1\n")
     broker.start()
     try:
         wait_for(lambda: _accepting(plain), what="plain listener")
         collector = Collector(plain)
         try:
-            wrong = await make_rig(broker.port, tls={"enabled": True, "ca_file": str(pki["other_ca"])})
-            good = await make_rig(
-                broker.port, tls={"enabled": True, "ca_file": str(pki["ca"])}, client_id="good"
-            )
-            await until(lambda: good.fw.stats()["connected"], what="TLS connection with a verified broker")
+            mine = {"cert_file": str(pki["client_cert"]), "key_file": str(pki["client_key"])}
+            tls = {"enabled": True, "ca_file": str(pki["ca"])}
+            wrong_ca = await make_rig(broker.port, tls={**tls, **mine, "ca_file": str(pki["other_ca"])})
+            no_cert = await make_rig(broker.port, tls=tls, client_id="no-cert")
+            good = await make_rig(broker.port, tls={**tls, **mine}, client_id="good")
+            await until(lambda: good.fw.stats()["connected"], what="mutual TLS connection")
             good.buf.submit([blocks_for("d1", 1)])
             await good.buf.flush()
             await until(lambda: received_seqs(collector.messages, "d1") == [0, 1, 2, 3], what="over TLS")
-            await until(lambda: wrong.fw.stats()["reconnects"] >= 1, what="attempt against an unknown CA")
-            assert not wrong.fw.stats()["connected"]
-            assert "certificate verify failed" in wrong.fw.stats()["last_error"]
+            await until(lambda: wrong_ca.fw.stats()["reconnects"] >= 1, what="attempt against an unknown CA")
+            assert "certificate verify failed" in wrong_ca.fw.stats()["last_error"]
+            await until(lambda: no_cert.fw.stats()["reconnects"] >= 1, what="attempt without a client cert")
+            assert not wrong_ca.fw.stats()["connected"] and not no_cert.fw.stats()["connected"]
+            assert "before the broker accepted it" in no_cert.fw.stats()["last_error"]
+            assert (await no_cert.buf.stats())["depth_records"] == 0  # it had nothing; the good one delivered
         finally:
             collector.close()
     finally:
