@@ -21,6 +21,7 @@ which for such a group is the driver's liveness check (it returns nothing, or ra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -218,6 +219,10 @@ class DeviceRunner:
         stats.polls += 1
         acq = now_ns()
         stats.last_poll_ns = acq
+        if not self.connected and self.state == "connecting":
+            # A connect attempt is under way: give it the poll's time before calling the poll failed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.up.wait(), self._poll_deadline(group))
         if not self.connected:
             stats.failed += 1
             self._submit([group.bad(self.last_error or Reason.NOT_CONNECTED, acq)], ())
