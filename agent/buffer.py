@@ -597,8 +597,10 @@ class AsyncBuffer:
         self._listeners.append(cb)
 
     def submit(self, blocks: Sequence[Block] = (), events: Sequence[Event] = ()) -> None:
-        if self._closing or self._exec is None:
-            raise RuntimeError("buffer is closed: nothing can be submitted")
+        # While closing, the committer still drains the queue, so a listener reacting to the last
+        # commits (a limit event) is not lost; once it has finished, submitting is a bug.
+        if self._task is None or self._task.done():
+            raise RuntimeError("buffer is not open: nothing can be submitted")
         if not self._queue:
             self._first_queued = time.monotonic()
         self._queue.extend(blocks)

@@ -345,3 +345,26 @@ TestBufferMachine = BufferMachine.TestCase
 TestBufferMachine.settings = settings(
     max_examples=15, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+async def test_events_submitted_by_listeners_during_close_are_committed(tmp_path: Path) -> None:
+    buf = AsyncBuffer(cfg(tmp_path), "a1")
+    await buf.open()
+
+    def react(blocks: Sequence[Block], events: Sequence[Event]) -> None:
+        for b in blocks:
+            buf.submit((), [Event(b.device, "excursion", data={"seq": b.seq_first})])
+
+    buf.add_listener(react)
+    buf.submit([block()])
+    await buf.close()
+    with pytest.raises(RuntimeError, match="not open"):
+        buf.submit([block()])
+    core = Buffer(cfg(tmp_path), "a1")
+    core.open()
+    rows = core.pending(0, 10)
+    core.close()
+    assert [(r.kind, json.loads(r.body).get("kind")) for r in rows] == [
+        ("data", None),
+        ("event", "excursion"),
+    ]
