@@ -25,15 +25,15 @@ async def test_address_space_values_writes_subscription_and_faults() -> None:
             idx = await client.get_namespace_index(NAMESPACE)
             # browsable by path, LADS-like: device / function / variable, with EU properties
             current = await client.nodes.objects.get_child(
-                [f"{idx}:Bioreactor", f"{idx}:Temperature", f"{idx}:CurrentValue"]
+                [f"{idx}:Bioreactor", f"{idx}:FunctionalUnit", f"{idx}:Temperature", f"{idx}:CurrentValue"]
             )
-            assert current.nodeid == ua.NodeId("Bioreactor.Temperature.CurrentValue", idx)
+            assert current.nodeid == ua.NodeId("Bioreactor.FunctionalUnit.Temperature.CurrentValue", idx)
             eu_range = await client.get_node(
-                ua.NodeId("Bioreactor.Temperature.CurrentValue.EURange", idx)
+                ua.NodeId("Bioreactor.FunctionalUnit.Temperature.CurrentValue.EURange", idx)
             ).read_value()
             assert (eu_range.Low, eu_range.High) == (0.0, 60.0)
             units = await client.get_node(
-                ua.NodeId("Bioreactor.Temperature.CurrentValue.EngineeringUnits", idx)
+                ua.NodeId("Bioreactor.FunctionalUnit.Temperature.CurrentValue.EngineeringUnits", idx)
             ).read_value()
             assert units.DisplayName.Text == "degC" and units.UnitId == int.from_bytes(b"CEL", "big")
 
@@ -54,7 +54,7 @@ async def test_address_space_values_writes_subscription_and_faults() -> None:
             assert served["state"] == "Running"
 
             # setpoints: writable, range enforced by the device
-            target = client.get_node(ua.NodeId("Bioreactor.Temperature.TargetValue", idx))
+            target = client.get_node(ua.NodeId("Bioreactor.FunctionalUnit.Temperature.TargetValue", idx))
             await target.write_value(ua.DataValue(ua.Variant(36.5, ua.VariantType.Double)))
             assert sim.model.setpoints()["temperature_setpoint_c"] == 36.5
             with pytest.raises(ua.uaerrors.BadOutOfRange):
@@ -73,7 +73,7 @@ async def test_address_space_values_writes_subscription_and_faults() -> None:
 
             sub = await client.create_subscription(50, Handler())
             await sub.subscribe_data_change(
-                client.get_node(ua.NodeId("Bioreactor.CultureDay.SensorValue", idx))
+                client.get_node(ua.NodeId("Bioreactor.FunctionalUnit.CultureDay.SensorValue", idx))
             )
             first = await asyncio.wait_for(changes.get(), 3)
             second = await asyncio.wait_for(changes.get(), 3)
@@ -100,7 +100,7 @@ async def test_address_space_values_writes_subscription_and_faults() -> None:
         await asyncio.sleep(0.3)
         async with Client(sim.url, timeout=5) as client:
             idx = await client.get_namespace_index(NAMESPACE)  # same index after the outage
-            node = client.get_node(ua.NodeId("Bioreactor.PH.CurrentValue", idx))
+            node = client.get_node(ua.NodeId("Bioreactor.FunctionalUnit.PH.CurrentValue", idx))
             dv = await node.read_data_value()
             assert dv.StatusCode.is_good() and 6.5 < dv.Value.Value < 7.8
 
@@ -127,7 +127,9 @@ async def test_secure_endpoints_and_user_login(tmp_path: Path) -> None:
         client.set_password("s3cret")
         async with client:
             idx = await client.get_namespace_index(NAMESPACE)
-            value = await client.get_node(ua.NodeId("Bioreactor.DO.CurrentValue", idx)).read_value()
+            value = await client.get_node(
+                ua.NodeId("Bioreactor.FunctionalUnit.DO.CurrentValue", idx)
+            ).read_value()
             assert 0 < value < 200
 
         anonymous = Client(sim.url, timeout=5)
