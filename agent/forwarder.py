@@ -316,7 +316,7 @@ class Forwarder:
             self._session_ended.clear()
             try:
                 started = await asyncio.to_thread(self._connect_blocking)
-            except (OSError, ssl.SSLError, ValueError) as exc:
+            except Exception as exc:  # OSError, ssl.SSLError, ValueError...: never end the retry loop
                 self._last_error = f"connect to {self.cfg.host}:{self.cfg.port} failed: {exc}"
                 if attempts == 0:
                     log.warning("%s; retrying with backoff", self._last_error)
