@@ -51,6 +51,9 @@ def register(subparsers: Any) -> None:
     t.add_argument(
         "--exclude-after", type=parse_duration, default=7200.0, help="recovery time dropped after faults"
     )
+    t.add_argument(
+        "--skip-start", type=parse_duration, default=0.0, help="start-up transient to drop per series"
+    )
     t.add_argument("--units", default="", help="signal=unit,... for the manifest")
     t.add_argument("--notes", default="", help="provenance notes (scenario, seeds)")
     t.set_defaults(func=_guard(cmd_train))
@@ -163,6 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         false_alarms_per_week=args.false_alarms_per_week,
         units=units,
         notes=args.notes,
+        skip_start=args.skip_start,
         **({"intended_use": args.intended_use} if args.intended_use else {}),
     )
     path = train(kept, opts, args.out, excluded_rows=excluded)

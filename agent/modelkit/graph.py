@@ -24,20 +24,24 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 17
 IR_VERSION = 9
 FEATURES_PER_SIGNAL = 3
-LOG_SD_EPS = 1e-3
-"""Added to the window σ (in training σ units) before the log, so a flat line is finite."""
+LOG_SD_FLOOR = 1e-6
+"""Smallest per-signal epsilon added to the window σ before the log (a flat line stays finite)."""
 
 
 def _init(name: str, value: Any, dtype: Any = np.float32) -> TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
 
-def _feature_part(mean: np.ndarray, std: np.ndarray, window: int) -> tuple[list[Any], list[TensorProto]]:
-    """Nodes from ``window`` to ``features`` ``[N, 3S]`` (mean | log σ | last - first)."""
+def _feature_part(
+    mean: np.ndarray, std: np.ndarray, window: int, sd_eps: np.ndarray
+) -> tuple[list[Any], list[TensorProto]]:
+    """Nodes from ``window`` to ``features`` ``[N, 3S]`` (mean | log σ | last - first).
+    ``sd_eps`` (per signal, training σ units) is a small fraction of the signal's typical
+    window σ, so a stuck sensor lands far below every normal window on the log scale."""
     inits = [
         _init("sig_mean", mean),
         _init("sig_std", std),
-        _init("log_eps", LOG_SD_EPS),
+        _init("log_eps", np.maximum(sd_eps, LOG_SD_FLOOR)),
         _init("idx_last", window - 1, np.int64),
         _init("idx_first", 0, np.int64),
     ]
@@ -90,10 +94,10 @@ def _finish(graph: Any, extra_opsets: dict[str, int] | None = None) -> onnx.Mode
     return model
 
 
-def feature_model(mean: np.ndarray, std: np.ndarray, window: int) -> onnx.ModelProto:
+def feature_model(mean: np.ndarray, std: np.ndarray, window: int, sd_eps: np.ndarray) -> onnx.ModelProto:
     """The feature part alone: training computes its features with exactly the graph the
     deployed model contains."""
-    nodes, inits = _feature_part(mean, std, window)
+    nodes, inits = _feature_part(mean, std, window, sd_eps)
     x, feats = _io(window, len(mean))
     return _finish(helper.make_graph(nodes, "features", [x], [feats], inits))
 
@@ -102,6 +106,7 @@ def pca_model(
     mean: np.ndarray,
     std: np.ndarray,
     window: int,
+    sd_eps: np.ndarray,
     f_mean: np.ndarray,
     f_std: np.ndarray,
     loadings: np.ndarray,
@@ -112,7 +117,7 @@ def pca_model(
     """PCA monitor: score = T²/t2_ref + Q/q_ref, decomposed exactly per feature:
     T² = Σ_f z_f (P Λ⁻¹ Pᵀ z)_f and Q = Σ_f r_f², with r = z - P Pᵀ z."""
     n = len(mean)
-    nodes, inits = _feature_part(mean, std, window)
+    nodes, inits = _feature_part(mean, std, window, sd_eps)
     inits += [
         _init("f_mu", f_mean),
         _init("f_sd", f_std),
@@ -152,6 +157,7 @@ def iforest_model(
     mean: np.ndarray,
     std: np.ndarray,
     window: int,
+    sd_eps: np.ndarray,
     f_mean: np.ndarray,
     f_std: np.ndarray,
     forest: onnx.ModelProto,
@@ -162,7 +168,7 @@ def iforest_model(
     score = -decision_function (positive = anomalous); contrib = standardised squared
     feature deviation per signal (the forest has no exact attribution)."""
     n = len(mean)
-    nodes, inits = _feature_part(mean, std, window)
+    nodes, inits = _feature_part(mean, std, window, sd_eps)
     forest_graph = onnx.compose.add_prefix_graph(forest.graph, "if_")
     inits += [_init("f_mu", f_mean), _init("f_sd", f_std), _init("score_shape", [-1], np.int64)]
     nodes += [

@@ -50,7 +50,10 @@ class Hysteresis(Strict):
     raise_after: int = Field(default=3, ge=1)
     """Consecutive windows over the threshold that raise an alarm."""
     clear_after: int = Field(default=6, ge=1)
-    """Consecutive windows under the threshold that clear it."""
+    """Consecutive windows under ``clear_ratio`` x threshold that clear it."""
+    clear_ratio: float = Field(default=0.7, gt=0, le=1)
+    """An active alarm counts a window as "under" only below this fraction of the threshold, so a
+    score hovering at the threshold while the process recovers does not clear and re-raise."""
 
 
 class DriftBounds(Strict):

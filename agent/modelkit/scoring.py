@@ -84,6 +84,7 @@ class Settings:
     raise_after: int
     clear_after: int
     min_completeness: float
+    clear_ratio: float = 0.7
 
     @classmethod
     def of(cls, manifest: Manifest, **overrides: Any) -> Settings:
@@ -96,6 +97,7 @@ class Settings:
             raise_after=int(pick("raise_after", manifest.hysteresis.raise_after)),
             clear_after=int(pick("clear_after", manifest.hysteresis.clear_after)),
             min_completeness=float(pick("min_completeness", manifest.min_completeness)),
+            clear_ratio=manifest.hysteresis.clear_ratio,
         )
 
 
@@ -432,7 +434,9 @@ class Track:
             score = float(scores[j])
             self.last_score = score
             self.windows_scored += 1
-            change = self.debounce.update(score > thr)
+            change = self.debounce.update(
+                score > (thr * self.settings.clear_ratio if self.debounce.active else thr)
+            )
             if self.debounce.active and (change or score > self._peak):
                 if change:
                     self._started = ts

@@ -3,8 +3,8 @@
 Data flow: CSV(s) -> rows labelled abnormal or inside fault windows dropped -> the
 agent's own resampling/windowing (:mod:`.scoring`) -> features computed by the
 feature part of the ONNX graph itself -> fit (PCA in numpy, isolation forest in
-scikit-learn) -> full graph -> threshold calibrated on held-out normal windows (the
-last part of each series in time, never used for fitting).
+scikit-learn) -> full graph -> threshold calibrated on held-out normal windows
+(time blocks spread over each series, never used for fitting).
 
 Threshold rule (times ``margin``), the largest of: the smallest threshold at which the
 fitting data raise no alarm, the same for the held-out data, and the threshold whose
@@ -42,6 +42,19 @@ from agent.modelkit.scoring import DriftMonitor, LoadedModel, SlotAccumulator, W
 
 MAX_FIT_WINDOWS = 20_000
 """Windows used for fitting (strided evenly): more adds time, not information."""
+SD_EPS_FRACTION = 0.01
+"""Log-σ feature epsilon as a fraction of the signal's median window σ (see graph)."""
+HOLDOUT_BLOCKS = 10
+"""Each series is cut into this many time blocks; evenly spread ones are held out, so the
+held-out data cover every phase of a run (a culture's day 1 differs from its day 10)."""
+
+
+def _holdout_mask(ts: np.ndarray, fraction: float) -> np.ndarray:
+    block = np.minimum(
+        ((ts - ts[0]) / max(1e-9, ts[-1] - ts[0]) * HOLDOUT_BLOCKS).astype(int), HOLDOUT_BLOCKS - 1
+    )
+    chosen = np.array([int((i + 1) * fraction) > int(i * fraction) for i in range(HOLDOUT_BLOCKS)])
+    return np.asarray(chosen[block])
 
 
 @dataclass
@@ -65,6 +78,9 @@ class TrainOptions:
     """Calibration target per device (the acceptance limit is 1; the target leaves room)."""
     drift_window: float = 21600.0
     seed: int = 0
+    skip_start: float = 0.0
+    """Seconds dropped at the start of every series (start-up transients that are not the
+    operating state the model is for; state it in the model card)."""
     units: dict[str, str] = field(default_factory=dict)
     notes: str = ""
 
@@ -170,11 +186,13 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
     period = opts.period or float(np.median(np.concatenate([np.diff(ds.ts) for ds in datasets])))
     if not period > 0:
         raise ModelError("cannot infer the sampling period (timestamps repeat); give --period")
+    if opts.skip_start > 0:
+        datasets = [ds.select(ds.ts >= ds.ts[0] + opts.skip_start) for ds in datasets]
     fit_parts, hold_parts = [], []
     for ds in datasets:
-        cut = ds.ts[0] + (ds.ts[-1] - ds.ts[0]) * (1 - opts.holdout)
-        fit_parts.append(ds.select(ds.ts < cut))
-        hold_parts.append(ds.select(ds.ts >= cut))
+        held = _holdout_mask(ds.ts, opts.holdout)
+        fit_parts.append(ds.select(~held))
+        hold_parts.append(ds.select(held))
     specs = signal_specs(np.vstack([d.values for d in fit_parts]), names, opts.units)
     mean = np.array([s.mean for s in specs])
     std = np.array([s.std for s in specs])
@@ -189,15 +207,17 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
             f"too little complete data: {len(fit_w)} fitting and {len(hold_w)} held-out windows of "
             f"{opts.window} x {period:g} s (need 50 and 10)"
         )
-    fmodel = graph.feature_model(mean, std, opts.window)
+    window_sd = np.nanstd((fit_w[:: max(1, len(fit_w) // MAX_FIT_WINDOWS)] - mean) / std, axis=1)
+    sd_eps = SD_EPS_FRACTION * np.median(window_sd, axis=0)
+    fmodel = graph.feature_model(mean, std, opts.window, sd_eps)
     feats = _run(fmodel, _stride(fit_w, MAX_FIT_WINDOWS), "features").astype(np.float64)
     f_mean = feats.mean(axis=0)
     f_std = np.maximum(feats.std(axis=0), 0.05)
     info: dict[str, Any]
     if opts.method == "pca":
-        model, info = _fit_pca(mean, std, opts, feats, f_mean, f_std)
+        model, info = _fit_pca(mean, std, sd_eps, opts, feats, f_mean, f_std)
     else:
-        model, info = _fit_iforest(mean, std, opts, feats, f_mean, f_std)
+        model, info = _fit_iforest(mean, std, sd_eps, opts, feats, f_mean, f_std)
     fit_scores = _run(model, fit_w, "score")
     hold_scores = _run(model, hold_w, "score")
     threshold = opts.margin * max(
@@ -282,6 +302,7 @@ def _drift_bounds(manifest: Manifest, parts: list[Dataset]) -> DriftBounds:
 def _fit_pca(
     mean: np.ndarray,
     std: np.ndarray,
+    sd_eps: np.ndarray,
     opts: TrainOptions,
     feats: np.ndarray,
     f_mean: np.ndarray,
@@ -299,13 +320,14 @@ def _fit_pca(
     q = np.sum((z - t @ loadings.T) ** 2, axis=1)
     t2_ref = max(float(np.quantile(t2, 0.99)), 1e-6)
     q_ref = max(float(np.quantile(q, 0.99)), 1e-6)
-    model = graph.pca_model(mean, std, opts.window, f_mean, f_std, loadings, lam_k, t2_ref, q_ref)
+    model = graph.pca_model(mean, std, opts.window, sd_eps, f_mean, f_std, loadings, lam_k, t2_ref, q_ref)
     return model, {"components": k, "explained_variance": round(float(explained[k - 1]), 4)}
 
 
 def _fit_iforest(
     mean: np.ndarray,
     std: np.ndarray,
+    sd_eps: np.ndarray,
     opts: TrainOptions,
     feats: np.ndarray,
     f_mean: np.ndarray,
@@ -329,5 +351,5 @@ def _fit_iforest(
     )
     outputs = [o.name for o in converted.graph.output]
     score_name = next(n for n in outputs if "score" in n)
-    model = graph.iforest_model(mean, std, opts.window, f_mean, f_std, converted, "input", score_name)
+    model = graph.iforest_model(mean, std, opts.window, sd_eps, f_mean, f_std, converted, "input", score_name)
     return model, {"trees": 100}
