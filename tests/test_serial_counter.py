@@ -377,8 +377,18 @@ def sim_driver(path: str, state: dict[str, str]) -> SerialCounterDriver:
 class LaggingBuffer(FakeBuffer):
     """Commits an emitted block a little later, like the buffer's group commit."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[asyncio.TimerHandle] = []
+
     def emit(self, block: Block) -> None:
-        asyncio.get_running_loop().call_later(0.05, self.commit, [block])
+        self.pending.append(asyncio.get_running_loop().call_later(0.05, self.commit, [block]))
+
+    def crash(self) -> dict[str, str]:
+        """What a restarted agent finds: the committed state; what was not committed yet is gone."""
+        for handle in self.pending:
+            handle.cancel()
+        return dict(self.state)
 
 
 def record_times(buf: FakeBuffer) -> list[int]:
@@ -398,7 +408,7 @@ async def test_simulator_backlog_drains_in_order_exactly_once_across_a_restart()
             assert await drv.read(group) == [], "liveness check of a healthy drain"
         finally:
             await drv.close()  # a crash: the last record may be committed but not popped
-        restarted = sim_driver(sim.pty_path, dict(buf.state))
+        restarted = sim_driver(sim.pty_path, buf.crash())
         await restarted.connect()
         try:
             await restarted.subscribe(restarted.ctx.groups["records"], buf.emit)
