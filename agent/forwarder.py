@@ -75,8 +75,9 @@ class MqttConfig(Strict):
     port: int = Field(default=1883, ge=1, le=65535)
     """Broker port (1883 plain, usually 8883 with TLS)."""
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    """MQTT protocol version. With ``5`` a broker may refuse a single publish (reason code); such rows
-    stay undelivered and are retried."""
+    """MQTT protocol version. With ``5`` a broker that refuses a publish (e.g. an ACL denies the topic)
+    says so in the PUBACK: those rows stay undelivered and are retried. MQTT 3.1.1 cannot say no, so a
+    broker acknowledges and silently drops a denied publish: use ``5`` where broker ACLs are used."""
     client_id: str | None = None
     """MQTT client id; default ``cleanroom-edge-{agent id}``. Must be unique on the broker."""
     topic_prefix: str = Field(default="cleanroom", pattern=r"^[^#+]+$")

@@ -545,3 +545,36 @@ async def test_username_password(
     await until(lambda: _zero(good.buf), what="delivered with the right password")
     await until(lambda: "refused" in (bad.fw.stats()["last_error"] or ""), what="refusal reported")
     assert not bad.fw.stats()["connected"] and "wrong" not in str(bad.fw.stats())
+
+
+@pytest.fixture
+def acl_broker() -> Iterator[Mosquitto]:
+    broker = Mosquitto()
+    os.chmod(broker.dir, 0o755)
+    acl = broker.dir / "acl"
+    acl.write_text("topic read cleanroom/#\ntopic write cleanroom/d1/#\ntopic write cleanroom/agent/#\n")
+    os.chmod(acl, 0o644)
+    broker.conf.write_text(broker.conf.read_text() + f"acl_file {acl}\n")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+async def test_mqtt5_rejected_publish_stays_undelivered(
+    acl_broker: Mosquitto, make_rig: Callable[..., Any]
+) -> None:
+    """With MQTT 5 a broker that refuses a publish says so in the PUBACK: those rows stay in the
+    buffer (and are retried), the rest is delivered."""
+    rig = await make_rig(acl_broker.port, protocol="5")
+    rig.buf.submit([blocks_for("d1", 0), blocks_for("blocked", 0), blocks_for("d1", 1)])
+    await rig.buf.flush()
+    await until(lambda: rig.fw.stats()["rejected"] >= 1, what="the refused publish")
+    await until(lambda: rig.fw.stats()["acked_readings"] == 8, what="the allowed ones")
+    await asyncio.sleep(0.1)
+    rows = await rig.buf.pending(0, 10)
+    assert [(r.device, r.seq_first) for r in rows] == [("blocked", 4)]
+    # (mosquitto 2.0 also drops the connection after a denied publish; the forwarder reconnects)
+    await until(lambda: rig.fw.stats()["connected"], what="connected again")
+    assert [(r.device, r.seq_first) for r in await rig.buf.pending(0, 10)] == [("blocked", 4)]
