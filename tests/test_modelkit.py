@@ -62,20 +62,36 @@ def write_csv(
     return path
 
 
+_TRAINED: dict[str, Path] = {}
+
+
+def trained_model(factory: pytest.TempPathFactory) -> Path:
+    """A PCA model trained on 24 h of normal synthetic data, once per test session
+    (shared by the modelkit, inference and CLI tests)."""
+    if "syn" not in _TRAINED:
+        d = factory.mktemp("model")
+        ds = load_csv(write_csv(d / "normal.csv", hours=24, seed=1))
+        _TRAINED["syn"] = train(
+            [ds], TrainOptions(model_id="syn-pca", window=12, units={"temp": "degC"}), d / "out"
+        )
+    return _TRAINED["syn"]
+
+
+def private_copy(model: Path, tmp_path: Path) -> Path:
+    """A copy of a trained model for tests that alter its files."""
+    out = tmp_path / "m"
+    shutil.copytree(model.parent, out)
+    return out / model.name
+
+
 @pytest.fixture(scope="session")
 def syn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A PCA model trained on 24 h of normal synthetic data (session-wide: trained once)."""
-    d = tmp_path_factory.mktemp("model")
-    ds = load_csv(write_csv(d / "normal.csv", hours=24, seed=1))
-    return train([ds], TrainOptions(model_id="syn-pca", window=12, units={"temp": "degC"}), d / "out")
+    return trained_model(tmp_path_factory)
 
 
 @pytest.fixture
 def model_copy(syn_model: Path, tmp_path: Path) -> Path:
-    """A private copy of the trained model (for tests that alter files)."""
-    out = tmp_path / "m"
-    shutil.copytree(syn_model.parent, out)
-    return out / syn_model.name
+    return private_copy(syn_model, tmp_path)
 
 
 # --------------------------------------------------------------------------- CSV

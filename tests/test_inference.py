@@ -1,0 +1,218 @@
+"""InferenceEngine: committed blocks -> real ONNX scoring in the worker thread -> anomaly
+events; shadow mode, refusal of altered models, incomplete windows, audited changes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.audit import Auditor
+from agent.inference import InferenceEngine, ModelBindingConfig
+from agent.modelkit.manifest import read_manifest
+from agent.records import Block, Event, Quality, Severity
+from drivers.base import ProfileBase, TagBase
+from tests.test_modelkit import FAULT, T0, private_copy, series, trained_model
+
+TAGS = ("T", "pH", "DO")
+MAPPING = {"temp": "T", "ph": "pH", "do": "DO"}
+PROFILE = ProfileBase(
+    profile="bio-test", protocol="test", device_kind="bio", tags=[TagBase(name=t) for t in (*TAGS, "other")]
+)
+ACQ_OFFSET_NS = 3_600_000_000_000
+"""Acquisition an hour after the device's own timestamps: the engine must use source time."""
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.auditor = Auditor(self.events.append, actor="test")
+
+    def engine(
+        self, *bindings: ModelBindingConfig, devices: tuple[str, ...] = ("d1", "d2")
+    ) -> InferenceEngine:
+        return InferenceEngine(bindings, dict.fromkeys(devices, PROFILE), self.events.append, self.auditor)
+
+    def of(self, kind: str, action: str | None = None) -> list[Event]:
+        return [
+            e for e in self.events if e.kind == kind and (action is None or e.data.get("action") == action)
+        ]
+
+
+@pytest.fixture(scope="session")
+def syn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_model(tmp_path_factory)
+
+
+@pytest.fixture
+def model_copy(syn_model: Path, tmp_path: Path) -> Path:
+    return private_copy(syn_model, tmp_path)
+
+
+@pytest.fixture
+async def h() -> AsyncIterator[Harness]:
+    yield Harness()
+
+
+async def feed(
+    engine: InferenceEngine, device: str, t: np.ndarray, v: np.ndarray, bad: tuple[int, ...] = ()
+) -> None:
+    """Commit one block per sample, 200 samples per commit, as the buffer would."""
+    seq = 0
+    for start in range(0, len(t), 200):
+        blocks = []
+        for ts, row in zip(t[start : start + 200], v[start : start + 200], strict=True):
+            quality = [Quality.BAD if i in bad else Quality.GOOD for i in range(3)] if bad else None
+            values = [None if i in bad else float(x) for i, x in enumerate(row)]
+            src = int(ts * 1e9)
+            blocks.append(
+                Block(
+                    device,
+                    "process",
+                    src + ACQ_OFFSET_NS,
+                    TAGS,
+                    [None] * 3,
+                    values,
+                    quality,
+                    None,
+                    src,
+                    None,
+                    seq,
+                )
+            )
+            seq += 3
+        engine.on_committed(blocks, [])
+        await asyncio.sleep(0)
+    async with asyncio.timeout(20):
+        await engine.idle()
+
+
+async def test_active_binding_raises_and_clears_an_anomaly_with_explanation(
+    syn_model: Path, h: Harness
+) -> None:
+    engine = h.engine(
+        ModelBindingConfig(manifest=syn_model, device_kind="bio", signals=MAPPING, mode="active")
+    )
+    await engine.start()
+    try:
+        await feed(engine, "d1", *series(8, 11, FAULT))
+        await feed(engine, "d2", *series(8, 12))
+        status = engine.status()
+    finally:
+        await engine.stop()
+    sha = read_manifest(syn_model).sha256
+    anomalies = h.of("anomaly")
+    assert [(e.device, e.data["phase"]) for e in anomalies] == [("d1", "start"), ("d1", "end")]
+    start, end = anomalies
+    assert (
+        start.severity is Severity.ALARM and start.data["shadow"] is False and start.data["mode"] == "active"
+    )
+    assert start.data["model"] == {"id": "syn-pca", "version": "1.0.0", "sha256": sha}
+    # source time, not acquisition time: the alarm starts inside the fault window
+    assert T0 + FAULT[0] <= start.data["start_ts"] / 1e9 <= T0 + FAULT[0] + 120
+    top = start.data["top_signals"][0]
+    assert top["signal"] == "temp" and top["tag"] == "T" and top["unit"] == "degC"
+    assert top["value"] < top["normal_range"][0]
+    assert (
+        end.data["duration_s"] >= FAULT[1] - FAULT[0] - 120 and end.data["peak_score"] >= start.data["score"]
+    )
+    assert status["syn-pca@d1"]["state"] == "ok" and status["syn-pca@d2"]["state"] == "ok"
+    assert (
+        status["syn-pca@d2"]["windows_scored"] > 2000 and status["syn-pca@d2"]["window_completeness"] == 1.0
+    )
+    loads = h.of("audit", "model_load")
+    assert [e.data["target"] for e in loads] == ["syn-pca@d1", "syn-pca@d2"]
+    assert loads[0].data["new"]["sha256"] == sha and loads[0].data["new"]["tags"] == MAPPING
+    assert len(h.of("audit", "model_unload")) == 2
+
+
+async def test_shadow_mode_records_but_never_alerts(syn_model: Path, h: Harness) -> None:
+    engine = h.engine(ModelBindingConfig(manifest=syn_model, devices=["d1"], signals=MAPPING))
+    await engine.start()
+    try:
+        await feed(engine, "d1", *series(8, 11, FAULT))
+    finally:
+        await engine.stop()
+    anomalies = h.of("anomaly")
+    assert [e.data["phase"] for e in anomalies] == ["start", "end"]
+    for e in anomalies:
+        assert e.severity is Severity.INFO and e.data["shadow"] is True and e.data["mode"] == "shadow"
+    assert anomalies[0].data["severity_if_active"] == "alarm"
+    assert not [e for e in h.events if e.kind != "audit" and e.severity is not Severity.INFO]
+
+
+async def test_altered_model_is_refused_and_the_rest_keeps_running(
+    syn_model: Path, model_copy: Path, h: Harness
+) -> None:
+    onnx_file = model_copy.parent / "syn-pca.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    engine = h.engine(
+        ModelBindingConfig(manifest=model_copy, devices=["d1"], signals=MAPPING),
+        ModelBindingConfig(manifest=syn_model, devices=["d2"], signals=MAPPING, mode="active"),
+    )
+    await engine.start()
+    try:
+        await feed(engine, "d2", *series(1, 3))
+        status = engine.status()
+    finally:
+        await engine.stop()
+    refused = [v for k, v in status.items() if k.endswith("@d1")]
+    assert refused and refused[0]["state"] == "refused"
+    assert "sha256" in refused[0]["error"] and "refusing to load it" in refused[0]["error"]
+    audit = h.of("audit", "model_refused")
+    assert len(audit) == 1 and audit[0].severity is Severity.ALARM and "altered" in audit[0].data["why"]
+    assert status["syn-pca@d2"]["windows_scored"] > 0
+
+
+async def test_missing_tag_is_refused_with_the_reason(syn_model: Path, h: Harness) -> None:
+    engine = h.engine(ModelBindingConfig(manifest=syn_model, devices=["d1", "ghost"]))
+    await engine.start()
+    await engine.stop()
+    assert "has no tag for temp->temp, ph->ph, do->do" in engine.refused["syn-pca@d1"]
+    assert engine.refused["syn-pca@ghost"] == "device 'ghost' is not configured"
+
+
+async def test_bad_quality_readings_make_windows_incomplete_not_anomalous(
+    syn_model: Path, h: Harness
+) -> None:
+    engine = h.engine(ModelBindingConfig(manifest=syn_model, devices=["d1"], signals=MAPPING, mode="active"))
+    await engine.start()
+    try:
+        await feed(engine, "d1", *series(1, 4, (0.0, 3600.0)), bad=(0, 1))
+        status = engine.status()["syn-pca@d1"]
+    finally:
+        await engine.stop()
+    assert status["state"] == "incomplete" and status["windows_scored"] == 0
+    assert status["window_completeness"] == pytest.approx(1 / 3, abs=0.01)
+    assert not h.of("anomaly")
+
+
+async def test_mode_change_is_audited(syn_model: Path, h: Harness) -> None:
+    engine = h.engine(ModelBindingConfig(manifest=syn_model, devices=["d1"], signals=MAPPING))
+    await engine.start()
+    try:
+        engine.set_mode("syn-pca@d1", "active", why="validation protocol VP-12 passed", actor="qa.lead")
+        assert engine.status()["syn-pca@d1"]["mode"] == "active"
+    finally:
+        await engine.stop()
+    (change,) = h.of("audit", "model_mode")
+    assert change.data == {
+        "action": "model_mode",
+        "target": "syn-pca@d1",
+        "actor": "qa.lead",
+        "old": "shadow",
+        "new": "active",
+        "why": "validation protocol VP-12 passed",
+    }
+
+
+def test_binding_config_needs_exactly_one_target() -> None:
+    with pytest.raises(ValueError, match="exactly one of 'devices'"):
+        ModelBindingConfig(manifest=Path("m.model.yaml"))
+    with pytest.raises(ValueError, match="exactly one of 'devices'"):
+        ModelBindingConfig(manifest=Path("m.model.yaml"), devices=["a"], device_kind="bio")
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        ModelBindingConfig.model_validate({"manifest": "m", "devices": ["a"], "treshold": 3})
