@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import sqlite3
@@ -340,6 +341,7 @@ class Buffer:
         conn = self.conn
         low_water = self._budget_pages * 9 // 10
         lost: dict[str, dict[str, Any]] = {}
+        counted = 0
         # Delivered rows oldest delivery first (lossless), then undelivered oldest first; each
         # selection walks a partial index, so a full buffer costs O(log n) per commit, not a scan.
         for where, order in (("delivered_ns IS NOT NULL", "delivered_ns"), ("delivered_ns IS NULL", "id")):
@@ -354,31 +356,17 @@ class Buffer:
                 gone = conn.execute(
                     "DELETE FROM records WHERE id IN "
                     f"(SELECT id FROM records WHERE {where} ORDER BY {order} LIMIT ?) "
-                    "RETURNING kind, device, seq_first, n, acq_ts_ns, delivered_ns",
+                    "RETURNING kind, device, seq_first, n, acq_ts_ns, delivered_ns, "
+                    "CASE kind WHEN 'event' THEN body END",
                     (batch,),
                 ).fetchall()
-                for kind, device, seq_first, n, ts, delivered in gone:
-                    if delivered is not None:
-                        continue
-                    d = lost.setdefault(
-                        device,
-                        {"reason": "buffer_full", "readings": 0, "rows": 0, "events": 0,
-                         "first_seq": seq_first, "last_seq": seq_first,
-                         "first_ts": ts, "last_ts": ts},
-                    )  # fmt: skip
-                    d["rows"] += 1
-                    if kind == "data":
-                        d["readings"] += n
-                    else:
-                        d["events"] += 1
-                    d["first_seq"] = min(d["first_seq"], seq_first)
-                    d["last_seq"] = max(d["last_seq"], seq_first + n - 1)
-                    d["first_ts"] = min(d["first_ts"], ts)
-                    d["last_ts"] = max(d["last_ts"], ts)
+                for kind, device, seq_first, n, ts, delivered, body in gone:
+                    if delivered is None:
+                        counted += _tally(lost, kind, device, seq_first, n, ts, body)
                 if len(gone) < batch:
                     break
+        self._add("lost_readings_total", counted)
         for device, data in sorted(lost.items()):
-            self._add("lost_readings_total", data["readings"])
             event = Event(device=device, kind="data_loss", severity=Severity.ALARM, data=data, seq=seq)
             conn.execute(
                 "INSERT INTO records(kind, device, seq_first, n, acq_ts_ns, body) VALUES ('event',?,?,1,?,?)",
@@ -497,6 +485,40 @@ class Buffer:
             **{k: int(meta.get(k, 0)) for k in _COUNTERS},
             "schema_version": SCHEMA_VERSION,
         }
+
+
+def _tally(
+    lost: dict[str, dict[str, Any]], kind: str, device: str, seq_first: int, n: int, ts: int, body: str | None
+) -> int:
+    """Add one dropped undelivered row to its device's loss record; returns the readings newly lost.
+
+    A dropped ``data_loss`` event is folded in rather than counted: its readings were counted when
+    it was made, and the new event must still account for them, or the consumer could no longer
+    explain that older gap."""
+    first_seq, last_seq, first_ts, last_ts = seq_first, seq_first + n - 1, ts, ts
+    readings = rows = events = newly = 0
+    previous = json.loads(body) if body is not None else None
+    if previous is not None and previous["kind"] == "data_loss":
+        old = previous["data"]
+        readings, rows, events = old["readings"], old["rows"], old["events"]
+        first_seq, last_seq = min(first_seq, old["first_seq"]), max(last_seq, old["last_seq"])
+        first_ts, last_ts = min(first_ts, old["first_ts"]), max(last_ts, old["last_ts"])
+    elif kind == "data":
+        readings = newly = n
+        rows = 1
+    else:
+        rows = events = 1
+    d = lost.setdefault(
+        device,
+        {"reason": "buffer_full", "readings": 0, "rows": 0, "events": 0,
+         "first_seq": first_seq, "last_seq": last_seq, "first_ts": first_ts, "last_ts": last_ts},
+    )  # fmt: skip
+    d["readings"] += readings
+    d["rows"] += rows
+    d["events"] += events
+    d["first_seq"], d["last_seq"] = min(d["first_seq"], first_seq), max(d["last_seq"], last_seq)
+    d["first_ts"], d["last_ts"] = min(d["first_ts"], first_ts), max(d["last_ts"], last_ts)
+    return newly
 
 
 class _Txn:

@@ -269,8 +269,9 @@ def test_kill_9_loses_nothing_reported_committed(tmp_path: Path, synchronous: st
 
 
 class BufferMachine(RuleBasedStateMachine):
-    """Model: every seq ever assigned is either stored undelivered, stored delivered, dropped as
-    delivered, or counted in a data_loss event, and the sequence never goes back."""
+    """Model: every reading ever committed is stored undelivered, was delivered, or lies in the seq
+    range of a data_loss event of its device (an event that is itself dropped is folded into the
+    next one); the sequence never goes back and the counters always add up."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -281,8 +282,10 @@ class BufferMachine(RuleBasedStateMachine):
         self.core = Buffer(self.cfg, "a1")
         self.core.open()
         self.next_seq = 0
-        self.delivered: set[int] = set()  # data seqs acknowledged
-        self.lost = 0
+        self.device_of: dict[int, str] = {}  # every committed reading seq -> its device
+        self.delivered: set[int] = set()  # reading seqs acknowledged
+        self.loss_ranges: dict[str, list[range]] = {}
+        self.lost_counter = 0
 
     def teardown(self) -> None:
         self.core.close()
@@ -298,29 +301,38 @@ class BufferMachine(RuleBasedStateMachine):
         for item in items:
             first = item.seq_first if isinstance(item, Block) else item.seq
             assert first == self.next_seq
-            self.next_seq += len(item) if isinstance(item, Block) else 1
+            if isinstance(item, Block):
+                self.device_of.update(dict.fromkeys(range(first, first + len(item)), item.device))
+                self.next_seq += len(item)
+            else:
+                self.next_seq += 1
         for e in result.events:
             assert e.kind == "data_loss" and e.seq == self.next_seq
             self.next_seq += 1
-            self.lost += e.data["readings"]
+            d = e.data
+            self.loss_ranges.setdefault(e.device, []).append(range(d["first_seq"], d["last_seq"] + 1))
         if result.events:  # undelivered rows go only once no delivered row is left
             assert not self.core.conn.execute(
                 "SELECT 1 FROM records WHERE delivered_ns IS NOT NULL"
             ).fetchone()
+        stats = self.core.stats()
+        assert stats["lost_readings_total"] >= self.lost_counter
+        self.lost_counter = stats["lost_readings_total"]
 
     @rule(count=st.integers(1, 20))
     def deliver(self, count: int) -> None:
         rows = self.core.pending(0, count)
         self.core.mark_delivered([r.id for r in rows])
-        self.delivered.update(
-            s for r in rows if r.kind == "data" for s in range(r.seq_first, r.seq_first + r.n)
-        )
+        self.delivered.update(seqs_of([r for r in rows if r.kind == "data"]))
 
     @rule()
     def reopen(self) -> None:
         self.core.close()
         self.core = Buffer(self.cfg, "a1")
         self.core.open()
+
+    def in_loss(self, seq: int) -> bool:
+        return any(seq in r for r in self.loss_ranges.get(self.device_of[seq], []))
 
     @invariant()
     def accounted(self) -> None:
@@ -331,12 +343,15 @@ class BufferMachine(RuleBasedStateMachine):
         assert firsts == sorted(firsts)
         stats = self.core.stats()
         assert stats["next_seq"] == self.next_seq
-        assert stats["lost_readings_total"] == self.lost
-        assert stats["depth_readings"] == sum(r.n for r in pending if r.kind == "data")
-        assert not set(seqs_of([r for r in pending if r.kind == "data"])) & self.delivered
+        stored = set(seqs_of([r for r in pending if r.kind == "data"]))
+        assert not stored & self.delivered
+        for seq in self.device_of:
+            assert (seq in stored) + (seq in self.delivered) + self.in_loss(seq) == 1, seq
+        assert stats["depth_readings"] == len(stored)
         assert (
             stats["committed_readings_total"]
             == stats["depth_readings"] + stats["delivered_readings_total"] + stats["lost_readings_total"]
+            == len(self.device_of)
         )
         assert stats["size_bytes"] <= self.cfg.max_bytes
 

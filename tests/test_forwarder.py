@@ -578,3 +578,35 @@ async def test_mqtt5_rejected_publish_stays_undelivered(
     # (mosquitto 2.0 also drops the connection after a denied publish; the forwarder reconnects)
     await until(lambda: rig.fw.stats()["connected"], what="connected again")
     assert [(r.device, r.seq_first) for r in await rig.buf.pending(0, 10)] == [("blocked", 4)]
+
+
+async def test_data_loss_event_is_forwarded(
+    tmp_path: Path, mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any]
+) -> None:
+    """An overflow while the broker was unreachable: the survivors and the data_loss event that
+    accounts for the rest both arrive, so a consumer can prove completeness from seqs alone."""
+    from agent.buffer import Buffer
+
+    core = Buffer(BufferConfig(path=tmp_path / "buf0.db", max_bytes="64KiB", synchronous="off"), "gw")
+    core.open()
+    losses = 0
+    for i in range(200):
+        losses += len(core.commit([blocks_for("d1", i, n=20)]).events)
+    core.close()
+    assert losses > 0
+    rig = await make_rig(mosquitto.port)  # opens buf0.db
+    await until(lambda: _zero(rig.buf), what="backlog delivered")
+    await until(lambda: len(collector.json("/events")) >= 1, what="data_loss events")
+    events = [e for m in collector.json("/d1/events") for e in m["events"]]
+    assert {e["kind"] for e in events} == {"data_loss"}
+    # an older loss event that itself had to go is folded into a newer one: ranges still cover all
+    lost = {s for e in events for s in range(e["data"]["first_seq"], e["data"]["last_seq"] + 1)}
+    received = set(received_seqs(collector.messages, "d1"))
+    assert not lost & received
+    assert sorted(lost | received | {e["seq"] for e in events}) == list(range(200 * 20 + losses))
+    stats = await rig.buf.stats()
+    assert (
+        sum(e["data"]["readings"] for e in events) == stats["lost_readings_total"] == 200 * 20 - len(received)
+    )
+    for _, payload, _ in collector.messages:
+        check_schema(json.loads(payload))
