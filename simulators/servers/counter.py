@@ -120,8 +120,14 @@ class CounterUnit(ModbusUnit):
     def read(self, table: str, address: int, count: int) -> list[int] | ExcCodes:
         words = super().read(table, address, count)
         rec = self._selected_record()
-        if table == "input" and rec is not None and not isinstance(words, ExcCodes):
-            self.read_upto = max(self.read_upto, rec.index)
+        if (
+            table == "input"
+            and rec is not None
+            and not isinstance(words, ExcCodes)
+            and rec.index > self.read_upto
+        ):
+            self.read_upto = rec.index
+            self.invalidate()  # the new-data bit changes
         return words
 
     def write(self, table: str, address: int, words: list[int]) -> ExcCodes | None:
@@ -145,6 +151,7 @@ class CounterUnit(ModbusUnit):
             error = self._command(command)
             if error is not None:
                 return error
+        self.invalidate()
         self.refresh()
         return None
 

@@ -55,14 +55,24 @@ class ModbusUnit:
         slots = slots_of(profile)
         self.image = RegisterImage(slots)
         self.setpoints = [s for s in slots if s.table == "holding" and s.name in device.model.SETPOINTS]
+        self._filled_at: float | None = None
+        """Model time the image was encoded at; ``None`` after anything else changed it."""
         self.image.check_values(self.values(), f"{self.profile_name} on {device.device_id}")
 
     def values(self) -> Mapping[str, Value]:
         return self.device.values()
 
     def refresh(self) -> None:
+        """Advance the model; re-encode only when it moved on (it steps on a fixed grid, so
+        a client polling faster than the step reads the same image) or was written to."""
         self.device.now()
-        self.image.fill(self.values())
+        t = self.device.model.t
+        if t != self._filled_at:
+            self.image.fill(self.values())
+            self._filled_at = t
+
+    def invalidate(self) -> None:
+        self._filled_at = None
 
     def read(self, table: str, address: int, count: int) -> list[int] | ExcCodes:
         self.refresh()
@@ -83,6 +93,7 @@ class ModbusUnit:
                 self.device.model.set_setpoint(s.name, value)
             except ValueError:
                 return ExcCodes.ILLEGAL_VALUE
+        self.invalidate()
         self.refresh()
         return None
 
