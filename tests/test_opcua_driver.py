@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from asyncua import Server, ua
 from asyncua.server.user_managers import UserManager
 from pydantic import ValidationError
@@ -27,6 +28,9 @@ from agent.certs import create_certificate
 from agent.records import Block, Quality
 from drivers.base import DeviceContext, DeviceError, build_groups
 from drivers.opcua import OpcUaDriver
+from simulators.servers.faults import CommFault
+from simulators.servers.opcua import APPLICATION_URI as SIM_SERVER_URI
+from simulators.servers.opcua import serve_bioreactor_opcua
 from tests.support import free_port
 
 NS = "urn:cleanroom-test:bioreactor"
@@ -522,3 +526,112 @@ def test_bad_connection_config_is_rejected_clearly(conn: dict[str, Any], message
 def test_bad_node_ids_are_rejected_at_config_time(node_id: str) -> None:
     with pytest.raises(ValidationError, match=r"node id|srv="):
         OpcUaDriver.Tag.model_validate({"name": "t", "node_id": node_id})
+
+
+# --------------------------------------------------------------------------- against the simulator
+
+SIM_PROFILE = Path(__file__).resolve().parent.parent / "deploy" / "profiles" / "bioreactor-sim-opcua.yaml"
+
+
+def sim_driver(url: str, **conn: Any) -> OpcUaDriver:
+    """The simulator's own profile, as a site would deploy it."""
+    profile = OpcUaDriver.profile_model().model_validate(yaml.safe_load(SIM_PROFILE.read_text()))
+    connection = OpcUaDriver.Connection.model_validate(
+        {"url": url, "timeout": "1s", "keepalive": "500ms", **conn}
+    )
+    groups = build_groups("br1", profile, connection, {})
+    return OpcUaDriver(DeviceContext(id="br1", profile=profile, connection=connection, groups=groups))
+
+
+def served(history: Any, block: Block) -> list[tuple[Any, Any]]:
+    """(read, served) pairs of a block's good readings, the served value looked up in the
+    simulator's history by the reading's source timestamp."""
+    snapshots = list(history.items())
+    ts = block.source_ts_ns
+    assert isinstance(ts, list)
+
+    def at(ns: int | None) -> dict[str, Any]:
+        assert ns is not None
+        t, values = min(snapshots, key=lambda kv: abs(kv[0] * 1e9 - ns))
+        assert abs(t * 1e9 - ns) < 2_000, f"no snapshot served at {ns}"
+        return values  # type: ignore[no-any-return]
+
+    return [
+        (v, at(ts[i])[t])
+        for i, (t, v) in enumerate(zip(block.tags, block.values, strict=True))
+        if block.quality_of(i) is Quality.GOOD
+    ]
+
+
+async def test_simulator_values_arrive_as_served_by_poll_and_subscription() -> None:
+    async with serve_bioreactor_opcua(speed=60, seed=2, update_interval_s=0.1) as sim:
+        drv = sim_driver(sim.url)
+        await drv.connect()
+        blocks: list[Block] = []
+        try:
+            polled = [b for g in ("status", "identity") for b in await drv.read(drv.ctx.groups[g])]
+            await drv.subscribe(drv.ctx.groups["process"], blocks.append)
+            await eventually(lambda: len(blocks) >= 3, what="subscription blocks")
+        finally:
+            await drv.close()
+        for block in polled + blocks:
+            pairs = served(sim.server.history, block)
+            assert pairs and all(
+                a == pytest.approx(b) if isinstance(b, float) else a == b for a, b in pairs
+            ), block.group
+        assert {t for b in blocks for t in b.tags} <= set(drv.ctx.groups["process"].tags)
+        assert len({t for b in blocks for t in b.tags}) >= 10
+
+
+async def test_simulator_device_fault_status_and_disconnect() -> None:
+    async with serve_bioreactor_opcua(speed=60, seed=2, update_interval_s=0.1) as sim:
+        drv = sim_driver(sim.url)
+        status = drv.ctx.groups["status"]
+        await drv.connect()
+        try:
+            sim.device.faults.force(CommFault.EXCEPTION)
+            await asyncio.sleep(0.3)
+            [block] = await drv.read(status)
+            assert block.reasons is not None and set(block.reasons) == {"BadDeviceFailure"}
+            sim.device.faults.force(CommFault.DISCONNECT)
+            t0 = time.monotonic()
+            with pytest.raises(DeviceError):
+                for _ in range(60):
+                    await drv.read(status)
+                    await asyncio.sleep(0.1)
+            assert time.monotonic() - t0 < 4
+            await drv.close()
+            sim.device.faults.force(None)
+            await asyncio.sleep(0.3)
+            await drv.connect()
+            [block] = await drv.read(status)
+            assert block.quality is None or Quality.BAD not in block.quality
+        finally:
+            await drv.close()
+
+
+async def test_simulator_secured_endpoint_with_login(pki: dict[str, Path], tmp_path: Path) -> None:
+    """The simulator's server identity is its own URI; the agent trusts exactly that certificate."""
+    srv = create_certificate(tmp_path / "sim", SIM_SERVER_URI, ["127.0.0.1", "localhost"], server=True)
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "sim.der").write_bytes(srv.cert.read_bytes())
+    async with serve_bioreactor_opcua(
+        speed=60, cert=srv.cert, key=srv.key, user="qa", password="pw-1"
+    ) as sim:
+        drv = sim_driver(
+            sim.url,
+            security_policy="Aes256_Sha256_RsaPss",
+            security_mode="SignAndEncrypt",
+            certificate=str(pki["cert"]),
+            private_key=str(pki["key"]),
+            trust_dir=str(trust),
+            username="qa",
+            password="pw-1",
+        )
+        await drv.connect()
+        try:
+            [block] = await drv.read(drv.ctx.groups["identity"])
+            assert served(sim.server.history, block)
+        finally:
+            await drv.close()
