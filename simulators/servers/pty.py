@@ -31,11 +31,6 @@ class PtyPort:
         self._loop.add_reader(self._master, self._readable)
         self._open = True
 
-    @property
-    def client_path(self) -> str:
-        """What a client should open: the stable link when there is one."""
-        return str(self.link) if self.link is not None else self.path
-
     def _readable(self) -> None:
         try:
             data = os.read(self._master, 4096)

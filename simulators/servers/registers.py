@@ -24,7 +24,6 @@ from drivers.codec import DataType, WordOrder, decode, encode, register_count
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
 
-TABLES = ("holding", "input", "coil", "discrete")
 _VENDOR_BASE = {"holding": 40001, "input": 30001, "coil": 1, "discrete": 10001}
 FUNCTION_TABLE = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 3: "holding", 6: "holding", 16: "holding"}
 FUNCTION_TABLE.update({4: "input", 22: "holding", 23: "holding"})
@@ -191,10 +190,3 @@ class RegisterImage:
         if span is None or count < 1 or address < span[0] or address + count > span[1]:
             return None
         return [int(x) for x in self.tables[table][address : address + count]]
-
-    def write(self, table: str, address: int, words: list[int]) -> bool:
-        span = self.spans.get(table)
-        if span is None or address < span[0] or address + len(words) > span[1]:
-            return False
-        self.tables[table][address : address + len(words)] = words
-        return True
