@@ -42,6 +42,17 @@ CLOSE_ATTEMPTS = 3
 AGENT_DEVICE = "agent"
 
 
+DROP_ORDER = (
+    ("delivered_ns IS NOT NULL", "delivered_ns"),
+    ("delivered_ns IS NULL AND kind = 'data'", "id"),
+    ("delivered_ns IS NULL", "id"),
+)
+"""What a full buffer gives up, in this order: delivered rows (lossless, oldest delivery first), then
+the oldest undelivered readings, and only then undelivered events: events (alarms, the audit trail)
+are few and small, and losing them to a flood of readings would hide what happened. Each selection
+walks a partial index, so a full buffer costs O(log n) per commit, not a table scan."""
+
+
 class BufferConfig(Strict):
     """The ``buffer:`` section: where and how readings are kept until the broker has them."""
 
@@ -51,8 +62,8 @@ class BufferConfig(Strict):
     max_bytes: ByteSize = Field(default=2 * 1024**3, ge=64 * 1024)
     """Upper bound of the live data (used database pages, including the WAL, which is checkpointed
     to stay within an eighth of it). When full, the oldest delivered rows are dropped first, then
-    the oldest undelivered ones, and the loss is recorded as a ``data_loss`` event. Lowering it
-    deletes nothing at start; the following commits enforce it by the same rule."""
+    the oldest undelivered readings (events last), and the loss is recorded as a ``data_loss``
+    event. Lowering it deletes nothing at start; the following commits enforce it by the same rule."""
     synchronous: Literal["off", "normal", "full", "extra"] = "full"
     """SQLite durability of a commit. ``full`` (default): a committed record survives a power loss,
     at the price of one fsync per group commit (about ten per second with the default interval).
@@ -342,9 +353,7 @@ class Buffer:
         low_water = self._budget_pages * 9 // 10
         lost: dict[str, dict[str, Any]] = {}
         counted = 0
-        # Delivered rows oldest delivery first (lossless), then undelivered oldest first; each
-        # selection walks a partial index, so a full buffer costs O(log n) per commit, not a scan.
-        for where, order in (("delivered_ns IS NOT NULL", "delivered_ns"), ("delivered_ns IS NULL", "id")):
+        for where, order in DROP_ORDER:
             while (live := self._live_pages()) > low_water:
                 # two queries: min() and max() together would scan; alone each is one b-tree descent
                 lo = conn.execute("SELECT min(id) FROM records").fetchone()[0]

@@ -154,6 +154,25 @@ def test_overflow_drops_delivered_first_then_oldest_undelivered_with_loss_event(
     core.close()
 
 
+def test_overflow_spares_events_until_no_reading_is_left(tmp_path: Path) -> None:
+    core = Buffer(cfg(tmp_path, max_bytes="128KiB"), "a1")
+    core.open()
+    alarms: list[Event] = []
+    losses: list[Event] = []
+    while not losses:
+        alarms.append(Event("d1", "excursion", data={"why": "x" * 200}))
+        losses = core.commit([block(n=40), alarms[-1]]).events
+    kept_events = {r.seq_first for r in core.pending(0, 10_000) if r.kind == "event"}
+    assert {e.seq for e in alarms} <= kept_events, "every alarm survives a flood of readings"
+    assert losses[0].data["events"] == 0 and losses[0].data["readings"] > 0
+    # a flood of events alone: once no reading is left, the oldest events go too, and are counted
+    while not any(e.data["events"] for e in losses):
+        losses = core.commit([Event("d1", "excursion", data={"why": "y" * 2000})]).events
+    assert not core.conn.execute("SELECT 1 FROM records WHERE kind = 'data'").fetchone()
+    assert losses[0].data["first_seq"] == alarms[0].seq  # the oldest alarm went first
+    core.close()
+
+
 def test_retention_prunes_only_old_delivered_rows(tmp_path: Path) -> None:
     core = Buffer(cfg(tmp_path, retention="1h"), "a1")
     core.open()
@@ -312,9 +331,11 @@ class BufferMachine(RuleBasedStateMachine):
             d = e.data
             self.loss_ranges.setdefault(e.device, []).append(range(d["first_seq"], d["last_seq"] + 1))
         if result.events:  # undelivered rows go only once no delivered row is left
-            assert not self.core.conn.execute(
-                "SELECT 1 FROM records WHERE delivered_ns IS NOT NULL"
-            ).fetchone()
+            conn = self.core.conn
+            assert not conn.execute("SELECT 1 FROM records WHERE delivered_ns IS NOT NULL").fetchone()
+            if any(e.data["events"] for e in result.events):  # and events only once no reading is left
+                older = "SELECT 1 FROM records WHERE kind = 'data' AND seq_first < ?"
+                assert not conn.execute(older, (result.events[0].seq,)).fetchone()
         stats = self.core.stats()
         assert stats["lost_readings_total"] >= self.lost_counter
         self.lost_counter = stats["lost_readings_total"]
