@@ -108,19 +108,19 @@ def _inputs(
     args: argparse.Namespace, signals: list[str] | None
 ) -> tuple[dict[str, Dataset], list[FaultLabel]]:
     """Device id (file stem) -> data, and the fault labels (``labels.csv`` of --data folders)."""
-    files = list(args.csv)
+    files = [(f, True) for f in args.csv]
     labels_files = list(args.labels)
     for folder in args.data:
         if not folder.is_dir():
             raise ModelError(f"{folder}: not a folder")
-        files += sorted(f for f in folder.glob(args.match) if f.name != "labels.csv")
+        files += [(f, False) for f in sorted(folder.glob(args.match)) if f.name != "labels.csv"]
         if (folder / "labels.csv").is_file() and folder / "labels.csv" not in labels_files:
             labels_files.append(folder / "labels.csv")
     if not files:
         raise ModelError("no data: give --csv FILE or --data FOLDER")
     data: dict[str, Dataset] = {}
-    for f in files:
-        if signals is not None:
+    for f, explicit in files:
+        if signals is not None and not explicit:
             header = f.read_text(encoding="utf-8-sig", errors="replace").split("\n", 1)[0]
             if not all(s in header for s in signals):
                 continue  # another device kind's file in a shared folder
@@ -128,7 +128,9 @@ def _inputs(
             f, sep=args.sep, time_column=args.time_column, signals=signals, label_column=args.label_column
         )
     if not data:
-        raise ModelError(f"no file has the model's signals ({', '.join(signals or [])})")
+        raise ModelError(
+            f"no file in {', '.join(map(str, args.data))} has the signals {', '.join(signals or [])}"
+        )
     labels = [lab for f in labels_files for lab in load_labels(f)]
     return data, labels
 

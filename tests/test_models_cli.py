@@ -1,0 +1,158 @@
+"""``cleanroom-agent models train|evaluate|score|verify`` end to end, in process, on real
+files: CSV folders with labels, the agent's buffer database, altered models."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.buffer import Buffer, BufferConfig
+from agent.cli import main
+from agent.modelkit.manifest import read_manifest
+from agent.records import Block
+from tests.test_modelkit import FAULT, SIGNALS, T0, private_copy, series, trained_model, write_csv
+
+
+@pytest.fixture(scope="session")
+def syn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return trained_model(tmp_path_factory)
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["--log-level", "WARNING", "models", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_from_a_folder_excludes_labelled_faults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    write_csv(data / "dev1.csv", hours=24, seed=21, fault=FAULT)
+    write_csv(data / "dev2.csv", hours=24, seed=22)
+    (data / "labels.csv").write_text(
+        f"kind,device,start,end\ntemp_low,dev1,{T0 + FAULT[0]},{T0 + FAULT[1]}\n"
+    )
+    code, out, err = run(
+        capsys, "train", "--data", str(data), "--out", str(tmp_path / "m"), "--id", "t1", "--window", "12",
+        "--exclude-after", "30m", "--units", "temp=degC", "--notes", "unit test",
+    )  # fmt: skip
+    assert code == 0, err
+    m = read_manifest(tmp_path / "m" / "t1.model.yaml")
+    assert "model t1 1.0.0 sha256 " + m.sha256 in out
+    assert m.provenance.excluded_rows == int((FAULT[1] - FAULT[0] + 1800) / 10) + 1
+    assert (
+        m.provenance.rows == 2 * 24 * 360 - m.provenance.excluded_rows and m.provenance.notes == "unit test"
+    )
+    assert "dev1.csv" in m.provenance.source and "dev2.csv" in m.provenance.source
+
+
+def test_evaluate_score_and_verify(
+    syn_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = private_copy(syn_model, tmp_path)
+    data = tmp_path / "eval"
+    data.mkdir()
+    write_csv(data / "dev1.csv", hours=10, seed=31, fault=FAULT)
+    (data / "labels.csv").write_text(
+        "kind,device,start,end\n"
+        f"temp_low,dev1,{T0 + FAULT[0]},{T0 + FAULT[1]}\ncomm_timeout,dev1,{T0},{T0 + 60}\n"
+    )
+    code, out, err = run(
+        capsys,
+        "evaluate",
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--plots",
+        str(tmp_path / "png"),
+        "--record",
+    )
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert metrics["faults"] == 1 and metrics["f1"] == 1.0 and metrics["false_alarms"] == 0
+    assert (tmp_path / "png" / "dev1.png").read_bytes()[:4] == b"\x89PNG"
+    assert read_manifest(model).validation["eval_f1"] == 1.0
+
+    code, out, err = run(
+        capsys,
+        "score",
+        "--model",
+        str(model),
+        "--csv",
+        str(data / "dev1.csv"),
+        "--out",
+        str(tmp_path / "s.csv"),
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert list(rows[0]) == ["timestamp", "score", "alarm", "top_signal"]
+    alarmed = [r for r in rows if r["alarm"] == "1"]
+    assert alarmed and alarmed[0]["top_signal"] == "temp"
+    assert alarmed[0]["timestamp"].startswith("2026-01-05T05:0")
+
+    code, out, _ = run(capsys, "verify", str(model.parent))
+    assert code == 0 and out.startswith("ok ")
+    onnx_file = model.parent / "syn-pca.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-8])
+    code, out, _ = run(capsys, "verify", str(model.parent))
+    assert code == 1 and "MISMATCH" in out and "refusing to load it" in out
+
+
+def test_train_from_the_agent_buffer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    buf = Buffer(BufferConfig(path=tmp_path / "buffer.db", synchronous="off"), agent_id="gw1")
+    buf.open()
+    t, v = series(12, 41)
+    blocks = [
+        Block("bio1", "process", int(ts * 1e9), list(SIGNALS), [None] * 3, [float(x) for x in row])
+        for ts, row in zip(t, v, strict=True)
+    ]
+    for i in range(0, len(blocks), 500):
+        buf.commit(blocks[i : i + 500])
+    buf.close()
+    db, out = str(tmp_path / "buffer.db"), str(tmp_path / "m")
+    code, _, err = run(
+        capsys, "train", "--buffer", db, "--device", "bio1", "--signals", ",".join(SIGNALS),
+        "--since", "2026-01-05T01:00:00Z", "--out", out, "--id", "from-buffer", "--window", "12",
+    )  # fmt: skip
+    assert code == 0, err
+    m = read_manifest(tmp_path / "m" / "from-buffer.model.yaml")
+    assert m.provenance.start == "2026-01-05T01:00:00Z" and m.provenance.rows == 11 * 360
+    assert m.signal_names == list(SIGNALS)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--csv", "missing.csv", "--out", "o"], "missing.csv: cannot read"),
+        (["train", "--buffer", "nope.db", "--device", "x", "--out", "o"], "nope.db: no buffer database"),
+        (["train", "--out", "o"], "no data: give --csv FILE or --data FOLDER"),
+        (["score", "--model", "none.model.yaml", "--csv", "x.csv", "--out", "o.csv"], "cannot read manifest"),
+        (["verify", "empty"], "no *.model.yaml found"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_wrong_signal_column_names_the_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_csv(tmp_path / "a.csv", hours=1)
+    code, _, err = run(
+        capsys, "train", "--csv", str(tmp_path / "a.csv"), "--signals", "temp,rpm", "--out", "o"
+    )
+    assert code == 2 and "no column(s) rpm; columns are timestamp, temp, ph, do" in err
