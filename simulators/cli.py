@@ -175,9 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.log_level != "DEBUG":
-        # asyncua and pymodbus warn about every unusual client; a simulator expects those
+        # asyncua and pymodbus log every unusual client and their own start-up failures
+        # (with tracebacks); a simulator expects the former and reports the latter itself
         for noisy in ("asyncua", "pymodbus"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
