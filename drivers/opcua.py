@@ -69,7 +69,17 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from agent.fields import Duration
 from agent.records import Block, Quality, Reason, Value, now_ns
-from drivers.base import ConnectionBase, DeviceError, Driver, Emit, GroupSpec, PollGroup, TagBase, register
+from drivers.base import (
+    ConnectionBase,
+    DeviceContext,
+    DeviceError,
+    Driver,
+    Emit,
+    GroupSpec,
+    PollGroup,
+    TagBase,
+    register,
+)
 
 log = logging.getLogger("cleanroom.drivers.opcua")
 
@@ -337,19 +347,24 @@ class _GroupSubscription:
         self._subsets: OrderedDict[tuple[int, ...], PollGroup] = OrderedDict()
 
     def on_publish(self, result: ua.PublishResult) -> None:
-        """Publish-loop callback: must not raise (asyncua would only log it) nor block."""
+        """Publish-loop callback: must not block; a failure here must reach the scheduler
+        (asyncua would only log it and data would silently stop)."""
         self.last_publish = time.monotonic()
         data = result.NotificationMessage.NotificationData
         if not data:
             return
         acq = now_ns()
-        for notification in data:
-            if isinstance(notification, ua.DataChangeNotification):
-                self._emit_changes(notification.MonitoredItems, acq)
-            elif isinstance(notification, ua.StatusChangeNotification):
-                status = notification.Status
-                if not status.is_good():
-                    self.driver.link_lost(Reason.COMM_ERROR, f"subscription status {status.name}")
+        try:
+            for notification in data:
+                if isinstance(notification, ua.DataChangeNotification):
+                    self._emit_changes(notification.MonitoredItems, acq)
+                elif isinstance(notification, ua.StatusChangeNotification):
+                    status = notification.Status
+                    if not status.is_good():
+                        self.driver.link_lost(Reason.COMM_ERROR, f"subscription status {status.name}")
+        except Exception as exc:
+            log.exception("%s/%s: notification handling failed", self.group.device, self.group.name)
+            self.driver.link_lost("driver_error", repr(exc))
 
     def _emit_changes(self, items: Sequence[ua.MonitoredItemNotification], acq: int) -> None:
         """Layer k holds each tag's k-th sample of this message (a server lists an item's
@@ -408,7 +423,7 @@ class OpcUaDriver(Driver):
     Connection: ClassVar[type[ConnectionBase]] = Connection
     supports_subscribe: ClassVar[bool] = True
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx)
         self.conn = cast(Connection, ctx.connection)
         self._refs: dict[str, NodeRef] = {
@@ -417,7 +432,8 @@ class OpcUaDriver(Driver):
         self._client: Client | None = None
         self._nodes: dict[str, ua.NodeId | str] = {}
         """Resolved NodeId per tag, or why the tag could not be resolved."""
-        self._lost: str | None = None
+        self._lost: DeviceError | None = None
+        """Why the link is known dead (watchdog, subscription status, a failed call): read raises it."""
         self._subs: dict[str, _GroupSubscription] = {}
         self._unresolved_logged: set[str] = set()
 
@@ -472,13 +488,16 @@ class OpcUaDriver(Driver):
                 CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_SERVER,
                 store,
             )
-        await client.set_security(
-            _POLICIES[conn.security_policy],
-            certificate=str(conn.certificate),
-            private_key=str(conn.private_key),
-            server_certificate=str(conn.server_certificate) if conn.server_certificate else None,
-            mode=getattr(ua.MessageSecurityMode, conn.security_mode),
-        )
+        try:
+            await client.set_security(
+                _POLICIES[conn.security_policy],
+                certificate=str(conn.certificate),
+                private_key=str(conn.private_key),
+                server_certificate=str(conn.server_certificate) if conn.server_certificate else None,
+                mode=getattr(ua.MessageSecurityMode, conn.security_mode),
+            )
+        except (FileNotFoundError, PermissionError, IsADirectoryError, ValueError) as exc:
+            raise DeviceError("config_error", f"certificate, key or server certificate: {exc}") from exc
 
     async def _on_connection_lost(self, exc: Exception) -> None:
         self.link_lost(_reason(exc), _describe(exc))
@@ -487,7 +506,7 @@ class OpcUaDriver(Driver):
         """Remember that the link is dead; the next liveness check or read raises."""
         if self._lost is None:
             log.info("%s: OPC UA link lost: %s", self.ctx.id, detail)
-            self._lost = f"{reason}|{detail}"
+            self._lost = DeviceError(reason, detail)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -549,8 +568,7 @@ class OpcUaDriver(Driver):
     def _check_link(self) -> Client:
         client = self._require_client()
         if self._lost is not None:
-            reason, _, detail = self._lost.partition("|")
-            raise DeviceError(reason, detail)
+            raise self._lost
         return client
 
     # ------------------------------------------------------------------ polling

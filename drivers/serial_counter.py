@@ -73,7 +73,17 @@ from pydantic import Field, model_validator
 
 from agent.fields import Duration
 from agent.records import Block, Quality, Reason
-from drivers.base import ConnectionBase, DeviceError, Driver, Emit, GroupSpec, PollGroup, TagBase, register
+from drivers.base import (
+    ConnectionBase,
+    DeviceContext,
+    DeviceError,
+    Driver,
+    Emit,
+    GroupSpec,
+    PollGroup,
+    TagBase,
+    register,
+)
 
 log = logging.getLogger("cleanroom.drivers.serial_counter")
 
@@ -346,7 +356,7 @@ class SerialCounterDriver(Driver):
     Connection: ClassVar[type[ConnectionBase]] = Connection
     supports_subscribe: ClassVar[bool] = True
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx)
         if len(ctx.groups) > 1:
             raise ValueError(
