@@ -178,7 +178,8 @@ class Buffer:
     """The synchronous core: one connection, used from one thread (the agent's buffer thread, or
     a CLI process). Every method is one transaction."""
 
-    def __init__(self, cfg: BufferConfig, agent_id: str) -> None:
+    def __init__(self, cfg: BufferConfig, agent_id: str | None) -> None:
+        """``agent_id`` None: a tool (CLI) that adopts the owner recorded in the file."""
         self.cfg = cfg
         self.agent_id = agent_id
         self._conn: sqlite3.Connection | None = None
@@ -223,11 +224,17 @@ class Buffer:
                     f"{path} has buffer schema {version}, this agent uses {SCHEMA_VERSION}: "
                     "start the agent (or a writing command) once to migrate it"
                 )
-            if not readonly and self.meta("agent_id") != self.agent_id:
-                conn.execute(
-                    "INSERT INTO meta(key, value) VALUES ('agent_id', ?) "
-                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (self.agent_id,),
+            owner = self.meta("agent_id")
+            if self.agent_id is None:  # a tool working on whatever agent's buffer this is
+                self.agent_id = owner or ""
+            elif owner is None and not readonly:
+                conn.execute("INSERT INTO meta(key, value) VALUES ('agent_id', ?)", (self.agent_id,))
+            elif owner is not None and owner != self.agent_id:
+                # Its rows were acquired, and their seqs assigned, by another agent: forwarding them
+                # under this agent's id would misattribute them (ALCOA: attributable).
+                raise RuntimeError(
+                    f"{path} is the buffer of agent {owner!r}, not {self.agent_id!r}: deliver it with "
+                    "that agent id, or move the file away to start a new buffer"
                 )
             return dict(conn.execute("SELECT key, value FROM kv").fetchall())
         except BaseException:

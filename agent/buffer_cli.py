@@ -111,13 +111,12 @@ def _opened(args: argparse.Namespace, readonly: bool) -> Iterator[Buffer]:
     cfg = _buffer_config(args)
     if not cfg.path.is_file():
         raise UsageError(f"no buffer database at {cfg.path}")
-    core = Buffer(cfg, agent_id="")
+    core = Buffer(cfg, agent_id=None)
     try:
         core.open(readonly=readonly)
     except (sqlite3.DatabaseError, RuntimeError) as exc:
         raise UsageError(f"{cfg.path}: {exc}") from None
     try:
-        core.agent_id = core.meta("agent_id") or ""
         yield core
     finally:
         core.close()
@@ -135,6 +134,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     since, until = parse_time(args.since), parse_time(args.until)
     tags = set(args.tag) if args.tag else None
     with _opened(args, readonly=True) as core:
+        agent = core.agent_id or ""
         try:
             out: IO[str] = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
         except OSError as exc:
@@ -143,7 +143,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             rows = (
                 row
                 for record in core.records(args.device, since, until)
-                for row in expand(core.agent_id, record, tags)
+                for row in expand(agent, record, tags)
             )
             count = 0
             if args.format == "csv":

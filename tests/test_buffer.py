@@ -404,3 +404,16 @@ async def test_events_submitted_by_listeners_during_close_are_committed(tmp_path
         ("data", None),
         ("event", "excursion"),
     ]
+
+
+def test_buffer_of_another_agent_is_refused(tmp_path: Path) -> None:
+    core = Buffer(cfg(tmp_path), "gw-1")
+    core.open()
+    core.commit([block()])
+    core.close()
+    with pytest.raises(RuntimeError, match="buffer of agent 'gw-1', not 'gw-2'"):
+        Buffer(cfg(tmp_path), "gw-2").open()
+    tool = Buffer(cfg(tmp_path), None)  # tools adopt the owner
+    tool.open(readonly=True)
+    assert tool.agent_id == "gw-1"
+    tool.close()
