@@ -237,6 +237,24 @@ async def test_poll_reads_every_node_id_form_in_one_read_call(server: UaServerTh
         await drv.close()
 
 
+async def test_large_groups_are_split_into_batches_of_max_nodes_per_request(server: UaServerThread) -> None:
+    tags = [*TAGS, {"name": "ph_by_index_path", "node_id": "/Objects/3:Bioreactor/3:pH"}]
+    drv = make_driver(server.url, tags, max_nodes_per_request=2)
+    group = drv.ctx.groups["default"]
+    await drv.connect()
+    try:
+        [block] = await drv.read(group)
+        assert drv.ctx.stats.requests == 3, "6 nodes in Read calls of at most 2"
+        assert as_dict(block)["ph_by_index_path"] == (7.2, Quality.GOOD, None)
+        blocks: list[Block] = []
+        await drv.subscribe(group, blocks.append)
+        assert drv.ctx.stats.requests == 6, "monitored items created in 3 calls of at most 2"
+        await eventually(lambda: sum(len(b) for b in blocks) >= len(tags), what="every item reporting")
+        assert {t for b in blocks for t in b.tags} == {t["name"] for t in tags}
+    finally:
+        await drv.close()
+
+
 async def test_status_codes_become_quality_with_the_status_name(server: UaServerThread) -> None:
     server.write("temperature", 36.5, status=ua.StatusCodes.UncertainLastUsableValue)
     server.write("ph", 7.0, status=ua.StatusCodes.BadSensorFailure)
