@@ -19,7 +19,6 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +28,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.buffer import AsyncBuffer, BufferConfig
 from agent.forwarder import AgentIdentity, Forwarder, MqttConfig
 from agent.records import Block, dumps, now_ns
-from tests.support import Mosquitto
+from tests.support import Mosquitto, until
 
 
 def make_block(device: str, tags: list[str], units: list[str | None], i: int) -> Block:
     return Block(device, "fast", now_ns(), tags, units, [i + k * 0.25 for k in range(len(tags))])
-
-
-async def until(cond: Callable[[], Any], what: str, within_s: float = 120.0) -> None:
-    """Bounded wait: a bench that cannot finish fails, it never hangs."""
-    deadline = time.monotonic() + within_s
-    while True:
-        v = cond()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"bench timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def _drained(buf: AsyncBuffer) -> bool:
@@ -59,7 +44,7 @@ async def pipeline(port: int, workdir: Path, readings: int, block_size: int) -> 
     await buf.open()
     fw = Forwarder(MqttConfig(host="127.0.0.1", port=port), buf, AgentIdentity("bench", "bench", "-"))
     await fw.start()
-    await until(lambda: fw.stats()["connected"], "broker connection")
+    await until(lambda: fw.stats()["connected"], what="broker connection")
     devices = [f"dev-{d}" for d in range(8)]
     tags = [f"tag{k}" for k in range(block_size)]
     units: list[str | None] = ["u"] * block_size
@@ -71,7 +56,7 @@ async def pipeline(port: int, workdir: Path, readings: int, block_size: int) -> 
         if i % 200 == 199:
             await asyncio.sleep(0)
     await buf.flush()
-    await until(lambda: _drained(buf), "every reading acknowledged")
+    await until(lambda: _drained(buf), within_s=120, what="every reading acknowledged")
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     stats, fstats = await buf.stats(), fw.stats()
     await fw.stop(grace_s=1)

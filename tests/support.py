@@ -36,6 +36,23 @@ def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0
         time.sleep(interval)
 
 
+async def until(cond: Callable[[], Any], within_s: float = 10.0, what: str = "") -> Any:
+    """:func:`wait_for` for code on an event loop: yields to the loop between polls (the thing
+    waited for runs there), and ``cond()`` may return a coroutine, which is awaited."""
+    import asyncio
+
+    deadline = time.monotonic() + within_s
+    while True:
+        v = cond()
+        if asyncio.iscoroutine(v):
+            v = await v
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what or cond}")
+        await asyncio.sleep(0.02)
+
+
 def mosquitto_binary() -> str:
     path = shutil.which("mosquitto")
     if path is None and os.path.exists("/usr/sbin/mosquitto"):

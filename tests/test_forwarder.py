@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.buffer import AsyncBuffer, BufferConfig
 from agent.forwarder import AgentIdentity, Forwarder, MqttConfig
 from agent.records import Block, Event, Quality
-from tests.support import Collector, Mosquitto, free_port, wait_for
+from tests.support import Collector, Mosquitto, free_port, until, wait_for
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "payload.schema.json").read_text())
 IDENTITY = AgentIdentity(agent_id="gw-test", version="0.1.0", config_hash="c0ffee")
@@ -84,20 +84,6 @@ def check_schema(value: Any, schema: dict[str, Any] | None = None, path: str = "
         if "items" in s:
             for i, item in enumerate(value):
                 check_schema(item, s["items"], f"{path}[{i}]")
-
-
-async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:  # noqa: ASYNC109
-    """Like tests.support.wait_for, but yields to the event loop the forwarder runs on."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or cond}")
-        await asyncio.sleep(0.02)
 
 
 def blocks_for(device: str, i: int, n: int = 4) -> Block:
@@ -291,7 +277,7 @@ async def test_broker_restart_mid_run_loses_nothing_and_keeps_order(
         persistent_broker.start()
         await produce(20)
         await rig.buf.flush()
-        await until(lambda: _zero(rig.buf), timeout=15, what="backlog delivered after restart")
+        await until(lambda: _zero(rig.buf), within_s=15, what="backlog delivered after restart")
         assert rig.fw.stats()["reconnects"] >= 1
         total = produced * 4
         for device in ("bioreactor-1", "incubator-2"):
