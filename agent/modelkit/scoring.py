@@ -13,6 +13,7 @@ longer than a window, the track is ``warming_up`` until a full window has elapse
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,9 +145,15 @@ class SlotAccumulator:
         self.late = 0
         """Samples for slots already closed (out of order): dropped and counted."""
 
+    SMALL = 4
+    """Batches up to this size (the agent's per-commit case) take the scalar path, which
+    costs microseconds where the vectorised one costs tens of them."""
+
     def add(self, ts: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Add samples (``ts`` seconds ``[n]``, ``vals`` ``[n, S]`` with NaN = bad/missing);
         return the slots this closed: ids ``[k]`` and means ``[k, S]`` (NaN = no data)."""
+        if len(ts) <= self.SMALL:
+            return self._add_small(ts, vals)
         ids = np.ceil(ts / self.period).astype(np.int64) - 1
         keep = ids > self.closed_upto
         if not keep.all():
@@ -179,6 +186,33 @@ class SlotAccumulator:
             self.closed_upto = int(uniq[-2])
         return uniq[:-1], _means(sums[:-1], counts[:-1])
 
+    def _add_small(self, ts: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Same result as the vectorised path, one sample at a time."""
+        closed_ids: list[int] = []
+        closed_means: list[np.ndarray] = []
+        p = self.period
+        for t, row in zip(ts.tolist(), vals, strict=True):
+            sid = math.ceil(t / p) - 1
+            if sid <= self.closed_upto:
+                self.late += 1
+                continue
+            if self.open_id is not None and sid != self.open_id:
+                closed_ids.append(self.open_id)
+                closed_means.append(_means(self._sum, self._count))
+                self.closed_upto, self.open_id = self.open_id, None
+            if self.open_id is None:
+                self.open_id, self._sum, self._count = sid, np.zeros(self.n), np.zeros(self.n)
+            valid = ~np.isnan(row)
+            self._sum[valid] += row[valid]
+            self._count += valid
+            if t >= (sid + 1) * p:
+                closed_ids.append(sid)
+                closed_means.append(_means(self._sum, self._count))
+                self.closed_upto, self.open_id = sid, None
+        if not closed_ids:
+            return np.zeros(0, np.int64), np.zeros((0, self.n))
+        return np.array(closed_ids, dtype=np.int64), np.vstack(closed_means)
+
     def flush(self) -> tuple[np.ndarray, np.ndarray]:
         """Close the open slot (end of an offline series)."""
         if self.open_id is None:
@@ -190,8 +224,7 @@ class SlotAccumulator:
 
 
 def _means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
 
 
 @dataclass
@@ -236,6 +269,8 @@ class Windower:
                 np.zeros(0, bool),
                 np.zeros((0, self.w, self.n), np.float32),
             )
+        if k == 1 and self._last is not None and ids[0] == self._last + 1:
+            return self._push_next(int(ids[0]), means[0])
         if self._last is None or ids[0] - self._last > self.w:
             self._hist[:] = np.nan  # start, or a gap longer than a window: warm up again
             self._last = int(ids[0]) - 1
@@ -260,6 +295,22 @@ class Windower:
         self._last = int(ids[-1])
         self._first = int(first[-1])
         return completeness, warm, scored, out
+
+    def _push_next(self, sid: int, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The agent's usual case, exactly the next slot: same result as the general path."""
+        window = np.concatenate((self._hist, row[None]))
+        missing = np.isnan(window)
+        completeness = 1.0 - np.count_nonzero(missing) / missing.size
+        warm = sid - self._first + 1 >= self.w
+        scored = warm and completeness >= self.min_completeness
+        out = (
+            _fill(window[None], missing[None], self.fill)
+            if scored
+            else np.zeros((0, self.w, self.n), np.float32)
+        )
+        self._hist = window[1:]
+        self._last = sid
+        return np.array([completeness]), np.array([warm]), np.array([scored]), out
 
 
 def _fill(windows: np.ndarray, missing: np.ndarray, fill: np.ndarray) -> np.ndarray:
