@@ -152,3 +152,13 @@ async def test_replay_while_the_agent_writes_never_reuses_a_seq(
     firsts = [r.seq_first for r in rows]
     assert len(firsts) == len(set(firsts)) and later.seq_first == 9 == stats["next_seq"] - 1
     assert json.loads(rows[-2].body)["data"]["action"] == "buffer_replay"
+
+
+def test_stats_through_the_agent_config(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"agent:\n  id: gw-7\nbuffer:\n  path: {db.name}\n")  # relative to the config file
+    assert main(["buffer", "stats", "-c", str(config)]) == 0
+    assert json.loads(capsys.readouterr().out)["depth_readings"] == 2
+    config.write_text("agent:\n  id: gw-7\nbuffer:\n  max_bytes: lots\n")
+    assert main(["buffer", "stats", "-c", str(config)]) == 2
+    assert "buffer.max_bytes" in capsys.readouterr().err
