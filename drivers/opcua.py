@@ -8,8 +8,9 @@ Root folder), where an element's namespace may also be written as a URI in brace
 server-assigned and may change when a server restarts with its namespaces registered in
 another order; URIs do not. So every URI and browse path is resolved to a concrete
 NodeId on each :meth:`OpcUaDriver.connect` (the scheduler reconnects after any link
-loss), and a Read that answers ``BadNodeIdUnknown`` re-resolves once and retries, so a
-restarted server never leaves tags stuck on a stale mapping. A tag that cannot be
+loss), and a Read that answers ``BadNodeIdUnknown`` re-resolves and retries (at most
+once per ``_RERESOLVE_S``, so a tag that is simply wrong does not double every poll), so a
+server that reloaded its address space never leaves tags stuck on a stale mapping. A tag that cannot be
 resolved is a bad reading with the reason saying why; the rest of the device still runs.
 
 Quality. Good status → good; ``Uncertain*`` → uncertain, value kept, the status name as
@@ -63,7 +64,6 @@ from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
-from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -102,7 +102,7 @@ SecurityPolicyName = Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", 
 _URI_ELEMENT = re.compile(r"\{([^{}]+)\}")
 _LINK_ERRORS = (OSError, TimeoutError, UaError)
 """What asyncua raises when the link, the session or the secure channel is gone."""
-_BAD_NODE_ID_UNKNOWN = StatusCodes.BadNodeIdUnknown
+_RERESOLVE_S = 30.0
 _SUBSET_CACHE = 32
 
 
@@ -431,6 +431,7 @@ class OpcUaDriver(Driver):
         }
         self._client: Client | None = None
         self._nodes: dict[str, ua.NodeId | str] = {}
+        self._resolved_at = 0.0
         """Resolved NodeId per tag, or why the tag could not be resolved."""
         self._lost: DeviceError | None = None
         """Why the link is known dead (watchdog, subscription status, a failed call): read raises it."""
@@ -554,6 +555,7 @@ class OpcUaDriver(Driver):
                     nodes[name] = res.StatusCode.name if not res.StatusCode.is_good() else "BadNoMatch"
                     self._log_unresolved(name, nodes[name])
         self._nodes = nodes
+        self._resolved_at = time.monotonic()
 
     def _log_unresolved(self, tag: str, why: Any) -> None:
         if tag not in self._unresolved_logged:
@@ -585,9 +587,10 @@ class OpcUaDriver(Driver):
             return []
         acq = now_ns()
         conv = await self._read_values(client, group)
-        if any(r == "BadNodeIdUnknown" for r in conv.reasons):
-            # The server may have restarted with another namespace order behind an
-            # unbroken link: resolve again and read once more.
+        stale_map = time.monotonic() - self._resolved_at > _RERESOLVE_S
+        if stale_map and any(r == "BadNodeIdUnknown" for r in conv.reasons):
+            # The server may have reloaded its address space behind an unbroken link:
+            # resolve again and read once more.
             self.ctx.stats.retries += 1
             await self._guard(self._resolve(), "resolve")
             conv = await self._read_values(client, group)

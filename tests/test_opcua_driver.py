@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from agent.certs import create_certificate
 from agent.records import Block, Quality
+from drivers import opcua
 from drivers.base import DeviceContext, DeviceError, build_groups
 from drivers.opcua import OpcUaDriver
 from simulators.servers.faults import CommFault
@@ -284,6 +285,31 @@ async def test_unresolvable_tags_are_bad_readings_not_a_dead_device(server: UaSe
         assert got["no_ns"] == (None, Quality.BAD, "BadNamespaceUnknown")
         assert got["no_path"][1] is Quality.BAD and got["no_path"][2] in ("BadNoMatch", "BadNodeIdUnknown")
         assert got["no_node"] == (None, Quality.BAD, "BadNodeIdUnknown")
+    finally:
+        await drv.close()
+
+
+async def test_address_space_reloaded_behind_a_live_link_is_resolved_again(
+    server: UaServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(opcua, "_RERESOLVE_S", 0.0)
+    tags = [{"name": "ph", "node_id": f"/Objects/{{{NS}}}Bioreactor/{{{NS}}}pH"}]
+    drv = make_driver(server.url, tags)
+    group = drv.ctx.groups["default"]
+    await drv.connect()
+    try:
+        assert (await drv.read(group))[0].values == [7.2]
+
+        async def reload() -> None:  # the pH node comes back under another node id
+            await server.vars["ph"].delete()
+            idx = (await server.server.get_namespace_array()).index(NS)  # type: ignore[union-attr]
+            parent = server.server.get_node(ua.NodeId("BR1", idx))  # type: ignore[union-attr]
+            await parent.add_variable(ua.NodeId(2001, idx), ua.QualifiedName("pH", idx), 7.05)
+
+        server.run(reload())
+        [block] = await drv.read(group)
+        assert block.values == [7.05] and block.quality is None
+        assert drv.ctx.stats.retries == 1
     finally:
         await drv.close()
 
