@@ -164,8 +164,8 @@ def test_online_feeding_in_any_chunks_equals_offline(cuts: list[int], seed: int)
 
     one = run([0, 400])
     many = run([0, *sorted(cuts), 400])
-    np.testing.assert_array_equal(one[0], many[0])
-    np.testing.assert_array_equal(one[1], many[1])
+    np.testing.assert_array_equal(one[0], many[0])  # same windows, same completeness
+    np.testing.assert_allclose(one[1], many[1], rtol=1e-6)  # float32, summed in another order
 
 
 def test_windower_completeness_warmup_and_gap_policy() -> None:

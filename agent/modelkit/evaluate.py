@@ -128,7 +128,7 @@ def evaluate(
                 n_false += 1
         for f in faults:
             n_faults += 1
-            kind = per_kind.setdefault(f.kind, {"faults": 0, "detected": 0, "delays": []})
+            kind = per_kind.setdefault(f.kind, {"faults": 0, "detected": 0, "delays": [], "rule_delays": []})
             kind["faults"] += 1
             hit = next((s for s in starts if f.start <= s <= f.end), None)
             if hit is not None:
@@ -142,6 +142,7 @@ def evaluate(
             rule_hit = next((x for x in excursions if f.start <= x <= f.end), None)
             if rule_hit is not None:
                 rules.append(rule_hit - f.start)
+                kind["rule_delays"].append(rule_hit - f.start)
             if hit is not None and rule_hit is not None and hit < rule_hit:
                 n_rules += 1
     precision = n_true / (n_true + n_false) if n_true + n_false else None
@@ -179,7 +180,13 @@ def evaluate(
         "rule_limits_delay_median_s": _pct(rules, 0.5),
         "model_earlier_than_rules": n_rules if limits else None,
         "per_kind": {
-            k: {"faults": v["faults"], "detected": v["detected"], "delay_median_s": _pct(v["delays"], 0.5)}
+            k: {
+                "faults": v["faults"],
+                "detected": v["detected"],
+                "delay_median_s": _pct(v["delays"], 0.5),
+                "rule_limits_detected": len(v["rule_delays"]) if limits else None,
+                "rule_limits_delay_median_s": _pct(v["rule_delays"], 0.5),
+            }
             for k, v in sorted(per_kind.items())
         },
     }

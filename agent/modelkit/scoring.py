@@ -187,31 +187,34 @@ class SlotAccumulator:
         return uniq[:-1], _means(sums[:-1], counts[:-1])
 
     def _add_small(self, ts: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Same result as the vectorised path, one sample at a time."""
+        """Same result as the vectorised path, one sample at a time, in plain floats."""
         closed_ids: list[int] = []
-        closed_means: list[np.ndarray] = []
+        closed_means: list[list[float]] = []
         p = self.period
-        for t, row in zip(ts.tolist(), vals, strict=True):
+        sums, counts = self._sum.tolist(), self._count.tolist()
+        for t, row in zip(ts.tolist(), vals.tolist(), strict=True):
             sid = math.ceil(t / p) - 1
             if sid <= self.closed_upto:
                 self.late += 1
                 continue
             if self.open_id is not None and sid != self.open_id:
                 closed_ids.append(self.open_id)
-                closed_means.append(_means(self._sum, self._count))
+                closed_means.append([a / b if b else math.nan for a, b in zip(sums, counts, strict=True)])
                 self.closed_upto, self.open_id = self.open_id, None
             if self.open_id is None:
-                self.open_id, self._sum, self._count = sid, np.zeros(self.n), np.zeros(self.n)
-            valid = ~np.isnan(row)
-            self._sum[valid] += row[valid]
-            self._count += valid
+                self.open_id, sums, counts = sid, [0.0] * self.n, [0.0] * self.n
+            for j, x in enumerate(row):
+                if not math.isnan(x):
+                    sums[j] += x
+                    counts[j] += 1.0
             if t >= (sid + 1) * p:
                 closed_ids.append(sid)
-                closed_means.append(_means(self._sum, self._count))
+                closed_means.append([a / b if b else math.nan for a, b in zip(sums, counts, strict=True)])
                 self.closed_upto, self.open_id = sid, None
+        self._sum, self._count = np.array(sums), np.array(counts)
         if not closed_ids:
             return np.zeros(0, np.int64), np.zeros((0, self.n))
-        return np.array(closed_ids, dtype=np.int64), np.vstack(closed_means)
+        return np.array(closed_ids, dtype=np.int64), np.array(closed_means)
 
     def flush(self) -> tuple[np.ndarray, np.ndarray]:
         """Close the open slot (end of an offline series)."""
@@ -224,7 +227,8 @@ class SlotAccumulator:
 
 
 def _means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    return np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
+    out: np.ndarray = np.divide(sums, counts, out=np.full_like(sums, np.nan), where=counts > 0)
+    return out
 
 
 @dataclass
