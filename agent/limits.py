@@ -246,7 +246,9 @@ class Excursion:
         if change:
             self.count += 1
             self.start_ns, self.start_seq = self._run_start
-            data.update(phase="start", start_ts=self.start_ns, start_seq=self.start_seq, seq=seq)
+            data.update(
+                phase="start", start_ts=self.start_ns, start_seq=self.start_seq, detected_ts=ts_ns, seq=seq
+            )
             return Event(self.device, "excursion", severity, data)
         data.update(
             phase="end",

@@ -157,6 +157,7 @@ def test_grade_a_five_micron_needs_consecutive_samples() -> None:
     assert got == [("particles_5.0um", "start"), ("particles_5.0um", "end")]
     start = run.excursions()[0]
     assert start.data["limit"] == 29 and start.data["start_ts"] == T0_NS + 6 * 60 * 10**9
+    assert start.data["detected_ts"] == T0_NS + 7 * 60 * 10**9
     assert start.data["count"] == 1 and start.data["value"] == pytest.approx(1 / 0.0283)
 
 

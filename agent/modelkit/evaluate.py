@@ -77,7 +77,7 @@ def limit_excursions(limits: LimitsConfig, device: str, data: Dataset) -> list[f
 
     def collect(e: Event) -> None:
         if e.kind == "excursion" and e.data["phase"] == "start":
-            starts.append(e.data["start_ts"] / 1e9)
+            starts.append(e.data["detected_ts"] / 1e9)  # when the rule could say so, not when the run began
 
     monitor = LimitMonitor(limits, {device: profile}, collect, Auditor(lambda e: None))
     monitor._started = True
