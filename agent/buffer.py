@@ -32,7 +32,7 @@ import sqlite_utils
 from pydantic import Field
 
 from agent.fields import ByteSize, Duration, Strict
-from agent.records import Block, Event, Quality, Reason, Severity, dumps, now_ns
+from agent.records import Block, Event, Quality, Reason, Severity, Value, dumps, now_ns
 
 log = logging.getLogger("cleanroom.buffer")
 
@@ -103,6 +103,7 @@ class CommitResult:
     events: list[Event] = field(default_factory=list)
     state: dict[str, str] = field(default_factory=dict)
     readings: int = 0
+    unencodable: int = 0
 
 
 _COUNTERS = ("committed_readings_total", "delivered_readings_total", "lost_readings_total")
@@ -160,18 +161,87 @@ MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1
 """Schema version -> the step that produces it from the previous version. Steps only add."""
 
 
+def _plain(v: Any) -> Value | ValueError:
+    """A reading as a JSON value, or the reason it cannot be one. numpy scalars (``float32``,
+    ``int64``: not JSON) become their Python value."""
+    if v is None or isinstance(v, bool | int | str):
+        return v
+    item = getattr(v, "item", None)
+    if not isinstance(v, float) and callable(item):
+        v = item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else ValueError("not finite")
+    if isinstance(v, bool | int | str):
+        return v
+    return ValueError(f"{type(v).__name__} is not a reading value")
+
+
 def _sanitize(block: Block) -> None:
-    """NaN/inf are not JSON: a driver should have made them bad quality; do it here rather than
-    lose the whole group commit to one bad value."""
+    """A driver should hand over JSON values only (NaN/inf as bad quality); make it so here rather
+    than lose, or stall, the whole group commit because of one value."""
     n = len(block.values)
     quality = list(block.quality) if block.quality is not None else [Quality.GOOD] * n
     reasons: list[str | None] = list(block.reasons) if block.reasons is not None else [None] * n
     for i, v in enumerate(block.values):
-        if isinstance(v, float) and not math.isfinite(v):
+        plain = _plain(v)
+        if isinstance(plain, ValueError):
             block.values[i] = None
             quality[i] = Quality.BAD
             reasons[i] = str(Reason.DECODE_ERROR)
+        else:
+            block.values[i] = plain
     block.quality, block.reasons = quality, reasons
+
+
+def _jsonable(obj: Any) -> Any:
+    """Event data as JSON: numpy scalars and arrays to Python, non-finite floats to null, anything
+    else unknown to its text (an event must be recorded, even if imperfectly)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, bool | int | float | str):
+        return _jsonable(obj.tolist())
+    plain = _plain(obj)
+    if not isinstance(plain, ValueError):
+        return plain
+    return None if isinstance(obj, float) else str(obj)
+
+
+_Row = tuple[str, str, int, int, int, str]
+"""(kind, device, seq_first, n, acq_ts_ns, body) of one ``records`` row."""
+
+
+def _unencodable(
+    item: Block | Event, seq: int, n: int, ts: int, exc: Exception, result: CommitResult
+) -> _Row:
+    """The ``data_loss`` row standing in for a record that could not be stored (seqs ``seq``..)."""
+    block = isinstance(item, Block)
+    if isinstance(item, Block):
+        item.seq_first = None  # never stored: listeners must not see it
+        result.unencodable += n
+    else:
+        item.seq = None
+    data = {"reason": "unencodable", "readings": n if block else 0, "rows": 1, "events": 0 if block else 1,
+            "first_seq": seq, "last_seq": seq + n - 1, "first_ts": ts, "last_ts": ts,
+            "error": f"{type(exc).__name__}: {exc}"[:300]}  # fmt: skip
+    loss = Event(item.device, "data_loss", Severity.ALARM, data, seq=seq + n)
+    result.events.append(loss)
+    return ("event", item.device, seq + n, 1, loss.ts_ns, dumps(loss.body()))
+
+
+def _encode(item: Block | Event) -> str:
+    try:
+        return dumps(item.body())
+    except (TypeError, ValueError):
+        pass
+    if isinstance(item, Block):
+        log.warning("device %s group %s: values that are not JSON were made bad", item.device, item.group)
+        _sanitize(item)
+    else:
+        log.warning("event %s of %s: data that is not JSON was converted", item.kind, item.device)
+        item.data = _jsonable(item.data)
+    return dumps(item.body())
 
 
 class Buffer:
@@ -284,7 +354,7 @@ class Buffer:
                 conn = self.conn
                 seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
                 rows = self._assign(items, seq, result)
-                seq += sum(r[3] for r in rows)
+                seq = rows[-1][2] + rows[-1][3] if rows else seq
                 conn.executemany(
                     "INSERT INTO records(kind, device, seq_first, n, acq_ts_ns, body) VALUES (?,?,?,?,?,?)",
                     rows,
@@ -296,6 +366,7 @@ class Buffer:
                         list(result.state.items()),
                     )
                 self._add("committed_readings_total", result.readings)
+                self._add("lost_readings_total", result.unencodable)
                 seq = self._enforce_limit(seq, result.events)
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(seq),))
         except BaseException:
@@ -308,29 +379,31 @@ class Buffer:
         return result
 
     @staticmethod
-    def _assign(
-        items: Sequence[Block | Event], seq: int, result: CommitResult
-    ) -> list[tuple[str, str, int, int, int, str]]:
-        rows: list[tuple[str, str, int, int, int, str]] = []
+    def _assign(items: Sequence[Block | Event], seq: int, result: CommitResult) -> list[_Row]:
+        """Rows for ``items``, seqs from ``seq`` on. A record that cannot be encoded even after
+        sanitising (a bug upstream) is replaced by a ``data_loss`` event right after its seqs: one
+        bad record must neither stall the buffer nor vanish silently."""
+        rows: list[_Row] = []
         for item in items:
             if isinstance(item, Block):
+                kind, n, ts = "data", len(item), item.acq_ts_ns
                 item.seq_first = seq
-                n = len(item.values)
-                try:
-                    body = dumps(item.body())
-                except ValueError:
-                    log.warning("device %s group %s: non-finite values made bad", item.device, item.group)
-                    _sanitize(item)
-                    body = dumps(item.body())
-                rows.append(("data", item.device, seq, n, item.acq_ts_ns, body))
-                seq += n
                 result.readings += n
-                if item.state:
-                    result.state.update(item.state)
             else:
+                kind, n, ts = "event", 1, item.ts_ns
                 item.seq = seq
-                rows.append(("event", item.device, seq, 1, item.ts_ns, dumps(item.body())))
+            try:
+                rows.append((kind, item.device, seq, n, ts, _encode(item)))
+            except Exception as exc:
+                log.exception(
+                    "device %s: a %s record cannot be encoded; recorded as data_loss", item.device, kind
+                )
+                rows.append(_unencodable(item, seq, n, ts, exc, result))
                 seq += 1
+            else:
+                if isinstance(item, Block) and item.state:
+                    result.state.update(item.state)
+            seq += n
         return rows
 
     def _add(self, counter: str, amount: int) -> None:
@@ -709,8 +782,8 @@ class AsyncBuffer:
         self._committed += len(batch)
         self._flush_now = False
         self._state.update(result.state)
-        blocks = [b for b in batch if isinstance(b, Block)]
-        events = [e for e in batch if isinstance(e, Event)] + result.events
+        blocks = [b for b in batch if isinstance(b, Block) and b.seq_first is not None]
+        events = [e for e in batch if isinstance(e, Event) and e.seq is not None] + result.events
         for cb in list(self._listeners):
             try:
                 cb(blocks, events)

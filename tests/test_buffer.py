@@ -97,17 +97,44 @@ async def test_state_survives_restart_only_with_its_block(tmp_path: Path) -> Non
     core.close()
 
 
-def test_non_finite_values_become_bad_quality(tmp_path: Path) -> None:
+def test_values_that_are_not_json_are_made_plain_or_bad(tmp_path: Path) -> None:
+    import numpy as np
+
     core = Buffer(cfg(tmp_path), "a1")
     core.open()
-    b = block(n=3)
-    b.values[1] = float("nan")
-    core.commit([b])
-    body = json.loads(core.pending(0, 1)[0].body)
+    b = block(n=5)
+    b.values[:] = [np.float32(1.5), float("nan"), np.int64(7), np.float32("inf"), b"\x00"]  # type: ignore[list-item]
+    e = Event("d1", "anomaly", data={"score": np.float32(0.25), "top": np.array([1, 2]), "x": float("inf")})
+    core.commit([b, e])
+    body, event = (json.loads(r.body) for r in core.pending(0, 2))
     core.close()
-    assert body["values"] == [0.0, None, 2.0]
-    assert body["quality"] == ["good", "bad", "good"] and body["reasons"][1] == "decode_error"
+    assert body["values"] == [1.5, None, 7, None, None]
+    assert body["quality"] == ["good", "bad", "good", "bad", "bad"] and body["reasons"][1] == "decode_error"
     assert b.quality_of(1) is Quality.BAD
+    assert event["data"] == {"score": 0.25, "top": [1, 2], "x": None}
+
+
+async def test_an_unencodable_record_is_accounted_and_does_not_stall(tmp_path: Path) -> None:
+    seen: list[list[int | None]] = []
+    buf = AsyncBuffer(cfg(tmp_path), "a1")
+    await buf.open()
+    buf.add_listener(lambda bs, es: seen.append([b.seq_first for b in bs]))
+    poison = Block("d1", "g", 1, [object()], ["u"], [1.0])  # type: ignore[list-item]
+    buf.submit([block(n=2), poison, block(n=2)])
+    await buf.flush()
+    rows = await buf.pending(0, 10)
+    stats = await buf.stats()
+    await buf.close()
+    assert [(r.kind, r.seq_first, r.n) for r in rows] == [("data", 0, 2), ("event", 3, 1), ("data", 4, 2)]
+    loss = json.loads(rows[1].body)
+    assert loss["kind"] == "data_loss" and loss["data"]["reason"] == "unencodable"
+    assert loss["data"]["first_seq"] == loss["data"]["last_seq"] == 2 and loss["data"]["readings"] == 1
+    assert seen == [[0, 4]] and poison.seq_first is None
+    assert (
+        stats["lost_readings_total"] == 1
+        and stats["committed_readings_total"] == 5
+        and stats["next_seq"] == 6
+    )
 
 
 def test_overflow_drops_delivered_first_then_oldest_undelivered_with_loss_event(tmp_path: Path) -> None:
