@@ -764,7 +764,7 @@ class AsyncBuffer:
         batch = self._queue[: self.cfg.commit_max_records]
         try:
             result: CommitResult = await self._call(self.core.commit, batch)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # disk full, I/O error, locked past busy_timeout...
             # Keep the batch queued and retry: nothing submitted is dropped, flush() keeps waiting.
             self.commit_errors += 1
             if self._closing and self.commit_errors >= CLOSE_ATTEMPTS:

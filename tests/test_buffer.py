@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -18,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from agent.buffer import SCHEMA_VERSION, AsyncBuffer, Buffer, BufferConfig, StoredRecord
 from agent.records import Block, Event, Quality
+from tests.support import until
 
 
 def block(device: str = "d1", n: int = 3, ts: int = 1_000, state: dict[str, str] | None = None) -> Block:
@@ -444,3 +446,20 @@ def test_buffer_of_another_agent_is_refused(tmp_path: Path) -> None:
     tool.open(readonly=True)
     assert tool.agent_id == "gw-1"
     tool.close()
+
+
+async def test_a_failing_commit_is_retried_not_dropped(tmp_path: Path) -> None:
+    buf = AsyncBuffer(cfg(tmp_path, commit_interval="5ms"), "a1")
+    await buf.open()
+    other = sqlite3.connect(tmp_path / "buf.db", isolation_level=None)
+    other.execute("CREATE TRIGGER full BEFORE INSERT ON records BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    b = block()
+    buf.submit([b])
+    await until(lambda: buf.commit_errors >= 1, what="a failed commit")
+    assert (await buf.stats())["queued_records"] == 1 and b.seq_first is None
+    other.execute("DROP TRIGGER full")
+    other.close()
+    await asyncio.wait_for(buf.flush(), 10)
+    rows = await buf.pending(0, 10)
+    await buf.close()
+    assert [r.seq_first for r in rows] == [0] and b.seq_first == 0
