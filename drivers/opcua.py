@@ -48,6 +48,7 @@ import calendar
 import logging
 import math
 import re
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.ua_binary import nodeid_to_binary, struct_to_binary
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -230,22 +232,26 @@ class NodeRef:
 
     @classmethod
     def parse(cls, text: str) -> NodeRef:
+        """Parse and encode once: what the stack cannot put on the wire (an index beyond
+        UInt16, a negative numeric id) is a config error now, not a failing poll later."""
         text = text.strip()
         try:
             if text.startswith("/"):
-                ua.RelativePath.from_string(_URI_ELEMENT.sub("0:", text))
+                struct_to_binary(ua.RelativePath.from_string(_URI_ELEMENT.sub("0:", text)))
                 return cls(_RefKind.BROWSE_PATH, text)
             if text.startswith("nsu="):
                 uri, sep, rest = text[4:].partition(";")
-                if not sep or not uri:
-                    raise ValueError("expected nsu=<namespace URI>;<identifier>")
+                if not sep or not uri or rest.startswith(("ns=", "srv=")):
+                    raise ValueError("expected nsu=<namespace URI>;<i=, s=, g= or b= identifier>")
                 node = ua.NodeId.from_string(rest)
+                nodeid_to_binary(node)
                 return cls(_RefKind.NAMESPACE_URI, text, node_id=node, uri=uri)
             node = ua.NodeId.from_string(text)
-        except (ValueError, UaError) as exc:
+            if isinstance(node, ua.ExpandedNodeId):
+                raise ValueError("srv= (a node on another server) is not supported")
+            nodeid_to_binary(node)
+        except (ValueError, UaError, struct.error, OverflowError, TypeError) as exc:
             raise ValueError(f"{text!r} is not a node id ({exc})") from None
-        if isinstance(node, ua.ExpandedNodeId):
-            raise ValueError(f"{text!r}: srv= (another server) is not supported")
         return cls(_RefKind.NODE_ID, text, node_id=node)
 
     def browse_path(self, namespaces: Sequence[str]) -> ua.RelativePath:
