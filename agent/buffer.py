@@ -39,6 +39,10 @@ log = logging.getLogger("cleanroom.buffer")
 SCHEMA_VERSION = 2
 CLOSE_ATTEMPTS = 3
 """Commit attempts on close before giving up (loudly) on records the disk will not take."""
+QUEUE_LIMIT_BATCHES = 10
+"""Records held in memory while commits fail, in ``commit_max_records`` batches. Beyond it the oldest
+queued readings are shed: counted, and reported as ``data_loss`` once the disk takes data again,
+rather than growing until the process is killed for memory and loses the whole queue."""
 AGENT_DEVICE = "agent"
 
 
@@ -671,6 +675,9 @@ class AsyncBuffer:
         self._closing = False
         self._flush_now = False
         self.commit_errors = 0
+        self._committing = 0
+        self._shed_tally: dict[str, dict[str, Any]] = {}
+        self.shed_readings = 0
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._exec is None:
@@ -717,7 +724,30 @@ class AsyncBuffer:
         self._queue.extend(blocks)
         self._queue.extend(events)
         self._submitted += len(blocks) + len(events)
+        if len(self._queue) > self.cfg.commit_max_records * QUEUE_LIMIT_BATCHES:
+            self._shed()
         self._wake.set()
+
+    def _shed(self) -> None:
+        """Drop the oldest queued blocks beyond the memory limit (never the batch being committed)."""
+        excess = len(self._queue) - self.cfg.commit_max_records * QUEUE_LIMIT_BATCHES
+        kept: list[Block | Event] = []
+        for item in self._queue[self._committing :]:
+            if excess > 0 and isinstance(item, Block):
+                excess -= 1
+                ts = item.acq_ts_ns
+                t = self._shed_tally.setdefault(
+                    item.device,
+                    {"reason": "not_committed", "readings": 0, "rows": 0, "first_ts": ts, "last_ts": ts},
+                )
+                t["readings"] += len(item)
+                t["rows"] += 1
+                t["first_ts"], t["last_ts"] = min(t["first_ts"], ts), max(t["last_ts"], ts)
+                self.shed_readings += len(item)
+                self._committed += 1  # settled for flush(): it will never be committed
+            else:
+                kept.append(item)
+        self._queue[self._committing :] = kept
 
     async def flush(self) -> None:
         target = self._submitted
@@ -762,10 +792,12 @@ class AsyncBuffer:
 
     async def _commit_some(self) -> None:
         batch = self._queue[: self.cfg.commit_max_records]
+        self._committing = len(batch)
         try:
             result: CommitResult = await self._call(self.core.commit, batch)
         except Exception as exc:  # disk full, I/O error, locked past busy_timeout...
             # Keep the batch queued and retry: nothing submitted is dropped, flush() keeps waiting.
+            self._committing = 0
             self.commit_errors += 1
             if self._closing and self.commit_errors >= CLOSE_ATTEMPTS:
                 log.error("closing with %d records NOT committed: %s", len(self._queue), exc)
@@ -777,6 +809,13 @@ class AsyncBuffer:
             return
         self.commit_errors = 0
         del self._queue[: len(batch)]
+        self._committing = 0
+        if self._shed_tally:  # the disk takes data again: say what could not wait for it
+            for device, data in sorted(self._shed_tally.items()):
+                log.error("%d readings of %s were shed while commits failed", data["readings"], device)
+                self._queue.append(Event(device, "data_loss", Severity.ALARM, data))
+                self._submitted += 1
+            self._shed_tally = {}
         if self._queue:
             self._first_queued = time.monotonic()
         self._committed += len(batch)
@@ -818,4 +857,5 @@ class AsyncBuffer:
         out: dict[str, Any] = await self._call(self.core.stats)
         out["queued_records"] = len(self._queue)
         out["commit_errors"] = self.commit_errors
+        out["shed_readings"] = self.shed_readings
         return out

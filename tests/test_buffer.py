@@ -463,3 +463,40 @@ async def test_a_failing_commit_is_retried_not_dropped(tmp_path: Path) -> None:
     rows = await buf.pending(0, 10)
     await buf.close()
     assert [r.seq_first for r in rows] == [0] and b.seq_first == 0
+
+
+async def test_memory_is_bounded_while_commits_fail_and_the_shedding_is_reported(tmp_path: Path) -> None:
+    buf = AsyncBuffer(cfg(tmp_path, commit_interval="5ms", commit_max_records=2), "a1")
+    await buf.open()
+    other = sqlite3.connect(tmp_path / "buf.db", isolation_level=None)
+    other.execute("CREATE TRIGGER full BEFORE INSERT ON records BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    buf.submit([block(ts=0)])
+    await until(lambda: buf.commit_errors >= 1, what="a failed commit")
+    for i in range(1, 50):
+        buf.submit([block(device="d2", ts=i)])
+    stats = await buf.stats()
+    assert stats["queued_records"] == 20 and stats["shed_readings"] == 30 * 3
+    other.execute("DROP TRIGGER full")
+    other.close()
+    await asyncio.wait_for(buf.flush(), 10)
+    await asyncio.wait_for(buf.flush(), 10)  # the data_loss event queued by the recovery
+    rows = await buf.pending(0, 100)
+    await buf.close()
+    data = [r for r in rows if r.kind == "data"]
+    assert [r.acq_ts_ns for r in data] == list(range(30, 50))  # the oldest were shed
+    losses = {r.device: json.loads(r.body) for r in rows if r.kind == "event"}
+    assert {d: e["kind"] for d, e in losses.items()} == {"d1": "data_loss", "d2": "data_loss"}
+    assert losses["d1"]["data"] == {
+        "reason": "not_committed",
+        "readings": 3,
+        "rows": 1,
+        "first_ts": 0,
+        "last_ts": 0,
+    }
+    assert losses["d2"]["data"] == {
+        "reason": "not_committed",
+        "readings": 87,
+        "rows": 29,
+        "first_ts": 1,
+        "last_ts": 29,
+    }
