@@ -129,9 +129,13 @@ class MqttConfig(Strict):
 
 @dataclass(frozen=True)
 class AgentIdentity:
+    """Who is publishing: carried in the retained status, so a consumer can tell which agent build
+    and configuration produced the data it receives."""
+
     agent_id: str
     version: str
     config_hash: str
+    site: str = ""
 
 
 class Forwarder:
@@ -251,7 +255,7 @@ class Forwarder:
         log.info("connected to broker %s:%d", self.cfg.host, self.cfg.port)
         online = {"schema": STATUS_SCHEMA, "status": "online", "agent": self.identity.agent_id,
                   "version": self.identity.version, "config_hash": self.identity.config_hash,
-                  "ts": now_ns()}  # fmt: skip
+                  "site": self.identity.site, "ts": now_ns()}  # fmt: skip
         self._client.publish(self.status_topic, dumps(online), qos=1, retain=True)
         self._wake.set()
 
