@@ -9,12 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from agent.audit import Auditor
 from agent.inference import InferenceEngine, ModelBindingConfig
+from agent.modelkit.csvdata import Dataset, load_csv
 from agent.modelkit.manifest import read_manifest
 from agent.records import Block, Event, Quality, Severity
-from drivers.base import ProfileBase, TagBase
+from drivers.base import ProfileBase, TagBase, load_drivers
+from simulators.process.generate import generate
+from simulators.process.scenario import Scenario
 from tests.test_modelkit import FAULT, T0, private_copy, series, trained_model
 
 TAGS = ("T", "pH", "DO")
@@ -216,3 +220,62 @@ def test_binding_config_needs_exactly_one_target() -> None:
         ModelBindingConfig(manifest=Path("m.model.yaml"), devices=["a"], device_kind="bio")
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         ModelBindingConfig.model_validate({"manifest": "m", "devices": ["a"], "treshold": 3})
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = Path("models/incubator-pca.model.yaml")
+"""Relative on purpose: the engine resolves it against the install folder."""
+
+
+def door_opening_case(tmp_path: Path) -> tuple[ProfileBase, float, Dataset]:
+    """The shipped simulator profile, and 5 h of simulated incubator with a door opening at 3 h."""
+    raw = yaml.safe_load((ROOT / "deploy" / "profiles" / "incubator-sim-modbus.yaml").read_text())
+    profile = load_drivers()[raw["protocol"]].profile_model().model_validate(raw)
+    scn = Scenario.model_validate(
+        {"devices": [{"id": "inc1", "kind": "incubator", "faults": ["door_open@3h+1m"]}]}
+    )
+    generate(scn, 5, 77, tmp_path, period_s=5)
+    signals = read_manifest(ROOT / SHIPPED).signal_names
+    return profile, scn.start + 3 * 3600, load_csv(tmp_path / "inc1.csv", signals=signals)
+
+
+async def test_shipped_incubator_model_flags_a_simulated_door_opening(tmp_path: Path, h: Harness) -> None:
+    """The shipped model, bound by kind to the shipped simulator profile (tag names must
+    match), scores simulator ground truth: the door opening is an anomaly, nothing else is."""
+    profile, door, ds = door_opening_case(tmp_path)
+    engine = InferenceEngine(
+        [ModelBindingConfig(manifest=SHIPPED, device_kind="incubator", mode="active")],
+        {"inc1": profile},
+        h.events.append,
+        h.auditor,
+    )
+    await engine.start()
+    try:
+        blocks = [
+            Block(
+                "inc1",
+                "process",
+                int(t * 1e9),
+                ds.signals,
+                [None] * len(ds.signals),
+                row.tolist(),
+                seq_first=i,
+            )
+            for i, (t, row) in enumerate(zip(ds.ts, ds.values, strict=True))
+        ]
+        for i in range(0, len(blocks), 100):
+            engine.on_committed(blocks[i : i + 100], [])
+            await asyncio.sleep(0)
+        async with asyncio.timeout(20):
+            await engine.idle()
+    finally:
+        await engine.stop()
+    starts = [e for e in h.of("anomaly") if e.data["phase"] == "start"]
+    assert len(starts) == 1 and starts[0].severity is Severity.ALARM
+    assert door <= starts[0].data["start_ts"] / 1e9 <= door + 60
+    assert starts[0].data["top_signals"][0]["signal"] in {
+        "co2_pct",
+        "co2_valve_pct",
+        "temperature_c",
+        "rh_pct",
+    }

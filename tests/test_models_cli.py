@@ -156,3 +156,15 @@ def test_wrong_signal_column_names_the_columns(tmp_path: Path, capsys: pytest.Ca
         capsys, "train", "--csv", str(tmp_path / "a.csv"), "--signals", "temp,rpm", "--out", "o"
     )
     assert code == 2 and "no column(s) rpm; columns are timestamp, temp, ph, do" in err
+
+
+def test_shipped_models_verify_and_carry_their_evaluation(capsys: pytest.CaptureFixture[str]) -> None:
+    models = Path(__file__).resolve().parent.parent / "models"
+    code, out, _ = run(capsys, "verify", str(models))
+    assert code == 0 and out.count("ok ") == 3
+    for kind in ("bioreactor", "incubator", "particle-counter"):
+        m = read_manifest(models / f"{kind}-pca.model.yaml")
+        assert m.validation["eval_faults"] and m.validation["eval_f1"] is not None
+        assert (
+            f"sha256 `{m.sha256}`" in (models / f"{kind}-pca.md").read_text()
+        )  # the card describes this file
