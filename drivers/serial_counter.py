@@ -30,6 +30,12 @@ interval, ~0.1 s), pops it and goes on, so a 3,000-record backlog after an outag
 in minutes; the group interval is then the idle period when the queue is empty and the
 scheduler's liveness check. ``poll`` hands out at most one new record per poll interval.
 
+Records the counter itself dropped (its queue holds 3,000; a longer outage overflows it)
+cannot be recovered, but they are not lost silently: the counter's dropped-record count
+(``CST``) is committed with each record's watermark, and an increase becomes a
+``data_loss`` event (how many, between which record times) attached to the next block,
+so it is committed in the same transaction and never reported twice.
+
 A record that is older than the watermark but not the same record (the device clock was
 set back) is emitted, flagged ``uncertain`` (``timestamp_before_watermark``), never
 dropped. A record whose text cannot be parsed is emitted as bad readings
@@ -72,7 +78,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from agent.fields import Duration
-from agent.records import Block, Quality, Reason
+from agent.records import Block, Event, Quality, Reason, Severity
 from drivers.base import (
     ConnectionBase,
     DeviceContext,
@@ -256,6 +262,10 @@ class Connection(ConnectionBase):
     commit_wait: Duration = 30.0
     """How long an emitted record may stay uncommitted before it is emitted again (the
     block was lost on its way to the buffer); the buffer commits far sooner."""
+    loss_counter: bool = True
+    """Ask the counter (``CST``) how many records it dropped from its full queue, and
+    commit each new loss as a ``data_loss`` event with the next record. Counters without
+    ``CST`` answer ``ERR UNKNOWN`` and are then not asked again."""
 
 
 # --------------------------------------------------------------------------- port
@@ -298,7 +308,7 @@ class _Port:
                 continue
             except (self._serial_exc, OSError) as exc:
                 raise DeviceError(Reason.COMM_ERROR, f"{self.conn.port}: {exc}") from exc
-            if payload.startswith("ERR"):
+            if payload.startswith("ERR") and payload != "ERR UNKNOWN":  # unknown: retrying won't help
                 last = payload
                 self._on_error(
                     "device_" + payload[4:].strip().lower() if len(payload) > 4 else "device_error"
@@ -344,6 +354,8 @@ class _Inflight:
     block: Block
     since: float
     out_of_order: bool
+    events: list[Event]
+    """Events that ride on the block (kept: the scheduler takes them off the block it submits)."""
 
 
 @register
@@ -367,6 +379,9 @@ class SerialCounterDriver(Driver):
         self._executor: ThreadPoolExecutor | None = None
         self._port: _Port | None = None
         self._inflight: _Inflight | None = None
+        self._lost_baseline: int | None = None
+        self._cst_supported = True
+        """The counter's dropped-record count as of the last emitted record."""
         self._drain: asyncio.Task[None] | None = None
         self._drain_error: DeviceError | None = None
         self.serial_number: str | None = None
@@ -386,11 +401,50 @@ class SerialCounterDriver(Driver):
         t = time.perf_counter()
         try:
             payload = await self._run(port.command, cmd, replies, idempotent)
+            if payload == "ERR UNKNOWN" and cmd != "CST":
+                raise DeviceError("device_error", f"{cmd}: the device does not know this command")
         except DeviceError as exc:
             self.ctx.stats.error(exc.reason)
             raise
         self.ctx.stats.request_done(time.perf_counter() - t)
         return payload
+
+    async def _device_lost(self) -> int | None:
+        """Records the counter dropped from its full queue since it started (``CST``)."""
+        if not (self.conn.loss_counter and self._cst_supported):
+            return None
+        reply = await self._command("CST", ("RST",))
+        if reply == "ERR UNKNOWN":
+            log.info("%s: counter has no CST command; device-side record loss is not tracked", self.ctx.id)
+            self._cst_supported = False
+            return None
+        fields = reply.split()
+        if len(fields) != 4 or not fields[3].isdigit():
+            self.ctx.stats.error(Reason.DECODE_ERROR)
+            return None
+        return int(fields[3])
+
+    def _loss_events(self, group: PollGroup, lost: int | None, record: CounterRecord | None) -> list[Event]:
+        """A ``data_loss`` event when the counter dropped records since the committed count."""
+        known = self.ctx.state.get("device_lost")
+        baseline = self._lost_baseline if self._lost_baseline is not None else int(known) if known else None
+        if lost is None:
+            return []
+        self._lost_baseline = lost
+        # A count below the baseline means the counter restarted (its count starts at 0).
+        new = lost if baseline is None or lost < baseline else lost - baseline
+        if new <= 0:
+            return []
+        self.ctx.stats.error("device_records_lost")
+        data = {
+            "reason": "device_queue_full",
+            "group": group.name,
+            "records": new,
+            "device_lost_total": lost,
+            "after_ts": self._newest_ts,
+            "before_ts": record.ts_ns if record is not None else None,
+        }
+        return [Event(self.ctx.id, "data_loss", Severity.ALARM, data)]
 
     async def connect(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"serial-{self.ctx.id}")
@@ -514,15 +568,19 @@ class SerialCounterDriver(Driver):
                 digest,
                 self.conn.commit_wait,
             )
-            out_of_order = inflight.out_of_order
+            out_of_order, events = inflight.out_of_order, inflight.events
         else:
             out_of_order = (
                 record is not None and self._newest_ts is not None and record.ts_ns <= self._newest_ts
             )
+            events = self._loss_events(group, await self._device_lost(), record)
             if record is not None and not out_of_order:
                 self._newest_ts = record.ts_ns
         block = self._block(group, text, record, out_of_order)
-        self._inflight = _Inflight(digest, block, time.monotonic(), out_of_order)
+        block.events = list(events) or None
+        if self._lost_baseline is not None and block.state is not None:
+            block.state["device_lost"] = str(self._lost_baseline)
+        self._inflight = _Inflight(digest, block, time.monotonic(), out_of_order, events)
         return block
 
     def _block(self, group: PollGroup, text: str, record: CounterRecord | None, out_of_order: bool) -> Block:

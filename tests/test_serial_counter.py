@@ -66,6 +66,8 @@ class CounterPeer:
         self.queue: deque[str] = deque(records)
         self.faults: deque[str] = deque()
         self.silent = False
+        self.lost: int | None = None
+        """Records dropped from a full queue (CST); None: a counter without CST."""
         self.commands: list[str] = []
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._serve, daemon=True, name="counter-peer")
@@ -78,6 +80,8 @@ class CounterPeer:
             return f"RQC {len(self.queue)}"
         if cmd == "CTD2":
             return f"RTD2 {self.queue[0]}" if self.queue else "RND2"
+        if cmd == "CST" and self.lost is not None:
+            return f"RST 1 {len(self.queue)} {self.lost}"
         if cmd == "CPQ":
             if self.queue:
                 self.queue.popleft()
@@ -256,6 +260,35 @@ async def test_garbled_partial_late_and_busy_replies_resync(peer: CounterPeer) -
         assert [b.source_ts_ns for b in buf.blocks] == [(T0 + 60 * i) * 10**9 for i in range(3)]
     finally:
         await drv.close()
+
+
+async def test_records_dropped_at_the_device_become_one_data_loss_event(peer: CounterPeer) -> None:
+    peer.lost = 2  # dropped before the agent ever drained this counter
+    buf = FakeBuffer()
+    drv = make_driver(peer.path, buf.state)
+    await drv.connect()
+    group = drv.ctx.groups["records"]
+    try:
+        buf.commit(await drv.read(group))
+        peer.lost = 7  # the queue overflowed while the agent was away
+        [second] = await drv.read(group)
+        events = second.events
+        buf.commit([second])
+    finally:
+        await drv.close()
+    first_events = buf.blocks[0].events or []
+    assert [e.data["records"] for e in first_events] == [2]
+    assert events is not None and [
+        (e.kind, e.data["records"], e.data["device_lost_total"]) for e in events
+    ] == [("data_loss", 5, 7)]
+    assert events[0].data["after_ts"] == T0 * 10**9 and events[0].data["before_ts"] == (T0 + 60) * 10**9
+    restarted = make_driver(peer.path, dict(buf.state))  # the committed count survives a restart
+    await restarted.connect()
+    try:
+        await drain(restarted, buf)
+    finally:
+        await restarted.close()
+    assert len(buf.blocks) == 3 and not buf.blocks[2].events, "no loss reported twice"
 
 
 async def test_silent_device_is_a_timeout_device_error(peer: CounterPeer) -> None:
