@@ -187,7 +187,7 @@ def _from_buffer(
 
     if not db.is_file():
         raise ModelError(f"{db}: no buffer database")
-    buf = Buffer(BufferConfig(path=db), agent_id="models-train")
+    buf = Buffer(BufferConfig(path=db), agent_id=None)  # a tool: reads whichever agent owns it
     try:
         buf.open(readonly=True)
         since_ns = None if since is None else int(parse_time(since) * 1e9)
