@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 
 from agent.audit import Auditor
 from agent.fields import Strict
-from agent.modelkit.manifest import ModelError
+from agent.modelkit.manifest import Manifest, ModelError, verify
 from agent.modelkit.scoring import DriftChange, LoadedModel, Ready, Settings, Track, Transition
 from agent.records import Block, Event, Quality, Severity, Value
 from drivers.base import ProfileBase
@@ -147,6 +147,41 @@ def _block_time(block: Block, positions: list[int]) -> float:
     return block.acq_ts_ns / 1e9
 
 
+def plan(
+    cfg: ModelBindingConfig, manifest: Manifest | ModelError, devices: Mapping[str, ProfileBase]
+) -> list[tuple[str, str, list[str], str | None]]:
+    """(binding key, device, tag per model signal, problem or None) for each target device."""
+    if cfg.device_kind is not None:
+        targets = [d for d, p in devices.items() if p.device_kind == cfg.device_kind]
+        if not targets:
+            return [
+                (
+                    f"{cfg.manifest}@kind:{cfg.device_kind}",
+                    "agent",
+                    [],
+                    f"no device of kind {cfg.device_kind!r}",
+                )
+            ]
+    else:
+        targets = cfg.devices
+    out: list[tuple[str, str, list[str], str | None]] = []
+    for device in targets:
+        if isinstance(manifest, ModelError):
+            out.append((f"{cfg.manifest}@{device}", device, [], str(manifest)))
+            continue
+        key = f"{manifest.id}@{device}"
+        tags = [cfg.signals.get(s, s) for s in manifest.signal_names]
+        profile = devices.get(device)
+        if profile is None:
+            out.append((key, device, tags, f"device {device!r} is not configured"))
+            continue
+        known = {t.name for t in profile.tags}
+        missing = [f"{s}->{t}" for s, t in zip(manifest.signal_names, tags, strict=True) if t not in known]
+        problem = f"profile {profile.profile!r} has no tag for {', '.join(missing)}" if missing else None
+        out.append((key, device, tags, problem))
+    return out
+
+
 class InferenceEngine:
     """Scores committed readings with the bound models; see the module docstring.
 
@@ -192,35 +227,15 @@ class InferenceEngine:
         self._task = asyncio.create_task(self._run(), name="inference")
 
     def _bind(self, cfg: ModelBindingConfig, loaded: LoadedModel | ModelError) -> None:
-        if cfg.device_kind is not None:
-            targets = [d for d, p in self.devices.items() if p.device_kind == cfg.device_kind]
-            if not targets:
-                self._refuse(
-                    f"{cfg.manifest}@kind:{cfg.device_kind}", f"no device of kind {cfg.device_kind!r}"
-                )
-                return
-        else:
-            targets = cfg.devices
-        for device in targets:
-            label = loaded.manifest.id if isinstance(loaded, LoadedModel) else str(cfg.manifest)
-            key = f"{label}@{device}"
-            if isinstance(loaded, ModelError):
-                self._refuse(key, str(loaded), device)
+        manifest = loaded if isinstance(loaded, ModelError) else loaded.manifest
+        for key, device, tags, problem in plan(cfg, manifest, self.devices):
+            if problem is not None:
+                self._refuse(key, problem, device)
                 continue
-            profile = self.devices.get(device)
-            if profile is None:
-                self._refuse(key, f"device {device!r} is not configured", device)
-                continue
+            assert isinstance(loaded, LoadedModel)
             m = loaded.manifest
-            tags = [cfg.signals.get(s, s) for s in m.signal_names]
-            known = {t.name for t in profile.tags}
-            missing = [f"{s}->{t}" for s, t in zip(m.signal_names, tags, strict=True) if t not in known]
-            if missing:
-                self._refuse(key, f"profile {profile.profile!r} has no tag for {', '.join(missing)}", device)
-                continue
             overrides = cfg.overrides.model_dump(exclude_none=True)
-            settings = Settings.of(m, **overrides)
-            binding = Binding(key, device, loaded, Track(loaded, settings), tags, cfg.mode)
+            binding = Binding(key, device, loaded, Track(loaded, Settings.of(m, **overrides)), tags, cfg.mode)
             self.bindings[key] = binding
             self._by_device.setdefault(device, []).append(binding)
             self.auditor.record(
@@ -231,13 +246,30 @@ class InferenceEngine:
                 why=f"binding from configuration; overrides {overrides or 'none'}",
             )
 
+    @staticmethod
+    def check(config: Sequence[ModelBindingConfig], devices: Mapping[str, ProfileBase]) -> list[str]:
+        """Every binding problem (missing or altered model, unknown device, unmapped tag),
+        for ``validate``: the same checks :meth:`start` applies, without starting anything."""
+        problems = []
+        for i, cfg in enumerate(config):
+            try:
+                manifest: Manifest | ModelError = verify(resolve_manifest(cfg.manifest))[0]
+            except ModelError as exc:
+                manifest = exc
+            problems += [f"models[{i}] {key}: {p}" for key, _, _, p in plan(cfg, manifest, devices) if p]
+        return problems
+
     def _refuse(self, key: str, reason: str, device: str = "agent") -> None:
         log.error("model binding %s refused: %s", key, reason)
         self.refused[key] = reason
         self.auditor.record("model_refused", key, device=device, why=reason, severity=Severity.ALARM)
 
     async def stop(self) -> None:
+        """Score what was already copied (bounded: 5 s), then stop the worker."""
         if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self.idle()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

@@ -279,3 +279,20 @@ async def test_shipped_incubator_model_flags_a_simulated_door_opening(tmp_path: 
         "temperature_c",
         "rh_pct",
     }
+
+
+def test_check_reports_every_binding_problem_without_starting(syn_model: Path, model_copy: Path) -> None:
+    (model_copy.parent / "syn-pca.onnx").write_bytes(b"not onnx")
+    problems = InferenceEngine.check(
+        [
+            ModelBindingConfig(manifest=syn_model, devices=["d1", "ghost"], signals=MAPPING),
+            ModelBindingConfig(manifest=syn_model, devices=["d1"]),
+            ModelBindingConfig(manifest=model_copy, devices=["d1"]),
+            ModelBindingConfig(manifest=syn_model, device_kind="centrifuge"),
+        ],
+        {"d1": PROFILE},
+    )
+    assert problems[0] == "models[0] syn-pca@ghost: device 'ghost' is not configured"
+    assert problems[1] == "models[1] syn-pca@d1: profile 'bio-test' has no tag for temp->temp, ph->ph, do->do"
+    assert problems[2].startswith("models[2] ") and "refusing to load it" in problems[2]
+    assert problems[3].endswith("no device of kind 'centrifuge'") and len(problems) == 4
