@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
 from agent.fields import Duration
 from agent.records import Block, Event, Quality, Reason, Severity
@@ -87,6 +87,7 @@ from drivers.base import (
     Emit,
     GroupSpec,
     PollGroup,
+    ProfileBase,
     TagBase,
     register,
 )
@@ -368,13 +369,34 @@ class SerialCounterDriver(Driver):
     Connection: ClassVar[type[ConnectionBase]] = Connection
     supports_subscribe: ClassVar[bool] = True
 
+    @classmethod
+    def profile_model(cls) -> type[ProfileBase]:
+        """The generic profile schema plus one rule: exactly one group, because each record
+        is drained (popped) once; two groups would race for the same queue."""
+        cached: type[ProfileBase] | None = cls.__dict__.get("_one_group_model")
+        if cached is None:
+            generic = super().profile_model()
+
+            def one_group(profile: ProfileBase) -> ProfileBase:
+                if len(profile.groups) != 1:
+                    raise ValueError(
+                        "a serial_counter profile has exactly one group (records are drained once), "
+                        f"got {', '.join(profile.groups)}"
+                    )
+                return profile
+
+            validator: Any = model_validator(mode="after")(one_group)
+            cached = cast(
+                type[ProfileBase],
+                create_model(
+                    f"{cls.__name__}Profile", __base__=generic, __validators__={"one_group": validator}
+                ),
+            )
+            cls._one_group_model = cached  # type: ignore[attr-defined]
+        return cached
+
     def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx)
-        if len(ctx.groups) > 1:
-            raise ValueError(
-                f"device {ctx.id}: a serial_counter profile has one group (records are drained once), "
-                f"got {sorted(ctx.groups)}"
-            )
         self.conn = cast(Connection, ctx.connection)
         self._executor: ThreadPoolExecutor | None = None
         self._port: _Port | None = None

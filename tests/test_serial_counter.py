@@ -348,6 +348,14 @@ def test_tag_and_connection_config_errors_are_clear() -> None:
         SerialCounterDriver.Tag.model_validate({"name": "x", "field": "laser_ok", "per": "m3"})
     with pytest.raises(ValidationError, match="port"):
         SerialCounterDriver.Connection.model_validate({"baudrate": 9600})
+    two_groups = {
+        "profile": "pc",
+        "protocol": "serial_counter",
+        "groups": {"a": {}, "b": {}},
+        "tags": [{"name": "x", "field": "laser_ok", "group": "a"}],
+    }
+    with pytest.raises(ValidationError, match="exactly one group"):
+        SerialCounterDriver.profile_model().model_validate(two_groups)
 
 
 # --------------------------------------------------------------------------- framer properties
