@@ -14,7 +14,7 @@ per binding per tick. Ratio = naive CPU / batched CPU for the scoring stage.
 
 Prints one JSON object; bounded to well under 60 s.
 
-    python -m bench.inference [--bindings 100] [--seconds 60]
+    python -m bench.inference [--bindings 100] [--seconds 300]
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def scoring_stage(manifest: Path, bindings: int, seconds: int, batched: bool) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bindings", type=int, default=100)
-    parser.add_argument("--seconds", type=int, default=60, help="simulated seconds measured (after warm-up)")
+    parser.add_argument("--seconds", type=int, default=300, help="simulated seconds measured (after warm-up)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         manifest = model(Path(tmp))

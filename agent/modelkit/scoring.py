@@ -140,8 +140,8 @@ class SlotAccumulator:
         self.n = n_signals
         self.open_id: int | None = None
         self.closed_upto = np.iinfo(np.int64).min
-        self._sum = np.zeros(n_signals)
-        self._count = np.zeros(n_signals)
+        self._sum = [0.0] * n_signals
+        self._count = [0.0] * n_signals
         self.late = 0
         """Samples for slots already closed (out of order): dropped and counted."""
 
@@ -178,10 +178,10 @@ class SlotAccumulator:
             sums = np.vstack([self._sum, sums])
             counts = np.vstack([self._count, counts])
         if float(ts.max()) >= (uniq[-1] + 1) * self.period:  # the newest slot's end is reached
-            self.open_id, self._sum, self._count = None, np.zeros(self.n), np.zeros(self.n)
+            self.open_id, self._sum, self._count = None, [0.0] * self.n, [0.0] * self.n
             self.closed_upto = int(uniq[-1])
             return uniq, _means(sums, counts)
-        self.open_id, self._sum, self._count = int(uniq[-1]), sums[-1].copy(), counts[-1].copy()
+        self.open_id, self._sum, self._count = int(uniq[-1]), sums[-1].tolist(), counts[-1].tolist()
         if len(uniq) > 1:
             self.closed_upto = int(uniq[-2])
         return uniq[:-1], _means(sums[:-1], counts[:-1])
@@ -191,7 +191,7 @@ class SlotAccumulator:
         closed_ids: list[int] = []
         closed_means: list[list[float]] = []
         p = self.period
-        sums, counts = self._sum.tolist(), self._count.tolist()
+        sums, counts = self._sum, self._count
         for t, row in zip(ts.tolist(), vals.tolist(), strict=True):
             sid = math.ceil(t / p) - 1
             if sid <= self.closed_upto:
@@ -211,7 +211,7 @@ class SlotAccumulator:
                 closed_ids.append(sid)
                 closed_means.append([a / b if b else math.nan for a, b in zip(sums, counts, strict=True)])
                 self.closed_upto, self.open_id = sid, None
-        self._sum, self._count = np.array(sums), np.array(counts)
+        self._sum, self._count = sums, counts
         if not closed_ids:
             return np.zeros(0, np.int64), np.zeros((0, self.n))
         return np.array(closed_ids, dtype=np.int64), np.array(closed_means)
@@ -220,7 +220,7 @@ class SlotAccumulator:
         """Close the open slot (end of an offline series)."""
         if self.open_id is None:
             return np.zeros(0, np.int64), np.zeros((0, self.n))
-        ids, means = np.array([self.open_id]), _means(self._sum[None], self._count[None])
+        ids, means = np.array([self.open_id]), _means(np.array([self._sum]), np.array([self._count]))
         self.closed_upto = self.open_id
         self.open_id = None
         return ids, means
@@ -355,10 +355,13 @@ class DriftMonitor:
     def add(self, ids: np.ndarray, means: np.ndarray) -> DriftChange | None:
         if len(ids) == 0:
             return None
-        rows = means[-self.rows :]
-        at = (self._pos + np.arange(len(rows))) % self.rows
-        self._ring[at] = rows
-        self._pos = int((self._pos + len(rows)) % self.rows)
+        if len(means) == 1:  # the agent's usual case
+            self._ring[self._pos] = means[0]
+            self._pos = (self._pos + 1) % self.rows
+        else:
+            rows = means[-self.rows :]
+            self._ring[(self._pos + np.arange(len(rows))) % self.rows] = rows
+            self._pos = int((self._pos + len(rows)) % self.rows)
         self._since += len(ids)
         if self._since < self.CHECK_EVERY:
             return None
