@@ -19,8 +19,9 @@ watermark equals that record, does the driver pop it (``CPQ``). So:
 That is at-least-once reading plus exact de-duplication by the watermark, i.e. each
 record is committed exactly once, provided ``ctx.state`` reflects commits as they happen
 (the scheduler should pass a live view of the buffer's state); if it holds only the state
-loaded at start, the driver also accepts the buffer having numbered the emitted block
-(``seq_first``) as proof of commit. The driver never clears the device queue, starts or
+loaded at start, the driver also accepts the buffer having kept a sequence number on the
+emitted block (``seq_first``, set just before the commit transaction, taken back if it
+fails) for half a second as proof of commit. The driver never clears the device queue, starts or
 stops sampling, or sets the clock.
 
 The next record only becomes visible after the pop, so at most one record is ever
@@ -95,6 +96,10 @@ from drivers.base import (
 log = logging.getLogger("cleanroom.drivers.serial_counter")
 
 _T = TypeVar("_T")
+
+_NUMBERED_GRACE_S = 0.5
+"""With a ``ctx.state`` that does not follow commits, a block numbered this long ago
+counts as committed: far longer than a commit transaction takes."""
 
 M3_PER_UNIT = {"L": 0.001, "m3": 1.0, "ft3": 0.028316846592}
 """Cubic metres per volume unit a record may be expressed in."""
@@ -357,6 +362,18 @@ class _Inflight:
     out_of_order: bool
     events: list[Event]
     """Events that ride on the block (kept: the scheduler takes them off the block it submits)."""
+    numbered_since: float | None = None
+    """When the block was first seen numbered by the buffer (``seq_first`` set)."""
+
+    def numbered_for(self, now: float) -> float:
+        """How long the buffer has kept a sequence number on the block: it sets one just
+        before its commit transaction and takes it back if the transaction fails."""
+        if self.block.seq_first is None:
+            self.numbered_since = None
+            return 0.0
+        if self.numbered_since is None:
+            self.numbered_since = now
+        return now - self.numbered_since
 
 
 @register
@@ -507,7 +524,9 @@ class SerialCounterDriver(Driver):
         state: Mapping[str, str] = self.ctx.state
         committed = state.get("last_digest") if state.get("serial") in (None, self.serial_number) else None
         inflight = self._inflight
-        if inflight is not None and (committed == inflight.digest or inflight.block.seq_first is not None):
+        if inflight is not None and (
+            committed == inflight.digest or inflight.numbered_for(time.monotonic()) >= _NUMBERED_GRACE_S
+        ):
             committed = inflight.digest
         return committed
 

@@ -232,7 +232,7 @@ async def test_crash_between_commit_and_pop_does_not_duplicate(peer: CounterPeer
     buf.commit(await drv.read(drv.ctx.groups["records"]))
     await drv.close()  # "crash": committed, never popped
     assert len(peer.queue) == 3
-    restarted = make_driver(peer.path, dict(buf.state))  # state as reloaded from the buffer
+    restarted = make_driver(peer.path, buf.state)  # the buffer's state, as reloaded at start
     await restarted.connect()
     try:
         await drain(restarted, buf)
@@ -240,6 +240,28 @@ async def test_crash_between_commit_and_pop_does_not_duplicate(peer: CounterPeer
         await restarted.close()
     assert [b.source_ts_ns for b in buf.blocks] == [(T0 + 60 * i) * 10**9 for i in range(3)]
     assert not peer.queue
+
+
+async def test_without_live_state_a_block_numbered_for_a_while_counts_as_committed(peer: CounterPeer) -> None:
+    """ctx.state loaded once at start: the driver falls back on the buffer's numbering,
+    and only once the number has stuck (a failed commit takes it back)."""
+    drv = make_driver(peer.path, {})
+    group = drv.ctx.groups["records"]
+    await drv.connect()
+    try:
+        [first] = await drv.read(group)
+        first.seq_first = 0  # numbered by the buffer's commit...
+        assert await drv.read(group) == []
+        first.seq_first = None  # ...which failed: the number is taken back
+        await asyncio.sleep(0.6)
+        assert await drv.read(group) == [] and len(peer.queue) == 3
+        first.seq_first = 0  # committed on retry
+        assert await drv.read(group) == []
+        await asyncio.sleep(0.6)
+        [second] = await drv.read(group)
+        assert second.source_ts_ns == (T0 + 60) * 10**9 and len(peer.queue) == 2
+    finally:
+        await drv.close()
 
 
 async def test_garbled_partial_late_and_busy_replies_resync(peer: CounterPeer) -> None:
