@@ -36,6 +36,7 @@ def register(subparsers: Any) -> None:
     t.add_argument("--since", help="first time to read from --buffer (ISO 8601 or unix s)")
     t.add_argument("--until", help="last time to read from --buffer (ISO 8601 or unix s)")
     t.add_argument("--method", choices=["pca", "iforest"], default="pca")
+    t.add_argument("--trees", type=int, default=100, help="isolation forest: number of trees")
     t.add_argument("--out", type=Path, required=True, help="folder for <id>.onnx and <id>.model.yaml")
     t.add_argument("--id", dest="model_id", help="model id (default: <device kind>-<method>)")
     t.add_argument("--version", default="1.0.0")
@@ -169,6 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         units=units,
         notes=args.notes,
         skip_start=args.skip_start,
+        trees=args.trees,
         **({"intended_use": args.intended_use} if args.intended_use else {}),
     )
     path = train(kept, opts, args.out, excluded_rows=excluded)

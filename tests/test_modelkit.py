@@ -267,7 +267,9 @@ def test_offline_and_settings_overrides_use_the_same_track(syn_model: Path) -> N
 
 def test_isolation_forest_is_a_real_onnx_graph(tmp_path: Path) -> None:
     ds = load_csv(write_csv(tmp_path / "n.csv", hours=4, seed=2))
-    path = train([ds], TrainOptions(model_id="syn-if", method="iforest", window=6), tmp_path / "out")
+    path = train(
+        [ds], TrainOptions(model_id="syn-if", method="iforest", window=6, trees=25), tmp_path / "out"
+    )
     model = LoadedModel(path)
     t, v = series(4, 9, (2 * 3600.0, 2.5 * 3600.0))
     r = run_offline(model, Settings.of(model.manifest), t, v)
