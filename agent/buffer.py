@@ -724,8 +724,8 @@ class AsyncBuffer:
         self._queue.extend(blocks)
         self._queue.extend(events)
         self._submitted += len(blocks) + len(events)
-        if len(self._queue) > self.cfg.commit_max_records * QUEUE_LIMIT_BATCHES:
-            self._shed()
+        if self.commit_errors and len(self._queue) > self.cfg.commit_max_records * QUEUE_LIMIT_BATCHES:
+            self._shed()  # only while the disk refuses: a burst the committer is working through is kept
         self._wake.set()
 
     def _shed(self) -> None:

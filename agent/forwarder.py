@@ -94,7 +94,8 @@ class MqttConfig(Strict):
     tls: TlsConfig = Field(default_factory=TlsConfig)
     """TLS settings."""
     inflight_window: int = Field(default=16, ge=1, le=1000)
-    """Maximum unacknowledged publishes. Bounds memory and the duplicates a reconnect can cause."""
+    """Maximum unacknowledged publishes (data and events). Bounds memory and the duplicates a
+    reconnect can cause."""
     flush_interval: Duration = Field(default=0.2, gt=0)
     """After new rows are committed, wait this long to batch them into fewer, larger messages."""
     flush_max_readings: int = Field(default=5000, ge=1)
@@ -378,11 +379,11 @@ class Forwarder:
             records = await self.buffer.pending(self._cursor, FETCH_ROWS)
             if not records:
                 return
-            self._cursor = records[-1].id
-            for (device, kind), group in _grouped(records).items():
-                for chunk in _chunks(group, self.cfg.flush_max_readings):
-                    for msg in self.encoder.encode(device, kind, chunk):
-                        self._publish(device, msg)
+            chunks, taken = _batches(records, self.cfg.flush_max_readings, window - len(self._inflight))
+            self._cursor = records[taken - 1].id
+            for (device, kind), chunk in chunks:
+                for msg in self.encoder.encode(device, kind, chunk):
+                    self._publish(device, msg)
 
     def _publish(self, device: str, msg: Message) -> None:
         info = self._client.publish(f"{self.cfg.topic_prefix}/{device}/{msg.suffix}", msg.payload, qos=1)
@@ -464,27 +465,29 @@ def _readings(records: Sequence[StoredRecord]) -> int:
     return sum(r.n for r in records if r.kind == "data")
 
 
-def _grouped(records: Sequence[StoredRecord]) -> dict[tuple[str, str], list[StoredRecord]]:
-    """By (device, kind), in first-appearance order, each group in id order."""
-    groups: dict[tuple[str, str], list[StoredRecord]] = {}
+def _batches(
+    records: Sequence[StoredRecord], max_readings: int, room: int
+) -> tuple[list[tuple[tuple[str, str], list[StoredRecord]]], int]:
+    """Messages-to-be for the longest prefix of ``records`` (id order) that fits in ``room``
+    messages: per (device, kind), consecutive rows up to ``max_readings`` readings each. Returns the
+    chunks in the order they were opened (per device: id order) and the prefix length, which is
+    where the cursor goes: rows past it were not sent, so the window is exact and nothing is sent
+    twice."""
+    chunks: list[tuple[tuple[str, str], list[StoredRecord]]] = []
+    open_chunk: dict[tuple[str, str], list[StoredRecord]] = {}
+    size: dict[tuple[str, str], int] = {}
+    taken = 0
     for r in records:
-        groups.setdefault((r.device, r.kind), []).append(r)
-    return groups
-
-
-def _chunks(records: list[StoredRecord], max_readings: int) -> list[list[StoredRecord]]:
-    out: list[list[StoredRecord]] = []
-    current: list[StoredRecord] = []
-    size = 0
-    for r in records:
-        if current and size + r.n > max_readings:
-            out.append(current)
-            current, size = [], 0
-        current.append(r)
-        size += r.n
-    if current:
-        out.append(current)
-    return out
+        key = (r.device, r.kind)
+        if key not in open_chunk or size[key] + r.n > max_readings:
+            if len(chunks) >= room:
+                break
+            open_chunk[key], size[key] = [], 0
+            chunks.append((key, open_chunk[key]))
+        open_chunk[key].append(r)
+        size[key] += r.n
+        taken += 1
+    return chunks, taken
 
 
 def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:

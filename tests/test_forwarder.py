@@ -301,14 +301,15 @@ async def test_nothing_marked_delivered_without_puback(
     assert mosquitto.proc is not None
     os.kill(mosquitto.proc.pid, signal.SIGSTOP)
     try:
-        for i in range(20):
-            rig.buf.submit([blocks_for("d1", i)])
+        for i in range(100):
+            rig.buf.submit([blocks_for("d1", i), blocks_for("d2", i)])
         await rig.buf.flush()
         await until(lambda: rig.fw.stats()["published"] > 0, what="published into the frozen broker")
         await asyncio.sleep(0.3)
         stats = await rig.buf.stats()
-        assert stats["delivered_readings_total"] == 0 and stats["depth_readings"] == 80
+        assert stats["delivered_readings_total"] == 0 and stats["depth_readings"] == 800
         assert rig.fw.stats()["acked"] == 0
+        assert rig.fw.stats()["published"] == rig.fw.stats()["inflight"] == 4, "the window is exact"
     finally:
         os.kill(mosquitto.proc.pid, signal.SIGCONT)
     await until(lambda: _zero(rig.buf), what="delivered once the broker acknowledges")
