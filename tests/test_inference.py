@@ -296,3 +296,33 @@ def test_check_reports_every_binding_problem_without_starting(syn_model: Path, m
     assert problems[1] == "models[1] syn-pca@d1: profile 'bio-test' has no tag for temp->temp, ph->ph, do->do"
     assert problems[2].startswith("models[2] ") and "refusing to load it" in problems[2]
     assert problems[3].endswith("no device of kind 'centrifuge'") and len(problems) == 4
+
+
+@pytest.fixture
+def short_drift_model(model_copy: Path) -> Path:
+    """The model with a 2-hour drift window (720 slots, judged from 360 on)."""
+    m = read_manifest(model_copy)
+    drift = m.drift.model_copy(update={"window": 7200.0})
+    model_copy.write_text(yaml.safe_dump(m.model_copy(update={"drift": drift}).model_dump(mode="json")))
+    return model_copy
+
+
+async def test_input_drift_is_an_event_and_in_status(short_drift_model: Path, h: Harness) -> None:
+    m = read_manifest(short_drift_model)
+    engine = h.engine(ModelBindingConfig(manifest=short_drift_model, devices=["d1"], signals=MAPPING))
+    await engine.start()
+    try:
+        t, v = series(4, 13)
+        v[len(v) // 2 :, 2] += 8 * m.signals[2].std  # DO reads high from the third hour on
+        await feed(engine, "d1", t, v)
+        status = engine.status()["syn-pca@d1"]["drift"]
+    finally:
+        await engine.stop()
+    (event,) = h.of("drift")
+    assert event.data["phase"] == "start" and event.severity is Severity.WARNING
+    assert event.data["ts"] / 1e9 > t[len(t) // 2]
+    bounds, do = event.data["bounds"], event.data["signals"]["do"]
+    assert set(event.data["signals"]) == {"do"}
+    assert do["psi"] > bounds["psi"] or do["shift_sigma"] > bounds["mean_shift_sigma"]
+    assert event.data["model"]["id"] == "syn-pca" and status["active"] is True
+    assert status["signals"]["do"]["shift_sigma"] > 5  # by the end the whole window is shifted
