@@ -23,9 +23,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given
+from hypothesis import strategies as st
 
-from agent.buffer import AsyncBuffer, BufferConfig
-from agent.forwarder import AgentIdentity, Forwarder, MqttConfig
+from agent.buffer import AsyncBuffer, BufferConfig, StoredRecord
+from agent.forwarder import AgentIdentity, Forwarder, MqttConfig, _batches
 from agent.records import Block, Event, Quality
 from tests.support import Collector, Mosquitto, free_port, until, wait_for
 
@@ -597,3 +599,29 @@ async def test_data_loss_event_is_forwarded(
     )
     for _, payload, _ in collector.messages:
         check_schema(json.loads(payload))
+
+
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["data", "event"]), st.integers(0, 30))
+    ),
+    max_readings=st.integers(1, 50),
+    room=st.integers(1, 6),
+)
+def test_batches_take_an_exact_prefix_within_the_window(
+    rows: list[tuple[str, str, int]], max_readings: int, room: int
+) -> None:
+    records = [StoredRecord(i + 1, kind, dev, 0, n, 0, "{}") for i, (dev, kind, n) in enumerate(rows)]  # type: ignore[arg-type]
+    chunks, taken = _batches(records, max_readings, room)
+    assert len(chunks) <= room
+    sent = sorted(r.id for _, chunk in chunks for r in chunk)
+    assert sent == [r.id for r in records[:taken]], "exactly a prefix, each row once"
+    assert taken == len(records) or len(chunks) == room
+    for (device, kind), chunk in chunks:
+        assert all((r.device, r.kind) == (device, kind) for r in chunk)
+        assert [r.id for r in chunk] == sorted(r.id for r in chunk)
+        assert len(chunk) == 1 or sum(r.n for r in chunk) <= max_readings
+    firsts: dict[tuple[str, str], int] = {}
+    for key, chunk in chunks:  # per (device, kind), chunks follow id order
+        assert chunk[0].id > firsts.get(key, 0)
+        firsts[key] = chunk[-1].id
