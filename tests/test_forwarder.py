@@ -625,3 +625,22 @@ def test_batches_take_an_exact_prefix_within_the_window(
     for key, chunk in chunks:  # per (device, kind), chunks follow id order
         assert chunk[0].id > firsts.get(key, 0)
         firsts[key] = chunk[-1].id
+
+
+async def test_replay_on_a_running_agent_is_republished(
+    mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import forwarder
+    from agent.cli import main
+
+    monkeypatch.setattr(forwarder, "RESCAN_INTERVAL_S", 0.2)
+    rig = await make_rig(mosquitto.port)
+    rig.buf.submit([blocks_for("d1", 0), blocks_for("d2", 0)])
+    await rig.buf.flush()
+    await until(lambda: _zero(rig.buf), what="delivered")
+    assert main(["buffer", "replay", "--db", str(rig.buf.cfg.path), "--device", "d1"]) == 0
+    await until(lambda: received_seqs(collector.messages, "d1") == [0, 1, 2, 3] * 2, what="republished")
+    await until(lambda: _zero(rig.buf), what="delivered again")
+    assert received_seqs(collector.messages, "d2") == [4, 5, 6, 7]
+    audit = [e for m in collector.json("/agent/events") for e in m["events"]]
+    assert [e["data"]["action"] for e in audit] == ["buffer_replay"]
