@@ -169,20 +169,24 @@ def model_path(manifest_path: Path, manifest: Manifest) -> Path:
     return manifest_path.parent / manifest.file
 
 
-def verify(manifest_path: Path) -> tuple[Manifest, Path]:
-    """Read a manifest and check its ONNX file's hash; returns both or raises :class:`ModelError`."""
+def verify(manifest_path: Path) -> tuple[Manifest, Path, bytes]:
+    """Read a manifest and its ONNX file, check the file's hash; returns the manifest, the
+    file's path and the very bytes that were hashed (load those: no window for a swap
+    between checking and loading), or raises :class:`ModelError`."""
     manifest = read_manifest(manifest_path)
     onnx_path = model_path(manifest_path, manifest)
-    if not onnx_path.is_file():
-        raise ModelError(f"model {manifest.id} {manifest.version}: file {onnx_path} is missing")
-    actual = sha256_file(onnx_path)
+    try:
+        data = onnx_path.read_bytes()
+    except OSError:
+        raise ModelError(f"model {manifest.id} {manifest.version}: file {onnx_path} is missing") from None
+    actual = hashlib.sha256(data).hexdigest()
     if actual != manifest.sha256:
         raise ModelError(
             f"model {manifest.id} {manifest.version}: {onnx_path.name} has sha256 {actual[:16]}…, "
             f"manifest says {manifest.sha256[:16]}…: the file was altered or does not belong to this "
             "manifest; refusing to load it"
         )
-    return manifest, onnx_path
+    return manifest, onnx_path, data
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:

@@ -38,14 +38,12 @@ class LoadedModel:
     def __init__(self, manifest_path: Path) -> None:
         self.manifest_path = manifest_path
         self.manifest: Manifest
-        self.manifest, self.onnx_path = verify(manifest_path)
+        self.manifest, self.onnx_path, data = verify(manifest_path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(
-                str(self.onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
             raise ModelError(
                 f"model {self.manifest.id}: onnxruntime cannot load {self.onnx_path}: {exc}"
