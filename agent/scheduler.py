@@ -39,6 +39,9 @@ log = logging.getLogger("cleanroom.scheduler")
 
 Submit = Callable[[Sequence[Block], Sequence[Event]], None]
 
+STOP_TIMEOUT_S = 5.0
+"""How long a device's loops may take to wind down on stop before they are abandoned."""
+
 STATE_SEP = ":"
 """Driver state keys are stored as ``{device}:{key}`` so drivers need not namespace them."""
 
@@ -109,9 +112,15 @@ class DeviceRunner:
             )
 
     async def stop(self) -> None:
+        """Cancel the loops and close the driver, in bounded time: a protocol stack that
+        swallows cancellation must not hang the agent's shutdown."""
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S) if self._tasks else (set(), set())
+        for t in stuck:
+            log.error(
+                "%s: task %s did not stop within %.0f s; abandoned", self.id, t.get_name(), STOP_TIMEOUT_S
+            )
         self._tasks.clear()
         await self._close_driver()
 
@@ -144,7 +153,7 @@ class DeviceRunner:
             await self.driver.subscribe(group, self._emit)
 
     def _emit(self, block: Block) -> None:
-        self._submit(self._with_state_keys([block]), ())
+        self._hand_over([block])
 
     def _mark_connected(self) -> None:
         was = self.last_error
@@ -244,14 +253,21 @@ class DeviceRunner:
             self._link_lost("driver_error", repr(exc))
             return
         if blocks:
-            self._submit(self._with_state_keys(blocks), ())
+            self._hand_over(blocks)
         stats.last_ok_ns = acq
 
-    def _with_state_keys(self, blocks: Sequence[Block]) -> Sequence[Block]:
+    def _hand_over(self, blocks: Sequence[Block]) -> None:
+        """Submit what the driver produced: blocks with their state keys namespaced by
+        device, and the events a driver attached to them (e.g. a counter's buffer wrap),
+        in the same commit."""
+        events: list[Event] = []
         for b in blocks:
             if b.state:
                 b.state = {f"{self.id}{STATE_SEP}{k}": v for k, v in b.state.items()}
-        return blocks
+            if b.events:
+                events.extend(b.events)
+                b.events = None
+        self._submit(blocks, events)
 
     # ------------------------------------------------------------------ status
 

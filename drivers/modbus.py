@@ -781,7 +781,9 @@ class ModbusDriver(Driver):
     async def _call(self, fn: str, address: int, count_or_value: int) -> Any:
         """One request with retries. Returns the reply, or the quality reason (``str``) of
         a refused or garbled request; raises :class:`DeviceError` on silence."""
-        assert self._bus is not None
+        if self._bus is None:
+            # Another poll group's failure closed the connection while this poll waited.
+            raise DeviceError(Reason.NOT_CONNECTED, "connection closed")
         stats = self.ctx.stats
         attempts = self.conn.retries + 1
         for attempt in range(attempts):

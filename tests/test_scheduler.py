@@ -1,0 +1,131 @@
+"""The scheduler against a real Modbus simulator: absolute ticks, gaps as bad-quality
+records, device_state events, reconnect with backoff, isolation between devices."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.config import load_config
+from agent.records import Block, Event, Quality
+from agent.scheduler import Scheduler, backoff_delay
+from simulators.servers.modbus import serve_bioreactor_modbus
+from tests.support import free_port
+
+
+def config(tmp: Path, devices: Sequence[tuple[str, int]], interval: str = "200ms") -> Path:
+    body = "\n".join(
+        f"  - id: {dev}\n    profile: bioreactor-sim\n"
+        f"    connection: {{host: 127.0.0.1, port: {port}, timeout: 300ms, retries: 0, degrade_after: 100, "
+        f"backoff_min: 100ms, backoff_max: 400ms}}\n    groups: {{process: {{interval: {interval}}}}}"
+        for dev, port in devices
+    )
+    path = tmp / "agent.yaml"
+    path.write_text(f"agent: {{id: t}}\nbuffer: {{path: b.db}}\ndevices:\n{body}\n")
+    return path
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.blocks: list[Block] = []
+        self.events: list[Event] = []
+
+    def __call__(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
+        self.blocks.extend(blocks)
+        self.events.extend(events)
+
+    def group(self, device: str, group: str = "process") -> list[Block]:
+        return [b for b in self.blocks if b.device == device and b.group == group]
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    for n in range(1, 12):
+        d = backoff_delay(n, 1.0, 30.0, rng)
+        base = min(30.0, 2 ** (n - 1))
+        assert 0.5 * base <= d <= base
+
+
+async def test_outage_is_visible_in_the_data_and_recovers(tmp_path: Path) -> None:
+    # the simulator drops every connection between 1.5 s and 3.5 s after start
+    async with serve_bioreactor_modbus(port=0, speed=1.0, faults=["comm_disconnect@1.5s+2s"]) as sim:
+        loaded = load_config(config(tmp_path, [("br1", sim.port)]))
+        sink = Sink()
+        sched = Scheduler(loaded.devices, sink, {})
+        sched.start()
+        await asyncio.sleep(6.0)
+        await sched.stop()
+    blocks = sink.group("br1")
+    good = [b for b in blocks if b.quality is None]
+    bad = [b for b in blocks if b.quality is not None and all(q is Quality.BAD for q in b.quality)]
+    assert good and bad
+    assert {r for b in bad for r in (b.reasons or [])} <= {"comm_error", "timeout", "not_connected"}
+    assert all(v is None for b in bad for v in b.values), "a failed poll carries no values"
+    # good readings before and after the outage, bad in between
+    first_bad = blocks.index(bad[0])
+    assert blocks[first_bad - 1].quality is None and blocks[-1].quality is None
+    states = [e.data["state"] for e in sink.events if e.kind == "device_state"]
+    assert states[0] == "connected" and "disconnected" in states and states[-1] == "connected"
+    # transitions are events (the simulator accepts connections and then drops them, so
+    # the device flaps), but failed polls are not: they are the bad blocks
+    assert states.count("disconnected") < len(bad)
+    # every tick produced a block, good or bad: no silent hole
+    span_s = (blocks[-1].acq_ts_ns - blocks[0].acq_ts_ns) / 1e9
+    assert len(blocks) >= round(span_s / 0.2) - 1
+
+
+async def test_ticks_are_absolute_and_do_not_drift(tmp_path: Path) -> None:
+    async with serve_bioreactor_modbus(port=0, speed=1.0) as sim:
+        loaded = load_config(config(tmp_path, [("br1", sim.port)], interval="100ms"))
+        sink = Sink()
+        sched = Scheduler(loaded.devices, sink, {})
+        sched.start()
+        await asyncio.sleep(3.05)
+        status = sched.status()
+        await sched.stop()
+    blocks = sink.group("br1")
+    assert 29 <= len(blocks) <= 32
+    # the n-th poll starts at t0 + n·interval (acquisition times include the read itself)
+    t0 = blocks[0].acq_ts_ns
+    worst = max(abs((b.acq_ts_ns - t0) / 1e9 - i * 0.1) for i, b in enumerate(blocks))
+    assert worst < 0.08, f"poll {worst * 1000:.0f} ms off its tick"
+    assert status["br1"]["groups"]["process"]["overruns"] == 0
+    assert status["br1"]["driver"]["requests"] > 0
+
+
+async def test_a_dead_device_does_not_delay_another(tmp_path: Path) -> None:
+    dead_port = free_port()  # nothing listens: connection refused, backoff
+    async with (
+        serve_bioreactor_modbus(port=0, speed=1.0) as live,
+        serve_bioreactor_modbus(port=0, speed=1.0, faults=["comm_timeout@0s"]) as mute,
+    ):
+        loaded = load_config(
+            config(
+                tmp_path, [("live", live.port), ("dead", dead_port), ("mute", mute.port)], interval="100ms"
+            )
+        )
+        sink = Sink()
+        sched = Scheduler(loaded.devices, sink, {})
+        sched.start()
+        await asyncio.sleep(3.05)
+        status = sched.status()
+        await sched.stop()
+    live_blocks = sink.group("live")
+    assert len(live_blocks) >= 29 and all(b.quality is None for b in live_blocks)
+    assert status["live"]["groups"]["process"]["overruns"] == 0
+    for dev in ("dead", "mute"):
+        blocks = sink.group(dev)
+        group = status[dev]["groups"]["process"]
+        # every tick is accounted for: a (bad) block, or an overrun block for ticks a slow
+        # timeout swallowed
+        assert group["polls"] + group["overruns"] >= 29, group
+        overrun_blocks = [b for b in blocks if b.reasons and b.reasons[0] == "overrun"]
+        # each poll yields one block (the status was read while the last poll may still run)
+        assert group["polls"] - 1 <= len(blocks) - len(overrun_blocks) <= group["polls"]
+        assert bool(group["overruns"]) == bool(overrun_blocks), "missed ticks are marked in the data"
+        assert all(b.quality is not None for b in blocks)
+        if dev == "dead":
+            assert status[dev]["connected"] is False  # "mute" accepts connections, then stays silent
+        assert status[dev]["driver"]["errors"], "failures are counted by kind"
