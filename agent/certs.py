@@ -15,6 +15,7 @@ from the certificate, so the two can never disagree.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
@@ -81,7 +82,7 @@ def create_certificate(
     key = cert_gen.generate_private_key()
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([ExtendedKeyUsageOID.SERVER_AUTH] if server else [])
     alt_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
-    alt_names += [x509.DNSName(h) for h in hosts]
+    alt_names += [_host_name(h) for h in hosts]
     cert = cert_gen.generate_self_signed_app_certificate(key, uri, {}, alt_names, extended=usages, days=days)
     try:
         fd = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -91,6 +92,14 @@ def create_certificate(
     except OSError as exc:
         raise CertError(f"cannot write to {out}: {exc.strerror}") from exc
     return paths
+
+
+def _host_name(host: str) -> x509.GeneralName:
+    """An IP address goes in as one (servers reached by address check that), anything else as DNS."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def _cmd_create(args: argparse.Namespace) -> int:

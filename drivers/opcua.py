@@ -157,8 +157,8 @@ class Group(GroupSpec):
 class Connection(ConnectionBase):
     """How to reach one OPC UA server, and with which identity."""
 
-    url: str = Field(pattern=r"^opc\.tcp://[^/:]+(:\d+)?(/.*)?$")
-    """Endpoint URL, e.g. ``opc.tcp://10.0.4.21:4840``."""
+    url: str = Field(pattern=r"^opc\.tcp://(\[[0-9A-Fa-f:.]+\]|[^/:\[\]]+)(:\d+)?(/.*)?$")
+    """Endpoint URL, e.g. ``opc.tcp://10.0.4.21:4840`` or ``opc.tcp://[fd00::21]:4840/path``."""
     security_policy: Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"] = (
         "None"
     )

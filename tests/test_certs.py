@@ -38,6 +38,8 @@ def test_create_writes_der_cert_with_uri_and_private_key(
             "gw1",
             "--hostname",
             "gw1.plant.local",
+            "--hostname",
+            "10.0.4.21",
             "--days",
             "30",
         ]
@@ -47,6 +49,7 @@ def test_create_writes_der_cert_with_uri_and_private_key(
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:site:line1:agent"]
     assert san.get_values_for_type(x509.DNSName) == ["gw1", "gw1.plant.local"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.4.21"]
     assert application_uri(cert) == "urn:site:line1:agent"
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert ExtendedKeyUsageOID.CLIENT_AUTH in eku and ExtendedKeyUsageOID.SERVER_AUTH not in eku
