@@ -101,13 +101,19 @@ _NUMBERED_GRACE_S = 0.5
 """With a ``ctx.state`` that does not follow commits, a block numbered this long ago
 counts as committed: far longer than a commit transaction takes."""
 
+_BUSY_PAUSE_S = 0.05
+
 M3_PER_UNIT = {"L": 0.001, "m3": 1.0, "ft3": 0.028316846592}
 """Cubic metres per volume unit a record may be expressed in."""
 
 
 class FrameError(ValueError):
     """A reply line or record that does not follow the protocol. The only exception the
-    framer and record parser raise, whatever bytes arrive."""
+    framer and record parser raise, whatever bytes arrive; ``kind`` names the counter."""
+
+    def __init__(self, message: str, kind: str = "garbled") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 # --------------------------------------------------------------------------- framing
@@ -139,7 +145,7 @@ def parse_reply(line: bytes) -> str:
     except (UnicodeDecodeError, ValueError):
         raise FrameError(f"garbled reply {line[:40]!r}") from None
     if not xx.isalnum() or checksum(payload) != expected:
-        raise FrameError(f"checksum mismatch in reply {line[:40]!r}")
+        raise FrameError(f"checksum mismatch in reply {line[:40]!r}", kind="checksum")
     if not text.isprintable():
         raise FrameError(f"control characters in reply {line[:40]!r}")
     return text
@@ -310,7 +316,7 @@ class _Port:
                 payload = self._reply(replies)
             except FrameError as exc:
                 last = str(exc)
-                self._on_error("checksum" if "checksum" in last else "garbled")
+                self._on_error(exc.kind)
                 continue
             except (self._serial_exc, OSError) as exc:
                 raise DeviceError(Reason.COMM_ERROR, f"{self.conn.port}: {exc}") from exc
@@ -319,6 +325,7 @@ class _Port:
                 self._on_error(
                     "device_" + payload[4:].strip().lower() if len(payload) > 4 else "device_error"
                 )
+                time.sleep(_BUSY_PAUSE_S)  # in the port's thread: give a busy device a moment
                 continue
             return payload
         raise DeviceError(Reason.DECODE_ERROR, f"{cmd}: no valid reply after {attempts} attempt(s): {last}")
