@@ -426,8 +426,8 @@ class SerialCounterDriver(Driver):
         self._port: _Port | None = None
         self._inflight: _Inflight | None = None
         self._lost_baseline: int | None = None
-        self._cst_supported = True
         """The counter's dropped-record count as of the last emitted record."""
+        self._cst_supported = True
         self._drain: asyncio.Task[None] | None = None
         self._drain_error: DeviceError | None = None
         self.serial_number: str | None = None
