@@ -472,8 +472,14 @@ class SerialCounterDriver(Driver):
 
     def _loss_events(self, group: PollGroup, lost: int | None, record: CounterRecord | None) -> list[Event]:
         """A ``data_loss`` event when the counter dropped records since the committed count."""
-        known = self.ctx.state.get("device_lost")
-        baseline = self._lost_baseline if self._lost_baseline is not None else int(known) if known else None
+        known = self._committed_state().get("device_lost", "")
+        baseline = (
+            self._lost_baseline
+            if self._lost_baseline is not None
+            else int(known)
+            if known.isdigit()
+            else None
+        )
         if lost is None:
             return []
         self._lost_baseline = lost
@@ -510,6 +516,7 @@ class SerialCounterDriver(Driver):
                 self.serial_number,
                 known,
             )
+            self._newest_ts = None
 
     async def close(self) -> None:
         drain, self._drain = self._drain, None
@@ -526,10 +533,14 @@ class SerialCounterDriver(Driver):
 
     # ------------------------------------------------------------------ draining
 
+    def _committed_state(self) -> Mapping[str, str]:
+        """The committed watermark, if it belongs to the instrument now on the port."""
+        state = self.ctx.state
+        return state if state.get("serial") in (None, self.serial_number) else {}
+
     def _committed(self) -> str | None:
         """Digest of the newest record the buffer has committed (see module docstring)."""
-        state: Mapping[str, str] = self.ctx.state
-        committed = state.get("last_digest") if state.get("serial") in (None, self.serial_number) else None
+        committed = self._committed_state().get("last_digest")
         inflight = self._inflight
         if inflight is not None and (
             committed == inflight.digest or inflight.numbered_for(time.monotonic()) >= _NUMBERED_GRACE_S

@@ -313,6 +313,28 @@ async def test_records_dropped_at_the_device_become_one_data_loss_event(peer: Co
     assert len(buf.blocks) == 3 and not buf.blocks[2].events, "no loss reported twice"
 
 
+async def test_another_instrument_on_the_port_ignores_the_old_watermark(peer: CounterPeer) -> None:
+    peer.lost = 3
+    buf = FakeBuffer()
+    buf.state.update(
+        {
+            "serial": "LSR-OTHER-1",
+            "last_digest": "0" * 16,
+            "last_ts": str((T0 + 3600) * 10**9),
+            "device_lost": "9",
+        }
+    )
+    drv = make_driver(peer.path, buf.state)
+    await drv.connect()
+    try:
+        await drain(drv, buf)
+    finally:
+        await drv.close()
+    assert [b.source_ts_ns for b in buf.blocks] == [(T0 + 60 * i) * 10**9 for i in range(3)]
+    assert all(b.quality is None for b in buf.blocks), "not out of order: another clock, another queue"
+    assert [e.data["records"] for e in buf.blocks[0].events or []] == [3]
+
+
 async def test_silent_device_is_a_timeout_device_error(peer: CounterPeer) -> None:
     drv = make_driver(peer.path, {})
     await drv.connect()
