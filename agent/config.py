@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from agent.buffer import BufferConfig
 from agent.fields import Duration, Strict
 from agent.forwarder import MqttConfig
-from agent.inference import ModelBindingConfig
-from agent.limits import LimitsConfig
+from agent.inference import InferenceEngine, ModelBindingConfig
+from agent.limits import LimitMonitor, LimitsConfig
 from drivers.base import (
     ConnectionBase,
     Driver,
@@ -72,7 +72,15 @@ class DeviceConfig(Strict):
     """One device instance: which profile it is and how to reach it."""
 
     id: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
-    """Device id, unique in this config; the ``{device}`` level of MQTT topics."""
+    """Device id, unique in this config; the ``{device}`` level of MQTT topics (``agent`` is reserved)."""
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v == "agent":
+            raise ValueError("'agent' is reserved for the agent's own topics; choose another device id")
+        return v
+
     profile: str
     """Name of the device profile (``profile:`` inside a file of ``profiles_dirs``)."""
     connection: dict[str, Any] = Field(default_factory=dict)
@@ -229,6 +237,7 @@ def load_yaml(path: Path) -> _Lines:
     return _Lines(path, data, lines)
 
 
+_LIMITS_LOC = re.compile(r"^limits\.(tags|particles)\[(\d+)\]")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -376,6 +385,15 @@ def load_config(path: str | Path) -> LoadedConfig:
         device = _resolve_device(src, loc, dev, driver, profile, profiles[dev.profile].path, problems)
         if device is not None:
             devices.append(device)
+    profiles_by_device = {d.id: d.profile for d in devices}
+    for i, binding in enumerate(cfg.models):
+        for msg in InferenceEngine.check([binding], profiles_by_device):
+            problems.append(src.problem(("models", i), msg.split(": ", 1)[-1]))
+    if cfg.limits is not None:
+        for msg in LimitMonitor.check(cfg.limits, profiles_by_device):
+            m = _LIMITS_LOC.match(msg)
+            loc: Loc = ("limits", m.group(1), int(m.group(2))) if m else ("limits",)
+            problems.append(src.problem(loc, msg.split(": ", 1)[-1]))
     if problems:
         raise ConfigError(problems)
     used = [profiles[d.config.profile].path for d in devices]
@@ -436,7 +454,8 @@ def _resolve_relative(data: dict[str, Any], base: Path) -> None:
                 if k in tls:
                     tls[k] = fix(tls[k])
     for m in data.get("models") or []:
-        if isinstance(m, dict) and "manifest" in m:
+        # a model next to the config wins; otherwise the shipped models/ folder is searched
+        if isinstance(m, dict) and isinstance(m.get("manifest"), str) and os.path.exists(fix(m["manifest"])):
             m["manifest"] = fix(m["manifest"])
 
 

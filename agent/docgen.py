@@ -21,6 +21,7 @@ from pydantic_core import PydanticUndefined
 
 BEGIN = "<!-- BEGIN GENERATED REFERENCE (python -m agent.docgen --write) -->"
 END = "<!-- END GENERATED REFERENCE -->"
+TOP = "(top level)"
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
@@ -49,6 +50,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _field_type(f: FieldInfo) -> str:
+    """The type as a user writes it: ``duration`` and ``size`` rather than float/int."""
+    for meta in f.metadata:
+        name = getattr(getattr(meta, "func", None), "__name__", "")
+        if name == "parse_duration":
+            return "duration"
+        if name == "parse_size":
+            return "size"
+    return _type_name(f.annotation)
+
+
 def _default(f: FieldInfo) -> str:
     if f.is_required():
         return "**required**"
@@ -65,7 +80,14 @@ def _default(f: FieldInfo) -> str:
         return "(see below)"
     if hasattr(value, "get_secret_value"):
         return "(secret)"
-    return f"`{value!r}`" if not isinstance(value, Path) else f"`{value.name}` (bundled)"
+    text = repr(value)
+    if isinstance(value, Path | list):
+        # bundled paths are shown relative to the installation, not to this checkout
+        text = repr([str(p) for p in value] if isinstance(value, list) else str(value))
+        text = text.replace(str(ROOT), "<install>")
+    if _field_type(f) == "duration":
+        text = f"{value:g} s"
+    return f"`{text}`"
 
 
 def _models_in(tp: Any) -> list[type[BaseModel]]:
@@ -87,10 +109,10 @@ def render_model(model: type[BaseModel], key: str, seen: set[type[BaseModel]]) -
     nested: list[tuple[str, type[BaseModel]]] = []
     for name, f in model.model_fields.items():
         desc = (f.description or "").replace("\n", " ").replace("|", "\\|")
-        type_name = _type_name(f.annotation).replace("|", "\\|")
+        type_name = _field_type(f).replace("|", "\\|")
         lines.append(f"| `{name}` | {type_name} | {_default(f)} | {desc} |")
         for sub in _models_in(f.annotation):
-            nested.append((f"{key}.{name}", sub))
+            nested.append((name if key == TOP else f"{key}.{name}", sub))
     lines.append("")
     for sub_key, sub in nested:
         lines.extend(render_model(sub, sub_key, seen))
@@ -102,14 +124,14 @@ def render() -> str:
     from drivers.base import ProfileBase, load_drivers
 
     out = ["## Agent configuration file", ""]
-    out += render_model(AgentConfig, "(top level)", set())
+    out += render_model(AgentConfig, TOP, set())
     out += ["## Device profiles", "", "Common to every profile file (`deploy/profiles/*.yaml`):", ""]
     out += render_model(ProfileBase, "profile", set())
     for protocol, driver in sorted(load_drivers().items()):
+        seen: set[type[BaseModel]] = {ProfileBase}
         out += [f"## Protocol `{protocol}`", ""]
-        out += render_model(driver.Connection, f"devices[].connection ({protocol})", set())
-        out += render_model(driver.Group, f"profile groups.* ({protocol})", set())
-        out += render_model(driver.Tag, f"profile tags[] ({protocol})", set())
+        out += render_model(driver.Connection, f"devices[].connection ({protocol})", seen)
+        out += render_model(driver.profile_model(), f"profile ({protocol})", seen)
     return "\n".join(out).rstrip() + "\n"
 
 

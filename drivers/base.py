@@ -326,11 +326,19 @@ class Driver(ABC):
         if cached is None:
             from pydantic import create_model
 
+            base_fields = ProfileBase.model_fields
             cached = create_model(
                 f"{cls.__name__}Profile",
                 __base__=ProfileBase,
-                groups=(dict[str, cls.Group], Field(default_factory=lambda: {"default": cls.Group()})),
-                tags=(list[cls.Tag], ...),  # type: ignore[name-defined]
+                __doc__=ProfileBase.__doc__,
+                groups=(
+                    dict[str, cls.Group],  # type: ignore[name-defined]
+                    Field(
+                        default_factory=lambda: {"default": cls.Group()},
+                        description=base_fields["groups"].description,
+                    ),
+                ),
+                tags=(list[cls.Tag], Field(description=base_fields["tags"].description)),  # type: ignore[name-defined]
             )
             cls._profile_model = cached  # type: ignore[attr-defined]
         return cached  # type: ignore[no-any-return]

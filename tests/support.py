@@ -144,8 +144,8 @@ class Collector:
             return [json.loads(p) for t, p, _ in self.messages if t.endswith(suffix) and p]
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 class ThreadedSim:

@@ -121,6 +121,24 @@ CASES = [
         "mqtt.protocol",
         "3.1.1",
     ),
+    ("reserved device id", ("  - id: br2", "  - id: agent"), "id: agent", "devices[1].id", "reserved"),
+    (
+        "model for a kind not configured",
+        (
+            "devices:",
+            "models:\n  - {manifest: models/incubator-pca.model.yaml, device_kind: incubator}\ndevices:",
+        ),
+        "incubator-pca",
+        "models[0]",
+        "no device of kind 'incubator'",
+    ),
+    (
+        "limit on a tag the device lacks",
+        ("devices:", "limits:\n  tags:\n    - {tag: phh, devices: [br1], action_high: 7.5}\ndevices:"),
+        "phh",
+        "limits.tags[0]",
+        "has no tag 'phh'",
+    ),
     ("duplicate YAML key", ("  port: 1883", "  port: 1883\n  port: 1884"), "port: 1884", "", "duplicate key"),
     ("YAML syntax", ("  retention: 7d", "  retention: [7d"), "retention", "", "YAML syntax"),
 ]
