@@ -203,7 +203,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -226,7 +226,7 @@ def load_yaml(path: Path) -> _Lines:
             node = loader.get_single_node()
             data = loader.construct_document(node) if node is not None else None
         finally:
-            loader.dispose()  # type: ignore[no-untyped-call]
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
@@ -392,8 +392,8 @@ def load_config(path: str | Path) -> LoadedConfig:
     if cfg.limits is not None:
         for msg in LimitMonitor.check(cfg.limits, profiles_by_device):
             m = _LIMITS_LOC.match(msg)
-            loc: Loc = ("limits", m.group(1), int(m.group(2))) if m else ("limits",)
-            problems.append(src.problem(loc, msg.split(": ", 1)[-1]))
+            at: Loc = ("limits", m.group(1), int(m.group(2))) if m else ("limits",)
+            problems.append(src.problem(at, msg.split(": ", 1)[-1]))
     if problems:
         raise ConfigError(problems)
     used = [profiles[d.config.profile].path for d in devices]

@@ -108,12 +108,13 @@ class LiveView:
 
     def __init__(self, host: str, port: int, prefix: str) -> None:
         import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
 
         self.readings = 0
         self.events = 0
         self.seqs: set[int] = set()
         self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"demo-view-{os.getpid()}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-view-{os.getpid()}")
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{prefix}/#", qos=1)
         self.client.on_message = self._on_message
         self.client.connect(host, port)

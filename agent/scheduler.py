@@ -55,7 +55,7 @@ def backoff_delay(failures: int, lo: float, hi: float, rng: random.Random) -> fl
     """Exponential backoff with jitter: the n-th consecutive failure waits about
     ``lo·2^(n-1)`` (capped at ``hi``), scaled by a random factor in [0.5, 1] so that many
     devices that failed together (a switch reboot) do not reconnect in lockstep."""
-    base = min(hi, lo * (2 ** max(0, failures - 1)))
+    base: float = min(hi, lo * 2.0 ** max(0, failures - 1))
     return base * rng.uniform(0.5, 1.0)
 
 

@@ -264,7 +264,7 @@ class PollGroup:
 def _ints_where_integral(values: list[Value], identity: bool, dtype: np.dtype[Any]) -> list[Value]:
     """Integer registers read without scaling stay integers in the payload (``7``, not ``7.0``)."""
     if identity and np.issubdtype(dtype, np.integer):
-        return [None if v is None else int(v) for v in values]  # type: ignore[arg-type]
+        return [None if v is None else int(v) for v in values]
     return values
 
 
@@ -341,7 +341,7 @@ class Driver(ABC):
                 tags=(list[cls.Tag], Field(description=base_fields["tags"].description)),  # type: ignore[name-defined]
             )
             cls._profile_model = cached  # type: ignore[attr-defined]
-        return cached  # type: ignore[no-any-return]
+        return cached
 
 
 # --------------------------------------------------------------------------- registry
