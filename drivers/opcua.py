@@ -60,7 +60,7 @@ from typing import Any, ClassVar, Literal, cast
 
 from asyncua import ua
 from asyncua.client.client import Client
-from asyncua.crypto import security_policies
+from asyncua.crypto import security_policies, uacrypto
 from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
 from asyncua.ua.attribute_ids import AttributeIds
@@ -69,6 +69,7 @@ from asyncua.ua.ua_binary import nodeid_to_binary, struct_to_binary
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from agent.certs import application_uri
 from agent.fields import Duration
 from agent.records import Block, Quality, Reason, Value, now_ns
 from drivers.base import (
@@ -437,8 +438,8 @@ class OpcUaDriver(Driver):
         }
         self._client: Client | None = None
         self._nodes: dict[str, ua.NodeId | str] = {}
-        self._resolved_at = 0.0
         """Resolved NodeId per tag, or why the tag could not be resolved."""
+        self._resolved_at = 0.0
         self._lost: DeviceError | None = None
         """Why the link is known dead (watchdog, subscription status, a failed call): read raises it."""
         self._subs: dict[str, _GroupSubscription] = {}
@@ -467,8 +468,6 @@ class OpcUaDriver(Driver):
             raise DeviceError(_reason(exc), f"resolving node ids: {_describe(exc)}") from exc
 
     async def _configure_identity(self, client: Client) -> None:
-        from agent.certs import application_uri
-
         conn = self.conn
         if conn.username:
             client.set_user(conn.username)
@@ -478,8 +477,6 @@ class OpcUaDriver(Driver):
                 client.application_uri = conn.application_uri
             return
         assert conn.certificate is not None and conn.private_key is not None
-        from asyncua.crypto import uacrypto
-
         try:
             cert = await uacrypto.load_certificate(conn.certificate)
         except (OSError, ValueError) as exc:
@@ -556,7 +553,8 @@ class OpcUaDriver(Driver):
             results = await client.translate_browsepaths(root, [p for _, p in chunk])
             for (name, _), res in zip(chunk, results, strict=True):
                 if res.StatusCode.is_good() and res.Targets:
-                    nodes[name] = res.Targets[0].TargetId
+                    target = res.Targets[0].TargetId  # an ExpandedNodeId: keep the local part
+                    nodes[name] = ua.NodeId(target.Identifier, target.NamespaceIndex, target.NodeIdType)
                 else:
                     nodes[name] = res.StatusCode.name if not res.StatusCode.is_good() else "BadNoMatch"
                     self._log_unresolved(name, nodes[name])
