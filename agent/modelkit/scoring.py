@@ -484,32 +484,35 @@ class Track:
         return ready
 
     def decide(self, ready: Ready, scores: np.ndarray, contribs: np.ndarray) -> Decision:
-        m = self.model.manifest
-        k = len(ready)
-        alarm = np.zeros(k, bool)
-        all_scores = np.full(k, np.nan)
-        all_scores[ready.scored] = scores
-        top_signal = np.full(k, -1)
-        if len(scores):
-            top_signal[ready.scored] = np.argmax(contribs, axis=1)
+        period = self.model.manifest.period
+        thr, clear = self.settings.threshold, self.settings.threshold * self.settings.clear_ratio
+        score_list = scores.tolist()
+        top_list = contribs.argmax(axis=1).tolist() if len(score_list) else []
+        alarm: list[bool] = []
+        all_scores: list[float] = []
+        top_signal: list[int] = []
         transitions: list[Transition] = []
         j = 0
-        thr = self.settings.threshold
-        for i in range(k):
-            ts = float((ready.ids[i] + 1) * m.period)
-            self.last_completeness = float(ready.completeness[i])
-            self.last_ts = ts
-            if not ready.scored[i]:
-                self.state = "warming_up" if not ready.warm[i] else "incomplete"
-                self.windows_incomplete += bool(ready.warm[i])
-                alarm[i] = self.debounce.active
+        for sid, completeness, warm, scored in zip(
+            ready.ids.tolist(),
+            ready.completeness.tolist(),
+            ready.warm.tolist(),
+            ready.scored.tolist(),
+            strict=True,
+        ):
+            ts = (sid + 1) * period
+            self.last_completeness, self.last_ts = completeness, ts
+            if not scored:
+                self.state = "incomplete" if warm else "warming_up"
+                self.windows_incomplete += warm
+                alarm.append(self.debounce.active)
+                all_scores.append(math.nan)
+                top_signal.append(-1)
                 continue
-            score = float(scores[j])
+            score = score_list[j]
             self.last_score = score
             self.windows_scored += 1
-            change = self.debounce.update(
-                score > (thr * self.settings.clear_ratio if self.debounce.active else thr)
-            )
+            change = self.debounce.update(score > (clear if self.debounce.active else thr))
             if self.debounce.active and (change or score > self._peak):
                 if change:
                     self._started = ts
@@ -521,9 +524,13 @@ class Track:
                 transitions.append(Transition("end", ts, score, self._peak, self._started, self._peak_top))
                 self._peak = 0.0
             self.state = "alarm" if self.debounce.active else "ok"
-            alarm[i] = self.debounce.active
+            alarm.append(self.debounce.active)
+            all_scores.append(score)
+            top_signal.append(top_list[j])
             j += 1
-        return Decision(transitions, alarm, all_scores, top_signal)
+        return Decision(
+            transitions, np.array(alarm, bool), np.array(all_scores, float), np.array(top_signal, int)
+        )
 
     def _top(self, contrib: np.ndarray, last: np.ndarray) -> list[dict[str, Any]]:
         out = []
