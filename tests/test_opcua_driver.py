@@ -152,12 +152,31 @@ class UaServerThread:
 
 
 @pytest.fixture
-def server() -> Iterator[UaServerThread]:
+def fresh_server() -> Iterator[UaServerThread]:
+    """A server of its own, for a test that changes the address space."""
     srv = UaServerThread(free_port()).start()
     try:
         yield srv
     finally:
         srv.close()
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[UaServerThread]:
+    srv = UaServerThread(free_port()).start()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture
+def server(shared_server: UaServerThread) -> UaServerThread:
+    """The module's server with every value back to its initial, good state (a server
+    start costs seconds; resetting values costs milliseconds)."""
+    for tag, value in VALUES.items():
+        shared_server.write(tag, value, variant=ua.VariantType.Int32 if tag == "agitation" else None)
+    return shared_server
 
 
 @pytest.fixture(scope="module")
@@ -293,8 +312,9 @@ async def test_unresolvable_tags_are_bad_readings_not_a_dead_device(server: UaSe
 
 
 async def test_address_space_reloaded_behind_a_live_link_is_resolved_again(
-    server: UaServerThread, monkeypatch: pytest.MonkeyPatch
+    fresh_server: UaServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    server = fresh_server
     monkeypatch.setattr(opcua, "_RERESOLVE_S", 0.0)
     tags = [{"name": "ph", "node_id": f"/Objects/{{{NS}}}Bioreactor/{{{NS}}}pH"}]
     drv = make_driver(server.url, tags)
