@@ -169,10 +169,6 @@ class CounterRecord:
     """(size µm, cumulative count) pairs, smallest size first."""
 
     @property
-    def digest(self) -> str:
-        return record_digest(self.text)
-
-    @property
     def volume_m3(self) -> float:
         return self.volume * M3_PER_UNIT[self.volume_unit]
 
