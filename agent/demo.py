@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from agent.config import load_config
+from agent.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANT = ROOT / "simulators" / "scenarios" / "plant.yaml"
@@ -77,6 +77,21 @@ def _start_plant(workdir: Path, speed: float) -> tuple[subprocess.Popen[bytes], 
     return proc, json.loads(endpoints.read_text())
 
 
+def _particle_limits(device: str, params: dict[str, Any]) -> dict[str, Any]:
+    grade, state = params.get("grade", "B"), params.get("state", "at_rest")
+    limits = {
+        "device": device,
+        "grade": grade,
+        "state": state,
+        "tag_0_5": "count_0_5um",
+        "tag_5_0": "count_5_0um",
+    }
+    if grade == "D" and state == "in_operation":
+        # Annex 1 leaves grade D in operation to risk assessment; the demo takes ISO 8's values
+        limits |= {"action_0_5": 3_520_000, "action_5_0": 29_300}
+    return limits
+
+
 def _write_config(workdir: Path, endpoints: list[dict[str, Any]], broker: tuple[str, int]) -> Path:
     devices = [
         {
@@ -87,6 +102,39 @@ def _write_config(workdir: Path, endpoints: list[dict[str, Any]], broker: tuple[
         }
         for e in endpoints
     ]
+    by_kind: dict[str, list[str]] = {}
+    for e in endpoints:
+        by_kind.setdefault(e["kind"], []).append(e["device"])
+    plant = yaml.safe_load(PLANT.read_text())
+    params = {d["id"]: d.get("params", {}) for d in plant.get("devices", [])}
+    limits: dict[str, Any] = {
+        "tags": [
+            {
+                "tag": "temperature_c",
+                "devices": by_kind.get("bioreactor", []),
+                "alert_low": 36.6,
+                "alert_high": 37.4,
+                "action_low": 36.5,
+                "action_high": 37.5,
+                "consecutive": 3,
+            },
+            {
+                "tag": "co2_pct",
+                "devices": by_kind.get("incubator", []),
+                "alert_low": 4.7,
+                "alert_high": 5.3,
+                "action_low": 4.5,
+                "action_high": 5.5,
+                "consecutive": 3,
+            },
+        ],
+        "particles": [_particle_limits(d, params.get(d, {})) for d in by_kind.get("particle_counter", [])],
+    }
+    models = [
+        {"manifest": str(MODELS / f"{name}.model.yaml"), "device_kind": kind, "mode": "shadow"}
+        for kind, name in (("bioreactor", "bioreactor-pca"), ("incubator", "incubator-pca"))
+        if kind in by_kind and (MODELS / f"{name}.model.yaml").exists()
+    ]
     config: dict[str, Any] = {
         "agent": {
             "id": "demo-gateway",
@@ -96,6 +144,8 @@ def _write_config(workdir: Path, endpoints: list[dict[str, Any]], broker: tuple[
         "buffer": {"path": str(workdir / "buffer.db"), "synchronous": "normal"},
         "mqtt": {"host": broker[0], "port": broker[1], "topic_prefix": "cleanroom"},
         "devices": devices,
+        "limits": limits,
+        "models": models,
     }
     path = workdir / "agent.yaml"
     path.write_text("# written by cleanroom-agent demo\n" + yaml.safe_dump(config, sort_keys=False))
@@ -228,7 +278,10 @@ async def _run(
     from agent.app import Agent
 
     config_path = _write_config(workdir, endpoints, broker)
-    loaded = load_config(config_path)
+    try:
+        loaded = load_config(config_path)
+    except ConfigError as exc:
+        raise DemoError(f"the generated configuration is invalid:\n  {exc}") from None
     kinds: dict[str, int] = {}
     for e in endpoints:
         kinds[f"{e['kind']} over {e['protocol']}"] = kinds.get(f"{e['kind']} over {e['protocol']}", 0) + 1

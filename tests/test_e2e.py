@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 from agent.buffer import Buffer, BufferConfig
+from agent.config import load_config
 from simulators.process.base import Clock
 from simulators.servers.modbus import serve_bioreactor_modbus
 from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, free_port, wait_for
@@ -115,6 +118,21 @@ def assert_no_loss_and_ordered(
             by_device.setdefault(r["device"], []).append(r["seq"])
     for device, seqs in by_device.items():
         assert seqs == sorted(seqs), f"{device}: readings out of order"
+
+
+def _status_json(cfg: Path) -> dict[str, Any] | None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "status", "-c", str(cfg), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return None
+    status: dict[str, Any] = json.loads(proc.stdout)
+    polled = status["devices"].get("br1", {}).get("driver", {}).get("requests", 0) > 0
+    return status if polled else None
 
 
 @pytest.fixture
@@ -281,6 +299,21 @@ def test_sigterm_exits_zero_and_says_offline(
     wait_for(
         lambda: any(t.endswith("agent/status") for t, _, _ in collector.messages), timeout=20, what="status"
     )
+    # status from the running agent, as an operator would ask for it
+    status = wait_for(lambda: _status_json(cfg), timeout=20, what="status with a poll")
+    br1 = status["devices"]["br1"]
+    assert br1["state"] == "connected" and br1["driver"]["requests"] > 0
+    assert status["broker"]["connected"] is True
+    assert status["config_sha256"] == load_config(cfg).sha256
+    assert {"depth_readings", "oldest_undelivered_age_s", "size_bytes"} <= set(status["buffer"])
+    human = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "status", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert human.returncode == 0 and "br1" in human.stdout and "connected" in human.stdout
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGINT)
     assert agent.proc.wait(20) == 0
