@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +46,23 @@ STATE_SEP = ":"
 """Driver state keys are stored as ``{device}:{key}`` so drivers need not namespace them."""
 
 
-def device_state(all_state: Mapping[str, str], device: str) -> dict[str, str]:
-    prefix = device + STATE_SEP
-    return {k[len(prefix) :]: v for k, v in all_state.items() if k.startswith(prefix)}
+class DeviceState(Mapping[str, str]):
+    """A device's view of the committed driver state: live (it follows every commit, so a
+    driver can see that its watermark was committed) and with the device prefix removed."""
+
+    def __init__(self, all_state: Mapping[str, str], device: str) -> None:
+        self._all = all_state
+        self._prefix = device + STATE_SEP
+
+    def __getitem__(self, key: str) -> str:
+        return self._all[self._prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        n = len(self._prefix)
+        return (k[n:] for k in list(self._all) if k.startswith(self._prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def backoff_delay(failures: int, lo: float, hi: float, rng: random.Random) -> float:
@@ -83,7 +97,7 @@ class DeviceRunner:
             profile=device.profile,
             connection=device.connection,
             groups=device.groups,
-            state=device_state(state, device.id),
+            state=DeviceState(state, device.id),
         )
         self.driver: Driver = device.driver(self.ctx)
         self.connected = False
@@ -234,7 +248,8 @@ class DeviceRunner:
                 await asyncio.wait_for(self.up.wait(), self._poll_deadline(group))
         if not self.connected:
             stats.failed += 1
-            self._submit([group.bad(self.last_error or Reason.NOT_CONNECTED, acq)], ())
+            if not self.driver.backfills(group):
+                self._submit([group.bad(self.last_error or Reason.NOT_CONNECTED, acq)], ())
             return
         try:
             blocks = await asyncio.wait_for(self.driver.read(group), timeout=self._poll_deadline(group))

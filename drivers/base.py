@@ -314,6 +314,13 @@ class Driver(ABC):
     async def close(self) -> None:
         """Release the connection; must not raise."""
 
+    def backfills(self, group: PollGroup) -> bool:
+        """True when the device keeps what it measures while unreachable and this driver
+        reads it back after reconnecting (a counter's record buffer). The scheduler then
+        writes no gap readings for the group: the real records fill the gap, and the
+        driver reports records the device itself lost as a ``data_loss`` event."""
+        return False
+
     async def subscribe(self, group: PollGroup, emit: Emit) -> None:
         """Start pushing the group's changes through ``emit`` (only if ``supports_subscribe``)."""
         raise NotImplementedError(f"{self.protocol} does not support subscriptions")

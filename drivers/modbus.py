@@ -710,6 +710,10 @@ class ModbusDriver(Driver):
 
     # -- lifecycle
 
+    def backfills(self, group: PollGroup) -> bool:
+        """A records-mode group reads the counter's own buffer back after an outage."""
+        return group.name in self._records
+
     async def connect(self) -> None:
         if self._bus is None:
             self._bus = _acquire_bus(self.conn)

@@ -389,6 +389,10 @@ class SerialCounterDriver(Driver):
     Connection: ClassVar[type[ConnectionBase]] = Connection
     supports_subscribe: ClassVar[bool] = True
 
+    def backfills(self, group: PollGroup) -> bool:
+        """The counter queues its records while we are away; they are drained on reconnect."""
+        return True
+
     @classmethod
     def profile_model(cls) -> type[ProfileBase]:
         """The generic profile schema plus one rule: exactly one group, because each record
