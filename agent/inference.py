@@ -8,6 +8,13 @@ resamples, scores (one onnxruntime session per model, batched across every devic
 that model) and decides. Models stay advisory (Annex 22 draft): an anomaly is an
 event for people, and ``shadow`` bindings record what they would have raised without
 alerting anyone.
+
+Report-by-exception sources (OPC UA subscriptions, deadbands) send a tag only when it
+changes, and poll groups of one device arrive as separate blocks; so a block rarely
+carries every signal of a model. A signal missing from a block takes its last good
+value (*held*) for up to one window length: an unchanged value is still the value. A
+bad or uncertain reading ends the hold at once (a lost link yields bad-quality gap
+readings), so a hold never bridges a period the agent knows nothing about.
 """
 
 from __future__ import annotations
@@ -117,6 +124,23 @@ class Binding:
     cols: dict[tuple[str, ...], tuple[list[int], list[int]]] = field(default_factory=dict)
     ts: list[float] = field(default_factory=list)
     rows: list[list[float]] = field(default_factory=list)
+    held: list[float] = field(default_factory=list)
+    """Last good value per signal (NaN after a bad reading), for signals a block lacks."""
+    held_ts: list[float] = field(default_factory=list)
+
+    def row(self, block: Block, sig: list[int], pos: list[int], t: float) -> list[float]:
+        """One sample row: the block's readings, held values for the signals it lacks."""
+        if not self.held:
+            self.held = [math.nan] * len(self.tags)
+            self.held_ts = [-math.inf] * len(self.tags)
+        max_age = self.model.manifest.period * self.model.manifest.window
+        row = [v if t - h <= max_age else math.nan for v, h in zip(self.held, self.held_ts, strict=True)]
+        values, quality = block.values, block.quality
+        for s, i in zip(sig, pos, strict=True):
+            good = quality is None or quality[i] is Quality.GOOD
+            row[s] = self.held[s] = _number(values[i]) if good else math.nan
+            self.held_ts[s] = t
+        return row
 
     def columns(self, tags: Sequence[str]) -> tuple[list[int], list[int]]:
         """(model signal indices, block positions) of this binding's tags in a block."""
@@ -304,13 +328,9 @@ class InferenceEngine:
                 sig, pos = b.columns(block.tags)
                 if not sig:
                     continue
-                row = [math.nan] * len(b.tags)
-                values, quality = block.values, block.quality
-                for s, i in zip(sig, pos, strict=True):
-                    if quality is None or quality[i] is Quality.GOOD:
-                        row[s] = _number(values[i])
-                b.ts.append(_block_time(block, pos))
-                b.rows.append(row)
+                t = _block_time(block, pos)
+                b.ts.append(t)
+                b.rows.append(b.row(block, sig, pos, t))
                 fed = True
         if fed:
             self._wake.set()
