@@ -4,6 +4,7 @@ events; shadow mode, refusal of altered models, incomplete windows, audited chan
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,9 +13,10 @@ import pytest
 import yaml
 
 from agent.audit import Auditor
-from agent.inference import InferenceEngine, ModelBindingConfig
+from agent.inference import Binding, InferenceEngine, ModelBindingConfig
 from agent.modelkit.csvdata import Dataset, load_csv
 from agent.modelkit.manifest import read_manifest
+from agent.modelkit.scoring import LoadedModel, Settings, Track
 from agent.records import Block, Event, Quality, Severity
 from drivers.base import ProfileBase, TagBase, load_drivers
 from simulators.process.generate import generate
@@ -326,3 +328,42 @@ async def test_input_drift_is_an_event_and_in_status(short_drift_model: Path, h:
     assert do["psi"] > bounds["psi"] or do["shift_sigma"] > bounds["mean_shift_sigma"]
     assert event.data["model"]["id"] == "syn-pca" and status["active"] is True
     assert status["signals"]["do"]["shift_sigma"] > 5  # by the end the whole window is shifted
+
+
+def test_signals_missing_from_a_block_hold_their_last_good_value_until_a_bad_reading() -> None:
+    model = LoadedModel(ROOT / "models" / "bioreactor-pca.model.yaml")
+    names = model.manifest.signal_names
+    b = Binding("k", "br1", model, Track(model, Settings.of(model.manifest)), list(names), "active")
+
+    def block(tags: list[str], values: list[float], bad: bool = False) -> Block:
+        q = [Quality.BAD] * len(tags) if bad else None
+        return Block(
+            "br1",
+            "g",
+            0,
+            tags,
+            [None] * len(tags),
+            list(values),
+            quality=q,
+            reasons=["timeout"] * len(tags) if bad else None,
+        )
+
+    first = b.row(
+        block(list(names), [float(i) for i in range(len(names))]),
+        list(range(len(names))),
+        list(range(len(names))),
+        1000.0,
+    )
+    assert first == [float(i) for i in range(len(names))]
+    # a subscription notification with one changed tag: the others keep their values
+    row = b.row(block([names[0]], [42.0]), [0], [0], 1010.0)
+    assert row[0] == 42.0 and row[1:] == first[1:]
+    # a bad reading ends the hold for that signal only
+    row = b.row(block([names[1]], [0.0], bad=True), [1], [0], 1020.0)
+    assert math.isnan(row[1]) and row[0] == 42.0
+    row = b.row(block([names[0]], [43.0]), [0], [0], 1030.0)
+    assert math.isnan(row[1]), "no value is invented after a bad reading"
+    # and no hold outlives one window
+    horizon = model.manifest.period * model.manifest.window
+    row = b.row(block([names[0]], [44.0]), [0], [0], 1000.0 + horizon + 1)
+    assert all(math.isnan(v) for v in row[2:])
