@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import onnxruntime as ort
 
 from agent.modelkit.manifest import Manifest, ModelError, verify
 
@@ -40,6 +39,10 @@ class LoadedModel:
         self.manifest_path = manifest_path
         self.manifest: Manifest
         self.manifest, self.onnx_path, data = verify(manifest_path)
+        # Imported here, not at module level: an agent without models never pays for
+        # onnxruntime's memory (tens of MB on a small gateway).
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
