@@ -83,26 +83,32 @@ def _measure(pid: int, counter: Any, seconds: float) -> dict[str, float]:
     }
 
 
+def _register_servers(registers: int) -> tuple[list[int], subprocess.Popen[bytes]]:
+    """One register server process serving DEVICES ports; returns when it is listening."""
+    ports = [free_port() for _ in range(DEVICES)]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.regserver",
+            "--ports",
+            ",".join(map(str, ports)),
+            "--registers",
+            str(registers),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert server.stdout is not None
+    server.stdout.readline()
+    return ports, server
+
+
 def run_agent_load(registers: int, broker: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         d = Path(tmp)
         (d / "profiles").mkdir()
         _profile(d / "profiles", registers)
-        ports = [free_port() for _ in range(DEVICES)]
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.regserver",
-                "--ports",
-                ",".join(map(str, ports)),
-                "--registers",
-                str(registers),
-            ],
-            stdout=subprocess.PIPE,
-        )
-        assert server.stdout is not None
-        server.stdout.readline()
+        ports, server = _register_servers(registers)
         status_port = free_port()
         cfg = _config(d, ports, broker, status_port)
         agent = subprocess.Popen(
@@ -145,21 +151,7 @@ def run_agent_load(registers: int, broker: int) -> dict[str, float]:
 
 def run_baseline(registers: int, broker: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-naive-") as tmp:
-        ports = [free_port() for _ in range(DEVICES)]
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.regserver",
-                "--ports",
-                ",".join(map(str, ports)),
-                "--registers",
-                str(registers),
-            ],
-            stdout=subprocess.PIPE,
-        )
-        assert server.stdout is not None
-        server.stdout.readline()
+        ports, server = _register_servers(registers)
         counter = Path(tmp) / "count"
         naive = subprocess.Popen(
             [

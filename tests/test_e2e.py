@@ -153,6 +153,19 @@ def live_sim() -> Iterator[ThreadedSim]:
 
 
 @pytest.fixture
+def persistent() -> Iterator[tuple[Mosquitto, Collector]]:
+    """A broker that keeps sessions across a restart, and a subscriber with a persistent
+    session: what the subscriber receives is then exactly what the broker accepted."""
+    broker = Mosquitto(persistence=True).start()
+    collector = Collector(broker.port, persistent=True)
+    try:
+        yield broker, collector
+    finally:
+        collector.close()
+        broker.close()
+
+
+@pytest.fixture
 def agent_proc(tmp_path: Path) -> Iterator[list[AgentProcess]]:
     procs: list[AgentProcess] = []
     yield procs
@@ -203,87 +216,79 @@ def test_every_reading_arrives_once_with_served_values(
 
 
 def test_broker_outage_loses_nothing(
-    tmp_path: Path, live_sim: ThreadedSim, agent_proc: list[AgentProcess]
+    tmp_path: Path,
+    live_sim: ThreadedSim,
+    agent_proc: list[AgentProcess],
+    persistent: tuple[Mosquitto, Collector],
 ) -> None:
-    broker = Mosquitto(persistence=True).start()
-    collector = Collector(broker.port, persistent=True)
-    try:
-        cfg = write_config(tmp_path, broker.port, live_sim.sim.port)
-        agent = AgentProcess(cfg, tmp_path / "agent.log").start()
-        agent_proc.append(agent)
-        wait_for(
-            lambda: agent.running() and len(received(collector)[0]) > 100,
-            timeout=30,
-            what="readings before the outage",
-        )
-        broker.stop()
-        time.sleep(3.0)  # the agent keeps polling and committing while the broker is away
-        during = buffer_stats(tmp_path)
-        assert during["depth_readings"] > 0, "readings must accumulate in the buffer during the outage"
-        broker.start()
-        wait_for(lambda: buffer_stats(tmp_path)["depth_records"] < 5, timeout=30, what="backlog drained")
-        assert agent.terminate() == 0
-        stats = buffer_stats(tmp_path)
-        assert stats["depth_records"] == 0
-        wait_for(
-            lambda: max((r["seq"] for r in received(collector)[0]), default=-1) >= stats["next_seq"] - 40,
-            timeout=10,
-            what="the last readings at the subscriber",
-        )
-        readings, events = received(collector)
-        assert_no_loss_and_ordered(readings, events, stats["next_seq"])
-    finally:
-        collector.close()
-        broker.close()
+    broker, collector = persistent
+    cfg = write_config(tmp_path, broker.port, live_sim.sim.port)
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    agent_proc.append(agent)
+    wait_for(
+        lambda: agent.running() and len(received(collector)[0]) > 100,
+        timeout=30,
+        what="readings before the outage",
+    )
+    broker.stop()
+    time.sleep(3.0)  # the agent keeps polling and committing while the broker is away
+    during = buffer_stats(tmp_path)
+    assert during["depth_readings"] > 0, "readings must accumulate in the buffer during the outage"
+    broker.start()
+    wait_for(lambda: buffer_stats(tmp_path)["depth_records"] < 5, timeout=30, what="backlog drained")
+    assert agent.terminate() == 0
+    stats = buffer_stats(tmp_path)
+    assert stats["depth_records"] == 0
+    wait_for(
+        lambda: max((r["seq"] for r in received(collector)[0]), default=-1) >= stats["next_seq"] - 40,
+        timeout=10,
+        what="the last readings at the subscriber",
+    )
+    readings, events = received(collector)
+    assert_no_loss_and_ordered(readings, events, stats["next_seq"])
 
 
 def test_sigkill_loses_nothing_committed(
-    tmp_path: Path, live_sim: ThreadedSim, agent_proc: list[AgentProcess]
+    tmp_path: Path,
+    live_sim: ThreadedSim,
+    agent_proc: list[AgentProcess],
+    persistent: tuple[Mosquitto, Collector],
 ) -> None:
-    broker = Mosquitto(persistence=True).start()
-    collector = Collector(broker.port, persistent=True)
-    try:
-        cfg = write_config(tmp_path, broker.port, live_sim.sim.port, interval="100ms")
-        first = AgentProcess(cfg, tmp_path / "agent.log").start()
-        agent_proc.append(first)
-        wait_for(
-            lambda: first.running() and len(received(collector)[0]) > 200,
-            timeout=30,
-            what="readings before the kill",
-        )
-        first.kill()  # SIGKILL: no flush, no goodbye
-        killed_at = buffer_stats(tmp_path)
-        assert killed_at["committed_readings_total"] > 0
+    broker, collector = persistent
+    cfg = write_config(tmp_path, broker.port, live_sim.sim.port, interval="100ms")
+    first = AgentProcess(cfg, tmp_path / "agent.log").start()
+    agent_proc.append(first)
+    wait_for(
+        lambda: first.running() and len(received(collector)[0]) > 200,
+        timeout=30,
+        what="readings before the kill",
+    )
+    first.kill()  # SIGKILL: no flush, no goodbye
+    killed_at = buffer_stats(tmp_path)
+    assert killed_at["committed_readings_total"] > 0
 
-        second = AgentProcess(cfg, tmp_path / "agent.log").start()
-        agent_proc.append(second)
-        wait_for(
-            lambda: buffer_stats(tmp_path)["next_seq"] > killed_at["next_seq"] + 100,
-            timeout=30,
-            what="the restarted agent committing new readings",
-        )
-        assert second.terminate() == 0
-        stats = buffer_stats(tmp_path)
-        assert stats["depth_records"] == 0
-        wait_for(
-            lambda: max((r["seq"] for r in received(collector)[0]), default=-1) >= stats["next_seq"] - 40,
-            timeout=10,
-            what="the last readings at the subscriber",
-        )
-        readings, events = received(collector)
-        assert_no_loss_and_ordered(readings, events, stats["next_seq"])
-        # the restart continued the sequence: nothing after the kill reused a committed seq
-        assert (
-            min(
-                e["seq"]
-                for e in events
-                if e["data"].get("action") == "agent_start" and e["seq"] >= killed_at["next_seq"]
-            )
-            >= killed_at["next_seq"]
-        )
-    finally:
-        collector.close()
-        broker.close()
+    second = AgentProcess(cfg, tmp_path / "agent.log").start()
+    agent_proc.append(second)
+    wait_for(
+        lambda: buffer_stats(tmp_path)["next_seq"] > killed_at["next_seq"] + 100,
+        timeout=30,
+        what="the restarted agent committing new readings",
+    )
+    assert second.terminate() == 0
+    stats = buffer_stats(tmp_path)
+    assert stats["depth_records"] == 0
+    wait_for(
+        lambda: max((r["seq"] for r in received(collector)[0]), default=-1) >= stats["next_seq"] - 40,
+        timeout=10,
+        what="the last readings at the subscriber",
+    )
+    readings, events = received(collector)
+    assert_no_loss_and_ordered(readings, events, stats["next_seq"])
+    # the restart continued the sequence: its first record comes after the last committed one
+    starts = sorted(
+        {e["seq"] for e in events if e["kind"] == "audit" and e["data"]["action"] == "agent_start"}
+    )
+    assert len(starts) == 2 and starts[1] >= killed_at["next_seq"]
 
 
 def test_sigterm_exits_zero_and_says_offline(
