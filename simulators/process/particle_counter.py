@@ -24,22 +24,18 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from agent.fields import Duration
+from agent.limits import GMP_ACTION
 from simulators.process.base import Fault, ModelParams, ProcessModel, Signal, register
 from simulators.process.faults import CounterFlowFaultParams, ParticleBurstParams, ParticleFactorParams
 
 ISO_SLOPE = 2.08
 
-# EU GMP Annex 1 (2022) limits, particles/m³ at (0.5 µm, 5.0 µm); D in operation is set by
-# risk assessment, here 10x the at-rest value like the other grades' steps.
+# EU GMP Annex 1 (2022) limits, particles/m³ at (0.5 µm, 5.0 µm), from the agent's own table
+# so simulator and limit monitor cannot disagree. D in operation is set by risk assessment:
+# the simulator takes 10x the at-rest value, like the other grades' steps.
 GRADE_LIMITS: dict[tuple[str, str], tuple[float, float]] = {
-    ("A", "at_rest"): (3520, 29),
-    ("A", "in_operation"): (3520, 29),
-    ("B", "at_rest"): (3520, 29),
-    ("B", "in_operation"): (352_000, 2930),
-    ("C", "at_rest"): (352_000, 2930),
-    ("C", "in_operation"): (3_520_000, 29_300),
-    ("D", "at_rest"): (3_520_000, 29_300),
-    ("D", "in_operation"): (35_200_000, 293_000),
+    key: (a, b) if a is not None and b is not None else (35_200_000, 293_000)
+    for key, (a, b) in GMP_ACTION.items()
 }
 
 # Mean background at 0.5 µm, particles/m³: a well-run room sits one to two decades under
