@@ -129,3 +129,68 @@ async def test_a_dead_device_does_not_delay_another(tmp_path: Path) -> None:
         if dev == "dead":
             assert status[dev]["connected"] is False  # "mute" accepts connections, then stays silent
         assert status[dev]["driver"]["errors"], "failures are counted by kind"
+
+
+async def test_counter_records_missed_while_away_are_read_back_and_a_wrap_is_a_loss_event(
+    tmp_path: Path,
+) -> None:
+    """The agent is gone while the counter keeps sampling: on return it reads every record
+    it missed, in order, from the watermark it committed; records that rotated out of the
+    counter's 3,000-record buffer become one ``data_loss`` event in the same commit."""
+    from simulators.process.base import Clock
+    from simulators.servers.modbus import serve_counter_modbus
+
+    clock = Clock(60.0)  # one sample record per wall second
+    async with serve_counter_modbus(port=0, clock=clock, seed=5) as sim:
+        path = tmp_path / "agent.yaml"
+        path.write_text(
+            "agent: {id: t}\nbuffer: {path: b.db}\ndevices:\n"
+            "  - id: pc1\n    profile: particle-counter-sim-modbus\n"
+            f"    connection: {{host: 127.0.0.1, port: {sim.port}, timeout: 1s}}\n"
+            "    groups: {records: {interval: 200ms}}\n"
+        )
+        loaded = load_config(path)
+        committed: dict[str, str] = {}
+
+        class CommittingSink(Sink):
+            def __call__(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
+                super().__call__(blocks, events)
+                for b in blocks:
+                    committed.update(b.state or {})
+
+        first = CommittingSink()
+        sched = Scheduler(loaded.devices, first, committed)
+        sched.start()
+        await asyncio.sleep(2.5)
+        await sched.stop()
+        seen = [b.source_ts_ns for b in first.group("pc1", "records")]
+        assert seen and committed, "records were read and their watermark committed"
+
+        # away for 10 simulated minutes: 10 records to read back, no loss
+        clock.speed = 600.0
+        await asyncio.sleep(1.0)
+        clock.speed = 60.0
+        second = CommittingSink()
+        sched = Scheduler(loaded.devices, second, dict(committed))
+        sched.start()
+        await asyncio.sleep(2.5)
+        await sched.stop()
+        back = [b.source_ts_ns for b in second.group("pc1", "records")]
+        assert len(back) >= 10
+        steps = {(b - a) // 10**9 for a, b in zip([seen[-1], *back], back, strict=False)}
+        assert steps == {60}, f"records read back one sample apart, none missed or repeated: {steps}"
+        assert not [e for e in second.events if e.kind == "data_loss"]
+
+        # away for ~3,600 records: the counter's buffer wrapped, 600 or so are gone for good
+        clock.speed = 216_000.0
+        await asyncio.sleep(1.0)
+        clock.speed = 60.0
+        third = CommittingSink()
+        sched = Scheduler(loaded.devices, third, dict(committed))
+        sched.start()
+        await asyncio.sleep(3.0)
+        await sched.stop()
+    losses = [e for e in third.events if e.kind == "data_loss"]
+    assert len(losses) == 1 and losses[0].device == "pc1"
+    assert losses[0].data["reason"] == "device_buffer_wrapped"
+    assert 300 <= losses[0].data["estimated_records"] <= 1000, losses[0].data
