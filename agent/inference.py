@@ -133,14 +133,17 @@ class Binding:
         if not self.held:
             self.held = [math.nan] * len(self.tags)
             self.held_ts = [-math.inf] * len(self.tags)
-        max_age = self.model.manifest.period * self.model.manifest.window
-        row = [v if t - h <= max_age else math.nan for v, h in zip(self.held, self.held_ts, strict=True)]
+        held, held_ts = self.held, self.held_ts
         values, quality = block.values, block.quality
         for s, i in zip(sig, pos, strict=True):
-            good = quality is None or quality[i] is Quality.GOOD
-            row[s] = self.held[s] = _number(values[i]) if good else math.nan
-            self.held_ts[s] = t
-        return row
+            v = values[i] if quality is None or quality[i] is Quality.GOOD else math.nan
+            held[s] = v if type(v) is float else _number(v)  # a float (the usual reading) as it is
+            held_ts[s] = t
+        if len(sig) == len(held):  # the block has every signal (the usual case): nothing is held
+            return held.copy()
+        # the signals just read have age 0, so they pass the age check too
+        max_age = self.model.manifest.period * self.model.manifest.window
+        return [v if t - h <= max_age else math.nan for v, h in zip(held, held_ts, strict=True)]
 
     def columns(self, tags: Sequence[str]) -> tuple[list[int], list[int]]:
         """(model signal indices, block positions) of this binding's tags in a block."""
@@ -153,10 +156,11 @@ class Binding:
             self.cols[key] = got
         return got
 
-    def take(self) -> tuple[np.ndarray, np.ndarray]:
-        ts, rows = np.array(self.ts, dtype=np.float64), np.array(self.rows, dtype=np.float64)
+    def take(self) -> tuple[list[float], list[list[float]]]:
+        """The copied samples, as lists: a tick's one sample stays plain floats up to its window."""
+        ts, rows = self.ts, self.rows
         self.ts, self.rows = [], []
-        return ts, rows.reshape(len(ts), len(self.tags))
+        return ts, rows
 
 
 def _block_time(block: Block, positions: list[int]) -> float:
@@ -365,11 +369,11 @@ class InferenceEngine:
             self._done.clear()
             await self._done.wait()
 
-    def _score(self, work: list[tuple[Binding, np.ndarray, np.ndarray]]) -> list[Event]:
+    def _score(self, work: list[tuple[Binding, list[float], list[list[float]]]]) -> list[Event]:
         """Worker thread: windows of all bindings of one model in one ``session.run``."""
         by_model: dict[int, list[tuple[Binding, Ready]]] = {}
         for b, ts, rows in work:
-            by_model.setdefault(id(b.model), []).append((b, b.track.feed(ts, rows)))
+            by_model.setdefault(id(b.model), []).append((b, b.track.feed_rows(ts, rows)))
         events: list[Event] = []
         for group in by_model.values():
             model = group[0][0].model

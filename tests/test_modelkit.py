@@ -168,6 +168,43 @@ def test_online_feeding_in_any_chunks_equals_offline(cuts: list[int], seed: int)
     np.testing.assert_allclose(one[1], many[1], rtol=1e-6)  # float32, summed in another order
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    steps=st.lists(st.sampled_from([1, 1, 1, 1, 2, 3, 5, 6, 9]), min_size=1, max_size=80),
+    cuts=st.lists(st.integers(min_value=0, max_value=80), max_size=10),
+    seed=st.integers(0, 1000),
+)
+def test_windower_ring_fast_path_equals_the_general_path(
+    steps: list[int], cuts: list[int], seed: int
+) -> None:
+    """The agent pushes one slot at a time (the ring's fast path when it follows the last one);
+    evaluation pushes whole series (the general path). Both must give exactly the same windows
+    and states, across gaps shorter and longer than a window."""
+    rng = np.random.default_rng(seed)
+    ids = np.cumsum(steps).astype(np.int64)
+    means = rng.normal(size=(len(ids), 2))
+    means[rng.random(means.shape) < 0.15] = np.nan
+    fill = np.array([0.5, -0.5])
+    whole = Windower(5, fill, 0.5).push(ids, means)
+
+    def pushed(bounds: list[int]) -> tuple[list[float], list[bool], list[bool], np.ndarray]:
+        win = Windower(5, fill, 0.5)
+        parts = [win.push_rows(ids[a:b].tolist(), means[a:b].tolist()) for a, b in itertools.pairwise(bounds)]
+        return (
+            [c for p in parts for c in p[0]],
+            [w for p in parts for w in p[1]],
+            [s for p in parts for s in p[2]],
+            np.concatenate([p[3] for p in parts]),
+        )
+
+    for bounds in (list(range(len(ids) + 1)), [0, *sorted(c for c in cuts if c < len(ids)), len(ids)]):
+        completeness, warm, scored, windows = pushed(bounds)
+        assert completeness == whole[0].tolist()
+        assert warm == whole[1].tolist() and scored == whole[2].tolist()
+        assert windows.dtype == np.float32
+        np.testing.assert_array_equal(windows, whole[3])
+
+
 def test_windower_completeness_warmup_and_gap_policy() -> None:
     acc, win = SlotAccumulator(1.0, 1), Windower(4, np.array([9.0]), 0.75)
     ts = T0 + np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 20, 21, 22, 23, 24], dtype=float)

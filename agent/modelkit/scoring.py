@@ -155,7 +155,8 @@ class SlotAccumulator:
         """Add samples (``ts`` seconds ``[n]``, ``vals`` ``[n, S]`` with NaN = bad/missing);
         return the slots this closed: ids ``[k]`` and means ``[k, S]`` (NaN = no data)."""
         if len(ts) <= self.SMALL:
-            return self._add_small(ts, vals)
+            closed, means = self.add_rows(ts.tolist(), vals.tolist())
+            return np.array(closed, dtype=np.int64), np.array(means, dtype=np.float64).reshape(-1, self.n)
         ids = np.ceil(ts / self.period).astype(np.int64) - 1
         keep = ids > self.closed_upto
         if not keep.all():
@@ -188,13 +189,14 @@ class SlotAccumulator:
             self.closed_upto = int(uniq[-2])
         return uniq[:-1], _means(sums[:-1], counts[:-1])
 
-    def _add_small(self, ts: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Same result as the vectorised path, one sample at a time, in plain floats."""
+    def add_rows(self, ts: list[float], rows: list[list[float]]) -> tuple[list[int], list[list[float]]]:
+        """The scalar path of :meth:`add` in plain floats and lists, one sample at a time: the
+        agent hands over a commit's few samples as lists and keeps the closed slots as lists."""
         closed_ids: list[int] = []
         closed_means: list[list[float]] = []
-        p = self.period
+        p, isnan = self.period, math.isnan
         sums, counts = self._sum, self._count
-        for t, row in zip(ts.tolist(), vals.tolist(), strict=True):
+        for t, row in zip(ts, rows, strict=True):
             sid = math.ceil(t / p) - 1
             if sid <= self.closed_upto:
                 self.late += 1
@@ -206,7 +208,7 @@ class SlotAccumulator:
             if self.open_id is None:
                 self.open_id, sums, counts = sid, [0.0] * self.n, [0.0] * self.n
             for j, x in enumerate(row):
-                if not math.isnan(x):
+                if not isnan(x):
                     sums[j] += x
                     counts[j] += 1.0
             if t >= (sid + 1) * p:
@@ -214,9 +216,7 @@ class SlotAccumulator:
                 closed_means.append([a / b if b else math.nan for a, b in zip(sums, counts, strict=True)])
                 self.closed_upto, self.open_id = sid, None
         self._sum, self._count = sums, counts
-        if not closed_ids:
-            return np.zeros(0, np.int64), np.zeros((0, self.n))
-        return np.array(closed_ids, dtype=np.int64), np.array(closed_means)
+        return closed_ids, closed_means
 
     def flush(self) -> tuple[np.ndarray, np.ndarray]:
         """Close the open slot (end of an offline series)."""
@@ -235,14 +235,17 @@ def _means(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Ready:
-    """Windows closed by one feed: per closed slot its state inputs, and the windows to score."""
+    """Windows closed by one feed: per closed slot its state inputs, and the windows to score.
 
-    ids: np.ndarray
+    Plain lists, not arrays: the agent closes one slot per binding per tick, and tiny
+    arrays cost more to build and read back than the decisions they carry."""
+
+    ids: list[int]
     """Slot id each window ends on."""
-    completeness: np.ndarray
-    warm: np.ndarray
-    scored: np.ndarray
-    """Boolean mask over ``ids``: which windows are in ``windows``."""
+    completeness: list[float]
+    warm: list[bool]
+    scored: list[bool]
+    """Which windows are in ``windows``."""
     windows: np.ndarray
     """float32 ``[j, W, S]`` filled windows to score."""
     drift: list[DriftChange] = field(default_factory=list)
@@ -252,16 +255,26 @@ class Ready:
 
 
 class Windower:
-    """Keeps the last ``W - 1`` slots and turns newly closed slots into windows."""
+    """Keeps the last ``W`` slots and turns newly closed slots into windows.
+
+    The slots live in a ring of ``2W`` rows where each slot is written twice (row ``i``
+    and ``i + W``), so the last ``W`` slots are always one contiguous view: the next
+    slot costs two row writes, not a new window array."""
 
     def __init__(self, window: int, fill: np.ndarray, min_completeness: float) -> None:
         self.w = window
         self.fill = fill
         self.min_completeness = min_completeness
         self.n = len(fill)
-        self._hist = np.full((window - 1, self.n), np.nan)
+        self._ring = np.full((2 * window, self.n), np.nan)
+        self._pos = 0
+        """Ring row of the oldest of the last ``W`` slots; the next slot replaces it."""
+        self._gaps = [self.n] * window
+        """Missing cells per ring slot (row ``i`` and ``i + W`` share an entry)."""
         self._last: int | None = None
         self._first = 0
+        self._none = np.zeros((0, window, self.n), np.float32)
+        """The empty result (nothing to score), shared: it holds no data to change."""
 
     def push(
         self, ids: np.ndarray, means: np.ndarray
@@ -269,16 +282,13 @@ class Windower:
         """(completeness ``[k]``, warm ``[k]``, scored mask ``[k]``, float32 windows ``[j, W, S]``)."""
         k = len(ids)
         if k == 0:
-            return (
-                np.zeros(0),
-                np.zeros(0, bool),
-                np.zeros(0, bool),
-                np.zeros((0, self.w, self.n), np.float32),
-            )
+            return np.zeros(0), np.zeros(0, bool), np.zeros(0, bool), self._none
         if k == 1 and self._last is not None and ids[0] == self._last + 1:
-            return self._push_next(int(ids[0]), means[0])
+            one = self._push_next(int(ids[0]), means[0].tolist())
+            return np.array([one[0]]), np.array([one[1]]), np.array([one[2]]), one[3]
         if self._last is None or ids[0] - self._last > self.w:
-            self._hist[:] = np.nan  # start, or a gap longer than a window: warm up again
+            self._ring[:] = np.nan  # start, or a gap longer than a window: warm up again
+            self._gaps = [self.n] * self.w
             self._last = int(ids[0]) - 1
             self._first = int(ids[0])
         # warm-up restarts at every gap longer than a window, wherever it falls in the batch
@@ -288,7 +298,7 @@ class Windower:
         span = int(ids[-1]) - self._last
         rows = np.full((span, self.n), np.nan)
         rows[ids - self._last - 1] = means
-        full = np.vstack([self._hist, rows])
+        full = np.vstack([self._ring[self._pos + 1 : self._pos + self.w], rows])  # the last W - 1 slots too
         pos = ids - self._last - 1 + (self.w - 1)  # row of each closed slot in `full`
         windows = np.lib.stride_tricks.sliding_window_view(full, self.w, axis=0)[pos - self.w + 1]
         windows = windows.transpose(0, 2, 1)  # [k, W, S]
@@ -297,26 +307,46 @@ class Windower:
         warm = ids - first + 1 >= self.w
         scored = warm & (completeness >= self.min_completeness)
         out = _fill(windows[scored], missing[scored], self.fill)
-        self._hist = full[-(self.w - 1) :].copy()
+        recent = full[-self.w :]
+        self._ring[: self.w] = recent
+        self._ring[self.w :] = recent
+        self._pos = 0
+        self._gaps = np.isnan(recent).sum(axis=1).tolist()
         self._last = int(ids[-1])
         self._first = int(first[-1])
         return completeness, warm, scored, out
 
-    def _push_next(self, sid: int, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The agent's usual case, exactly the next slot: same result as the general path."""
-        window = np.concatenate((self._hist, row[None]))
-        missing = np.isnan(window)
-        completeness = 1.0 - np.count_nonzero(missing) / missing.size
-        warm = sid - self._first + 1 >= self.w
-        scored = warm and completeness >= self.min_completeness
-        out = (
-            _fill(window[None], missing[None], self.fill)
-            if scored
-            else np.zeros((0, self.w, self.n), np.float32)
+    def push_rows(
+        self, ids: list[int], means: list[list[float]]
+    ) -> tuple[list[float], list[bool], list[bool], np.ndarray]:
+        """:meth:`push` for the agent's lists: exactly the next slot takes the ring's fast path."""
+        if len(ids) == 1 and self._last is not None and ids[0] == self._last + 1:
+            completeness, warm, scored, window = self._push_next(ids[0], means[0])
+            return [completeness], [warm], [scored], window
+        c, w, s, windows = self.push(
+            np.array(ids, dtype=np.int64), np.array(means, dtype=np.float64).reshape(len(ids), self.n)
         )
-        self._hist = window[1:]
+        return c.tolist(), w.tolist(), s.tolist(), windows
+
+    def _push_next(self, sid: int, row: list[float]) -> tuple[float, bool, bool, np.ndarray]:
+        """The agent's usual case, exactly the next slot: same result as the general path, in O(S)
+        plus one float32 copy of the window when it is scored."""
+        p, w = self._pos, self.w
+        self._ring[p] = row
+        self._ring[p + w] = self._ring[p]
+        self._gaps[p] = sum(map(math.isnan, row))
+        self._pos = (p + 1) % w
         self._last = sid
-        return np.array([completeness]), np.array([warm]), np.array([scored]), out
+        window = self._ring[p + 1 : p + 1 + w]
+        missing = sum(self._gaps)
+        completeness = 1.0 - missing / (w * self.n)
+        warm = sid - self._first + 1 >= w
+        scored = warm and completeness >= self.min_completeness
+        if not scored:
+            return completeness, warm, scored, self._none
+        if missing:
+            return completeness, warm, scored, _fill(window[None], np.isnan(window)[None], self.fill)
+        return completeness, warm, scored, window[None].astype(np.float32)
 
 
 def _fill(windows: np.ndarray, missing: np.ndarray, fill: np.ndarray) -> np.ndarray:
@@ -352,8 +382,10 @@ class DriftMonitor:
     def __init__(self, manifest: Manifest) -> None:
         self.m = manifest
         self.rows = max(2, int(manifest.drift.window / manifest.period))
-        n = len(manifest.signals)
-        self._ring: list[list[float]] = [[math.nan] * n for _ in range(self.rows)]
+        self._width = n = len(manifest.signals)
+        self._ring = [math.nan] * (self.rows * n)
+        """Row after row, flat: one list of floats instead of ``rows`` lists, which the garbage
+        collector would walk through on every full collection (millions with many bindings)."""
         self._pos = 0
         self._since = 0
         self._edges = [s.bin_edges for s in manifest.signals]
@@ -364,7 +396,9 @@ class DriftMonitor:
         self.last: dict[str, dict[str, float]] = {}
 
     def _put(self, row: list[float]) -> None:
-        old, self._ring[self._pos] = self._ring[self._pos], row
+        at = self._pos * self._width
+        old = self._ring[at : at + self._width]
+        self._ring[at : at + self._width] = row
         self._pos = (self._pos + 1) % self.rows
         for j, edges in enumerate(self._edges):
             x, y = old[j], row[j]
@@ -377,10 +411,12 @@ class DriftMonitor:
                 self._n[j] += 1
                 self._bins[j][bisect.bisect_right(edges, y)] += 1
 
-    def add(self, ids: np.ndarray, means: np.ndarray) -> DriftChange | None:
+    def add(self, ids: np.ndarray | list[int], means: np.ndarray | list[list[float]]) -> DriftChange | None:
+        """Take newly closed slots: arrays, or the lists of the agent's per-tick path."""
         if len(ids) == 0:
             return None
-        for row in means[-self.rows :].tolist():
+        recent = means[-self.rows :]
+        for row in recent.tolist() if isinstance(recent, np.ndarray) else recent:
             self._put(row)
         self._since += len(ids)
         if self._since < self.CHECK_EVERY:
@@ -437,13 +473,14 @@ class Transition:
 
 @dataclass
 class Decision:
+    """What :meth:`Track.decide` made of one :class:`Ready`. Lists, like :class:`Ready`: the
+    agent only reads the transitions; :func:`run_offline` builds its series arrays once per chunk."""
+
     transitions: list[Transition]
-    alarm: np.ndarray
+    alarm: list[bool]
     """Alarm state after each window of the :class:`Ready` (for offline series)."""
-    scores: np.ndarray
+    scores: list[float]
     """Score of each window (NaN when not scored)."""
-    top_signal: np.ndarray
-    """Index of the top contributing signal per window (-1 when not scored)."""
 
 
 class Track:
@@ -472,16 +509,31 @@ class Track:
         self._started = 0.0
 
     def feed(self, ts: np.ndarray, vals: np.ndarray) -> Ready:
+        """Samples as arrays (``ts`` ``[n]``, ``vals`` ``[n, S]``); a few take :meth:`feed_rows`."""
+        if len(ts) <= SlotAccumulator.SMALL:
+            return self.feed_rows(ts.tolist(), vals.tolist())
         return self._ready(*self.acc.add(ts, vals))
+
+    def feed_rows(self, ts: list[float], rows: list[list[float]]) -> Ready:
+        """:meth:`feed` for samples as lists (the agent's commits): a few samples stay plain
+        floats from the commit to the window, more take the vectorised path like :meth:`feed`."""
+        if len(ts) > SlotAccumulator.SMALL:
+            vals = np.array(rows, dtype=np.float64).reshape(len(ts), self.acc.n)
+            return self._ready(*self.acc.add(np.array(ts, dtype=np.float64), vals))
+        ids, means = self.acc.add_rows(ts, rows)
+        return self._drift(Ready(ids, *self.win.push_rows(ids, means)), means)
 
     def flush(self) -> Ready:
         return self._ready(*self.acc.flush())
 
     def _ready(self, ids: np.ndarray, means: np.ndarray) -> Ready:
         completeness, warm, scored, windows = self.win.push(ids, means)
-        ready = Ready(ids, completeness, warm, scored, windows)
+        ready = Ready(ids.tolist(), completeness.tolist(), warm.tolist(), scored.tolist(), windows)
+        return self._drift(ready, means)
+
+    def _drift(self, ready: Ready, means: np.ndarray | list[list[float]]) -> Ready:
         if self.drift is not None:
-            change = self.drift.add(ids, means)
+            change = self.drift.add(ready.ids, means)
             if change is not None:
                 ready.drift.append(change)
         return ready
@@ -490,18 +542,12 @@ class Track:
         period = self.model.manifest.period
         thr, clear = self.settings.threshold, self.settings.threshold * self.settings.clear_ratio
         score_list = scores.tolist()
-        top_list = contribs.argmax(axis=1).tolist() if len(score_list) else []
         alarm: list[bool] = []
         all_scores: list[float] = []
-        top_signal: list[int] = []
         transitions: list[Transition] = []
         j = 0
         for sid, completeness, warm, scored in zip(
-            ready.ids.tolist(),
-            ready.completeness.tolist(),
-            ready.warm.tolist(),
-            ready.scored.tolist(),
-            strict=True,
+            ready.ids, ready.completeness, ready.warm, ready.scored, strict=True
         ):
             ts = (sid + 1) * period
             self.last_completeness, self.last_ts = completeness, ts
@@ -510,7 +556,6 @@ class Track:
                 self.windows_incomplete += warm
                 alarm.append(self.debounce.active)
                 all_scores.append(math.nan)
-                top_signal.append(-1)
                 continue
             score = score_list[j]
             self.last_score = score
@@ -529,11 +574,8 @@ class Track:
             self.state = "alarm" if self.debounce.active else "ok"
             alarm.append(self.debounce.active)
             all_scores.append(score)
-            top_signal.append(top_list[j])
             j += 1
-        return Decision(
-            transitions, np.array(alarm, bool), np.array(all_scores, float), np.array(top_signal, int)
-        )
+        return Decision(transitions, alarm, all_scores)
 
     def _top(self, contrib: np.ndarray, last: np.ndarray) -> list[dict[str, Any]]:
         out = []
@@ -558,27 +600,33 @@ class OfflineResult:
     scores: np.ndarray
     alarm: np.ndarray
     top_signal: np.ndarray
+    """Index of the top contributing signal per window (-1 when not scored)."""
     transitions: list[Transition]
 
 
 def run_offline(model: LoadedModel, settings: Settings, ts: np.ndarray, vals: np.ndarray) -> OfflineResult:
     """Score a whole series through the agent's path, in chunks (bounded memory)."""
     track = Track(model, settings, drift=False)
-    parts: list[tuple[np.ndarray, Decision]] = []
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    transitions: list[Transition] = []
     for ready in _chunks(track, ts, vals):
         scores, contribs = model.score(ready.windows)
-        parts.append((ready.ids, track.decide(ready, scores, contribs)))
-    period = model.manifest.period
+        decision = track.decide(ready, scores, contribs)
+        transitions += decision.transitions
+        top = np.full(len(ready), -1)
+        top[np.array(ready.scored, dtype=bool)] = contribs.argmax(axis=1)
+        ids = np.array(ready.ids, dtype=np.int64)
+        parts.append((ids, np.array(decision.scores, float), np.array(decision.alarm, bool), top))
 
-    def cat(get: Any, dtype: Any) -> np.ndarray:
-        return np.concatenate([get(p) for p in parts]) if parts else np.zeros(0, dtype)
+    def cat(i: int, dtype: Any) -> np.ndarray:
+        return np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, dtype)
 
     return OfflineResult(
-        ts=cat(lambda p: (p[0] + 1) * period, float),
-        scores=cat(lambda p: p[1].scores, float),
-        alarm=cat(lambda p: p[1].alarm, bool),
-        top_signal=cat(lambda p: p[1].top_signal, int),
-        transitions=[t for p in parts for t in p[1].transitions],
+        ts=(cat(0, np.int64) + 1) * model.manifest.period,
+        scores=cat(1, float),
+        alarm=cat(2, bool),
+        top_signal=cat(3, int),
+        transitions=transitions,
     )
 
 
