@@ -170,6 +170,32 @@ def test_online_feeding_in_any_chunks_equals_offline(cuts: list[int], seed: int)
 
 @settings(max_examples=100, deadline=None)
 @given(
+    steps=st.lists(st.sampled_from([0.25, 0.5, 1.0, 1.0, 1.0, 2.5, 10.0]), min_size=5, max_size=120),
+    period=st.sampled_from([1.0, 10.0]),
+    seed=st.integers(0, 1000),
+)
+def test_scalar_slot_path_equals_the_vectorised_path(steps: list[float], period: float, seed: int) -> None:
+    """The agent adds one sample at a time (the scalar path, where a sample alone in its slot is
+    its own mean); evaluation adds whole series (the vectorised path). Same slots, same means."""
+    rng = np.random.default_rng(seed)
+    ts = T0 + np.cumsum(steps)
+    vals = rng.normal(size=(len(ts), 2))
+    vals[rng.random(vals.shape) < 0.15] = np.nan
+    whole, one = SlotAccumulator(period, 2), SlotAccumulator(period, 2)
+    ids, means = whole.add(ts, vals)
+    got_ids, got_means = [], []
+    for t, row in zip(ts.tolist(), vals.tolist(), strict=True):
+        i, m = one.add_rows([t], [row])
+        got_ids += i
+        got_means += m
+    assert (one.open_id, one.closed_upto) == (whole.open_id, whole.closed_upto)
+    flushed, (last_id, last_mean) = whole.flush(), one.flush()
+    np.testing.assert_array_equal(got_ids + last_id.tolist(), np.concatenate([ids, flushed[0]]))
+    np.testing.assert_array_equal(np.array(got_means + last_mean.tolist()), np.vstack([means, flushed[1]]))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
     steps=st.lists(st.sampled_from([1, 1, 1, 1, 2, 3, 5, 6, 9]), min_size=1, max_size=80),
     cuts=st.lists(st.integers(min_value=0, max_value=80), max_size=10),
     seed=st.integers(0, 1000),

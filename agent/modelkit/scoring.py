@@ -205,6 +205,13 @@ class SlotAccumulator:
                 closed_ids.append(self.open_id)
                 closed_means.append([a / b if b else math.nan for a, b in zip(sums, counts, strict=True)])
                 self.closed_upto, self.open_id = self.open_id, None
+            if self.open_id is None and t >= (sid + 1) * p:
+                # alone in its slot (stamped on the slot's end: the agent's usual sample), so its
+                # mean is itself, exactly as the sum below would give: (0.0 + x) / 1.0 == 0.0 + x
+                closed_ids.append(sid)
+                closed_means.append([math.nan if isnan(x) else 0.0 + x for x in row])
+                self.closed_upto = sid
+                continue
             if self.open_id is None:
                 self.open_id, sums, counts = sid, [0.0] * self.n, [0.0] * self.n
             for j, x in enumerate(row):
