@@ -367,3 +367,23 @@ def test_drift_monitor_flags_a_shifted_signal(syn_model: Path) -> None:
     change = mon.add(ids + len(ids), v)
     assert change is not None and change.phase == "start"
     assert set(change.signals) == {"ph"} and change.signals["ph"]["shift_sigma"] > 5
+
+
+def test_a_sample_older_than_the_open_slot_is_late_not_a_slot_out_of_order() -> None:
+    from agent.modelkit.scoring import SlotAccumulator
+
+    first = [10.0, 20.0, 30.0, 40.0, 130.0]  # slots 0, 0, 0, 0, 2: closes 0, slot 2 open, 1 empty
+    second = [100.0, 170.0, 175.0, 185.0, 190.0]  # 100.0 is slot 1: older than the open slot 2
+    for path in ("vectorised", "scalar"):
+        acc = SlotAccumulator(60.0, 1)
+        ids: list[int] = []
+        for batch in (first, second):
+            vals = [[float(i)] for i in range(len(batch))]
+            if path == "vectorised":  # batches above SMALL take the numpy path
+                got, _ = acc.add(np.array(batch), np.array(vals))
+                ids += got.tolist()
+            else:
+                got_ids, _ = acc.add_rows(batch, vals)
+                ids += got_ids
+        assert ids == [0, 2], f"{path}: slots leave once each, in time order: {ids}"
+        assert acc.late == 1, path

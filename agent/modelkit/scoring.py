@@ -145,7 +145,9 @@ class SlotAccumulator:
         self._sum = [0.0] * n_signals
         self._count = [0.0] * n_signals
         self.late = 0
-        """Samples for slots already closed (out of order): dropped and counted."""
+        """Samples older than the open slot (out of order): dropped and counted, because
+        slots leave in time order (a slot before the open one could never be emitted in
+        order)."""
 
     SMALL = 4
     """Batches up to this size (the agent's per-commit case) take the scalar path, which
@@ -158,7 +160,7 @@ class SlotAccumulator:
             closed, means = self.add_rows(ts.tolist(), vals.tolist())
             return np.array(closed, dtype=np.int64), np.array(means, dtype=np.float64).reshape(-1, self.n)
         ids = np.ceil(ts / self.period).astype(np.int64) - 1
-        keep = ids > self.closed_upto
+        keep = ids > (self.closed_upto if self.open_id is None else self.open_id - 1)
         if not keep.all():
             self.late += int((~keep).sum())
             ids, vals, ts = ids[keep], vals[keep], ts[keep]
@@ -198,7 +200,7 @@ class SlotAccumulator:
         sums, counts = self._sum, self._count
         for t, row in zip(ts, rows, strict=True):
             sid = math.ceil(t / p) - 1
-            if sid <= self.closed_upto:
+            if sid <= self.closed_upto or (self.open_id is not None and sid < self.open_id):
                 self.late += 1
                 continue
             if self.open_id is not None and sid != self.open_id:
