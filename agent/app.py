@@ -27,6 +27,9 @@ from agent.status import StatusServer
 
 log = logging.getLogger("cleanroom.agent")
 
+CONFIG_HASH_KEY = "agent:config_sha256"
+"""Buffer state: the config hash of the last start (device ids cannot be ``agent``)."""
+
 
 class Agent:
     def __init__(self, loaded: LoadedConfig) -> None:
@@ -56,6 +59,15 @@ class Agent:
     async def start(self) -> None:
         self.started_ns = now_ns()
         await self.buffer.open()
+        previous = self.buffer.state().get(CONFIG_HASH_KEY)
+        if previous is not None and previous != self.loaded.sha256:
+            self.auditor.record(
+                "config_changed",
+                str(self.loaded.path),
+                old={"config_sha256": previous},
+                new={"config_sha256": self.loaded.sha256},
+                why="the configuration (file or a profile it uses) differs from the last run's",
+            )
         self.auditor.record(
             "agent_start",
             "agent",
@@ -65,6 +77,7 @@ class Agent:
                 "config": str(self.loaded.path),
             },
             why="agent process started",
+            state={CONFIG_HASH_KEY: self.loaded.sha256},
         )
         for transform in (self.limits, self.inference):
             if transform is not None:

@@ -44,6 +44,7 @@ class Auditor:
         why: str = "",
         actor: str | None = None,
         severity: Severity = Severity.INFO,
+        state: dict[str, str] | None = None,
     ) -> Event:
         event = Event(
             device=device,
@@ -57,6 +58,7 @@ class Auditor:
                 "new": new,
                 "why": why,
             },
+            state=state,
         )
         log.info("audit %s %s by %s: %s", action, target, event.data["actor"], why)
         self._sink(event)

@@ -405,7 +405,7 @@ class Buffer:
                 rows.append(_unencodable(item, seq, n, ts, exc, result))
                 seq += 1
             else:
-                if isinstance(item, Block) and item.state:
+                if item.state:
                     result.state.update(item.state)
             seq += n
         return rows

@@ -154,6 +154,10 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
     ts_ns: int = field(default_factory=now_ns)
     seq: int | None = None
+    state: dict[str, str] | None = None
+    """Agent state committed in the same transaction as the event (not part of the body):
+    e.g. the config hash an ``agent_start`` audit record reports, so the next start can
+    tell whether the configuration changed."""
 
     def body(self) -> dict[str, Any]:
         """Canonical JSON-able form; see docs/payloads.md ("event")."""

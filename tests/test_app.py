@@ -1,0 +1,45 @@
+"""The agent as a whole, in process: what it records about itself."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from agent.app import Agent
+from agent.config import load_config
+from tests.support import free_port
+
+
+def audit_trail(db: Path) -> list[dict[str, Any]]:
+    with sqlite3.connect(db) as conn:
+        bodies = conn.execute("SELECT body FROM records WHERE kind = 'event' ORDER BY id").fetchall()
+    events = [json.loads(b) for (b,) in bodies]
+    return [e["data"] for e in events if e["kind"] == "audit"]
+
+
+async def run_once(cfg: Path) -> str:
+    loaded = load_config(cfg)
+    agent = Agent(loaded)
+    await agent.start()
+    await agent.stop()
+    return loaded.sha256
+
+
+async def test_a_changed_configuration_is_an_audited_change_with_old_and_new_hash(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    text = f"agent: {{id: gw, status_listen: '127.0.0.1:{free_port()}'}}\nbuffer: {{path: buffer.db}}\n"
+    cfg.write_text(text)
+    first = await run_once(cfg)
+    assert await run_once(cfg) == first  # same file: no change to record
+    cfg.write_text(text + "# retention discussed with QA\nprofiles_dirs: []\n")
+    second = await run_once(cfg)
+    assert second != first
+
+    actions = [a["action"] for a in audit_trail(tmp_path / "buffer.db")]
+    assert actions == ["agent_start", "agent_stop"] * 2 + ["config_changed", "agent_start", "agent_stop"]
+    changed = next(a for a in audit_trail(tmp_path / "buffer.db") if a["action"] == "config_changed")
+    assert changed["old"] == {"config_sha256": first}
+    assert changed["new"] == {"config_sha256": second}
+    assert changed["actor"] and changed["why"]
