@@ -24,7 +24,12 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cleanroom-agent", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cleanroom-agent",
+        description="cleanroom-edge data-acquisition agent: devices -> durable buffer -> MQTT.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad input. "
+        "Docs: docs/configuration.md, docs/operations.md.",
+    )
     parser.add_argument("--version", action="version", version=f"cleanroom-edge {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
