@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,10 @@ log = logging.getLogger("cleanroom.agent")
 
 CONFIG_HASH_KEY = "agent:config_sha256"
 """Buffer state: the config hash of the last start (device ids cannot be ``agent``)."""
+
+
+class StartupError(Exception):
+    """The agent cannot start (its buffer cannot be opened); the message says why."""
 
 
 class Agent:
@@ -58,7 +63,10 @@ class Agent:
 
     async def start(self) -> None:
         self.started_ns = now_ns()
-        await self.buffer.open()
+        try:
+            await self.buffer.open()
+        except (OSError, sqlite3.Error, RuntimeError, ValueError) as exc:
+            raise StartupError(f"buffer {self.loaded.config.buffer.path}: {exc}") from exc
         previous = self.buffer.state().get(CONFIG_HASH_KEY)
         if previous is not None and previous != self.loaded.sha256:
             self.auditor.record(

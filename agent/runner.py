@@ -75,10 +75,16 @@ async def _run_until_signal(loaded: LoadedConfig) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from agent.app import StartupError
+
     loaded = load_or_report(args.config)
     if loaded is None:
         return 2
-    asyncio.run(_run_until_signal(loaded))
+    try:
+        asyncio.run(_run_until_signal(loaded))
+    except StartupError as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

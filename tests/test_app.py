@@ -43,3 +43,24 @@ async def test_a_changed_configuration_is_an_audited_change_with_old_and_new_has
     assert changed["old"] == {"config_sha256": first}
     assert changed["new"] == {"config_sha256": second}
     assert changed["actor"] and changed["why"]
+
+
+def test_a_buffer_that_cannot_be_opened_is_a_clear_startup_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "not-a-folder").write_text("")
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        f"agent: {{id: gw, status_listen: '127.0.0.1:{free_port()}'}}\nbuffer: {{path: not-a-folder/buffer.db}}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "cannot start: buffer" in proc.stderr and "not-a-folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
