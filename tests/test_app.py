@@ -52,7 +52,8 @@ def test_a_buffer_that_cannot_be_opened_is_a_clear_startup_error(tmp_path: Path)
     (tmp_path / "not-a-folder").write_text("")
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(
-        f"agent: {{id: gw, status_listen: '127.0.0.1:{free_port()}'}}\nbuffer: {{path: not-a-folder/buffer.db}}\n"
+        f"agent: {{id: gw, status_listen: '127.0.0.1:{free_port()}'}}\n"
+        "buffer: {path: not-a-folder/buffer.db}\n"
     )
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "run", "-c", str(cfg)],
