@@ -137,7 +137,10 @@ class Agent:
 
 
 async def run_agent(loaded: LoadedConfig, stop: asyncio.Event) -> None:
-    agent = Agent(loaded)
+    try:
+        agent = Agent(loaded)
+    except (OSError, ValueError) as exc:  # e.g. a password file that vanished since validation
+        raise StartupError(str(exc)) from exc
     await agent.start()
     try:
         await stop.wait()

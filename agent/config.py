@@ -390,6 +390,10 @@ def load_config(path: str | Path) -> LoadedConfig:
         device = _resolve_device(src, loc, dev, driver, profile, profiles[dev.profile].path, problems)
         if device is not None:
             devices.append(device)
+            missing = _missing_files(device.connection, (*loc, "connection"))
+            problems += [src.problem(at, msg) for at, msg in missing]
+    if cfg.mqtt is not None:
+        problems += [src.problem(at, msg) for at, msg in _missing_files(cfg.mqtt, ("mqtt",))]
     profiles_by_device = {d.id: d.profile for d in devices}
     for i, binding in enumerate(cfg.models):
         for msg in InferenceEngine.check([binding], profiles_by_device):
@@ -403,6 +407,17 @@ def load_config(path: str | Path) -> LoadedConfig:
         raise ConfigError(problems)
     used = [profiles[d.config.profile].path for d in devices]
     return LoadedConfig(path, cfg, devices, config_hash(path, used), {n: p.path for n, p in profiles.items()})
+
+
+def _missing_files(model: BaseModel, at: Loc) -> Iterator[tuple[Loc, str]]:
+    """Files a section names (passwords, certificates, keys, trust folders) that are not
+    there: found by ``validate``, not at the first connection attempt hours later."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            yield from _missing_files(value, (*at, name))
+        elif isinstance(value, Path) and not value.exists():
+            yield (*at, name), f"{value} does not exist"
 
 
 def _resolve_device(

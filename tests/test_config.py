@@ -139,6 +139,13 @@ CASES = [
         "limits.tags[0]",
         "has no tag 'phh'",
     ),
+    (
+        "a named file is missing",
+        ("password: s3cret-value", "password_file: /nonexistent/mqtt.pw"),
+        "password_file",
+        "mqtt.password_file",
+        "/nonexistent/mqtt.pw does not exist",
+    ),
     ("duplicate YAML key", ("  port: 1883", "  port: 1883\n  port: 1884"), "port: 1884", "", "duplicate key"),
     ("YAML syntax", ("  retention: 7d", "  retention: [7d"), "retention", "", "YAML syntax"),
 ]

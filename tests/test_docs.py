@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
+from agent.config import ConfigError, load_config
 from agent.docgen import BEGIN, DOC, END, render
 
 ROOT = Path(__file__).resolve().parent.parent
+SITE_FILE_MISSING = re.compile(r": /etc/cleanroom-edge/\S+ does not exist$")
 
 
 def test_configuration_reference_is_generated_from_the_models() -> None:
@@ -30,5 +32,11 @@ def test_deploy_examples_validate(monkeypatch: pytest.MonkeyPatch) -> None:
     examples = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
     assert examples
     for path in examples:
-        loaded = load_config(path)
-        assert loaded.devices, path
+        try:
+            assert load_config(path).devices, path
+        except ConfigError as exc:
+            # the example names the site's own secrets and certificates, which this machine
+            # lacks; anything else wrong with it is a broken example
+            others = [p for p in exc.problems if not SITE_FILE_MISSING.search(p)]
+            assert not others, others
+            assert exc.problems
