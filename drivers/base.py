@@ -205,23 +205,28 @@ class PollGroup:
             raise ValueError(f"group {self.name!r} has {n} tags, driver produced {len(raw)} values")
         values: list[Value]
         if isinstance(raw, np.ndarray):
-            arr = raw.astype(np.float64, copy=False)
+            # Integer registers read without scaling stay integers (``7``, not ``7.0``) and
+            # cannot be NaN: the common case of large register maps skips both conversions.
+            integral = self._identity and np.issubdtype(raw.dtype, np.integer)
+            arr = raw if integral else raw.astype(np.float64, copy=False)
             if not self._identity:
                 arr = arr * self._scale + self._offset
-            bad_nan = ~np.isfinite(arr)
-            bad_range = ((arr < self._lo) | (arr > self._hi)) & ~bad_nan if self._ranged else None
-            if bad_nan.any() or (bad_range is not None and bad_range.any()):
+            bad_nan = None if integral else ~np.isfinite(arr)
+            bad_range = None
+            if self._ranged:
+                bad_range = (arr < self._lo) | (arr > self._hi)
+                if bad_nan is not None:
+                    bad_range &= ~bad_nan
+            values = arr.tolist()
+            if (bad_nan is not None and bad_nan.any()) or (bad_range is not None and bad_range.any()):
                 quality = list(quality) if quality is not None else [Quality.GOOD] * n
                 reasons = list(reasons) if reasons is not None else [None] * n
-                for i in np.flatnonzero(bad_nan):
-                    quality[i], reasons[i] = Quality.BAD, Reason.DECODE_ERROR
+                if bad_nan is not None:
+                    for i in np.flatnonzero(bad_nan):
+                        quality[i], reasons[i], values[i] = Quality.BAD, Reason.DECODE_ERROR, None
                 if bad_range is not None:
                     for i in np.flatnonzero(bad_range):
                         quality[i], reasons[i] = Quality.BAD, Reason.OUT_OF_RANGE
-                values = [None if b else v for v, b in zip(arr.tolist(), bad_nan.tolist(), strict=True)]
-            else:
-                values = arr.tolist()
-            values = _ints_where_integral(values, self._identity, raw.dtype)
         else:
             quality = list(quality) if quality is not None else [Quality.GOOD] * n
             reasons = list(reasons) if reasons is not None else [None] * n
@@ -259,13 +264,6 @@ class PollGroup:
         if isinstance(v, int) and self._scale[i] == 1.0 and self._offset[i] == 0.0:
             return v
         return x
-
-
-def _ints_where_integral(values: list[Value], identity: bool, dtype: np.dtype[Any]) -> list[Value]:
-    """Integer registers read without scaling stay integers in the payload (``7``, not ``7.0``)."""
-    if identity and np.issubdtype(dtype, np.integer):
-        return [None if v is None else int(v) for v in values]
-    return values
 
 
 @dataclass
