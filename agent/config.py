@@ -477,10 +477,3 @@ def _resolve_relative(data: dict[str, Any], base: Path) -> None:
         # a model next to the config wins; otherwise the shipped models/ folder is searched
         if isinstance(m, dict) and isinstance(m.get("manifest"), str) and os.path.exists(fix(m["manifest"])):
             m["manifest"] = fix(m["manifest"])
-
-
-def model_fields_doc(model: type[BaseModel]) -> Iterator[tuple[str, str, str, str]]:
-    """(key, type, default, description) for every field: docs/configuration.md is checked against it."""
-    for name, f in model.model_fields.items():
-        default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-        yield name, str(f.annotation), default, (f.description or "")

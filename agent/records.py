@@ -170,7 +170,3 @@ class Event:
             "severity": str(self.severity),
             "data": self.data,
         }
-
-
-def readings_count(blocks: Sequence[Block]) -> int:
-    return sum(len(b.values) for b in blocks)

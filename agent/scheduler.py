@@ -342,7 +342,3 @@ class Scheduler:
 
     def status(self) -> dict[str, Any]:
         return {r.id: r.status() for r in self.runners}
-
-    async def wait_connected(self) -> None:
-        """Until every device is connected (callers bound it with asyncio.timeout)."""
-        await asyncio.gather(*(r.up.wait() for r in self.runners))
