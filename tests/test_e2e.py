@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,9 +166,15 @@ def persistent() -> Iterator[tuple[Mosquitto, Collector]]:
 
 
 @pytest.fixture
-def agent_proc(tmp_path: Path) -> Iterator[list[AgentProcess]]:
+def start_agent(tmp_path: Path) -> Iterator[Callable[[Path], AgentProcess]]:
+    """Start ``cleanroom-agent run`` on a config; every agent started is killed at teardown."""
     procs: list[AgentProcess] = []
-    yield procs
+
+    def start(cfg: Path) -> AgentProcess:
+        procs.append(AgentProcess(cfg, tmp_path / "agent.log").start())
+        return procs[-1]
+
+    yield start
     for p in procs:
         p.close()
 
@@ -178,11 +184,10 @@ def test_every_reading_arrives_once_with_served_values(
     mosquitto: Mosquitto,
     collector: Collector,
     frozen_sim: ThreadedSim,
-    agent_proc: list[AgentProcess],
+    start_agent: Callable[[Path], AgentProcess],
 ) -> None:
     cfg = write_config(tmp_path, mosquitto.port, frozen_sim.sim.port)
-    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
-    agent_proc.append(agent)
+    agent = start_agent(cfg)
     wait_for(
         lambda: agent.running() and len(received(collector)[0]) >= 26 * 10,
         timeout=30,
@@ -218,13 +223,12 @@ def test_every_reading_arrives_once_with_served_values(
 def test_broker_outage_loses_nothing(
     tmp_path: Path,
     live_sim: ThreadedSim,
-    agent_proc: list[AgentProcess],
+    start_agent: Callable[[Path], AgentProcess],
     persistent: tuple[Mosquitto, Collector],
 ) -> None:
     broker, collector = persistent
     cfg = write_config(tmp_path, broker.port, live_sim.sim.port)
-    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
-    agent_proc.append(agent)
+    agent = start_agent(cfg)
     wait_for(
         lambda: agent.running() and len(received(collector)[0]) > 100,
         timeout=30,
@@ -251,13 +255,12 @@ def test_broker_outage_loses_nothing(
 def test_sigkill_loses_nothing_committed(
     tmp_path: Path,
     live_sim: ThreadedSim,
-    agent_proc: list[AgentProcess],
+    start_agent: Callable[[Path], AgentProcess],
     persistent: tuple[Mosquitto, Collector],
 ) -> None:
     broker, collector = persistent
     cfg = write_config(tmp_path, broker.port, live_sim.sim.port, interval="100ms")
-    first = AgentProcess(cfg, tmp_path / "agent.log").start()
-    agent_proc.append(first)
+    first = start_agent(cfg)
     wait_for(
         lambda: first.running() and len(received(collector)[0]) > 200,
         timeout=30,
@@ -267,8 +270,7 @@ def test_sigkill_loses_nothing_committed(
     killed_at = buffer_stats(tmp_path)
     assert killed_at["committed_readings_total"] > 0
 
-    second = AgentProcess(cfg, tmp_path / "agent.log").start()
-    agent_proc.append(second)
+    second = start_agent(cfg)
     wait_for(
         lambda: buffer_stats(tmp_path)["next_seq"] > killed_at["next_seq"] + 100,
         timeout=30,
@@ -296,11 +298,10 @@ def test_sigterm_exits_zero_and_says_offline(
     mosquitto: Mosquitto,
     collector: Collector,
     frozen_sim: ThreadedSim,
-    agent_proc: list[AgentProcess],
+    start_agent: Callable[[Path], AgentProcess],
 ) -> None:
     cfg = write_config(tmp_path, mosquitto.port, frozen_sim.sim.port)
-    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
-    agent_proc.append(agent)
+    agent = start_agent(cfg)
     wait_for(
         lambda: any(t.endswith("agent/status") for t, _, _ in collector.messages), timeout=20, what="status"
     )

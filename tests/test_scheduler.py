@@ -166,15 +166,20 @@ async def test_counter_records_missed_while_away_are_read_back_and_a_wrap_is_a_l
         seen = [b.source_ts_ns for b in first.group("pc1", "records")]
         assert seen and committed, "records were read and their watermark committed"
 
+        async def away_then_back(speed: float, run_s: float) -> CommittingSink:
+            """The agent is gone for one wall second at ``speed``, then runs for ``run_s``."""
+            clock.speed = speed
+            await asyncio.sleep(1.0)
+            clock.speed = 60.0
+            sink = CommittingSink()
+            sched = Scheduler(loaded.devices, sink, dict(committed))
+            sched.start()
+            await asyncio.sleep(run_s)
+            await sched.stop()
+            return sink
+
         # away for 10 simulated minutes: 10 records to read back, no loss
-        clock.speed = 600.0
-        await asyncio.sleep(1.0)
-        clock.speed = 60.0
-        second = CommittingSink()
-        sched = Scheduler(loaded.devices, second, dict(committed))
-        sched.start()
-        await asyncio.sleep(2.5)
-        await sched.stop()
+        second = await away_then_back(600.0, 2.5)
         back = [b.source_ts_ns for b in second.group("pc1", "records")]
         assert len(back) >= 10
         steps = {(b - a) // 10**9 for a, b in zip([seen[-1], *back], back, strict=False)}
@@ -182,14 +187,7 @@ async def test_counter_records_missed_while_away_are_read_back_and_a_wrap_is_a_l
         assert not [e for e in second.events if e.kind == "data_loss"]
 
         # away for ~3,600 records: the counter's buffer wrapped, 600 or so are gone for good
-        clock.speed = 216_000.0
-        await asyncio.sleep(1.0)
-        clock.speed = 60.0
-        third = CommittingSink()
-        sched = Scheduler(loaded.devices, third, dict(committed))
-        sched.start()
-        await asyncio.sleep(3.0)
-        await sched.stop()
+        third = await away_then_back(216_000.0, 3.0)
     losses = [e for e in third.events if e.kind == "data_loss"]
     assert len(losses) == 1 and losses[0].device == "pc1"
     assert losses[0].data["reason"] == "device_buffer_wrapped"
