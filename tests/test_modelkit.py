@@ -17,13 +17,15 @@ from hypothesis import strategies as st
 
 from agent.modelkit.csvdata import FaultLabel, load_csv, load_labels
 from agent.modelkit.evaluate import evaluate
-from agent.modelkit.manifest import ModelError, read_manifest
+from agent.modelkit.manifest import ModelError, parse_condition, read_manifest
 from agent.modelkit.scoring import (
     Debounce,
     DriftMonitor,
+    Envelope,
     LoadedModel,
     Settings,
     SlotAccumulator,
+    Track,
     Windower,
     run_offline,
 )
@@ -387,3 +389,101 @@ def test_a_sample_older_than_the_open_slot_is_late_not_a_slot_out_of_order() -> 
                 ids += got_ids
         assert ids == [0, 2], f"{path}: slots leave once each, in time order: {ids}"
         assert acc.late == 1, path
+
+
+# --------------------------------------------------------------------------- operating envelope
+
+
+@pytest.mark.parametrize(
+    ("text", "signal", "lo", "hi"),
+    [
+        ("culture_day>=0.125", "culture_day", 0.125, None),
+        ("state <= 2", "state", None, 2.0),
+        ("0.1<=age<=14", "age", 0.1, 14.0),
+    ],
+)
+def test_envelope_conditions_parse(text: str, signal: str, lo: float | None, hi: float | None) -> None:
+    c = parse_condition(text)
+    assert (c.signal, c.min, c.max) == (signal, lo, hi)
+    assert not c.holds(float("nan"))  # an unknown state is not inside
+
+
+@pytest.mark.parametrize("text", ["culture_day>0.1", "age>=x", "5<=age<=1", "age"])
+def test_bad_envelope_condition_is_a_clear_error(text: str) -> None:
+    with pytest.raises(ModelError, match=r"envelope condition"):
+        parse_condition(text)
+
+
+def _with_age(
+    hours: float, seed: int, fault: tuple[float, float] | None, inside_from: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic series plus an ``age_h`` column that enters the envelope (>= 1) at ``inside_from`` s."""
+    t, v = series(hours, seed, fault)
+    age = np.where(t - T0 >= inside_from, 1.0 + (t - T0) / 3600, 0.5)
+    return t, np.column_stack([v, age])
+
+
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=12), st.integers(0, 3))
+@settings(max_examples=15, deadline=None)
+def test_envelope_gates_scoring_alike_on_the_agent_and_offline_paths(cuts: list[int], leave: int) -> None:
+    """Windows reaching outside the envelope are never scored, whatever the chunking; the
+    agent's per-commit path decides exactly as the offline one; leaving the envelope during
+    an alarm neither clears nor re-raises it."""
+    model = _envelope_model()
+    w = model.manifest.window
+    t, v = _with_age(8, 7, FAULT, inside_from=2 * 3600.0)
+    v[(t - T0 > 5.2 * 3600) & (t - T0 < 5.2 * 3600 + leave * 600), 3] = 0.5  # out again during the alarm
+    offline = run_offline(model, Settings.of(model.manifest), t, v)
+    track = Track(model, Settings.of(model.manifest), drift=False)
+    scores: list[float] = []
+    bounds = sorted({0, len(t), *(c * 7 % len(t) for c in cuts)})
+    for a, b in itertools.pairwise(bounds):
+        for i in range(a, b, 3):  # the agent's commits: a few samples at a time
+            ready = track.feed_rows(t[i : min(b, i + 3)].tolist(), v[i : min(b, i + 3)].tolist())
+            scores += track.decide(ready, *model.score(ready.windows)).scores
+    ready = track.flush()
+    scores += track.decide(ready, *model.score(ready.windows)).scores
+    np.testing.assert_allclose(np.array(scores), offline.scores, rtol=1e-5)
+    first_in = T0 + 2 * 3600 + (w - 1) * model.manifest.period  # the first slot inside ends at 2 h
+    assert np.isnan(offline.scores[offline.ts < first_in]).all()
+    assert not np.isnan(offline.scores[offline.ts >= first_in + 3600]).all()
+    assert [x.phase for x in offline.transitions][:1] == ["start"]
+    assert sum(x.phase == "start" for x in offline.transitions) == 1
+    away = (offline.ts > T0 + 5.2 * 3600) & (offline.ts < T0 + 5.2 * 3600 + leave * 600)
+    assert offline.alarm[away].all() and np.isnan(offline.scores[away]).all()
+
+
+_ENVELOPE: dict[str, LoadedModel] = {}
+
+
+def _envelope_model() -> LoadedModel:
+    """The synthetic model trained with an envelope on a series whose first 2 h (outside it)
+    run 3 °C hot: trained inside only, the statistics never see the hot start."""
+    if "m" not in _ENVELOPE:
+        import tempfile
+
+        d = Path(tempfile.mkdtemp(prefix="envelope-"))
+        t, v = _with_age(24, 1, None, inside_from=2 * 3600.0)
+        v[t - T0 < 2 * 3600, 0] += 3.0
+        from agent.modelkit.csvdata import Dataset
+
+        ds = Dataset(t, v, [*SIGNALS, "age_h"], np.zeros(len(t), bool), "syn", "0" * 64)
+        opts = TrainOptions(model_id="env", window=12, envelope=[parse_condition("age_h>=1")])
+        _ENVELOPE["m"] = LoadedModel(train([ds], opts, d))
+    return _ENVELOPE["m"]
+
+
+def test_training_with_an_envelope_learns_only_the_state_inside_it() -> None:
+    m = _envelope_model().manifest
+    assert [str(c) for c in m.envelope] == ["1 <= age_h"]
+    assert m.signal_names == list(SIGNALS) and m.data_names == [*SIGNALS, "age_h"]
+    assert m.signals[0].normal_high < 37.5  # the hot start-up (40 °C) is not "normal"
+
+
+def test_envelope_run_survives_missing_slots_but_not_a_gap_longer_than_a_window() -> None:
+    env = Envelope([parse_condition("a>=1")], ["x", "a"], window=3)
+    inside, eligible = env.check([0, 1, 2, 4, 5, 10, 11, 12, 13], [[0.0, 1.0]] * 9)
+    assert inside == [True] * 9
+    assert eligible == [False, False, True, True, True, False, False, True, True]
+    inside, eligible = env.check([14, 15, 16, 17], [[0.0, 1.0], [0.0, 0.0], [0.0, 1.0], [0.0, float("nan")]])
+    assert inside == [True, False, True, False] and not any(eligible[1:])

@@ -4,6 +4,7 @@ know what it is. A model is accepted only if its ``.onnx`` bytes hash to ``sha25
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -69,6 +70,51 @@ class DriftBounds(Strict):
     """Drift is judged only once this fraction of ``window`` holds data."""
 
 
+class EnvelopeCondition(Strict):
+    """One bound of the operating state a model is valid for (see ``Manifest.envelope``)."""
+
+    signal: str
+    """Signal that defines the state (a column of the training data; mapped to a device tag by
+    the binding like the model's inputs, but not an input of the model)."""
+    min: float | None = None
+    """Lowest value inside the envelope (inclusive)."""
+    max: float | None = None
+    """Highest value inside the envelope (inclusive)."""
+
+    @model_validator(mode="after")
+    def _bounded(self) -> EnvelopeCondition:
+        if self.min is None and self.max is None:
+            raise ValueError("an envelope condition needs 'min', 'max' or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("'min' must not exceed 'max'")
+        return self
+
+    def holds(self, value: float) -> bool:
+        """Inside the bounds; an unknown value (NaN) is outside: not knowing the state is not
+        knowing that the model applies."""
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def __str__(self) -> str:
+        lo = "" if self.min is None else f"{self.min:g} <= "
+        hi = "" if self.max is None else f" <= {self.max:g}"
+        return f"{lo}{self.signal}{hi}"
+
+
+def parse_condition(text: str) -> EnvelopeCondition:
+    """``culture_day>=0.125``, ``state<=2`` or ``0.1<=culture_day<=14`` (the CLI's form)."""
+    parts = [p.strip() for p in re.split(r"(<=|>=)", text)]
+    try:
+        if len(parts) == 3 and parts[1] == ">=":
+            return EnvelopeCondition(signal=parts[0], min=float(parts[2]))
+        if len(parts) == 3 and parts[1] == "<=":
+            return EnvelopeCondition(signal=parts[0], max=float(parts[2]))
+        if len(parts) == 5 and parts[1] == parts[3] == "<=":
+            return EnvelopeCondition(signal=parts[2], min=float(parts[0]), max=float(parts[4]))
+    except (ValueError, ValidationError) as exc:
+        raise ModelError(f"envelope condition {text!r}: {exc}") from None
+    raise ModelError(f"envelope condition {text!r}: write SIGNAL>=MIN, SIGNAL<=MAX or MIN<=SIGNAL<=MAX")
+
+
 class Provenance(Strict):
     """Where the training data came from (so the model can be reproduced and audited)."""
 
@@ -117,6 +163,11 @@ class Manifest(Strict):
     """Windows in a row that raise / clear an alarm."""
     min_completeness: float = Field(default=0.8, gt=0, le=1)
     """Fraction of (slot, signal) cells that must hold good data for a window to be scored."""
+    envelope: list[EnvelopeCondition] = Field(default_factory=list)
+    """The operating state the model is for (its intended use, enforced): a window is scored only when
+    every one of its slots satisfies every condition, e.g. ``culture_day >= 0.125`` keeps a culture's
+    start-up transient, which the model was not trained on, out of scoring. Outside, the binding's state
+    is ``out_of_envelope``: not scored, and an alarm neither raises nor clears."""
     drift: DriftBounds = Field(default_factory=DriftBounds)
     """Input drift bounds."""
     provenance: Provenance
@@ -135,11 +186,18 @@ class Manifest(Strict):
             raise ValueError("signal names must be unique")
         if not names:
             raise ValueError("a model needs at least one signal")
+        if clash := set(names) & {c.signal for c in self.envelope}:
+            raise ValueError(f"envelope signals are not model inputs: {sorted(clash)}")
         return self
 
     @property
     def signal_names(self) -> list[str]:
         return [s.name for s in self.signals]
+
+    @property
+    def data_names(self) -> list[str]:
+        """Columns a scoring path feeds, in order: the model's inputs, then its envelope signals."""
+        return self.signal_names + list(dict.fromkeys(c.signal for c in self.envelope))
 
 
 def sha256_file(path: Path) -> str:

@@ -9,6 +9,11 @@ of its (slot, signal) cells hold data; gaps are then filled forward (leading gap
 the training mean). Unscored windows neither raise nor clear an alarm, and the state
 shows ``incomplete`` so nobody mistakes silence for health. After start, or after a gap
 longer than a window, the track is ``warming_up`` until a full window has elapsed.
+
+Operating envelope (``Manifest.envelope``): a window is scored only when each of its slots
+lies inside the envelope (an unknown envelope signal counts as outside), so a model is
+never asked about a state it was not built for; the state is then ``out_of_envelope``,
+which, like an incomplete window, neither raises nor clears an alarm.
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from agent.modelkit.manifest import Manifest, ModelError, verify
+from agent.modelkit.manifest import EnvelopeCondition, Manifest, ModelError, verify
 
 CHUNK = 4096
 """Windows per ``session.run`` offline (bounds memory on long histories)."""
 TOP_SIGNALS = 3
 """Contributing signals listed in an anomaly event."""
 
-State = Literal["warming_up", "ok", "incomplete", "alarm"]
+State = Literal["warming_up", "ok", "incomplete", "out_of_envelope", "alarm"]
 
 
 class LoadedModel:
@@ -257,6 +262,8 @@ class Ready:
     """Which windows are in ``windows``."""
     windows: np.ndarray
     """float32 ``[j, W, S]`` filled windows to score."""
+    in_envelope: list[bool]
+    """Whether every slot of the window lies inside the model's operating envelope."""
     drift: list[DriftChange] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -286,14 +293,17 @@ class Windower:
         """The empty result (nothing to score), shared: it holds no data to change."""
 
     def push(
-        self, ids: np.ndarray, means: np.ndarray
+        self, ids: np.ndarray, means: np.ndarray, eligible: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(completeness ``[k]``, warm ``[k]``, scored mask ``[k]``, float32 windows ``[j, W, S]``)."""
+        """(completeness ``[k]``, warm ``[k]``, scored mask ``[k]``, float32 windows ``[j, W, S]``);
+        ``eligible`` (default: all) masks windows that may be scored at all (the envelope)."""
         k = len(ids)
         if k == 0:
             return np.zeros(0), np.zeros(0, bool), np.zeros(0, bool), self._none
         if k == 1 and self._last is not None and ids[0] == self._last + 1:
-            one = self._push_next(int(ids[0]), means[0].tolist())
+            one = self._push_next(
+                int(ids[0]), means[0].tolist(), True if eligible is None else bool(eligible[0])
+            )
             return np.array([one[0]]), np.array([one[1]]), np.array([one[2]]), one[3]
         if self._last is None or ids[0] - self._last > self.w:
             self._ring[:] = np.nan  # start, or a gap longer than a window: warm up again
@@ -315,6 +325,8 @@ class Windower:
         completeness = 1.0 - missing.mean(axis=(1, 2))
         warm = ids - first + 1 >= self.w
         scored = warm & (completeness >= self.min_completeness)
+        if eligible is not None:
+            scored &= eligible
         out = _fill(windows[scored], missing[scored], self.fill)
         recent = full[-self.w :]
         self._ring[: self.w] = recent
@@ -326,18 +338,21 @@ class Windower:
         return completeness, warm, scored, out
 
     def push_rows(
-        self, ids: list[int], means: list[list[float]]
+        self, ids: list[int], means: list[list[float]], eligible: list[bool] | None = None
     ) -> tuple[list[float], list[bool], list[bool], np.ndarray]:
         """:meth:`push` for the agent's lists: exactly the next slot takes the ring's fast path."""
         if len(ids) == 1 and self._last is not None and ids[0] == self._last + 1:
-            completeness, warm, scored, window = self._push_next(ids[0], means[0])
+            ok = True if eligible is None else eligible[0]
+            completeness, warm, scored, window = self._push_next(ids[0], means[0], ok)
             return [completeness], [warm], [scored], window
         c, w, s, windows = self.push(
-            np.array(ids, dtype=np.int64), np.array(means, dtype=np.float64).reshape(len(ids), self.n)
+            np.array(ids, dtype=np.int64),
+            np.array(means, dtype=np.float64).reshape(len(ids), self.n),
+            None if eligible is None else np.array(eligible, dtype=bool),
         )
         return c.tolist(), w.tolist(), s.tolist(), windows
 
-    def _push_next(self, sid: int, row: list[float]) -> tuple[float, bool, bool, np.ndarray]:
+    def _push_next(self, sid: int, row: list[float], eligible: bool) -> tuple[float, bool, bool, np.ndarray]:
         """The agent's usual case, exactly the next slot: same result as the general path, in O(S)
         plus one float32 copy of the window when it is scored."""
         p, w = self._pos, self.w
@@ -350,7 +365,7 @@ class Windower:
         missing = sum(self._gaps)
         completeness = 1.0 - missing / (w * self.n)
         warm = sid - self._first + 1 >= w
-        scored = warm and completeness >= self.min_completeness
+        scored = eligible and warm and completeness >= self.min_completeness
         if not scored:
             return completeness, warm, scored, self._none
         if missing:
@@ -492,6 +507,35 @@ class Decision:
     """Score of each window (NaN when not scored)."""
 
 
+class Envelope:
+    """Which closed slots lie inside a model's operating envelope, and which windows lie
+    inside it entirely (the ones that may be scored). Slot rows carry the envelope signals
+    after the model's inputs (:attr:`Manifest.data_names`)."""
+
+    def __init__(self, conditions: list[EnvelopeCondition], names: list[str], window: int) -> None:
+        self.window = window
+        self.conditions = [(names.index(c.signal), c) for c in conditions]
+        self._run_from: int | None = None
+        """First slot of the current unbroken run of slots inside the envelope."""
+        self._run_last: int | None = None
+
+    def check(self, ids: list[int], means: list[list[float]]) -> tuple[list[bool], list[bool]]:
+        """(inside, eligible) per slot. A few slots without samples do not break a run (the
+        windower's completeness rule judges them); a gap longer than a window does, as it
+        restarts the windower's warm-up: the state in between is unknown."""
+        inside, eligible = [], []
+        for sid, row in zip(ids, means, strict=True):
+            ok = all(c.holds(row[j]) for j, c in self.conditions)
+            if not ok:
+                self._run_from = None
+            elif self._run_from is None or self._run_last is None or sid - self._run_last > self.window:
+                self._run_from = sid
+            self._run_last = sid
+            inside.append(ok)
+            eligible.append(ok and self._run_from is not None and sid - self._run_from + 1 >= self.window)
+        return inside, eligible
+
+
 class Track:
     """One model on one data stream: accumulate -> window -> (caller scores) -> decide.
 
@@ -503,7 +547,10 @@ class Track:
         m = model.manifest
         self.model = model
         self.settings = settings
-        self.acc = SlotAccumulator(m.period, len(m.signals))
+        self.n = len(m.signals)
+        names = m.data_names
+        self.envelope = Envelope(m.envelope, names, m.window) if m.envelope else None
+        self.acc = SlotAccumulator(m.period, len(names))
         self.win = Windower(m.window, model.mean, settings.min_completeness)
         self.drift = DriftMonitor(m) if drift else None
         self.debounce = Debounce(settings.raise_after, settings.clear_after)
@@ -513,12 +560,14 @@ class Track:
         self.last_ts: float | None = None
         self.windows_scored = 0
         self.windows_incomplete = 0
+        self.windows_out_of_envelope = 0
         self._peak = 0.0
         self._peak_top: list[dict[str, Any]] = []
         self._started = 0.0
 
     def feed(self, ts: np.ndarray, vals: np.ndarray) -> Ready:
-        """Samples as arrays (``ts`` ``[n]``, ``vals`` ``[n, S]``); a few take :meth:`feed_rows`."""
+        """Samples as arrays (``ts`` ``[n]``, ``vals`` ``[n, S + E]``: the model's inputs, then its
+        envelope signals, :attr:`Manifest.data_names`); a few take :meth:`feed_rows`."""
         if len(ts) <= SlotAccumulator.SMALL:
             return self.feed_rows(ts.tolist(), vals.tolist())
         return self._ready(*self.acc.add(ts, vals))
@@ -530,19 +579,39 @@ class Track:
             vals = np.array(rows, dtype=np.float64).reshape(len(ts), self.acc.n)
             return self._ready(*self.acc.add(np.array(ts, dtype=np.float64), vals))
         ids, means = self.acc.add_rows(ts, rows)
-        return self._drift(Ready(ids, *self.win.push_rows(ids, means)), means)
+        if self.envelope is None:
+            return self._drift(Ready(ids, *self.win.push_rows(ids, means), [True] * len(ids)), ids, means)
+        inside, eligible = self.envelope.check(ids, means)
+        n = self.n
+        model_means = [row[:n] for row in means]
+        ready = Ready(ids, *self.win.push_rows(ids, model_means, eligible), eligible)
+        kept = [i for i, ok in enumerate(inside) if ok]
+        return self._drift(ready, [ids[i] for i in kept], [model_means[i] for i in kept])
 
     def flush(self) -> Ready:
         return self._ready(*self.acc.flush())
 
     def _ready(self, ids: np.ndarray, means: np.ndarray) -> Ready:
-        completeness, warm, scored, windows = self.win.push(ids, means)
-        ready = Ready(ids.tolist(), completeness.tolist(), warm.tolist(), scored.tolist(), windows)
-        return self._drift(ready, means)
+        id_list = ids.tolist()
+        if self.envelope is None:
+            completeness, warm, scored, windows = self.win.push(ids, means)
+            ready = Ready(
+                id_list, completeness.tolist(), warm.tolist(), scored.tolist(), windows, [True] * len(ids)
+            )
+            return self._drift(ready, ids, means)
+        inside, eligible = self.envelope.check(id_list, means.tolist())
+        model_means = means[:, : self.n]
+        completeness, warm, scored, windows = self.win.push(ids, model_means, np.array(eligible, dtype=bool))
+        ready = Ready(id_list, completeness.tolist(), warm.tolist(), scored.tolist(), windows, eligible)
+        keep = np.array(inside, dtype=bool)
+        return self._drift(ready, ids[keep], model_means[keep])
 
-    def _drift(self, ready: Ready, means: np.ndarray | list[list[float]]) -> Ready:
+    def _drift(
+        self, ready: Ready, ids: np.ndarray | list[int], means: np.ndarray | list[list[float]]
+    ) -> Ready:
+        """Drift compares inputs inside the envelope only: the training data lay inside it."""
         if self.drift is not None:
-            change = self.drift.add(ready.ids, means)
+            change = self.drift.add(ids, means)
             if change is not None:
                 ready.drift.append(change)
         return ready
@@ -555,14 +624,18 @@ class Track:
         all_scores: list[float] = []
         transitions: list[Transition] = []
         j = 0
-        for sid, completeness, warm, scored in zip(
-            ready.ids, ready.completeness, ready.warm, ready.scored, strict=True
+        for sid, completeness, warm, scored, inside in zip(
+            ready.ids, ready.completeness, ready.warm, ready.scored, ready.in_envelope, strict=True
         ):
             ts = (sid + 1) * period
             self.last_completeness, self.last_ts = completeness, ts
             if not scored:
-                self.state = "incomplete" if warm else "warming_up"
-                self.windows_incomplete += warm
+                if not inside:
+                    self.state = "out_of_envelope"
+                    self.windows_out_of_envelope += 1
+                else:
+                    self.state = "incomplete" if warm else "warming_up"
+                    self.windows_incomplete += warm
                 alarm.append(self.debounce.active)
                 all_scores.append(math.nan)
                 continue

@@ -30,6 +30,7 @@ from agent.modelkit import graph
 from agent.modelkit.csvdata import Dataset, iso
 from agent.modelkit.manifest import (
     DriftBounds,
+    EnvelopeCondition,
     Hysteresis,
     Manifest,
     ModelError,
@@ -38,7 +39,7 @@ from agent.modelkit.manifest import (
     sha256_file,
     write_manifest,
 )
-from agent.modelkit.scoring import DriftMonitor, LoadedModel, SlotAccumulator, Windower
+from agent.modelkit.scoring import DriftMonitor, Envelope, LoadedModel, SlotAccumulator, Windower
 
 MAX_FIT_WINDOWS = 20_000
 """Windows used for fitting (strided evenly): more adds time, not information."""
@@ -82,9 +83,16 @@ class TrainOptions:
     """Isolation forest: number of trees."""
     skip_start: float = 0.0
     """Seconds dropped at the start of every series (start-up transients that are not the
-    operating state the model is for; state it in the model card)."""
+    operating state the model is for; state it in the model card). Where a signal tells the
+    state (a culture's age, a machine state), prefer ``envelope``: the agent enforces it."""
+    envelope: list[EnvelopeCondition] = field(default_factory=list)
+    """Operating envelope (see :attr:`Manifest.envelope`): trained on windows inside it only,
+    and scored only inside it. The data carry its signals after the model's inputs."""
     units: dict[str, str] = field(default_factory=dict)
     notes: str = ""
+    source: str | None = None
+    """How the provenance names the data (default: the files' paths; a build from scratch
+    files names what they were generated from instead)."""
 
 
 def signal_specs(values: np.ndarray, names: list[str], units: dict[str, str]) -> list[SignalSpec]:
@@ -114,14 +122,23 @@ def signal_specs(values: np.ndarray, names: list[str], units: dict[str, str]) ->
 
 
 def windows_of(
-    ds: Dataset, period: float, window: int, fill: np.ndarray, min_completeness: float
+    ds: Dataset,
+    period: float,
+    window: int,
+    fill: np.ndarray,
+    min_completeness: float,
+    envelope: Sequence[EnvelopeCondition] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scorable windows of a series through the agent's windowing: (end slot ids, windows)."""
+    """Scorable windows of a series through the agent's windowing: (end slot ids, windows).
+    ``ds`` holds the model's inputs, then the envelope signals (:attr:`Manifest.data_names`)."""
     acc = SlotAccumulator(period, len(ds.signals))
+    n = len(fill)
     win = Windower(window, fill, min_completeness)
+    env = Envelope(list(envelope), ds.signals, window) if envelope else None
     ids_out, wins_out = [], []
     for ids, means in (acc.add(ds.ts, ds.values), acc.flush()):
-        _, _, scored, wins = win.push(ids, means)
+        eligible = None if env is None else np.array(env.check(ids.tolist(), means.tolist())[1], dtype=bool)
+        _, _, scored, wins = win.push(ids, means[:, :n], eligible)
         ids_out.append(ids[scored])
         wins_out.append(wins)
     return np.concatenate(ids_out), np.concatenate(wins_out)
@@ -181,10 +198,18 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
     """Fit, freeze and calibrate; returns the manifest path (``out_dir/<id>.model.yaml``)."""
     if not datasets:
         raise ModelError("no training data")
-    names = datasets[0].signals
+    columns = datasets[0].signals
     for ds in datasets[1:]:
-        if ds.signals != names:
-            raise ModelError(f"{ds.source}: signals {ds.signals} differ from {names}")
+        if ds.signals != columns:
+            raise ModelError(f"{ds.source}: signals {ds.signals} differ from {columns}")
+    env_names = list(dict.fromkeys(c.signal for c in opts.envelope))
+    if env_names and columns[-len(env_names) :] != env_names:
+        raise ModelError(
+            f"the data lack the envelope signal(s) {', '.join(env_names)} (after the model's inputs)"
+        )
+    names = columns[: len(columns) - len(env_names)]
+    if not names:
+        raise ModelError("no model input signals besides the envelope signals")
     period = opts.period or float(np.median(np.concatenate([np.diff(ds.ts) for ds in datasets])))
     if not period > 0:
         raise ModelError("cannot infer the sampling period (timestamps repeat); give --period")
@@ -195,12 +220,16 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
         held = _holdout_mask(ds.ts, opts.holdout)
         fit_parts.append(ds.select(~held))
         hold_parts.append(ds.select(held))
-    specs = signal_specs(np.vstack([d.values for d in fit_parts]), names, opts.units)
+    specs = signal_specs(
+        np.vstack([_inside(d, opts.envelope, len(names)).values for d in fit_parts]), names, opts.units
+    )
     mean = np.array([s.mean for s in specs])
     std = np.array([s.std for s in specs])
 
     def wins(parts: list[Dataset]) -> np.ndarray:
-        got = [windows_of(d, period, opts.window, mean, opts.min_completeness)[1] for d in parts]
+        got = [
+            windows_of(d, period, opts.window, mean, opts.min_completeness, opts.envelope)[1] for d in parts
+        ]
         return np.concatenate(got) if got else np.zeros((0, opts.window, len(names)), np.float32)
 
     fit_w, hold_w = wins(fit_parts), wins(hold_parts)
@@ -251,9 +280,10 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
         threshold=float(threshold),
         hysteresis=Hysteresis(raise_after=opts.raise_after, clear_after=opts.clear_after),
         min_completeness=opts.min_completeness,
+        envelope=opts.envelope,
         drift=DriftBounds(window=opts.drift_window),
         provenance=Provenance(
-            source=", ".join(sorted({d.source for d in datasets})),
+            source=opts.source or ", ".join(sorted({d.source for d in datasets})),
             start=iso(start),
             end=iso(end),
             rows=rows,
@@ -271,11 +301,22 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
         tool_version=__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     )
-    manifest = manifest.model_copy(update={"drift": _drift_bounds(manifest, hold_parts)})
+    inside = [_inside(d, opts.envelope, len(names)) for d in hold_parts]
+    manifest = manifest.model_copy(update={"drift": _drift_bounds(manifest, inside)})
     path = out_dir / f"{opts.model_id}.model.yaml"
     write_manifest(path, manifest)
     LoadedModel(path)  # the written pair must load exactly as the agent will load it
     return path
+
+
+def _inside(ds: Dataset, envelope: Sequence[EnvelopeCondition], n: int) -> Dataset:
+    """The rows inside the envelope, the model's ``n`` inputs only: the training statistics
+    (normalisation, normal ranges, drift baseline) describe the state the model is for."""
+    mask = np.ones(len(ds.ts), bool)
+    for c in envelope:
+        col = ds.values[:, ds.signals.index(c.signal)]
+        mask &= np.fromiter((c.holds(x) for x in col.tolist()), bool, len(col))
+    return Dataset(ds.ts[mask], ds.values[mask, :n], ds.signals[:n], ds.abnormal[mask], ds.source, ds.sha256)
 
 
 def _drift_bounds(manifest: Manifest, parts: list[Dataset]) -> DriftBounds:
