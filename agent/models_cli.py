@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from agent.fields import parse_duration
 from agent.limits import LimitsConfig
 from agent.modelkit.csvdata import Dataset, FaultLabel, in_windows, iso, load_csv, load_labels, parse_time
-from agent.modelkit.manifest import ModelError, read_manifest, write_manifest
+from agent.modelkit.manifest import ModelError, parse_condition, read_manifest, write_manifest
 from agent.modelkit.scoring import LoadedModel, Settings, run_offline
 
 
@@ -55,8 +55,17 @@ def register(subparsers: Any) -> None:
     t.add_argument(
         "--skip-start", type=parse_duration, default=0.0, help="start-up transient to drop per series"
     )
+    t.add_argument(
+        "--envelope",
+        action="append",
+        default=[],
+        metavar="COND",
+        help="operating state the model is for, e.g. 'culture_day>=0.125' (repeatable; "
+        "SIGNAL>=MIN, SIGNAL<=MAX or MIN<=SIGNAL<=MAX): trained and scored only inside it",
+    )
     t.add_argument("--units", default="", help="signal=unit,... for the manifest")
     t.add_argument("--notes", default="", help="provenance notes (scenario, seeds)")
+    t.add_argument("--source", help="how the manifest names the training data (default: the file paths)")
     t.set_defaults(func=_guard(cmd_train))
 
     e = sub.add_parser("evaluate", help="event-level metrics on labelled data, plots per device")
@@ -65,6 +74,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--grace", type=parse_duration, default=1800.0, help="recovery time after a fault")
     e.add_argument("--plots", type=Path, help="folder for one PNG per device")
     e.add_argument("--record", action="store_true", help="write the metrics into the manifest's validation")
+    e.add_argument("--source", help="how --record names the evaluation data (default: the folders)")
     e.add_argument(
         "--limits", type=Path, help="YAML limits section (as in the agent config) for the rule baseline"
     )
@@ -139,7 +149,11 @@ def _inputs(
 def cmd_train(args: argparse.Namespace) -> int:
     from agent.modelkit.train import TrainOptions, train
 
+    envelope = [parse_condition(c) for c in args.envelope]
+    env_names = list(dict.fromkeys(c.signal for c in envelope))
     signals = args.signals.split(",") if args.signals else None
+    if signals is not None:
+        signals = [s for s in signals if s not in env_names] + env_names
     labels: list[FaultLabel] = []
     if args.buffer is not None:
         if not args.device:
@@ -148,6 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         data, labels = _inputs(args, signals)
         datasets = list(data.values())
+    datasets = [_envelope_last(ds, env_names) for ds in datasets]
     kept, excluded = [], 0
     for ds in datasets:
         device = Path(ds.source).stem
@@ -170,6 +185,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         units=units,
         notes=args.notes,
         skip_start=args.skip_start,
+        envelope=envelope,
+        source=args.source,
         trees=args.trees,
         **({"intended_use": args.intended_use} if args.intended_use else {}),
     )
@@ -179,6 +196,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"written {path} and {path.parent / m.file}")
     print(json.dumps({"threshold": m.threshold, **m.validation}, indent=1))
     return 0
+
+
+def _envelope_last(ds: Dataset, env_names: list[str]) -> Dataset:
+    """The columns reordered as a model needs them: its inputs, then the envelope signals."""
+    if missing := [n for n in env_names if n not in ds.signals]:
+        raise ModelError(f"{ds.source}: no column {', '.join(missing)} for the envelope")
+    order = [n for n in ds.signals if n not in env_names] + env_names
+    idx = [ds.signals.index(n) for n in order]
+    return Dataset(ds.ts, ds.values[:, idx], order, ds.abnormal, ds.source, ds.sha256)
 
 
 def _from_buffer(
@@ -223,7 +249,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from agent.modelkit.evaluate import evaluate, plot
 
     model = LoadedModel(args.model)
-    data, labels = _inputs(args, model.manifest.signal_names)
+    data, labels = _inputs(args, model.manifest.data_names)
     limits, limit_data = None, None
     if args.limits is not None:
         limits = _limits(args.limits)
@@ -247,7 +273,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         extra = {f"eval_{k}": metrics[k] for k in keep}
         extra.update(
-            eval_data=", ".join(sorted({str(Path(d.source).parent) for d in data.values()})),
+            eval_data=args.source or ", ".join(sorted({str(Path(d.source).parent) for d in data.values()})),
             eval_faults=metrics["faults"],
             eval_device_days=metrics["device_days"],
             eval_baseline_limit_delay_median_s=metrics["baseline_limit_delay_median_s"],
@@ -268,7 +294,7 @@ def _limits(path: Path) -> LimitsConfig:
 def cmd_score(args: argparse.Namespace) -> int:
     model = LoadedModel(args.model)
     names = model.manifest.signal_names
-    ds = load_csv(args.csv, sep=args.sep, time_column=args.time_column, signals=names)
+    ds = load_csv(args.csv, sep=args.sep, time_column=args.time_column, signals=model.manifest.data_names)
     r = run_offline(model, Settings.of(model.manifest), ds.ts, ds.values)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:
