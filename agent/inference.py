@@ -70,7 +70,7 @@ class ModelBindingConfig(Strict):
     """Bind to every configured device whose profile has this ``device_kind`` (e.g. ``bioreactor``)."""
     signals: dict[str, str] = Field(default_factory=dict)
     """Model signal name -> device tag name, for tags named differently from the model's signals (default:
-    same name).
+    same name). Covers the signals of the model's operating envelope too.
     """
     mode: Literal["shadow", "active"] = "shadow"
     """``shadow``: anomalies are recorded (``"shadow": true``, severity info) but never alert; ``active``:
@@ -119,7 +119,8 @@ class Binding:
     model: LoadedModel
     track: Track
     tags: list[str]
-    """Device tag per model signal, in model order."""
+    """Device tag per model signal, in model order, then per envelope signal
+    (:attr:`Manifest.data_names`)."""
     mode: Literal["shadow", "active"]
     cols: dict[tuple[str, ...], tuple[list[int], list[int]]] = field(default_factory=dict)
     ts: list[float] = field(default_factory=list)
@@ -178,7 +179,7 @@ def _block_time(block: Block, positions: list[int]) -> float:
 def plan(
     cfg: ModelBindingConfig, manifest: Manifest | ModelError, devices: Mapping[str, ProfileBase]
 ) -> list[tuple[str, str, list[str], str | None]]:
-    """(binding key, device, tag per model signal, problem or None) for each target device."""
+    """(binding key, device, tag per data signal, problem or None) for each target device."""
     if cfg.device_kind is not None:
         targets = [d for d, p in devices.items() if p.device_kind == cfg.device_kind]
         if not targets:
@@ -198,16 +199,24 @@ def plan(
             out.append((f"{cfg.manifest}@{device}", device, [], str(manifest)))
             continue
         key = f"{manifest.id}@{device}"
-        tags = [cfg.signals.get(s, s) for s in manifest.signal_names]
+        names = manifest.data_names
+        tags = [cfg.signals.get(s, s) for s in names]
         profile = devices.get(device)
         if profile is None:
             out.append((key, device, tags, f"device {device!r} is not configured"))
             continue
         known = {t.name for t in profile.tags}
-        missing = [f"{s}->{t}" for s, t in zip(manifest.signal_names, tags, strict=True) if t not in known]
+        missing = [f"{s}->{t}" for s, t in zip(names, tags, strict=True) if t not in known]
         problem = f"profile {profile.profile!r} has no tag for {', '.join(missing)}" if missing else None
         out.append((key, device, tags, problem))
     return out
+
+
+def _taken(key: str, i: int, owner: dict[str, int]) -> str | None:
+    """A model scores a device once: a second binding of the same model to the same device
+    (two entries, or ``devices`` and ``device_kind`` overlapping) would double every event."""
+    first = owner.setdefault(key, i)
+    return None if first == i else f"this model is already bound to this device by models[{first}]"
 
 
 class InferenceEngine:
@@ -244,21 +253,25 @@ class InferenceEngine:
         loop = asyncio.get_running_loop()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         models: dict[Path, LoadedModel | ModelError] = {}
-        for cfg in self.config:
+        owner: dict[str, int] = {}
+        for i, cfg in enumerate(self.config):
             path = resolve_manifest(cfg.manifest)
             if path not in models:
                 try:
                     models[path] = await loop.run_in_executor(self._pool, LoadedModel, path)
                 except ModelError as exc:
                     models[path] = exc
-            self._bind(cfg, models[path])
+            self._bind(i, cfg, models[path], owner)
         self._task = asyncio.create_task(self._run(), name="inference")
 
-    def _bind(self, cfg: ModelBindingConfig, loaded: LoadedModel | ModelError) -> None:
+    def _bind(
+        self, i: int, cfg: ModelBindingConfig, loaded: LoadedModel | ModelError, owner: dict[str, int]
+    ) -> None:
         manifest = loaded if isinstance(loaded, ModelError) else loaded.manifest
-        for key, device, tags, problem in plan(cfg, manifest, self.devices):
+        for key, device, tags, planned in plan(cfg, manifest, self.devices):
+            problem = planned or _taken(key, i, owner)
             if problem is not None:
-                self._refuse(key, problem, device)
+                self._refuse(key if key not in self.bindings else f"models[{i}]:{key}", problem, device)
                 continue
             assert isinstance(loaded, LoadedModel)
             m = loaded.manifest
@@ -270,7 +283,7 @@ class InferenceEngine:
                 "model_load",
                 key,
                 device=device,
-                new={**loaded.ident, "mode": cfg.mode, "tags": dict(zip(m.signal_names, tags, strict=True))},
+                new={**loaded.ident, "mode": cfg.mode, "tags": dict(zip(m.data_names, tags, strict=True))},
                 why=f"binding from configuration; overrides {overrides or 'none'}",
             )
 
@@ -279,12 +292,16 @@ class InferenceEngine:
         """Every binding problem (missing or altered model, unknown device, unmapped tag),
         for ``validate``: the same checks :meth:`start` applies, without starting anything."""
         problems = []
+        owner: dict[str, int] = {}
         for i, cfg in enumerate(config):
             try:
                 manifest: Manifest | ModelError = verify(resolve_manifest(cfg.manifest))[0]
             except ModelError as exc:
                 manifest = exc
-            problems += [f"models[{i}] {key}: {p}" for key, _, _, p in plan(cfg, manifest, devices) if p]
+            for key, _, _, planned in plan(cfg, manifest, devices):
+                problem = planned or _taken(key, i, owner)
+                if problem:
+                    problems.append(f"models[{i}] {key}: {problem}")
         return problems
 
     def _refuse(self, key: str, reason: str, device: str = "agent") -> None:
@@ -442,6 +459,7 @@ class InferenceEngine:
                 "window_completeness": None if t.last_completeness is None else round(t.last_completeness, 3),
                 "windows_scored": t.windows_scored,
                 "windows_incomplete": t.windows_incomplete,
+                "windows_out_of_envelope": t.windows_out_of_envelope,
                 "late_samples": t.acc.late,
                 "drift": {"active": drift.active, "signals": drift.last} if drift else None,
             }

@@ -1,7 +1,7 @@
 """A simulator fault becomes an anomaly event on the broker, with the right top signal.
 
 The whole path: an OPC UA bioreactor (source timestamps in simulated time, so the
-model's 60 s period passes quickly) → agent with the shipped bioreactor model active →
+model's 30 s period passes quickly) → agent with the shipped bioreactor model active →
 buffer → mosquitto → a subscriber. After the model has warmed up on normal operation,
 the temperature loop starts to oscillate; the anomaly event must name the heater and
 the temperature as its top signals.
@@ -22,7 +22,7 @@ from simulators.servers.opcua import serve_bioreactor_opcua
 from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEED = 300.0
+SPEED = 150.0
 SETTLE_SPEED = 3000.0
 """The shipped model is trained on runs past their 3 h start-up transient: the simulator
 runs fast through it before the agent starts, then at SPEED."""
@@ -76,7 +76,7 @@ models:
     )
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     try:
-        # 30 windows of 60 s simulated time warm the model up: 12 s of wall time at ×150
+        # 60 slots of 30 s simulated time warm the model up: 12 s of wall time at ×150
         model = opcua_sim.sim.model
         wait_for(
             lambda: agent.running() and opcua_sim.call(lambda: model.t) > model.start_time_s + 2400,

@@ -15,7 +15,7 @@ import yaml
 from agent.audit import Auditor
 from agent.inference import Binding, InferenceEngine, ModelBindingConfig
 from agent.modelkit.csvdata import Dataset, load_csv
-from agent.modelkit.manifest import read_manifest
+from agent.modelkit.manifest import EnvelopeCondition, read_manifest, write_manifest
 from agent.modelkit.scoring import LoadedModel, Settings, Track
 from agent.records import Block, Event, Quality, Severity
 from drivers.base import ProfileBase, TagBase, load_drivers
@@ -367,3 +367,65 @@ def test_signals_missing_from_a_block_hold_their_last_good_value_until_a_bad_rea
     horizon = model.manifest.period * model.manifest.window
     row = b.row(block([names[0]], [44.0]), [0], [0], 1000.0 + horizon + 1)
     assert all(math.isnan(v) for v in row[2:])
+
+
+async def test_one_model_binds_a_device_once(syn_model: Path, h: Harness) -> None:
+    """Two entries scoring the same device with the same model would double every event:
+    the second is refused (and ``validate`` says so), the first runs."""
+    configs = [
+        ModelBindingConfig(manifest=syn_model, devices=["d1"], signals=MAPPING),
+        ModelBindingConfig(manifest=syn_model, device_kind="bioreactor", signals=MAPPING, mode="active"),
+    ]
+    profile = PROFILE.model_copy(update={"device_kind": "bioreactor"})
+    assert InferenceEngine.check(configs, {"d1": profile}) == [
+        "models[1] syn-pca@d1: this model is already bound to this device by models[0]"
+    ]
+    engine = InferenceEngine(configs, {"d1": profile}, h.events.append, h.auditor)
+    await engine.start()
+    await engine.stop()
+    assert engine.refused == {
+        "models[1]:syn-pca@d1": "this model is already bound to this device by models[0]"
+    }
+    loads = [e for e in h.of("audit") if e.data["action"] == "model_load"]
+    assert [e.data["new"]["mode"] for e in loads] == ["shadow"]
+
+
+async def test_envelope_signal_is_bound_like_an_input_and_gates_scoring(
+    syn_model: Path, tmp_path: Path, h: Harness
+) -> None:
+    """The envelope's signal maps to a device tag through ``signals:`` like the inputs; a
+    profile without it is refused by name; outside the envelope nothing is scored."""
+    man = private_copy(syn_model, tmp_path)
+    m = read_manifest(man)
+    write_manifest(man, m.model_copy(update={"envelope": [EnvelopeCondition(signal="age_h", min=1.0)]}))
+    age_profile = ProfileBase(
+        profile="bio-age", protocol="test", tags=[TagBase(name=t) for t in (*TAGS, "Age")]
+    )
+    engine = InferenceEngine(
+        [
+            ModelBindingConfig(
+                manifest=man, devices=["d1"], signals={**MAPPING, "age_h": "Age"}, mode="active"
+            ),
+            ModelBindingConfig(manifest=man, devices=["d2"], signals=MAPPING),
+        ],
+        {"d1": age_profile, "d2": PROFILE},
+        h.events.append,
+        h.auditor,
+    )
+    await engine.start()
+    try:
+        assert engine.refused == {"syn-pca@d2": "profile 'bio-test' has no tag for age_h->age_h"}
+        t, v = series(2, 4, (0.0, 7200.0))  # faulty throughout, but the device is never in the envelope
+        blocks = [
+            Block("d1", "process", int(ts * 1e9), (*TAGS, "Age"), [None] * 4, [*map(float, row), 0.5], None)
+            for ts, row in zip(t, v, strict=True)
+        ]
+        engine.on_committed(blocks, [])
+        async with asyncio.timeout(20):
+            await engine.idle()
+        status = engine.status()["syn-pca@d1"]
+    finally:
+        await engine.stop()
+    assert status["state"] == "out_of_envelope" and status["windows_scored"] == 0
+    assert status["windows_out_of_envelope"] > 0
+    assert not h.of("anomaly")
