@@ -13,7 +13,10 @@ Definitions (fixed before testing, Annex 22 draft):
 * two rule-based baselines: the first sample outside the model's training normal
   range (0.1-99.9 %) inside the fault window (a strict limit at the edge of normal
   data), and, given a limits file, the first excursion the agent's own
-  :class:`~agent.limits.LimitMonitor` raises with those GMP alert/action limits.
+  :class:`~agent.limits.LimitMonitor` raises with those GMP alert/action limits;
+* the delay comparison with the rules is paired: over the faults a rule limit caught,
+  the model's median delay against the rules' median delay on those same faults (a
+  fault the model missed counts as never detected, so it cannot flatter the model).
 
 Communication faults (``comm_*``) change no process value and are excluded: they
 surface as bad-quality readings, not anomalies.
@@ -48,12 +51,20 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.quantile(values, q)), 1) if values else None
 
 
+def _median_or_missed(values: list[float]) -> float | str | None:
+    """Median delay where a miss is an infinite delay; "missed" when the median is a miss."""
+    if not values:
+        return None
+    med = float(np.median(values))
+    return "missed" if math.isinf(med) else round(med, 1)
+
+
 def first_limit_crossing(model: LoadedModel, data: Dataset, fault: FaultLabel) -> float | None:
     m = model.manifest
     lo = np.array([s.normal_low for s in m.signals])
     hi = np.array([s.normal_high for s in m.signals])
     inside = (data.ts >= fault.start) & (data.ts <= fault.end)
-    vals = data.values[inside]
+    vals = data.values[inside, : len(m.signals)]  # the model's inputs, not its envelope signals
     with np.errstate(invalid="ignore"):
         out = ((vals < lo) | (vals > hi)).any(axis=1)
     hits = np.flatnonzero(out)
@@ -108,6 +119,7 @@ def evaluate(
     delays: list[float] = []
     baseline: list[float] = []
     rules: list[float] = []
+    paired: list[tuple[float, float]] = []
     n_rules = 0
     per_kind: dict[str, dict[str, Any]] = {}
     n_true = n_false = n_late = n_faults = n_detected = 0
@@ -143,6 +155,8 @@ def evaluate(
             if rule_hit is not None:
                 rules.append(rule_hit - f.start)
                 kind["rule_delays"].append(rule_hit - f.start)
+            if rule_hit is not None:
+                paired.append((math.inf if hit is None else hit - f.start, rule_hit - f.start))
             if hit is not None and rule_hit is not None and hit < rule_hit:
                 n_rules += 1
     precision = n_true / (n_true + n_false) if n_true + n_false else None
@@ -179,6 +193,9 @@ def evaluate(
         "rule_limits_detected": len(rules) if limits else None,
         "rule_limits_delay_median_s": _pct(rules, 0.5),
         "model_earlier_than_rules": n_rules if limits else None,
+        "paired_faults": len(paired) if limits else None,
+        "paired_model_delay_median_s": _median_or_missed([m for m, _ in paired]),
+        "paired_rule_delay_median_s": _pct([r for _, r in paired], 0.5),
         "per_kind": {
             k: {
                 "faults": v["faults"],
