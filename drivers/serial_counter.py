@@ -227,9 +227,13 @@ def parse_record(text: str) -> CounterRecord:
 class Tag(TagBase):
     """One value taken from each sample record."""
 
-    field: Literal["count", "sample_time", "volume", "laser_ok", "flow_ok", "sample_valid"] = "count"
+    field: Literal[
+        "count", "sample_time", "volume", "laser_ok", "flow_ok", "sample_valid", "laser_fault", "flow_fault"
+    ] = "count"
     """Record field: a channel's cumulative ``count``, the ``sample_time`` (s), the sampled
-    ``volume`` (litres), or a status flag (1/0)."""
+    ``volume`` (litres), or a status flag (1/0): ``laser_ok``/``flow_ok``/``sample_valid``, or
+    their negations ``laser_fault``/``flow_fault`` (the sense Modbus counters and the shipped
+    anomaly model use)."""
     size_um: float | None = Field(default=None, gt=0)
     """For ``count``: the channel (particles ≥ this size, µm) as the counter names it."""
     per: Literal["sample", "m3", "ft3"] = "sample"
@@ -666,10 +670,10 @@ def _tag_value(
     tag: Tag, record: CounterRecord, sizes: Mapping[float, int]
 ) -> tuple[Quality, str | None, float | int | None]:
     """One tag's value from a record, with the quality the record's status bits imply."""
-    if tag.field == "laser_ok":
-        return Quality.GOOD, None, int(record.laser_ok)
-    if tag.field == "flow_ok":
-        return Quality.GOOD, None, int(record.flow_ok)
+    if tag.field in ("laser_ok", "laser_fault"):
+        return Quality.GOOD, None, int(record.laser_ok == (tag.field == "laser_ok"))
+    if tag.field in ("flow_ok", "flow_fault"):
+        return Quality.GOOD, None, int(record.flow_ok == (tag.field == "flow_ok"))
     if tag.field == "sample_valid":
         return Quality.GOOD, None, int(record.sample_valid)
     if tag.field == "sample_time":

@@ -143,6 +143,8 @@ TAGS: list[dict[str, Any]] = [
     {"name": "pc_0_5um_m3", "field": "count", "size_um": 0.5, "per": "m3", "unit": "counts/m3"},
     {"name": "pc_0_5um_ft3", "field": "count", "size_um": 0.5, "per": "ft3", "unit": "counts/ft3"},
     {"name": "laser_ok", "field": "laser_ok"},
+    {"name": "laser_fault", "field": "laser_fault"},
+    {"name": "flow_fault", "field": "flow_fault"},
     {"name": "volume", "field": "volume", "unit": "L"},
 ]
 
@@ -376,6 +378,8 @@ async def test_status_bits_and_bad_records_become_quality() -> None:
 
     laser, flow, invalid, garbage, ok, back = buf.blocks
     assert q(laser, "pc_0_5um") == (None, Quality.BAD, "laser_fault") and q(laser, "laser_ok")[0] == 0
+    assert q(laser, "laser_fault") == (1, Quality.GOOD, None) and q(laser, "flow_fault")[0] == 0
+    assert q(flow, "flow_fault") == (1, Quality.GOOD, None) and q(flow, "laser_fault")[0] == 0
     assert q(flow, "pc_0_5um") == (4, Quality.UNCERTAIN, "flow_fault")
     assert q(flow, "pc_0_5um_m3") == (None, Quality.BAD, "flow_fault")
     assert q(invalid, "pc_0_5um") == (4, Quality.UNCERTAIN, "sample_invalid")
