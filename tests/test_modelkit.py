@@ -487,3 +487,20 @@ def test_envelope_run_survives_missing_slots_but_not_a_gap_longer_than_a_window(
     assert eligible == [False, False, True, True, True, False, False, True, True]
     inside, eligible = env.check([14, 15, 16, 17], [[0.0, 1.0], [0.0, 0.0], [0.0, 1.0], [0.0, float("nan")]])
     assert inside == [True, False, True, False] and not any(eligible[1:])
+
+
+def test_delay_comparison_with_the_rules_is_paired_and_a_miss_is_never_earlier(
+    syn_model: Path, tmp_path: Path
+) -> None:
+    from agent.limits import LimitsConfig
+
+    model = LoadedModel(syn_model)
+    faulty = {"dev1": load_csv(write_csv(tmp_path / "dev1.csv", hours=10, seed=7, fault=FAULT))}
+    labels = [FaultLabel("temp_low", "dev1", T0 + FAULT[0], T0 + FAULT[1])]
+    limits = LimitsConfig.model_validate({"tags": [{"tag": "temp", "alert_low": 36.5}]})
+    m, _ = evaluate(model, faulty, labels, limits=limits)
+    assert m["paired_faults"] == 1 and m["paired_model_delay_median_s"] == m["delay_median_s"]
+    assert m["paired_rule_delay_median_s"] < m["paired_model_delay_median_s"]  # a step: the limit is first
+    deaf = Settings.of(model.manifest, raise_after=10**6)
+    never, _ = evaluate(model, faulty, labels, limits=limits, settings=deaf)
+    assert never["paired_faults"] == 1 and never["paired_model_delay_median_s"] == "missed"

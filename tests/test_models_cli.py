@@ -134,6 +134,7 @@ def test_train_from_the_agent_buffer(tmp_path: Path, capsys: pytest.CaptureFixtu
         (["train", "--out", "o"], "no data: give --csv FILE or --data FOLDER"),
         (["score", "--model", "none.model.yaml", "--csv", "x.csv", "--out", "o.csv"], "cannot read manifest"),
         (["verify", "empty"], "no *.model.yaml found"),
+        (["train", "--envelope", "age>1", "--out", "o"], "envelope condition 'age>1': write SIGNAL>=MIN"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(
@@ -165,6 +166,39 @@ def test_shipped_models_verify_and_carry_their_evaluation(capsys: pytest.Capture
     for kind in ("bioreactor", "incubator", "particle-counter"):
         m = read_manifest(models / f"{kind}-pca.model.yaml")
         assert m.validation["eval_faults"] and m.validation["eval_f1"] is not None
+        # provenance names what the data were generated from, never a build machine's scratch path
+        assert m.provenance.source.startswith("models/data/train.yaml")
+        assert str(m.validation["eval_data"]).startswith("models/data/eval.yaml")
         assert (
             f"sha256 `{m.sha256}`" in (models / f"{kind}-pca.md").read_text()
         )  # the card describes this file
+
+
+def test_train_with_an_envelope_and_score_with_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The envelope's column is not a model input (default signals exclude it) but travels
+    with the data into scoring; a CSV without it is one clear error."""
+    plain = write_csv(tmp_path / "plain.csv", hours=24, seed=41)
+    lines = plain.read_text().splitlines()
+    with_age = tmp_path / "dev.csv"
+    rows = [f"{r},{0.5 if i < 360 else 1 + i / 360}" for i, r in enumerate(lines[1:])]  # outside for 1 h
+    with_age.write_text("\n".join([lines[0] + ",age_h", *rows]) + "\n")
+    code, _, err = run(
+        capsys, "train", "--csv", str(with_age), "--envelope", "age_h>=1", "--out", str(tmp_path / "m"),
+        "--id", "env", "--window", "12", "--source", "unit data",
+    )  # fmt: skip
+    assert code == 0, err
+    m = read_manifest(tmp_path / "m" / "env.model.yaml")
+    assert m.signal_names == list(SIGNALS) and [str(c) for c in m.envelope] == ["1 <= age_h"]
+    assert m.provenance.source == "unit data"
+    code, _, err = run(
+        capsys, "score", "--model", str(tmp_path / "m" / "env.model.yaml"), "--csv", str(with_age),
+        "--out", str(tmp_path / "s.csv"),
+    )  # fmt: skip
+    assert code == 0, err
+    scored = (tmp_path / "s.csv").read_text().splitlines()[1:]
+    assert all(r.split(",")[1] == "" for r in scored[:360])  # the first hour is outside: not scored
+    assert all(r.split(",")[1] != "" for r in scored[400:])
+    code, _, err = run(
+        capsys, "train", "--csv", str(plain), "--envelope", "age_h>=1", "--out", str(tmp_path / "n")
+    )
+    assert code == 2 and "no column age_h for the envelope" in err
