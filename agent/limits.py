@@ -53,11 +53,15 @@ class TagLimits(Strict):
     consecutive: int = Field(default=1, ge=1)
     """Samples in a row beyond a limit before the excursion starts (filters single-sample noise)."""
     rate_of_change: float | None = Field(default=None, gt=0)
-    """Largest allowed change in engineering units per minute (absolute); faster change is an ``alert``
-    excursion.
+    """Largest allowed change in engineering units per minute; faster change (in the direction
+    ``rate_direction`` names) is an ``alert`` excursion.
     """
     rate_window: Duration = 60.0
     """Span over which the rate of change is measured (longer = less sensitive to noise)."""
+    rate_direction: Literal["either", "rising", "falling"] = "either"
+    """Which change counts against ``rate_of_change``: ``either`` (the absolute change), or only a
+    ``rising`` or only a ``falling`` value, e.g. a culture bag's weight, which feeds raise but which
+    must never fall without a harvest (a leak)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> TagLimits:
@@ -291,11 +295,15 @@ class LevelRule:
 
 
 class RateRule:
-    """|Δvalue| per minute over ``rate_window`` above ``rate_of_change`` (alert level)."""
+    """Δvalue per minute over ``rate_window`` (absolute, or in ``rate_direction``) above
+    ``rate_of_change`` (alert level)."""
+
+    SIGN = {"either": 0.0, "rising": 1.0, "falling": -1.0}
 
     def __init__(self, device: str, tag: str, cfg: TagLimits) -> None:
         assert cfg.rate_of_change is not None
         self.limit, self.window = cfg.rate_of_change, cfg.rate_window
+        self.sign = self.SIGN[cfg.rate_direction]
         self.points: deque[tuple[float, float]] = deque()
         self.exc = Excursion(device, tag, "rate_of_change", "alert", cfg.consecutive, max)
 
@@ -307,7 +315,8 @@ class RateRule:
         t0, v0 = self.points[0]
         if t - t0 < self.window / 2:
             return None
-        rate = abs(value - v0) / (t - t0) * 60.0
+        delta = value - v0
+        rate = (delta * self.sign if self.sign else abs(delta)) / (t - t0) * 60.0
         return self.exc.update(ts_ns, rate, rate > self.limit, self.limit, seq)
 
 

@@ -246,3 +246,21 @@ async def test_start_is_audited_and_nothing_is_evaluated_before_it() -> None:
     await monitor.stop()
     assert [e.kind for e in events] == ["audit", "excursion"]
     assert events[0].data["action"] == "limits_load" and events[1].data["seq"] == 1
+
+
+@pytest.mark.parametrize(("direction", "alarms"), [("either", 2), ("falling", 1), ("rising", 1)])
+def test_rate_of_change_can_watch_one_direction(direction: str, alarms: int) -> None:
+    """A bag's weight may rise (feeds) but must not fall without a harvest: a falling-only
+    rate limit sees the leak and stays quiet during the feed."""
+    cfg = {"tags": [{"tag": "w", "rate_of_change": 0.5, "rate_window": "60s", "rate_direction": direction}]}
+    run = Run(cfg, {"bio": profile("w")})
+    feed = [1.0 + 1.0 * k / 6 for k in range(13)]  # +1 per minute for 2 min
+    hold = [feed[-1]] * 12
+    leak = [feed[-1] - 1.0 * k / 6 for k in range(1, 13)]  # -1 per minute for 2 min
+    for i, v in enumerate(feed + hold + leak):
+        run.feed("bio", i * 10, {"w": v})
+    starts = [e for e in run.excursions() if e.data["phase"] == "start"]
+    assert len(starts) == alarms
+    if direction != "either":
+        falling_start = 10 * (len(feed) + len(hold))
+        assert (starts[0].data["detected_ts"] >= T0_NS + falling_start * 10**9) == (direction == "falling")
