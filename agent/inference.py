@@ -12,9 +12,11 @@ alerting anyone.
 Report-by-exception sources (OPC UA subscriptions, deadbands) send a tag only when it
 changes, and poll groups of one device arrive as separate blocks; so a block rarely
 carries every signal of a model. A signal missing from a block takes its last good
-value (*held*) for up to one window length: an unchanged value is still the value. A
-bad or uncertain reading ends the hold at once (a lost link yields bad-quality gap
-readings), so a hold never bridges a period the agent knows nothing about.
+value (*held*) for as long as no other news of it arrives: an unchanged value is still
+the value, and an OPC UA server never re-sends a setpoint or a flow that stays constant
+for days. A bad or uncertain reading ends the hold at once, and a lost link or a dead
+subscription yields bad-quality gap readings on every tick of every group
+(:mod:`agent.scheduler`), so a hold never bridges a period the agent knows nothing about.
 """
 
 from __future__ import annotations
@@ -127,24 +129,17 @@ class Binding:
     rows: list[list[float]] = field(default_factory=list)
     held: list[float] = field(default_factory=list)
     """Last good value per signal (NaN after a bad reading), for signals a block lacks."""
-    held_ts: list[float] = field(default_factory=list)
 
-    def row(self, block: Block, sig: list[int], pos: list[int], t: float) -> list[float]:
+    def row(self, block: Block, sig: list[int], pos: list[int]) -> list[float]:
         """One sample row: the block's readings, held values for the signals it lacks."""
         if not self.held:
             self.held = [math.nan] * len(self.tags)
-            self.held_ts = [-math.inf] * len(self.tags)
-        held, held_ts = self.held, self.held_ts
+        held = self.held
         values, quality = block.values, block.quality
         for s, i in zip(sig, pos, strict=True):
             v = values[i] if quality is None or quality[i] is Quality.GOOD else math.nan
             held[s] = v if type(v) is float else _number(v)  # a float (the usual reading) as it is
-            held_ts[s] = t
-        if len(sig) == len(held):  # the block has every signal (the usual case): nothing is held
-            return held.copy()
-        # the signals just read have age 0, so they pass the age check too
-        max_age = self.model.manifest.period * self.model.manifest.window
-        return [v if t - h <= max_age else math.nan for v, h in zip(held, held_ts, strict=True)]
+        return held.copy()
 
     def columns(self, tags: Sequence[str]) -> tuple[list[int], list[int]]:
         """(model signal indices, block positions) of this binding's tags in a block."""
@@ -351,7 +346,7 @@ class InferenceEngine:
                     continue
                 t = _block_time(block, pos)
                 b.ts.append(t)
-                b.rows.append(b.row(block, sig, pos, t))
+                b.rows.append(b.row(block, sig, pos))
                 fed = True
         if fed:
             self._wake.set()
