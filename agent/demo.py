@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,16 +93,78 @@ def _particle_limits(device: str, params: dict[str, Any]) -> dict[str, Any]:
     return limits
 
 
-def _write_config(workdir: Path, endpoints: list[dict[str, Any]], broker: tuple[str, int]) -> Path:
-    devices = [
-        {
+SHIPPED_MODELS = {"bioreactor": "bioreactor-pca", "incubator": "incubator-pca"}
+"""Device kind -> model the demo binds in shadow mode (the counter model is for grade A at rest;
+the demo's counters sit in every grade)."""
+MIN_POLL_S = 0.2
+"""Fastest process poll the demo asks of a simulated device."""
+
+
+SOURCE_TIMED = {"opcua"}
+"""Protocols whose readings carry the simulator's own clock (source timestamps). Other devices
+are stamped on arrival by the agent's wall clock, which runs ×speed slower than their simulated
+process: a model would see that process ×speed too fast."""
+
+
+@dataclass
+class DemoModel:
+    """A shipped model the demo binds, the devices it can feed, and their process poll."""
+
+    name: str
+    devices: list[str]
+    poll_s: float
+
+
+def _demo_models(endpoints: list[dict[str, Any]], speed: float) -> tuple[list[DemoModel], list[str]]:
+    """The shipped models the demo can feed at this clock speed (each of their devices polled
+    twice per slot of simulated time), and a line per model saying what was bound or why not."""
+    from agent.modelkit.manifest import read_manifest
+
+    bound: list[DemoModel] = []
+    notes: list[str] = []
+    for kind, name in SHIPPED_MODELS.items():
+        path = MODELS / f"{name}.model.yaml"
+        of_kind = [e for e in endpoints if e["kind"] == kind]
+        if not of_kind or not path.exists():
+            continue
+        period = read_manifest(path).period
+        poll = period / speed / 2
+        devices = [e["device"] for e in of_kind if speed == 1 or e["protocol"] in SOURCE_TIMED]
+        if not devices:
+            notes.append(
+                f"{name} not bound: the demo's {kind}s are stamped by the agent's clock, ×{speed:g} slower "
+                "than their simulated process (try --speed 1)"
+            )
+        elif poll < MIN_POLL_S:
+            notes.append(
+                f"{name} not bound: its {period:g} s period would need a poll every {poll * 1000:.0f} ms "
+                f"at ×{speed:g} (try --speed {period / 2 / MIN_POLL_S:g})"
+            )
+        else:
+            bound.append(DemoModel(name, devices, poll))
+            notes.append(f"{name} in shadow mode on {', '.join(devices)}, process polled every {poll:g} s")
+    return bound, notes
+
+
+def _write_config(
+    workdir: Path, endpoints: list[dict[str, Any]], broker: tuple[str, int], models: list[DemoModel]
+) -> Path:
+    polls = {d: m.poll_s for m in models for d in m.devices}
+    devices: list[dict[str, Any]] = []
+    for e in endpoints:
+        device: dict[str, Any] = {
             "id": e["device"],
             "profile": e["profile"],
             "connection": e["connection"],
             "description": f"simulated {e['kind']} over {e['protocol']}",
         }
-        for e in endpoints
-    ]
+        if e["device"] in polls:  # the model's inputs, often enough for its period in simulated time
+            ms = max(int(polls[e["device"]] * 1000), int(MIN_POLL_S * 1000))
+            group: dict[str, str] = {"interval": f"{ms}ms"}
+            if e["protocol"] == "opcua":
+                group["sampling_interval"] = f"{ms // 2}ms"
+            device["groups"] = {"process": group}
+        devices.append(device)
     by_kind: dict[str, list[str]] = {}
     for e in endpoints:
         by_kind.setdefault(e["kind"], []).append(e["device"])
@@ -130,10 +193,9 @@ def _write_config(workdir: Path, endpoints: list[dict[str, Any]], broker: tuple[
         ],
         "particles": [_particle_limits(d, params.get(d, {})) for d in by_kind.get("particle_counter", [])],
     }
-    models = [
-        {"manifest": str(MODELS / f"{name}.model.yaml"), "device_kind": kind, "mode": "shadow"}
-        for kind, name in (("bioreactor", "bioreactor-pca"), ("incubator", "incubator-pca"))
-        if kind in by_kind and (MODELS / f"{name}.model.yaml").exists()
+    bindings = [
+        {"manifest": str(MODELS / f"{m.name}.model.yaml"), "devices": m.devices, "mode": "shadow"}
+        for m in models
     ]
     config: dict[str, Any] = {
         "agent": {
@@ -145,7 +207,7 @@ def _write_config(workdir: Path, endpoints: list[dict[str, Any]], broker: tuple[
         "mqtt": {"host": broker[0], "port": broker[1], "topic_prefix": "cleanroom"},
         "devices": devices,
         "limits": limits,
-        "models": models,
+        "models": bindings,
     }
     path = workdir / "agent.yaml"
     path.write_text("# written by cleanroom-agent demo\n" + yaml.safe_dump(config, sort_keys=False))
@@ -235,7 +297,7 @@ async def _demo(workdir: Path, duration: float | None, broker_arg: str | None, s
             broker = (host or "127.0.0.1", int(port))
         else:
             amqtt_broker, broker = await _embedded_broker()
-        return await _run(workdir, endpoints, broker, amqtt_broker is not None, duration, stop)
+        return await _run(workdir, endpoints, broker, amqtt_broker is not None, duration, stop, speed)
     finally:
         plant.terminate()
         try:
@@ -274,10 +336,12 @@ async def _run(
     embedded: bool,
     duration: float | None,
     stop: asyncio.Event,
+    speed: float,
 ) -> int:
     from agent.app import Agent
 
-    config_path = _write_config(workdir, endpoints, broker)
+    models, model_notes = _demo_models(endpoints, speed)
+    config_path = _write_config(workdir, endpoints, broker, models)
     try:
         loaded = load_config(config_path)
     except ConfigError as exc:
@@ -288,6 +352,8 @@ async def _run(
     print("plant:", ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     print(f"broker: {'embedded amqtt' if embedded else 'external'} at {broker[0]}:{broker[1]}")
     print(f"agent config: {config_path} (sha256 {loaded.sha256[:12]})")
+    for note in model_notes:
+        print(f"model: {note}")
     print("live view of what reaches the broker (Ctrl-C to stop):\n", flush=True)
 
     view = LiveView(broker[0], broker[1], "cleanroom")
@@ -303,6 +369,7 @@ async def _run(
             for d in (agent.scheduler.status() if agent.scheduler else {}).values()
             for g in d["groups"].values()
         )
+        model_status = agent.inference.status() if agent.inference else {}
         await agent.stop()
         await asyncio.sleep(0.5)  # the last acknowledged messages reach the view
         view.close()
@@ -325,9 +392,25 @@ async def _run(
         f"events seen at view    {view.events}\n"
         f"still buffered         {stats['depth_readings']}\n"
         f"lost                   {stats['lost_readings_total']}\n"
+        f"models                 {_model_states(model_status)}\n"
         f"buffer                 {stats['path']}"
     )
     return 0
+
+
+def _model_states(status: dict[str, Any]) -> str:
+    """Bindings per model and state (``ok``, ``alarm``, ``out_of_envelope``, ``warming_up``, …),
+    so silence from a model is never mistaken for health."""
+    states: dict[str, dict[str, int]] = {}
+    for key, s in status.items():
+        by_state = states.setdefault(key.rsplit("@", 1)[0], {})
+        by_state[s["state"]] = by_state.get(s["state"], 0) + 1
+    if not states:
+        return "none bound"
+    return "; ".join(
+        f"{model}: " + ", ".join(f"{n} {state}" for state, n in sorted(by.items()))
+        for model, by in sorted(states.items())
+    )
 
 
 def run_demo(duration: float | None, broker: str | None, speed: float, workdir: str | None) -> int:

@@ -41,3 +41,12 @@ def test_demo_runs_the_plant_and_accounts_for_every_reading(tmp_path: Path) -> N
         assert kind in out
     for device in ("br-01", "br-03", "inc-01", "pc-01"):
         assert re.search(rf"^\S+\s+{device}\s+\w+\s+#\d+", out, re.MULTILINE), f"no readings from {device}"
+    # the bioreactor model runs on the bioreactors whose readings carry simulated time, polled
+    # often enough for its period; it says why the incubator model is not bound, and its state
+    assert "model: bioreactor-pca in shadow mode on br-01, br-02, process polled every 0.25 s" in out
+    assert "model: incubator-pca not bound: the demo's incubators are stamped by the agent's clock" in out
+    line = re.search(r"^models\s+bioreactor-pca: (.*)$", out, re.MULTILINE)
+    assert line, out[-800:]
+    counts = [part.split(" ", 1) for part in line.group(1).split(", ")]
+    # 6 s at ×60 is the first 6 min of a culture: outside the model's envelope (or not yet polled)
+    assert sum(int(n) for n, _ in counts) == 2 and {s for _, s in counts} <= {"out_of_envelope", "warming_up"}
