@@ -220,6 +220,8 @@ class DeviceRunner:
 
     async def _poll_loop(self, group: PollGroup, t0: float) -> None:
         stats = self.group_stats[group.name]
+        task = asyncio.current_task()
+        assert task is not None
         interval = group.interval_s
         k = -1
         while True:
@@ -237,6 +239,11 @@ class DeviceRunner:
             await asyncio.sleep(max(0.0, tick - time.monotonic()))
             stats.jitter_s.append(time.monotonic() - tick)
             await self._poll_once(group, stats)
+            if task.cancelling():
+                # Python 3.11's wait_for returns the poll's result when a cancel arrives in the
+                # same loop pass as the result, and the cancel is lost; stop() would then wait
+                # its 5 s and abandon a loop that keeps polling a closed driver.
+                raise asyncio.CancelledError
 
     async def _poll_once(self, group: PollGroup, stats: GroupStats) -> None:
         stats.polls += 1

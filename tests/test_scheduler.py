@@ -7,6 +7,7 @@ import asyncio
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent.config import load_config
 from agent.records import Block, Event, Quality
@@ -192,3 +193,36 @@ async def test_counter_records_missed_while_away_are_read_back_and_a_wrap_is_a_l
     assert len(losses) == 1 and losses[0].device == "pc1"
     assert losses[0].data["reason"] == "device_buffer_wrapped"
     assert 300 <= losses[0].data["estimated_records"] <= 1000, losses[0].data
+
+
+async def test_stop_is_prompt_even_when_a_cancel_meets_a_finishing_poll(tmp_path: Path) -> None:
+    """A cancel that lands in the same loop pass as a poll's reply is swallowed by Python
+    3.11's wait_for (it returns the result); the poll loop must still stop at once rather
+    than run on until stop() gives up on it. The race is made deterministic here: the real
+    read's reply and the cancel are scheduled back to back."""
+    async with serve_bioreactor_modbus(port=0, speed=1.0) as sim:
+        loaded = load_config(config(tmp_path, [("br1", sim.port)]))
+        sink = Sink()
+        sched = Scheduler(loaded.devices, sink, {})
+        runner = sched.runners[0]
+        sched.start()
+        await asyncio.sleep(0.5)
+        assert sink.group("br1"), "the device is polled"
+        poll_task = next(t for t in asyncio.all_tasks() if t.get_name() == "poll:br1:process")
+        real_read = runner.driver.read
+
+        cancels: list[bool] = []
+
+        async def read_then_cancelled(group: Any) -> list[Block]:
+            blocks = await real_read(group)
+            if not cancels:  # one cancel, racing the reply
+                cancels.append(True)
+                asyncio.get_running_loop().call_soon(poll_task.cancel)
+            return blocks
+
+        runner.driver.read = read_then_cancelled  # type: ignore[method-assign]
+        done, _ = await asyncio.wait([poll_task], timeout=2)  # ten polling intervals
+        assert cancels and done and poll_task.cancelled()
+        t = asyncio.get_running_loop().time()
+        await sched.stop()
+        assert asyncio.get_running_loop().time() - t < 2
