@@ -146,6 +146,7 @@ class DeviceRunner:
             self.state = "connecting"
             try:
                 await asyncio.wait_for(self._connect(), timeout=max(conn.timeout * 2, 1.0))
+                _honour_cancel()
             except (DeviceError, TimeoutError, OSError) as exc:
                 reason = _reason(exc)
                 self._failed(reason, str(exc) or reason)
@@ -220,8 +221,6 @@ class DeviceRunner:
 
     async def _poll_loop(self, group: PollGroup, t0: float) -> None:
         stats = self.group_stats[group.name]
-        task = asyncio.current_task()
-        assert task is not None
         interval = group.interval_s
         k = -1
         while True:
@@ -239,11 +238,7 @@ class DeviceRunner:
             await asyncio.sleep(max(0.0, tick - time.monotonic()))
             stats.jitter_s.append(time.monotonic() - tick)
             await self._poll_once(group, stats)
-            if task.cancelling():
-                # Python 3.11's wait_for returns the poll's result when a cancel arrives in the
-                # same loop pass as the result, and the cancel is lost; stop() would then wait
-                # its 5 s and abandon a loop that keeps polling a closed driver.
-                raise asyncio.CancelledError
+            _honour_cancel()
 
     async def _poll_once(self, group: PollGroup, stats: GroupStats) -> None:
         stats.polls += 1
@@ -332,6 +327,15 @@ def _iso(ns: int | None) -> str | None:
     from datetime import UTC, datetime
 
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+
+
+def _honour_cancel() -> None:
+    """Python 3.11's ``wait_for`` returns the awaited result when a cancel arrives in the same
+    loop pass, and the cancel is lost; a loop calls this after such a wait, or stop() waits its
+    5 s and abandons a task that keeps polling a closed driver."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class Scheduler:
