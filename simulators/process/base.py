@@ -161,7 +161,10 @@ class ProcessModel(ABC):
         self.noise = NoiseStream(self.rng)
         self.faults = FaultSet()
         self._steps = 0
-        self._setpoints: dict[str, float] = {}
+        # Writable setpoints start at the parameter of the same name.
+        self._setpoints: dict[str, float] = {
+            name: float(getattr(self.params, name)) for name in self.SETPOINTS
+        }
 
     @property
     def t(self) -> float:

@@ -158,11 +158,6 @@ class Bioreactor(ProcessModel):
     ) -> None:
         super().__init__(device_id, seed=seed, params=params, start_time_s=start_time_s)
         p = self.params
-        self._setpoints = {
-            "temperature_setpoint_c": p.temperature_setpoint_c,
-            "ph_setpoint": p.ph_setpoint,
-            "do_setpoint_pct": p.do_setpoint_pct,
-        }
         # Plant and sensor state. Controllers start at their steady state, so a run
         # begins in control instead of with a start-up transient.
         self.temp_true = p.temperature_setpoint_c

@@ -100,11 +100,6 @@ class Incubator(ProcessModel):
     ) -> None:
         super().__init__(device_id, seed=seed, params=params, start_time_s=start_time_s)
         p = self.params
-        self._setpoints = {
-            "temperature_setpoint_c": p.temperature_setpoint_c,
-            "co2_setpoint_pct": p.co2_setpoint_pct,
-            "o2_setpoint_pct": p.o2_setpoint_pct,
-        }
         self.temp = self.temp_meas = p.temperature_setpoint_c
         self.co2 = self.co2_meas = p.co2_setpoint_pct
         self.rh = self.rh_meas = p.rh_equilibrium_pct
