@@ -1,7 +1,7 @@
 """Anomaly scoring cost: 100 bindings of one model, each scored once a second (1 Hz).
 
 A PCA model (6 signals, 30-slot windows, 1 s period) is trained on synthetic data,
-then driven through the agent's own :class:`~agent.inference.InferenceEngine`: every
+then driven through the agent's own :class:`~agent.transforms.inference.InferenceEngine`: every
 simulated second, one committed block per device goes to ``on_committed`` and the
 engine windows, scores (one batched ``session.run`` for all 100 bindings, in its
 worker thread) and decides. Ticks are replayed back to back, not slept through, and
@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from agent.audit import Auditor
-from agent.inference import InferenceEngine, ModelBindingConfig
-from agent.modelkit.csvdata import Dataset
-from agent.modelkit.scoring import LoadedModel, Settings, Track
-from agent.modelkit.train import TrainOptions, train
-from agent.records import Block, Event
-from drivers.base import ProfileBase, TagBase
+from agent.buffer.audit import Auditor
+from agent.core.driver import ProfileBase, TagBase
+from agent.core.records import Block, Event
+from agent.modeltools.csvdata import Dataset
+from agent.modeltools.train import TrainOptions, train
+from agent.transforms.inference import InferenceEngine, ModelBindingConfig
+from agent.transforms.scoring import LoadedModel, Settings, Track
 
 SIGNALS = ("temperature_c", "ph", "do_pct", "agitation_rpm", "o2_flow_slpm", "co2_flow_slpm")
 T0 = 1_767_571_200

@@ -5,9 +5,9 @@ delays every poll of every device. This bench offers 40,000 readings/s (8 device
 of 50 readings every 10 ms, ``synchronous=full``) for a few seconds while a 5 ms ticker
 measures how late the loop wakes it, two ways in the same run:
 
-* ``thread``: the agent's :class:`~agent.buffer.AsyncBuffer` (group commit on a dedicated
+* ``thread``: the agent's :class:`~agent.buffer.store.AsyncBuffer` (group commit on a dedicated
   thread);
-* ``inline``: the same :class:`~agent.buffer.Buffer` committing each tick's blocks on the
+* ``inline``: the same :class:`~agent.buffer.store.Buffer` committing each tick's blocks on the
   loop itself, as a naive implementation would.
 
 Prints one JSON object: ticker lag p50/p99/max in ms for each, and the ratio of p99s.
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.buffer import AsyncBuffer, Buffer, BufferConfig
-from agent.records import Block, now_ns
+from agent.buffer.store import AsyncBuffer, Buffer, BufferConfig
+from agent.core.records import Block, now_ns
 
 SECONDS = 4.0
 DEVICES = 8

@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from agent.status import fetch_status
+from agent.app.status import fetch_status
 from tests.support import Mosquitto, free_port, wait_for
 
 DEVICES = 10

@@ -31,9 +31,9 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
-from drivers.base import DeviceContext, build_groups
-from drivers.codec import DataType, decode, register_count
-from drivers.modbus import Connection, ModbusDriver, _as_tag, _decode_plan, build_plan
+from agent.core.driver import DeviceContext, build_groups
+from cleanroom_common.codec import DataType, decode, register_count
+from drivers.modbus.driver import Connection, ModbusDriver, _as_tag, _decode_plan, build_plan
 
 MAX_REGS = 125
 MAX_GAP = 10

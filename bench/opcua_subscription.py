@@ -64,8 +64,8 @@ async def serve(port: int, nodes: int, period_s: float) -> None:
 
 
 def _driver(url: str, nodes: int, group: dict[str, Any]) -> Any:
-    from drivers.base import DeviceContext, build_groups
-    from drivers.opcua import OpcUaDriver
+    from agent.core.driver import DeviceContext, build_groups
+    from drivers.opcua.driver import OpcUaDriver
 
     tags = [{"name": f"v{i}", "node_id": f"nsu={NS};s=v{i}"} for i in range(nodes)]
     profile = OpcUaDriver.profile_model().model_validate(

@@ -30,9 +30,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.buffer import AsyncBuffer, BufferConfig
-from agent.forwarder import AgentIdentity, Forwarder, MqttConfig
-from agent.records import Block, dumps, now_ns
+from agent.buffer.store import AsyncBuffer, BufferConfig
+from agent.core.records import Block, dumps, now_ns
+from agent.sinks.forwarder import AgentIdentity, Forwarder, MqttConfig
 from tests.support import Mosquitto, until
 
 

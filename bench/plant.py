@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 import psutil
 import yaml
 
-from agent.status import fetch_status
+from agent.app.status import fetch_status
 from tests.support import Mosquitto, free_port, wait_for
 
 DURATION_S = float(os.environ.get("BENCH_PLANT_S", "60"))

@@ -1,1 +1,1 @@
-"""Protocol drivers. Each module registers one :class:`drivers.base.Driver`."""
+"""Protocol drivers. Each module registers one :class:`agent.core.driver.Driver`."""

@@ -7,8 +7,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from agent.app import Agent
-from agent.config import load_config
+from agent.app.config import load_config
+from agent.app.runtime import Agent
 from tests.support import free_port
 
 

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from agent.buffer import SCHEMA_VERSION, AsyncBuffer, Buffer, BufferConfig, StoredRecord
-from agent.records import Block, Event, Quality
+from agent.buffer.store import SCHEMA_VERSION, AsyncBuffer, Buffer, BufferConfig, StoredRecord
+from agent.core.records import Block, Event, Quality
 from tests.support import until
 
 
@@ -274,8 +274,8 @@ async def test_config_change_keeps_backlog(tmp_path: Path) -> None:
 
 CHILD = """
 import asyncio, sys
-from agent.buffer import AsyncBuffer, BufferConfig
-from agent.records import Block
+from agent.buffer.store import AsyncBuffer, BufferConfig
+from agent.core.records import Block
 
 async def main():
     buf = AsyncBuffer(BufferConfig(path=sys.argv[1], synchronous=sys.argv[2], commit_interval="5ms"), "a1")

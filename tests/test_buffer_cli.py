@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.buffer import Buffer, BufferConfig
-from agent.buffer_cli import iso_ns, parse_time
+from agent.buffer.store import Buffer, BufferConfig
 from agent.cli import main
-from agent.records import Block, Event, Quality
+from agent.cli.buffer import iso_ns, parse_time
+from agent.core.records import Block, Event, Quality
 
 T0 = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
 
@@ -136,7 +136,7 @@ async def test_replay_while_the_agent_writes_never_reuses_a_seq(
     db: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two writers on one file: the agent's group commit and the CLI's audit record."""
-    from agent.buffer import AsyncBuffer
+    from agent.buffer.store import AsyncBuffer
 
     buf = AsyncBuffer(BufferConfig(path=db), "gw-7")
     await buf.open()

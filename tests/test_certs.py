@@ -14,8 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from agent.certs import application_uri
 from agent.cli import main
+from agent.core.certs import application_uri
 
 
 def load(out: Path) -> x509.Certificate:

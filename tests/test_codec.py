@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from drivers.base import GroupSpec, PollGroup, TagBase
-from drivers.codec import (
+from agent.core.driver import GroupSpec, PollGroup, TagBase
+from cleanroom_common.codec import (
     CodecError,
     DataType,
     WordOrder,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.app.config import ConfigError, load_config
 from agent.cli import main
-from agent.config import ConfigError, load_config
 
 VALID = """\
 agent:

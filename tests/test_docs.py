@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_config
-from agent.docgen import BEGIN, DOC, END, render
+from agent.app.config import ConfigError, load_config
+from agent.app.docgen import BEGIN, DOC, END, render
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_FILE_MISSING = re.compile(r": /etc/cleanroom-edge/\S+ does not exist$")
@@ -17,7 +17,9 @@ SITE_FILE_MISSING = re.compile(r": /etc/cleanroom-edge/\S+ does not exist$")
 def test_configuration_reference_is_generated_from_the_models() -> None:
     text = DOC.read_text()
     generated = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
-    assert generated == render().strip(), "docs/configuration.md is stale: run python -m agent.docgen --write"
+    assert generated == render().strip(), (
+        "docs/configuration.md is stale: run python -m agent.app.docgen --write"
+    )
 
 
 def test_every_config_key_has_a_description() -> None:

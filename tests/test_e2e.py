@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from agent.buffer import Buffer, BufferConfig
-from agent.config import load_config
+from agent.app.config import load_config
+from agent.buffer.store import Buffer, BufferConfig
 from simulators.process.base import Clock
 from simulators.servers.modbus import serve_bioreactor_modbus
 from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, free_port, wait_for

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.status import fetch_status
+from agent.app.status import fetch_status
 from simulators.process.faults import Fault
 from simulators.servers.opcua import serve_bioreactor_opcua
 from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, free_port, wait_for

@@ -26,9 +26,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.buffer import AsyncBuffer, BufferConfig, StoredRecord
-from agent.forwarder import AgentIdentity, Forwarder, MqttConfig, _batches
-from agent.records import Block, Event, Quality
+from agent.buffer.store import AsyncBuffer, BufferConfig, StoredRecord
+from agent.core.records import Block, Event, Quality
+from agent.sinks.forwarder import AgentIdentity, Forwarder, MqttConfig, _batches
 from tests.support import Collector, Mosquitto, free_port, until, wait_for
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "payload.schema.json").read_text())
@@ -574,7 +574,7 @@ async def test_data_loss_event_is_forwarded(
 ) -> None:
     """An overflow while the broker was unreachable: the survivors and the data_loss event that
     accounts for the rest both arrive, so a consumer can prove completeness from seqs alone."""
-    from agent.buffer import Buffer
+    from agent.buffer.store import Buffer
 
     core = Buffer(BufferConfig(path=tmp_path / "buf0.db", max_bytes="64KiB", synchronous="off"), "gw")
     core.open()
@@ -630,8 +630,8 @@ def test_batches_take_an_exact_prefix_within_the_window(
 async def test_replay_on_a_running_agent_is_republished(
     mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent import forwarder
     from agent.cli import main
+    from agent.sinks import forwarder
 
     monkeypatch.setattr(forwarder, "RESCAN_INTERVAL_S", 0.2)
     rig = await make_rig(mosquitto.port)

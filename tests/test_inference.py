@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
-from agent.audit import Auditor
-from agent.inference import Binding, InferenceEngine, ModelBindingConfig
-from agent.modelkit.csvdata import Dataset, load_csv
-from agent.modelkit.manifest import EnvelopeCondition, read_manifest, write_manifest
-from agent.modelkit.scoring import LoadedModel, Settings, Track
-from agent.records import Block, Event, Quality, Severity
-from drivers.base import ProfileBase, TagBase, load_drivers
+from agent.buffer.audit import Auditor
+from agent.core.driver import ProfileBase, TagBase, load_drivers
+from agent.core.records import Block, Event, Quality, Severity
+from agent.modeltools.csvdata import Dataset, load_csv
+from agent.transforms.inference import Binding, InferenceEngine, ModelBindingConfig
+from agent.transforms.manifest import EnvelopeCondition, read_manifest, write_manifest
+from agent.transforms.scoring import LoadedModel, Settings, Track
 from simulators.process.generate import generate
 from simulators.process.scenario import Scenario
 from tests.test_modelkit import FAULT, T0, private_copy, series, trained_model

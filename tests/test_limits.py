@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent.audit import Auditor
-from agent.limits import LimitMonitor, LimitsConfig, ParticleLimits, TagLimits, iso_class_limit
-from agent.records import Block, Event, Quality, Severity
-from drivers.base import ProfileBase, TagBase
+from agent.buffer.audit import Auditor
+from agent.core.driver import ProfileBase, TagBase
+from agent.core.records import Block, Event, Quality, Severity
+from agent.transforms.limits import LimitMonitor, LimitsConfig, ParticleLimits, TagLimits, iso_class_limit
 
 # shared/domain.md §1, ISO 14644-1:2015 Table 1 (None = "–")
 ISO_TABLE = {

@@ -22,12 +22,12 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
-from agent.records import Block, Quality
+from agent.core.driver import DeviceContext, DeviceError, build_groups
+from agent.core.records import Block, Quality
 from bench.modbus_requests import fewest_reads
-from drivers import modbus
-from drivers.base import DeviceContext, DeviceError, build_groups
-from drivers.codec import DataType, WordOrder, encode
-from drivers.modbus import Connection, ModbusDriver
+from cleanroom_common.codec import DataType, WordOrder, encode
+from drivers.modbus import driver as modbus
+from drivers.modbus.driver import Connection, ModbusDriver
 from simulators.servers.modbus import serve_counter_modbus, serve_incubator_modbus
 from simulators.servers.registers import load_profile
 from tests.support import free_port

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from pymodbus.framer import FramerRTU
 
-from agent.records import Block
-from drivers import modbus
-from drivers.base import DeviceContext, DeviceError, build_groups
-from drivers.modbus import Connection, ModbusDriver
+from agent.core.driver import DeviceContext, DeviceError, build_groups
+from agent.core.records import Block
+from drivers.modbus import driver as modbus
+from drivers.modbus.driver import Connection, ModbusDriver
 from simulators.servers.modbus import serve_counter_modbus, serve_incubator_modbus
 from simulators.servers.registers import load_profile
 

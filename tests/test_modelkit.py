@@ -15,10 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.modelkit.csvdata import FaultLabel, load_csv, load_labels
-from agent.modelkit.evaluate import evaluate
-from agent.modelkit.manifest import ModelError, parse_condition, read_manifest
-from agent.modelkit.scoring import (
+from agent.modeltools.csvdata import FaultLabel, load_csv, load_labels
+from agent.modeltools.evaluate import evaluate
+from agent.modeltools.train import TrainOptions, train
+from agent.transforms.manifest import ModelError, parse_condition, read_manifest
+from agent.transforms.scoring import (
     Debounce,
     DriftMonitor,
     Envelope,
@@ -29,7 +30,6 @@ from agent.modelkit.scoring import (
     Windower,
     run_offline,
 )
-from agent.modelkit.train import TrainOptions, train
 
 T0 = 1_767_571_200.0
 PERIOD = 10.0
@@ -372,7 +372,7 @@ def test_drift_monitor_flags_a_shifted_signal(syn_model: Path) -> None:
 
 
 def test_a_sample_older_than_the_open_slot_is_late_not_a_slot_out_of_order() -> None:
-    from agent.modelkit.scoring import SlotAccumulator
+    from agent.transforms.scoring import SlotAccumulator
 
     first = [10.0, 20.0, 30.0, 40.0, 130.0]  # slots 0, 0, 0, 0, 2: closes 0, slot 2 open, 1 empty
     second = [100.0, 170.0, 175.0, 185.0, 190.0]  # 100.0 is slot 1: older than the open slot 2
@@ -465,7 +465,7 @@ def _envelope_model() -> LoadedModel:
         d = Path(tempfile.mkdtemp(prefix="envelope-"))
         t, v = _with_age(24, 1, None, inside_from=2 * 3600.0)
         v[t - T0 < 2 * 3600, 0] += 3.0
-        from agent.modelkit.csvdata import Dataset
+        from agent.modeltools.csvdata import Dataset
 
         ds = Dataset(t, v, [*SIGNALS, "age_h"], np.zeros(len(t), bool), "syn", "0" * 64)
         opts = TrainOptions(model_id="env", window=12, envelope=[parse_condition("age_h>=1")])
@@ -492,7 +492,7 @@ def test_envelope_run_survives_missing_slots_but_not_a_gap_longer_than_a_window(
 def test_delay_comparison_with_the_rules_is_paired_and_a_miss_is_never_earlier(
     syn_model: Path, tmp_path: Path
 ) -> None:
-    from agent.limits import LimitsConfig
+    from agent.transforms.limits import LimitsConfig
 
     model = LoadedModel(syn_model)
     faulty = {"dev1": load_csv(write_csv(tmp_path / "dev1.csv", hours=10, seed=7, fault=FAULT))}

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.buffer import Buffer, BufferConfig
+from agent.buffer.store import Buffer, BufferConfig
 from agent.cli import main
-from agent.modelkit.manifest import read_manifest
-from agent.records import Block
+from agent.core.records import Block
+from agent.transforms.manifest import read_manifest
 from tests.test_modelkit import FAULT, SIGNALS, T0, private_copy, series, trained_model, write_csv
 
 

@@ -27,11 +27,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent.certs import create_certificate
-from agent.records import Block, Quality
-from drivers import opcua
-from drivers.base import DeviceContext, DeviceError, build_groups
-from drivers.opcua import OpcUaDriver
+from agent.core.certs import create_certificate
+from agent.core.driver import DeviceContext, DeviceError, build_groups
+from agent.core.records import Block, Quality
+from drivers.opcua import driver as opcua
+from drivers.opcua.driver import OpcUaDriver
 from simulators.servers.faults import CommFault
 from simulators.servers.opcua import APPLICATION_URI as SIM_SERVER_URI
 from simulators.servers.opcua import serve_bioreactor_opcua

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.config import load_config
-from agent.records import Block, Event, Quality
-from agent.scheduler import Scheduler, backoff_delay
+from agent.app.config import load_config
+from agent.core.records import Block, Event, Quality
+from agent.sources.scheduler import Scheduler, backoff_delay
 from simulators.servers.modbus import serve_bioreactor_modbus
 from tests.support import free_port
 

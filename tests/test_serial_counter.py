@@ -4,7 +4,7 @@ The peer speaks the Lasair-like protocol of docs/simulators.md on the master sid
 pty pair (checksummed replies, a record queue that CTD2 reads and CPQ pops) and can
 garble, truncate, refuse or swallow replies. The "buffer" here is a dict standing for
 the buffer's committed state: a test commits a block by numbering it and merging its
-state, exactly what agent.buffer does in one transaction.
+state, exactly what agent.buffer.store does in one transaction.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent.records import Block, Quality
-from drivers.base import DeviceContext, DeviceError, build_groups
-from drivers.serial_counter import (
+from agent.core.driver import DeviceContext, DeviceError, build_groups
+from agent.core.records import Block, Quality
+from drivers.serial_counter.driver import (
     FrameError,
     SerialCounterDriver,
     checksum,
@@ -166,7 +166,7 @@ def make_driver(path: str, state: dict[str, str], timeout: str = "300ms") -> Ser
 
 
 class FakeBuffer:
-    """Commits blocks the way agent.buffer does: numbers them, merges their state."""
+    """Commits blocks the way agent.buffer.store does: numbers them, merges their state."""
 
     def __init__(self) -> None:
         self.state: dict[str, str] = {}

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from asyncua import Client, ua
 
-from agent.certs import create_certificate
+from agent.core.certs import create_certificate
 from simulators.servers.faults import CommFault
 from simulators.servers.opcua import APPLICATION_URI, NAMESPACE, serve_bioreactor_opcua
 from simulators.servers.registers import load_profile

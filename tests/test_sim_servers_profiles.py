@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.base import load_drivers
+from agent.core.driver import load_drivers
 from simulators.process.base import Clock
 from simulators.servers.device import SimulatedDevice
 from simulators.servers.modbus import unit_for

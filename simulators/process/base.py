@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from agent.fields import Strict
+from cleanroom_common.fields import Strict
 from simulators.process.faults import Fault, FaultSet
 
 __all__ = [

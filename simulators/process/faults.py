@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import Field
 
-from agent.fields import Duration, Strict
+from cleanroom_common.fields import Duration, Strict
 
 
 class NoParams(Strict):

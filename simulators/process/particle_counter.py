@@ -23,8 +23,8 @@ from typing import Any, ClassVar, Literal, cast
 import numpy as np
 from pydantic import Field, field_validator
 
-from agent.fields import Duration
-from agent.limits import GMP_ACTION
+from agent.transforms.limits import GMP_ACTION
+from cleanroom_common.fields import Duration
 from simulators.process.base import Fault, ModelParams, ProcessModel, Signal, register
 from simulators.process.faults import CounterFlowFaultParams, ParticleBurstParams, ParticleFactorParams
 

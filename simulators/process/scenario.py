@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
-from agent.fields import Duration, Strict
+from cleanroom_common.fields import Duration, Strict
 from simulators.process.base import MODELS, ProcessModel, create_model
 from simulators.process.faults import COMM_FAULTS, FAULT_PARAMS, Fault
 

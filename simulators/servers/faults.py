@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from agent.fields import parse_duration
+from cleanroom_common.fields import parse_duration
 
 
 class CommFault(StrEnum):

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from agent.fields import Strict
+from cleanroom_common.fields import Strict
 from simulators.process.base import Clock
 from simulators.process.scenario import DeviceSpec, Scenario, load_scenario
 from simulators.servers.device import SimulatedDevice

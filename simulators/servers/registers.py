@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from drivers.codec import DataType, WordOrder, decode, encode, register_count
+from cleanroom_common.bundled import profiles_dir
+from cleanroom_common.codec import DataType, WordOrder, decode, encode, register_count
 
-PROFILE_DIR = Path(__file__).resolve().parents[2] / "deploy" / "profiles"
+PROFILE_DIR = profiles_dir()
 
 _VENDOR_BASE = {"holding": 40001, "input": 30001, "coil": 1, "discrete": 10001}
 FUNCTION_TABLE = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 3: "holding", 6: "holding", 16: "holding"}
@@ -30,7 +31,7 @@ FUNCTION_TABLE.update({4: "input", 22: "holding", 23: "holding"})
 
 
 def load_profile(name_or_path: str | Path) -> dict[str, Any]:
-    """A profile as plain data: a path, or a name resolved in ``deploy/profiles``."""
+    """A profile as plain data: a path, or a name resolved among the bundled profiles."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.yaml"

@@ -1,0 +1,148 @@
+"""The running agent: wires sources (scheduler/drivers) → buffer → transforms and sinks.
+
+Data path, and the only one: drivers produce blocks, the scheduler submits them to the
+buffer, the buffer commits them (seq numbers assigned) and then tells its listeners —
+the transforms (limits, inference), which may submit events back into the buffer — and
+wakes the forwarder, which publishes committed rows and marks them delivered when the
+broker acknowledges them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from agent import __version__
+from agent.app.config import LoadedConfig
+from agent.app.status import StatusServer
+from agent.buffer.audit import Auditor
+from agent.buffer.store import AsyncBuffer
+from agent.core.records import Block, Event, now_ns
+from agent.sinks.forwarder import AgentIdentity, Forwarder
+from agent.sources.scheduler import Scheduler
+from agent.transforms.inference import InferenceEngine
+from agent.transforms.limits import LimitMonitor
+
+log = logging.getLogger("cleanroom.agent")
+
+CONFIG_HASH_KEY = "agent:config_sha256"
+"""Buffer state: the config hash of the last start (device ids cannot be ``agent``)."""
+
+
+class StartupError(Exception):
+    """The agent cannot start (its buffer cannot be opened); the message says why."""
+
+
+class Agent:
+    def __init__(self, loaded: LoadedConfig) -> None:
+        self.loaded = loaded
+        cfg = loaded.config
+        self.identity = AgentIdentity(agent_id=cfg.agent.id, version=__version__, config_hash=loaded.sha256)
+        self.buffer = AsyncBuffer(cfg.buffer, cfg.agent.id)
+        self.auditor = Auditor(self._submit_event)
+        profiles = {d.id: d.profile for d in loaded.devices}
+        self.limits = (
+            LimitMonitor(cfg.limits, profiles, self._submit_event, self.auditor) if cfg.limits else None
+        )
+        self.inference = (
+            InferenceEngine(cfg.models, profiles, self._submit_event, self.auditor) if cfg.models else None
+        )
+        self.forwarder = Forwarder(cfg.mqtt, self.buffer, self.identity) if cfg.mqtt else None
+        self.scheduler: Scheduler | None = None
+        self.status_server = StatusServer(cfg.agent.status_listen, self.status)
+        self.started_ns: int | None = None
+
+    def _submit(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
+        self.buffer.submit(blocks, events)
+
+    def _submit_event(self, event: Event) -> None:
+        self.buffer.submit((), (event,))
+
+    async def start(self) -> None:
+        self.started_ns = now_ns()
+        try:
+            await self.buffer.open()
+        except (OSError, sqlite3.Error, RuntimeError, ValueError) as exc:
+            raise StartupError(f"buffer {self.loaded.config.buffer.path}: {exc}") from exc
+        previous = self.buffer.state().get(CONFIG_HASH_KEY)
+        if previous is not None and previous != self.loaded.sha256:
+            self.auditor.record(
+                "config_changed",
+                str(self.loaded.path),
+                old={"config_sha256": previous},
+                new={"config_sha256": self.loaded.sha256},
+                why="the configuration (file or a profile it uses) differs from the last run's",
+            )
+        self.auditor.record(
+            "agent_start",
+            "agent",
+            new={
+                "version": __version__,
+                "config_sha256": self.loaded.sha256,
+                "config": str(self.loaded.path),
+            },
+            why="agent process started",
+            state={CONFIG_HASH_KEY: self.loaded.sha256},
+        )
+        for transform in (self.limits, self.inference):
+            if transform is not None:
+                self.buffer.add_listener(transform.on_committed)
+                await transform.start()
+        if self.forwarder is not None:
+            await self.forwarder.start()
+        else:
+            log.warning("no mqtt section: readings are buffered only, nothing is forwarded")
+        self.scheduler = Scheduler(self.loaded.devices, self._submit, self.buffer.state())
+        self.scheduler.start()
+        await self.status_server.start()
+        log.info(
+            "agent %s started: %d devices, config sha256 %s",
+            self.identity.agent_id,
+            len(self.scheduler.runners),
+            self.loaded.sha256[:12],
+        )
+
+    async def stop(self) -> None:
+        """Clean stop: stop polling, let transforms finish, commit everything, deliver
+        what can be delivered within the grace period, close. Nothing committed is lost
+        whether or not the broker is reachable: undelivered rows stay in the buffer."""
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+        for transform in (self.inference, self.limits):
+            if transform is not None:
+                await transform.stop()
+        self.auditor.record("agent_stop", "agent", why="clean shutdown")
+        await self.buffer.flush()
+        if self.forwarder is not None:
+            await self.forwarder.stop(grace_s=self.loaded.config.agent.shutdown_grace)
+        await self.buffer.close()
+        await self.status_server.stop()
+        log.info("agent %s stopped", self.identity.agent_id)
+
+    async def status(self) -> dict[str, Any]:
+        return {
+            "agent": self.identity.agent_id,
+            "version": __version__,
+            "config_sha256": self.loaded.sha256,
+            "started": self.started_ns,
+            "devices": self.scheduler.status() if self.scheduler else {},
+            "buffer": await self.buffer.stats(),
+            "broker": self.forwarder.stats() if self.forwarder else {"configured": False},
+            "limits": self.limits.status() if self.limits else None,
+            "models": self.inference.status() if self.inference else None,
+        }
+
+
+async def run_agent(loaded: LoadedConfig, stop: asyncio.Event) -> None:
+    try:
+        agent = Agent(loaded)
+    except (OSError, ValueError) as exc:  # e.g. a password file that vanished since validation
+        raise StartupError(str(exc)) from exc
+    await agent.start()
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop()

@@ -1,0 +1,60 @@
+"""``cleanroom-agent``: one entry point, subcommands contributed by the modules that own them.
+
+Each module in :data:`COMMAND_MODULES` exposes ``register(subparsers)``, adding its
+subcommand(s) with ``set_defaults(func=...)``; ``func(args) -> int`` is the exit code.
+Exit codes: 0 ok, 1 runtime failure, 2 bad input (config, arguments, files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from agent import __version__
+
+COMMAND_MODULES = (
+    "agent.cli.run",  # run, validate, status, demo
+    "agent.cli.buffer",  # buffer stats|export|replay
+    "agent.cli.models",  # models train|evaluate|score|verify
+    "agent.core.certs",  # certs create
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cleanroom-agent",
+        description="cleanroom-edge data-acquisition agent: devices -> durable buffer -> MQTT.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad input. "
+        "Docs: docs/configuration.md, docs/operations.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"cleanroom-edge {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

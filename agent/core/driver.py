@@ -1,0 +1,404 @@
+"""The one small interface every protocol driver implements, and what they share.
+
+A driver is one package (``drivers/<protocol>/`` here, or a third party's own) that
+defines a :class:`Driver` subclass and names it in the ``cleanroom_edge.drivers``
+entry-point group (see :func:`driver_for`). Its three pydantic models say what it accepts:
+
+* ``Tag``: one entry of a device profile's ``tags`` (extends :class:`TagBase` with
+  protocol fields such as a Modbus address or an OPC UA node id);
+* ``Group``: one entry of a profile's ``groups`` (extends :class:`GroupSpec`);
+* ``Connection``: the ``connection:`` block of a device instance in the agent config.
+
+The scheduler owns timing, timeouts and reconnects; a driver only connects, reads a
+poll group (or subscribes to one) and closes. Device problems are data, not crashes:
+a reply that cannot be decoded becomes bad-quality readings (see
+:meth:`PollGroup.finish`), and a lost connection is a :class:`DeviceError`, which the
+scheduler turns into bad-quality readings for the group and a reconnect with backoff.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from agent.core.records import Block, Quality, Reason, Value, now_ns
+from cleanroom_common.fields import Duration, Strict
+
+# --------------------------------------------------------------------------- models
+
+
+class TagBase(Strict):
+    """Fields every tag has, whatever the protocol."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-/]+$")
+    """Tag name, unique within the profile; appears in payloads as is."""
+    unit: str | None = None
+    """Engineering unit after scaling (e.g. ``degC``, ``pH``, ``%``, ``counts/m3``)."""
+    description: str = ""
+    """What the tag measures, for people."""
+    group: str = "default"
+    """Poll group this tag is read in; the group sets interval and timeout."""
+    scale: float = 1.0
+    """Engineering value = raw × scale + offset."""
+    offset: float = 0.0
+    """Engineering value = raw × scale + offset."""
+    range: tuple[float, float] | None = None
+    """Physically valid range of the engineering value; outside it a reading is bad (``out_of_range``)."""
+
+    @model_validator(mode="after")
+    def _range_ordered(self) -> TagBase:
+        if self.range is not None and self.range[0] > self.range[1]:
+            raise ValueError("range must be [low, high] with low <= high")
+        return self
+
+
+class GroupSpec(Strict):
+    """A poll group: tags read together on one schedule."""
+
+    interval: Duration = 1.0
+    """Time between polls, on absolute ticks (no drift)."""
+    timeout: Duration | None = None
+    """Time allowed for one poll of the group; defaults to the connection's timeout."""
+
+
+class ProfileBase(Strict):
+    """A device profile: the register/node map of one device model, as data."""
+
+    profile: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Profile name that device instances refer to."""
+    protocol: str
+    """Driver that speaks to this device model (e.g. ``modbus``, ``opcua``, ``serial_counter``)."""
+    description: str = ""
+    """Device model, vendor, and where the map comes from."""
+    device_kind: str = "generic"
+    """Kind of equipment (``bioreactor``, ``incubator``, ``particle_counter``...): models bind by kind."""
+    groups: dict[str, GroupSpec] = Field(default_factory=lambda: {"default": GroupSpec()})
+    """Poll groups by name."""
+    tags: list[TagBase]
+    """The tags, in payload order."""
+
+    @model_validator(mode="after")
+    def _tags_consistent(self) -> ProfileBase:
+        seen: set[str] = set()
+        for tag in self.tags:
+            if tag.name in seen:
+                raise ValueError(f"tag {tag.name!r} is defined twice")
+            seen.add(tag.name)
+            if tag.group not in self.groups:
+                raise ValueError(f"tag {tag.name!r} names group {tag.group!r}, which is not in groups")
+        return self
+
+
+class ConnectionBase(Strict):
+    """Settings every device connection has."""
+
+    timeout: Duration = 2.0
+    """Per-request (and per-poll, unless the group sets its own) timeout."""
+    backoff_min: Duration = 1.0
+    """First reconnect delay after a failure; doubles on each failure (with jitter)."""
+    backoff_max: Duration = 60.0
+    """Upper bound of the reconnect delay."""
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+class DeviceError(Exception):
+    """The device could not be talked to (connection lost, timeout, garbage on the line).
+
+    ``reason`` goes into the quality reason of the readings the failed poll produces.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class DriverStats:
+    """Per-device counters, exposed through ``cleanroom-agent status``."""
+
+    requests: int = 0
+    retries: int = 0
+    reconnects: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    rtt_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] += 1
+
+    def request_done(self, rtt_s: float) -> None:
+        self.requests += 1
+        self.rtt_s.append(rtt_s)
+
+    def snapshot(self) -> dict[str, Any]:
+        rtts = sorted(self.rtt_s)
+
+        def pct(p: float) -> float | None:
+            if not rtts:
+                return None
+            return round(rtts[min(len(rtts) - 1, math.ceil(p * len(rtts)) - 1)] * 1000, 3)
+
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "reconnects": self.reconnects,
+            "errors": dict(self.errors),
+            "rtt_p50_ms": pct(0.5),
+            "rtt_p99_ms": pct(0.99),
+        }
+
+
+class PollGroup:
+    """A group's tags compiled for the hot path: names, units and the vectorised
+    scale/offset/range transform that turns raw numbers into a :class:`Block`."""
+
+    def __init__(self, device: str, name: str, spec: GroupSpec, tags: Sequence[TagBase], timeout_s: float):
+        self.device = device
+        self.name = name
+        self.spec = spec
+        self.interval_s = spec.interval
+        self.timeout_s = spec.timeout if spec.timeout is not None else timeout_s
+        self.tag_specs: tuple[TagBase, ...] = tuple(tags)
+        self.tags: tuple[str, ...] = tuple(t.name for t in tags)
+        self.units: tuple[str | None, ...] = tuple(t.unit for t in tags)
+        self.index: dict[str, int] = {t: i for i, t in enumerate(self.tags)}
+        self._scale = np.array([t.scale for t in tags], dtype=np.float64)
+        self._offset = np.array([t.offset for t in tags], dtype=np.float64)
+        self._identity = bool(np.all(self._scale == 1.0) and np.all(self._offset == 0.0))
+        self._lo = np.array([t.range[0] if t.range else -np.inf for t in tags], dtype=np.float64)
+        self._hi = np.array([t.range[1] if t.range else np.inf for t in tags], dtype=np.float64)
+        self._ranged = any(t.range is not None for t in tags)
+
+    def bad(self, reason: str, acq_ts_ns: int | None = None) -> Block:
+        return Block.bad(self.device, self.name, self.tags, self.units, reason, acq_ts_ns)
+
+    def finish(
+        self,
+        raw: np.ndarray | Sequence[Value],
+        *,
+        acq_ts_ns: int | None = None,
+        quality: list[Quality] | None = None,
+        reasons: list[str | None] | None = None,
+        source_ts_ns: int | list[int | None] | None = None,
+        state: dict[str, str] | None = None,
+    ) -> Block:
+        """Apply scale/offset, mark non-finite values bad (``decode_error``) and values
+        outside the tag's range bad (``out_of_range``), and build the block.
+
+        ``raw`` holds one value per tag of the group, in group order. Numeric input
+        should be a float64 array (the vectorised path); a list may hold non-numeric
+        values (strings, booleans, ``None`` for readings the driver already marked bad),
+        which pass through untransformed.
+        """
+        n = len(self.tags)
+        if len(raw) != n:
+            raise ValueError(f"group {self.name!r} has {n} tags, driver produced {len(raw)} values")
+        values: list[Value]
+        if isinstance(raw, np.ndarray):
+            # Integer registers read without scaling stay integers (``7``, not ``7.0``) and
+            # cannot be NaN: the common case of large register maps skips both conversions.
+            integral = self._identity and np.issubdtype(raw.dtype, np.integer)
+            arr = raw if integral else raw.astype(np.float64, copy=False)
+            if not self._identity:
+                arr = arr * self._scale + self._offset
+            bad_nan = None if integral else ~np.isfinite(arr)
+            bad_range = None
+            if self._ranged:
+                bad_range = (arr < self._lo) | (arr > self._hi)
+                if bad_nan is not None:
+                    bad_range &= ~bad_nan
+            values = arr.tolist()
+            if (bad_nan is not None and bad_nan.any()) or (bad_range is not None and bad_range.any()):
+                quality = list(quality) if quality is not None else [Quality.GOOD] * n
+                reasons = list(reasons) if reasons is not None else [None] * n
+                if bad_nan is not None:
+                    for i in np.flatnonzero(bad_nan):
+                        quality[i], reasons[i], values[i] = Quality.BAD, Reason.DECODE_ERROR, None
+                if bad_range is not None:
+                    for i in np.flatnonzero(bad_range):
+                        quality[i], reasons[i] = Quality.BAD, Reason.OUT_OF_RANGE
+        else:
+            quality = list(quality) if quality is not None else [Quality.GOOD] * n
+            reasons = list(reasons) if reasons is not None else [None] * n
+            values = [
+                None if quality[i] is Quality.BAD else self._transform_one(i, v, quality, reasons)
+                for i, v in enumerate(raw)
+            ]
+        if quality is not None and all(q is Quality.GOOD for q in quality):
+            quality, reasons = None, None
+        return Block(
+            device=self.device,
+            group=self.name,
+            acq_ts_ns=now_ns() if acq_ts_ns is None else acq_ts_ns,
+            tags=self.tags,
+            units=self.units,
+            values=values,
+            quality=quality,
+            reasons=reasons,
+            source_ts_ns=source_ts_ns,
+            state=state,
+        )
+
+    def _transform_one(self, i: int, v: Value, quality: list[Quality], reasons: list[str | None]) -> Value:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return v
+        x = float(v) * float(self._scale[i]) + float(self._offset[i])
+        reason: str | None = None
+        if not math.isfinite(x):
+            reason = Reason.DECODE_ERROR
+        elif not (self._lo[i] <= x <= self._hi[i]):
+            reason = Reason.OUT_OF_RANGE
+        if reason is not None:
+            quality[i], reasons[i] = Quality.BAD, reason
+            return None
+        if isinstance(v, int) and self._scale[i] == 1.0 and self._offset[i] == 0.0:
+            return v
+        return x
+
+
+@dataclass
+class DeviceContext:
+    """Everything a driver instance gets from the agent."""
+
+    id: str
+    profile: ProfileBase
+    connection: ConnectionBase
+    groups: dict[str, PollGroup]
+    state: Mapping[str, str] = field(default_factory=dict)
+    """Driver state committed earlier with its blocks (e.g. record watermarks)."""
+    stats: DriverStats = field(default_factory=DriverStats)
+
+
+Emit = Callable[[Block], None]
+
+
+class Driver(ABC):
+    """Connect, read a poll group (or subscribe to it), close.
+
+    ``read`` returns one or more blocks: usually one (the group's current values), or
+    one per device record for devices that buffer their own samples (particle
+    counters), each carrying its own source timestamp and watermark ``state``.
+    """
+
+    protocol: ClassVar[str]
+    Tag: ClassVar[type[TagBase]] = TagBase
+    Group: ClassVar[type[GroupSpec]] = GroupSpec
+    Connection: ClassVar[type[ConnectionBase]] = ConnectionBase
+    supports_subscribe: ClassVar[bool] = False
+    """True when :meth:`subscribe` is implemented (the device pushes changes)."""
+
+    def __init__(self, ctx: DeviceContext) -> None:
+        self.ctx = ctx
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the connection; raise :class:`DeviceError` when the device is unreachable."""
+
+    @abstractmethod
+    async def read(self, group: PollGroup) -> list[Block]:
+        """Poll one group. Undecodable data → bad-quality readings; lost link → DeviceError."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection; must not raise."""
+
+    def backfills(self, group: PollGroup) -> bool:
+        """True when the device keeps what it measures while unreachable and this driver
+        reads it back after reconnecting (a counter's record buffer). The scheduler then
+        writes no gap readings for the group: the real records fill the gap, and the
+        driver reports records the device itself lost as a ``data_loss`` event."""
+        return False
+
+    async def subscribe(self, group: PollGroup, emit: Emit) -> None:
+        """Start pushing the group's changes through ``emit`` (only if ``supports_subscribe``)."""
+        raise NotImplementedError(f"{self.protocol} does not support subscriptions")
+
+    @classmethod
+    def profile_model(cls) -> type[ProfileBase]:
+        """The profile schema for this protocol: :class:`ProfileBase` with this driver's
+        ``Tag`` and ``Group`` types (built once per driver class)."""
+        cached = cls.__dict__.get("_profile_model")
+        if cached is None:
+            from pydantic import create_model
+
+            base_fields = ProfileBase.model_fields
+            cached = create_model(
+                f"{cls.__name__}Profile",
+                __base__=ProfileBase,
+                __doc__=ProfileBase.__doc__,
+                groups=(
+                    dict[str, cls.Group],  # type: ignore[name-defined]
+                    Field(
+                        default_factory=lambda: {"default": cls.Group()},
+                        description=base_fields["groups"].description,
+                    ),
+                ),
+                tags=(list[cls.Tag], Field(description=base_fields["tags"].description)),  # type: ignore[name-defined]
+            )
+            cls._profile_model = cached  # type: ignore[attr-defined]
+        return cached
+
+
+# --------------------------------------------------------------------------- registry
+
+ENTRY_POINT_GROUP = "cleanroom_edge.drivers"
+"""Entry-point group drivers register in: ``protocol = "package.module:DriverClass"``.
+
+A third party adds a protocol with a package of its own declaring one entry point in
+this group; nothing here changes."""
+
+_REGISTRY: dict[str, type[Driver]] = {}
+
+
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_protocols() -> list[str]:
+    """Protocol names of every installed driver (entry-point names; nothing imported)."""
+    return sorted(_entry_points())
+
+
+def driver_for(protocol: str) -> type[Driver] | None:
+    """The driver of ``protocol``, importing its module on first use: an agent without OPC UA
+    devices never loads the OPC UA stack (memory on a small gateway is not free)."""
+    if protocol not in _REGISTRY:
+        ep = _entry_points().get(protocol)
+        if ep is None:
+            return None
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Driver)) or cls.protocol != protocol:
+            raise RuntimeError(
+                f"entry point {ep.name} = {ep.value!r} in {ENTRY_POINT_GROUP} is not a Driver "
+                f"with protocol {protocol!r}"
+            )
+        _REGISTRY[protocol] = cls
+    return _REGISTRY[protocol]
+
+
+def load_drivers() -> dict[str, type[Driver]]:
+    """Import every installed driver (for generated docs and tests) and return them by protocol."""
+    found = {p: driver_for(p) for p in available_protocols()}
+    return {p: d for p, d in found.items() if d is not None}
+
+
+def build_groups(
+    device_id: str, profile: ProfileBase, connection: ConnectionBase, overrides: Mapping[str, GroupSpec]
+) -> dict[str, PollGroup]:
+    """Compile the profile's groups (with per-device overrides) into :class:`PollGroup`s."""
+    groups: dict[str, PollGroup] = {}
+    for name, default in profile.groups.items():
+        tags = [t for t in profile.tags if t.group == name]
+        if tags:
+            groups[name] = PollGroup(device_id, name, overrides.get(name, default), tags, connection.timeout)
+    return groups

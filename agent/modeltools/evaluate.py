@@ -1,0 +1,252 @@
+"""Event-level evaluation of a frozen model on labelled data, through the agent's own
+scoring path (:func:`agent.transforms.scoring.run_offline`).
+
+Definitions (fixed before testing, Annex 22 draft):
+
+* a fault is *detected* when an alarm starts inside its window ``[start, end]``;
+  detection delay = that alarm's start - fault start;
+* an alarm starting inside any fault window is a true alarm; one starting within
+  ``grace`` after a fault ended is a *late* alarm (the process is still recovering:
+  counted separately, neither true nor false); any other alarm is a false alarm;
+* precision = true / (true + false) alarms, recall = detected / faults, F1 their
+  harmonic mean; false alarms are also given per device-week;
+* two rule-based baselines: the first sample outside the model's training normal
+  range (0.1-99.9 %) inside the fault window (a strict limit at the edge of normal
+  data), and, given a limits file, the first excursion the agent's own
+  :class:`~agent.transforms.limits.LimitMonitor` raises with those GMP alert/action limits;
+* the delay comparison with the rules is paired: over the faults a rule limit caught,
+  the model's median delay against the rules' median delay on those same faults (a
+  fault the model missed counts as never detected, so it cannot flatter the model).
+
+Communication faults (``comm_*``) change no process value and are excluded: they
+surface as bad-quality readings, not anomalies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.core.records import Event, Quality, Value
+from agent.modeltools.csvdata import Dataset, FaultLabel
+from agent.transforms.limits import LimitsConfig
+from agent.transforms.scoring import LoadedModel, OfflineResult, Settings, run_offline
+
+WEEK = 7 * 86400.0
+
+
+@dataclass
+class DeviceResult:
+    device: str
+    result: OfflineResult
+    faults: list[FaultLabel]
+    data: Dataset
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.quantile(values, q)), 1) if values else None
+
+
+def _median_or_missed(values: list[float]) -> float | str | None:
+    """Median delay where a miss is an infinite delay; "missed" when the median is a miss."""
+    if not values:
+        return None
+    med = float(np.median(values))
+    return "missed" if math.isinf(med) else round(med, 1)
+
+
+def first_limit_crossing(model: LoadedModel, data: Dataset, fault: FaultLabel) -> float | None:
+    m = model.manifest
+    lo = np.array([s.normal_low for s in m.signals])
+    hi = np.array([s.normal_high for s in m.signals])
+    inside = (data.ts >= fault.start) & (data.ts <= fault.end)
+    vals = data.values[inside, : len(m.signals)]  # the model's inputs, not its envelope signals
+    with np.errstate(invalid="ignore"):
+        out = ((vals < lo) | (vals > hi)).any(axis=1)
+    hits = np.flatnonzero(out)
+    return float(data.ts[inside][hits[0]] - fault.start) if len(hits) else None
+
+
+def limit_excursions(limits: LimitsConfig, device: str, data: Dataset) -> list[float]:
+    """Start times of the excursions the agent's :class:`~agent.transforms.limits.LimitMonitor`
+    raises on this series (the rule-based baseline), fed as the agent would feed it."""
+    from agent.buffer.audit import Auditor
+    from agent.core.driver import ProfileBase, TagBase
+    from agent.core.records import Block
+    from agent.transforms.limits import LimitMonitor
+
+    profile = ProfileBase(profile="eval", protocol="csv", tags=[TagBase(name=s) for s in data.signals])
+    # one limits file serves every evaluated device: particle rules apply to the device at hand
+    limits = limits.model_copy(
+        update={"particles": [p.model_copy(update={"device": device}) for p in limits.particles]}
+    )
+    starts: list[float] = []
+
+    def collect(e: Event) -> None:
+        if e.kind == "excursion" and e.data["phase"] == "start":
+            starts.append(e.data["detected_ts"] / 1e9)  # when the rule could say so, not when the run began
+
+    monitor = LimitMonitor(limits, {device: profile}, collect, Auditor(lambda e: None))
+    monitor._started = True
+    units = [None] * len(data.signals)
+    for ts, row in zip(data.ts, data.values.tolist(), strict=True):
+        values: list[Value] = [None if math.isnan(v) else v for v in row]
+        quality = None if None not in values else [Quality.BAD if v is None else Quality.GOOD for v in values]
+        block = Block(device, "eval", int(ts * 1e9), data.signals, units, values, quality)
+        monitor.on_committed([block], [])
+    return starts
+
+
+def evaluate(
+    model: LoadedModel,
+    data: dict[str, Dataset],
+    labels: list[FaultLabel],
+    *,
+    grace: float = 1800.0,
+    settings: Settings | None = None,
+    limits: LimitsConfig | None = None,
+    limit_data: dict[str, Dataset] | None = None,
+) -> tuple[dict[str, Any], list[DeviceResult]]:
+    """Metrics (see the module docstring). With ``limits`` (and ``limit_data``: every
+    column of each device), the baseline also includes the first excursion of the
+    configured rule-based limits inside each fault window."""
+    settings = settings or Settings.of(model.manifest)
+    per_device: list[DeviceResult] = []
+    delays: list[float] = []
+    baseline: list[float] = []
+    rules: list[float] = []
+    paired: list[tuple[float, float]] = []
+    n_rules = 0
+    per_kind: dict[str, dict[str, Any]] = {}
+    n_true = n_false = n_late = n_faults = n_detected = 0
+    span = 0.0
+    for device, ds in sorted(data.items()):
+        faults = [f for f in labels if f.device == device and not f.kind.startswith("comm_")]
+        result = run_offline(model, settings, ds.ts, ds.values)
+        per_device.append(DeviceResult(device, result, faults, ds))
+        span += float(ds.ts[-1] - ds.ts[0]) if len(ds.ts) else 0.0
+        excursions = limit_excursions(limits, device, (limit_data or data)[device]) if limits else []
+        starts = [t.ts for t in result.transitions if t.phase == "start"]
+        for s in starts:
+            if any(f.start <= s <= f.end for f in faults):
+                n_true += 1
+            elif any(f.end < s <= f.end + grace for f in faults):
+                n_late += 1
+            else:
+                n_false += 1
+        for f in faults:
+            n_faults += 1
+            kind = per_kind.setdefault(f.kind, {"faults": 0, "detected": 0, "delays": [], "rule_delays": []})
+            kind["faults"] += 1
+            hit = next((s for s in starts if f.start <= s <= f.end), None)
+            if hit is not None:
+                n_detected += 1
+                kind["detected"] += 1
+                delays.append(hit - f.start)
+                kind["delays"].append(hit - f.start)
+            crossing = first_limit_crossing(model, ds, f)
+            if crossing is not None:
+                baseline.append(crossing)
+            rule_hit = next((x for x in excursions if f.start <= x <= f.end), None)
+            if rule_hit is not None:
+                rules.append(rule_hit - f.start)
+                kind["rule_delays"].append(rule_hit - f.start)
+            if rule_hit is not None:
+                paired.append((math.inf if hit is None else hit - f.start, rule_hit - f.start))
+            if hit is not None and rule_hit is not None and hit < rule_hit:
+                n_rules += 1
+    precision = n_true / (n_true + n_false) if n_true + n_false else None
+    recall = n_detected / n_faults if n_faults else None
+    f1 = (
+        2 * precision * recall / (precision + recall)
+        if precision is not None and recall is not None and precision + recall > 0
+        else None
+    )
+    metrics: dict[str, Any] = {
+        "model": model.ident,
+        "settings": {
+            "threshold": settings.threshold,
+            "raise_after": settings.raise_after,
+            "clear_after": settings.clear_after,
+        },
+        "devices": len(data),
+        "device_days": round(span / 86400, 3),
+        "faults": n_faults,
+        "detected": n_detected,
+        "alarms": n_true + n_false + n_late,
+        "true_alarms": n_true,
+        "false_alarms": n_false,
+        "late_alarms": n_late,
+        "grace_s": grace,
+        "precision": None if precision is None else round(precision, 4),
+        "recall": None if recall is None else round(recall, 4),
+        "f1": None if f1 is None else round(f1, 4),
+        "false_alarms_per_device_week": round(n_false / (span / WEEK), 3) if span else None,
+        "delay_median_s": _pct(delays, 0.5),
+        "delay_p90_s": _pct(delays, 0.9),
+        "baseline_limit_delay_median_s": _pct(baseline, 0.5),
+        "baseline_limit_detected": len(baseline),
+        "rule_limits_detected": len(rules) if limits else None,
+        "rule_limits_delay_median_s": _pct(rules, 0.5),
+        "model_earlier_than_rules": n_rules if limits else None,
+        "paired_faults": len(paired) if limits else None,
+        "paired_model_delay_median_s": _median_or_missed([m for m, _ in paired]),
+        "paired_rule_delay_median_s": _pct([r for _, r in paired], 0.5),
+        "per_kind": {
+            k: {
+                "faults": v["faults"],
+                "detected": v["detected"],
+                "delay_median_s": _pct(v["delays"], 0.5),
+                "rule_limits_detected": len(v["rule_delays"]) if limits else None,
+                "rule_limits_delay_median_s": _pct(v["rule_delays"], 0.5),
+            }
+            for k, v in sorted(per_kind.items())
+        },
+    }
+    return metrics, per_device
+
+
+def plot(model: LoadedModel, results: list[DeviceResult], out_dir: Path, threshold: float) -> list[Path]:
+    """One PNG per device: score over time, threshold, faults shaded, alarms marked."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from agent.transforms.manifest import ModelError
+
+        raise ModelError(
+            "plots need matplotlib (the 'train' extra): pip install 'cleanroom-edge[train]'"
+        ) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in results:
+        fig, ax = plt.subplots(figsize=(11, 3.2))
+        t0 = r.result.ts[0] if len(r.result.ts) else 0.0
+        hours = (r.result.ts - t0) / 3600
+        ax.plot(hours, r.result.scores, lw=0.6, color="tab:blue", label="score")
+        ax.axhline(threshold, color="tab:red", lw=0.8, ls="--", label="threshold")
+        for f in r.faults:
+            ax.axvspan((f.start - t0) / 3600, (f.end - t0) / 3600, color="tab:orange", alpha=0.3)
+            ax.text((f.start - t0) / 3600, threshold, f.kind, fontsize=7, rotation=90, va="bottom")
+        for t in r.result.transitions:
+            if t.phase == "start":
+                ax.axvline((t.ts - t0) / 3600, color="tab:red", lw=0.8)
+        ax.set_yscale("symlog", linthresh=max(threshold, 1e-3))
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("hours")
+        ax.set_title(
+            f"{model.manifest.id} {model.manifest.version} on {r.device} (faults shaded, alarms red)"
+        )
+        ax.legend(loc="upper right", fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{r.device}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths

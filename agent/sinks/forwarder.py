@@ -1,0 +1,504 @@
+"""The MQTT forwarder: publishes committed rows and releases them only on PUBACK.
+
+Delivery is at-least-once with a bounded duplicate window: a row is marked delivered in
+the buffer only when the broker acknowledged (QoS 1) the message that carried it. Rows
+in flight when the connection drops stay in paho's session queue and are resent, in
+order, after the reconnect; rows not yet fetched stay in the buffer. A consumer
+de-duplicates by ``(agent, seq)`` (docs/payloads.md).
+
+paho runs its network loop in its own thread; every callback is handed to the event
+loop with ``call_soon_threadsafe``, so all forwarder state lives on the loop. The
+forwarder owns reconnecting (exponential backoff with jitter): paho's own reconnect is
+off, because its delay has no jitter and a plant full of gateways would reconnect in
+lock-step after a broker restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from pydantic import Field, SecretStr, model_validator
+
+from agent.buffer.store import AGENT_DEVICE, AsyncBuffer, StoredRecord
+from agent.core.records import Block, Event, dumps, now_ns
+from agent.sinks.encoding import STATUS_SCHEMA, JsonEncoder, Message, PayloadEncoder
+from cleanroom_common.fields import Duration, Strict
+
+log = logging.getLogger("cleanroom.forwarder")
+
+FETCH_ROWS = 2000
+"""Rows read from the buffer per query: large enough to fill a message, small enough to bound memory."""
+RESCAN_INTERVAL_S = 10.0
+"""When idle, look for undelivered rows behind the cursor this often (a broker-rejected message, or a
+``buffer replay`` run while the agent is running)."""
+
+
+class TlsConfig(Strict):
+    """TLS to the broker."""
+
+    enabled: bool = False
+    """Connect with TLS (brokers usually listen for it on port 8883)."""
+    ca_file: Path | None = None
+    """PEM bundle of the CA(s) that sign the broker certificate; without it the system store is used."""
+    cert_file: Path | None = None
+    """PEM client certificate, for brokers that authenticate clients by certificate."""
+    key_file: Path | None = None
+    """PEM private key of ``cert_file`` (may be in ``cert_file`` itself)."""
+    verify: bool = True
+    """Verify the broker certificate chain and host name. Turning it off allows a man in the middle to
+    read and alter every reading: for commissioning only."""
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file given without cert_file")
+        return self
+
+
+class MqttConfig(Strict):
+    """The ``mqtt:`` section: the broker readings and events are forwarded to (QoS 1 always)."""
+
+    host: str
+    """Broker host name or address."""
+    port: int = Field(default=1883, ge=1, le=65535)
+    """Broker port (1883 plain, usually 8883 with TLS)."""
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    """MQTT protocol version. With ``5`` a broker that refuses a publish (e.g. an ACL denies the topic)
+    says so in the PUBACK: those rows stay undelivered and are retried. MQTT 3.1.1 cannot say no, so a
+    broker acknowledges and silently drops a denied publish: use ``5`` where broker ACLs are used."""
+    client_id: str | None = None
+    """MQTT client id; default ``cleanroom-edge-{agent id}``. Must be unique on the broker."""
+    topic_prefix: str = Field(default="cleanroom", pattern=r"^[^#+]+$")
+    """First level(s) of every topic: ``{prefix}/{device}/data``, ``{prefix}/{device}/events``,
+    ``{prefix}/agent/status``."""
+    keepalive: Duration = Field(default=30.0, ge=5)
+    """MQTT keepalive: a dead connection is noticed after about 1.5 times this."""
+    username: str | None = None
+    """User name for broker authentication."""
+    password: SecretStr | None = None
+    """Password (write ``${ENV_VAR}`` to take it from the environment); never logged or echoed."""
+    password_file: Path | None = None
+    """File holding the password (first line), instead of ``password``."""
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    """TLS settings."""
+    inflight_window: int = Field(default=16, ge=1, le=1000)
+    """Maximum unacknowledged publishes (data and events). Bounds memory and the duplicates a
+    reconnect can cause."""
+    flush_interval: Duration = Field(default=0.2, gt=0)
+    """After new rows are committed, wait this long to batch them into fewer, larger messages."""
+    flush_max_readings: int = Field(default=5000, ge=1)
+    """Readings per data message at most; reaching it also ends the wait of ``flush_interval``."""
+    reconnect_min: Duration = Field(default=1.0, gt=0)
+    """First reconnect delay; doubles per failed attempt (with ±25 % jitter) up to ``reconnect_max``."""
+    reconnect_max: Duration = Field(default=60.0, gt=0)
+    """Upper bound of the reconnect delay."""
+    connect_timeout: Duration = Field(default=5.0, gt=0)
+    """Time allowed for the TCP and TLS handshake of one connection attempt."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or password_file, not both")
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min must not exceed reconnect_max")
+        return self
+
+    def resolve_password(self) -> str | None:
+        """The password from ``password`` or ``password_file``; a missing file is a config error."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is None:
+            return None
+        try:
+            text = self.password_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"mqtt.password_file {self.password_file}: {exc.strerror}") from None
+        return text.splitlines()[0] if text else ""
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    """Who is publishing: carried in the retained status, so a consumer can tell which agent build
+    and configuration produced the data it receives."""
+
+    agent_id: str
+    version: str
+    config_hash: str
+    site: str = ""
+
+
+class Forwarder:
+    """Committed rows -> MQTT, one paho client for the agent's lifetime."""
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        buffer: AsyncBuffer,
+        identity: AgentIdentity,
+        encoder: PayloadEncoder | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.buffer = buffer
+        self.identity = identity
+        self.encoder = encoder or JsonEncoder(identity.agent_id)
+        self.client_id = cfg.client_id or f"cleanroom-edge-{identity.agent_id}"
+        self.status_topic = f"{cfg.topic_prefix}/{AGENT_DEVICE}/status"
+        self._password = cfg.resolve_password()
+        self._ssl = _ssl_context(cfg.tls) if cfg.tls.enabled else None
+        self._client = self._make_client()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._client_lock = threading.Lock()
+        self._stopping = False
+        self._connected = False
+        self._refused = False
+        self._session_ended = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._mark_wake = asyncio.Event()
+        self._marking = False
+        self._cursor = 0
+        self._inflight: dict[int, Message] = {}
+        self._to_mark: list[int] = []
+        self._status_acks: dict[int, asyncio.Future[None]] = {}
+        self._notified = 0
+        self._notified_since = 0.0
+        self._last_rescan = 0.0
+        self._counts = dict.fromkeys(
+            ("published", "published_readings", "acked", "acked_readings", "rejected", "reconnects"), 0
+        )
+        self._last_error: str | None = None
+        self._connected_since: float | None = None
+
+    # ------------------------------------------------------------------ paho side (its thread)
+
+    def _make_client(self) -> mqtt.Client:
+        v5 = self.cfg.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=None if v5 else True,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        client.connect_timeout = self.cfg.connect_timeout
+        client.max_inflight_messages_set(self.cfg.inflight_window + 2)
+        if self.cfg.username is not None:
+            client.username_pw_set(self.cfg.username, self._password)
+        if self._ssl is not None:
+            client.tls_set_context(self._ssl)
+        will = {"schema": STATUS_SCHEMA, "status": "offline", "agent": self.identity.agent_id,
+                "reason": "connection_lost"}  # fmt: skip
+        client.will_set(self.status_topic, dumps(will), qos=1, retain=True)
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_publish = self._paho_publish
+        return client
+
+    def _to_loop(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._to_loop(self._on_connect, not reason.is_failure, str(reason))
+
+    def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._to_loop(self._on_disconnect, str(reason))
+
+    def _paho_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self._to_loop(self._on_puback, mid, not reason.is_failure, str(reason))
+
+    def _connect_blocking(self) -> bool:
+        """One connection attempt (TCP, TLS, CONNECT), then paho's network thread. Under the client
+        lock so :meth:`stop` never races a half-made connection."""
+        with self._client_lock:
+            if self._stopping:
+                return False
+            self._refused = False
+            client = self._client
+            client.loop_stop()
+            if self.cfg.protocol == "5":
+                client.connect(self.cfg.host, self.cfg.port, int(self.cfg.keepalive), clean_start=True)
+            else:
+                client.connect(self.cfg.host, self.cfg.port, int(self.cfg.keepalive))
+            client.loop_start()
+            return True
+
+    def _shutdown_blocking(self) -> None:
+        with self._client_lock:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    # ------------------------------------------------------------------ loop side
+
+    def _on_connect(self, ok: bool, reason: str) -> None:
+        if not ok:
+            self._refused = True
+            error = f"broker refused connection: {reason}"
+            if error != self._last_error:  # once per streak, not once per retry
+                log.error("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
+            self._last_error = error
+            return
+        self._connected = True
+        self._connected_since = time.monotonic()
+        log.info("connected to broker %s:%d", self.cfg.host, self.cfg.port)
+        online = {"schema": STATUS_SCHEMA, "status": "online", "agent": self.identity.agent_id,
+                  "version": self.identity.version, "config_hash": self.identity.config_hash,
+                  "site": self.identity.site, "ts": now_ns()}  # fmt: skip
+        self._client.publish(self.status_topic, dumps(online), qos=1, retain=True)
+        self._wake.set()
+
+    def _on_disconnect(self, reason: str) -> None:
+        was = self._connected
+        self._connected = False
+        self._session_ended.set()
+        if self._stopping:
+            return
+        if was:
+            self._last_error = f"disconnected: {reason}"
+            log.warning("lost broker connection (%s); %d publishes in flight will be resent",
+                        reason, len(self._inflight))  # fmt: skip
+        elif not self._refused:
+            # Closed before a CONNACK, without a refusal: e.g. the broker rejected our client
+            # certificate after the TLS 1.3 handshake had already completed on our side.
+            self._last_error = f"connection closed before the broker accepted it: {reason}"
+
+    def _on_puback(self, mid: int, ok: bool, reason: str) -> None:
+        status = self._status_acks.pop(mid, None)
+        if status is not None:
+            if not status.done():
+                status.set_result(None)
+            return
+        msg = self._inflight.pop(mid, None)
+        if msg is None:
+            return
+        if ok:
+            self._counts["acked"] += 1
+            self._counts["acked_readings"] += _readings(msg.records)
+            self._to_mark.extend(r.id for r in msg.records)
+            self._mark_wake.set()
+        else:
+            # The rows stay undelivered; the idle rescan sends them again.
+            self._counts["rejected"] += 1
+            self._last_error = f"broker rejected a publish: {reason}"
+            log.error("broker rejected a publish of %d rows: %s", len(msg.records), reason)
+        self._wake.set()
+
+    def _on_commit(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
+        if not self._notified:
+            self._notified_since = time.monotonic()
+        self._notified += sum(len(b.values) for b in blocks) + len(events)
+        self._wake.set()
+
+    # ------------------------------------------------------------------ tasks
+
+    async def start(self) -> None:
+        """Begin connecting in the background: a broker that is down never fails the agent's start."""
+        self._loop = asyncio.get_running_loop()
+        self.buffer.add_listener(self._on_commit)
+        self._tasks = [
+            asyncio.create_task(self._connection_loop(), name="mqtt-connection"),
+            asyncio.create_task(self._pump(), name="mqtt-pump"),
+            asyncio.create_task(self._marker(), name="mqtt-marker"),
+        ]
+        self._wake.set()
+
+    async def _connection_loop(self) -> None:
+        delay = self.cfg.reconnect_min
+        attempts = 0
+        while not self._stopping:
+            self._session_ended.clear()
+            try:
+                started = await asyncio.to_thread(self._connect_blocking)
+            except Exception as exc:  # OSError, ssl.SSLError, ValueError...: never end the retry loop
+                self._last_error = f"connect to {self.cfg.host}:{self.cfg.port} failed: {exc}"
+                if attempts == 0:
+                    log.warning("%s; retrying with backoff", self._last_error)
+            else:
+                if not started:
+                    return
+                await self._session_ended.wait()
+                if self._connected_since is not None:  # the broker accepted us: start backoff afresh
+                    delay = self.cfg.reconnect_min
+                    attempts = 0
+                self._connected_since = None
+            if self._stopping:
+                return
+            attempts += 1
+            self._counts["reconnects"] += 1
+            await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(delay * 2, self.cfg.reconnect_max)
+
+    async def _pump(self) -> None:
+        cfg = self.cfg
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RESCAN_INTERVAL_S)
+            self._wake.clear()
+            if not self._connected:
+                continue
+            if self._notified and self._notified < cfg.flush_max_readings:
+                # Fresh data: let a batch accumulate (bounded by flush_interval from its first commit).
+                delay = cfg.flush_interval - (time.monotonic() - self._notified_since)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            self._notified = 0
+            self._maybe_rewind()
+            try:
+                await self._fill()
+            except Exception as exc:
+                self._last_error = f"reading the buffer failed: {exc}"
+                log.exception("forwarding failed; retrying")
+                await asyncio.sleep(1.0)
+
+    def _maybe_rewind(self) -> None:
+        """Rows behind the cursor that are still undelivered were rejected or replayed: start over
+        from the oldest undelivered row, but only when nothing is in flight or waiting to be marked,
+        so no acknowledged row is sent twice."""
+        now = time.monotonic()
+        if now - self._last_rescan < RESCAN_INTERVAL_S or self._inflight or self._to_mark or self._marking:
+            return
+        self._last_rescan = now
+        self._cursor = 0
+
+    async def _fill(self) -> None:
+        window = self.cfg.inflight_window
+        while self._connected and len(self._inflight) < window:
+            records = await self.buffer.pending(self._cursor, FETCH_ROWS)
+            if not records:
+                return
+            chunks, taken = _batches(records, self.cfg.flush_max_readings, window - len(self._inflight))
+            self._cursor = records[taken - 1].id
+            for (device, kind), chunk in chunks:
+                for msg in self.encoder.encode(device, kind, chunk):
+                    self._publish(device, msg)
+
+    def _publish(self, device: str, msg: Message) -> None:
+        info = self._client.publish(f"{self.cfg.topic_prefix}/{device}/{msg.suffix}", msg.payload, qos=1)
+        # Even when the connection just dropped, paho keeps a QoS 1 message queued and sends it on
+        # reconnect; only a full queue loses it (cannot happen: the window bounds it).
+        self._inflight[info.mid] = msg
+        self._counts["published"] += 1
+        self._counts["published_readings"] += _readings(msg.records)
+
+    async def _marker(self) -> None:
+        while True:
+            await self._mark_wake.wait()
+            self._mark_wake.clear()
+            while self._to_mark:
+                ids, self._to_mark = self._to_mark, []
+                self._marking = True
+                try:
+                    await self.buffer.mark_delivered(ids)
+                except Exception as exc:
+                    # Not marked means sent again later: a duplicate, never a loss.
+                    self._last_error = f"marking delivered failed: {exc}"
+                    log.exception("marking %d rows delivered failed", len(ids))
+                finally:
+                    self._marking = False
+
+    async def _idle(self) -> bool:
+        if self._inflight or self._to_mark or self._marking:
+            return False
+        return not await self.buffer.pending(self._cursor, 1)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Deliver what is committed within ``grace_s``, publish the retained ``offline`` status,
+        disconnect. Whatever is not acknowledged by then stays in the buffer for the next start."""
+        if not self._tasks:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while loop.time() < deadline and not await self._idle():
+            self._wake.set()
+            await asyncio.sleep(0.02)
+        self._tasks[1].cancel()  # the pump: nothing new is published from here on
+        if self._connected:
+            offline = {"schema": STATUS_SCHEMA, "status": "offline", "agent": self.identity.agent_id,
+                       "reason": "clean_stop", "ts": now_ns()}  # fmt: skip
+            info = self._client.publish(self.status_topic, dumps(offline), qos=1, retain=True)
+            ack = loop.create_future()
+            self._status_acks[info.mid] = ack
+            try:
+                await asyncio.wait_for(ack, max(0.5, min(2.0, deadline - loop.time())))
+            except TimeoutError:
+                log.warning("broker did not acknowledge the offline status")
+        self._stopping = True
+        await asyncio.to_thread(self._shutdown_blocking)
+        self._session_ended.set()
+        # Acks that arrived before the disconnect are marked; the rest is resent next start.
+        await asyncio.sleep(0)
+        while self._to_mark or self._marking:
+            self._mark_wake.set()
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._connected = False
+        log.info("forwarder stopped: %s", self.stats())
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connected": self._connected,
+            "broker": f"{self.cfg.host}:{self.cfg.port}",
+            "client_id": self.client_id,
+            **self._counts,
+            "inflight": len(self._inflight),
+            "last_error": self._last_error,
+        }
+
+
+def _readings(records: Sequence[StoredRecord]) -> int:
+    return sum(r.n for r in records if r.kind == "data")
+
+
+def _batches(
+    records: Sequence[StoredRecord], max_readings: int, room: int
+) -> tuple[list[tuple[tuple[str, str], list[StoredRecord]]], int]:
+    """Messages-to-be for the longest prefix of ``records`` (id order) that fits in ``room``
+    messages: per (device, kind), consecutive rows up to ``max_readings`` readings each. Returns the
+    chunks in the order they were opened (per device: id order) and the prefix length, which is
+    where the cursor goes: rows past it were not sent, so the window is exact and nothing is sent
+    twice."""
+    chunks: list[tuple[tuple[str, str], list[StoredRecord]]] = []
+    open_chunk: dict[tuple[str, str], list[StoredRecord]] = {}
+    size: dict[tuple[str, str], int] = {}
+    taken = 0
+    for r in records:
+        key = (r.device, r.kind)
+        if key not in open_chunk or size[key] + r.n > max_readings:
+            if len(chunks) >= room:
+                break
+            open_chunk[key], size[key] = [], 0
+            chunks.append((key, open_chunk[key]))
+        open_chunk[key].append(r)
+        size[key] += r.n
+        taken += 1
+    return chunks, taken
+
+
+def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """Verification on unless explicitly turned off; file problems are config errors at init."""
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.cert_file is not None:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"mqtt.tls: cannot load certificates: {exc}") from None
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx

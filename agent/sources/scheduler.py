@@ -1,0 +1,355 @@
+"""Polls every device on its own schedule and hands what it reads to the buffer.
+
+One :class:`DeviceRunner` per device, one task per poll group, so a dead or slow
+device never delays another. Polls start on absolute ticks (``t0 + k·interval``, the
+first at once), so there is no drift over hours. A poll that runs past whole ticks is
+an overrun: the missed ticks are counted and skipped, and a block of bad readings
+(reason ``overrun``) marks the hole; a poll merely late starts at once.
+
+The runner owns the device connection: a failed connect or a
+:class:`~agent.core.driver.DeviceError` closes the driver and reconnects with exponential
+backoff and jitter, and while the device is away every tick of every group still
+yields a block of bad-quality readings, so the gap is visible downstream in the data
+itself, with ``device_state`` events marking its start and end.
+
+Subscription groups (a driver with ``supports_subscribe`` and a group with
+``mode: subscribe``) are subscribed after each connect; their tick calls ``read``,
+which for such a group is the driver's liveness check (it returns nothing, or raises
+:class:`DeviceError` when the link is dead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.core.device import ResolvedDevice
+from agent.core.driver import DeviceContext, DeviceError, Driver, PollGroup
+from agent.core.records import Block, Event, Reason, Severity, now_ns
+
+log = logging.getLogger("cleanroom.scheduler")
+
+Submit = Callable[[Sequence[Block], Sequence[Event]], None]
+
+STOP_TIMEOUT_S = 5.0
+"""How long a device's loops may take to wind down on stop before they are abandoned."""
+
+STATE_SEP = ":"
+"""Driver state keys are stored as ``{device}:{key}`` so drivers need not namespace them."""
+
+
+class DeviceState(Mapping[str, str]):
+    """A device's view of the committed driver state: live (it follows every commit, so a
+    driver can see that its watermark was committed) and with the device prefix removed."""
+
+    def __init__(self, all_state: Mapping[str, str], device: str) -> None:
+        self._all = all_state
+        self._prefix = device + STATE_SEP
+
+    def __getitem__(self, key: str) -> str:
+        return self._all[self._prefix + key]
+
+    def __iter__(self) -> Iterator[str]:
+        n = len(self._prefix)
+        return (k[n:] for k in list(self._all) if k.startswith(self._prefix))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def backoff_delay(failures: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: the n-th consecutive failure waits about
+    ``lo·2^(n-1)`` (capped at ``hi``), scaled by a random factor in [0.5, 1] so that many
+    devices that failed together (a switch reboot) do not reconnect in lockstep."""
+    base: float = min(hi, lo * 2.0 ** max(0, failures - 1))
+    return base * rng.uniform(0.5, 1.0)
+
+
+@dataclass
+class GroupStats:
+    polls: int = 0
+    failed: int = 0
+    overruns: int = 0
+    last_poll_ns: int | None = None
+    last_ok_ns: int | None = None
+    jitter_s: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+class DeviceRunner:
+    """Connection state machine and poll loops of one device."""
+
+    def __init__(
+        self, device: ResolvedDevice, submit: Submit, state: Mapping[str, str], seed: int = 0
+    ) -> None:
+        self.device = device
+        self.id = device.id
+        self._submit = submit
+        self.ctx = DeviceContext(
+            id=device.id,
+            profile=device.profile,
+            connection=device.connection,
+            groups=device.groups,
+            state=DeviceState(state, device.id),
+        )
+        self.driver: Driver = device.driver(self.ctx)
+        self.connected = False
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.failures = 0
+        self.group_stats = {name: GroupStats() for name in device.groups}
+        self.up = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rng = random.Random(f"{seed}:{device.id}")
+        self._subscribed = [
+            g
+            for g in device.groups.values()
+            if self.driver.supports_subscribe and getattr(g.spec, "mode", "poll") == "subscribe"
+        ]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._connection_loop(), name=f"conn:{self.id}"))
+        t0 = time.monotonic()
+        for group in self.device.groups.values():
+            self._tasks.append(
+                asyncio.create_task(self._poll_loop(group, t0), name=f"poll:{self.id}:{group.name}")
+            )
+
+    async def stop(self) -> None:
+        """Cancel the loops and close the driver, in bounded time: a protocol stack that
+        swallows cancellation must not hang the agent's shutdown."""
+        for t in self._tasks:
+            t.cancel()
+        _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S) if self._tasks else (set(), set())
+        for t in stuck:
+            log.error(
+                "%s: task %s did not stop within %.0f s; abandoned", self.id, t.get_name(), STOP_TIMEOUT_S
+            )
+        self._tasks.clear()
+        await self._close_driver()
+
+    # ------------------------------------------------------------------ connection
+
+    async def _connection_loop(self) -> None:
+        conn = self.device.connection
+        while True:
+            self.state = "connecting"
+            try:
+                await asyncio.wait_for(self._connect(), timeout=max(conn.timeout * 2, 1.0))
+                _honour_cancel()
+            except (DeviceError, TimeoutError, OSError) as exc:
+                reason = _reason(exc)
+                self._failed(reason, str(exc) or reason)
+                self.state = "backoff"
+                await asyncio.sleep(
+                    backoff_delay(self.failures, conn.backoff_min, conn.backoff_max, self._rng)
+                )
+                continue
+            self._mark_connected()
+            await self._lost.wait()
+            self._lost.clear()
+            await self._close_driver()
+            self.state = "backoff"
+            await asyncio.sleep(backoff_delay(self.failures, conn.backoff_min, conn.backoff_max, self._rng))
+
+    async def _connect(self) -> None:
+        await self.driver.connect()
+        for group in self._subscribed:
+            await self.driver.subscribe(group, self._emit)
+
+    def _emit(self, block: Block) -> None:
+        self._hand_over([block])
+
+    def _mark_connected(self) -> None:
+        was = self.last_error
+        self.connected = True
+        self.state = "connected"
+        self.failures = 0
+        self.up.set()
+        if was is not None:
+            self.ctx.stats.reconnects += 1
+        self.last_error = None
+        if was is not None:
+            log.info("%s: connected again", self.id)
+        self._submit(
+            (), [Event(self.id, "device_state", Severity.INFO, {"state": "connected", "previous_error": was})]
+        )
+
+    def _failed(self, reason: str, detail: str) -> None:
+        """Count a failure; on the transition to failed say so once (one log line and a
+        ``device_state`` event), not once per retry."""
+        announce = self.connected or self.last_error is None
+        self.failures += 1
+        self.ctx.stats.error(reason)
+        self.connected = False
+        self.up.clear()
+        self.last_error = reason
+        if announce:
+            log.warning("%s: %s (%s); reconnecting with backoff", self.id, reason, detail)
+            data = {"state": "disconnected", "reason": reason, "detail": detail}
+            self._submit((), [Event(self.id, "device_state", Severity.WARNING, data)])
+
+    def _link_lost(self, reason: str, detail: str) -> None:
+        if self.connected:
+            self._failed(reason, detail)
+            self._lost.set()
+
+    async def _close_driver(self) -> None:
+        try:
+            await asyncio.wait_for(self.driver.close(), timeout=5)
+        except Exception as exc:  # close must never take the agent down
+            log.debug("%s: close failed: %s", self.id, exc)
+
+    # ------------------------------------------------------------------ polling
+
+    def _poll_deadline(self, group: PollGroup) -> float:
+        """A poll may take the group's timeout if set, else twice the connection timeout
+        (room for the driver's own retry), but never longer than needed to keep ticking."""
+        if group.spec.timeout is not None:
+            return group.spec.timeout
+        return max(self.device.connection.timeout * 2, min(group.interval_s, 10.0))
+
+    async def _poll_loop(self, group: PollGroup, t0: float) -> None:
+        stats = self.group_stats[group.name]
+        interval = group.interval_s
+        k = -1
+        while True:
+            k += 1
+            tick = t0 + k * interval
+            late = time.monotonic() - tick
+            if late >= interval:
+                # The previous poll ran past whole ticks: those polls did not happen.
+                # One bad block (reason ``overrun``) marks the hole in the data.
+                missed = math.floor(late / interval)
+                stats.overruns += missed
+                self._submit([group.bad(Reason.OVERRUN)], ())
+                k += missed
+                tick = t0 + k * interval
+            await asyncio.sleep(max(0.0, tick - time.monotonic()))
+            stats.jitter_s.append(time.monotonic() - tick)
+            await self._poll_once(group, stats)
+            _honour_cancel()
+
+    async def _poll_once(self, group: PollGroup, stats: GroupStats) -> None:
+        stats.polls += 1
+        acq = now_ns()
+        stats.last_poll_ns = acq
+        if not self.connected and self.state == "connecting":
+            # A connect attempt is under way: give it the poll's time before calling the poll failed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.up.wait(), self._poll_deadline(group))
+        if not self.connected:
+            stats.failed += 1
+            if not self.driver.backfills(group):
+                self._submit([group.bad(self.last_error or Reason.NOT_CONNECTED, acq)], ())
+            return
+        try:
+            blocks = await asyncio.wait_for(self.driver.read(group), timeout=self._poll_deadline(group))
+        except (DeviceError, TimeoutError, OSError) as exc:
+            reason = _reason(exc)
+            stats.failed += 1
+            self._submit([group.bad(reason, acq)], ())
+            self._link_lost(reason, str(exc) or reason)
+            return
+        except Exception as exc:
+            # A driver bug must not stop acquisition of this or any other device: the
+            # poll is recorded as bad and the connection recycled.
+            log.exception("%s/%s: driver failed unexpectedly", self.id, group.name)
+            stats.failed += 1
+            self._submit([group.bad("driver_error", acq)], ())
+            self._link_lost("driver_error", repr(exc))
+            return
+        if blocks:
+            self._hand_over(blocks)
+        stats.last_ok_ns = acq
+
+    def _hand_over(self, blocks: Sequence[Block]) -> None:
+        """Submit what the driver produced: blocks with their state keys namespaced by
+        device, and the events a driver attached to them (e.g. a counter's buffer wrap),
+        in the same commit."""
+        events: list[Event] = []
+        for b in blocks:
+            if b.state:
+                b.state = {f"{self.id}{STATE_SEP}{k}": v for k, v in b.state.items()}
+            if b.events:
+                events.extend(b.events)
+                b.events = None
+        self._submit(blocks, events)
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        groups = {}
+        for name, s in self.group_stats.items():
+            jit = sorted(s.jitter_s)
+            groups[name] = {
+                "interval_s": self.device.groups[name].interval_s,
+                "polls": s.polls,
+                "failed": s.failed,
+                "overruns": s.overruns,
+                "last_poll": _iso(s.last_poll_ns),
+                "last_ok": _iso(s.last_ok_ns),
+                "jitter_p99_ms": round(jit[min(len(jit) - 1, int(0.99 * len(jit)))] * 1000, 3)
+                if jit
+                else None,
+            }
+        return {
+            "protocol": self.device.driver.protocol,
+            "profile": self.device.profile.profile,
+            "state": self.state,
+            "connected": self.connected,
+            "last_error": self.last_error,
+            "consecutive_failures": self.failures,
+            "groups": groups,
+            "driver": self.ctx.stats.snapshot(),
+        }
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, DeviceError):
+        return exc.reason
+    return Reason.TIMEOUT if isinstance(exc, TimeoutError) else Reason.COMM_ERROR
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds")
+
+
+def _honour_cancel() -> None:
+    """Python 3.11's ``wait_for`` returns the awaited result when a cancel arrives in the same
+    loop pass, and the cancel is lost; a loop calls this after such a wait, or stop() waits its
+    5 s and abandons a task that keeps polling a closed driver."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+class Scheduler:
+    """All device runners; started and stopped together."""
+
+    def __init__(self, devices: Sequence[ResolvedDevice], submit: Submit, state: Mapping[str, str]) -> None:
+        self.runners = [DeviceRunner(d, submit, state) for d in devices if d.config.enabled]
+
+    def start(self) -> None:
+        for r in self.runners:
+            r.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(r.stop() for r in self.runners))
+
+    def status(self) -> dict[str, Any]:
+        return {r.id: r.status() for r in self.runners}

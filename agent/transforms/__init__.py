@@ -1,0 +1,1 @@
+"""What runs on committed records: rule limits and anomaly inference (both add events)."""

@@ -1,0 +1,464 @@
+"""On-device anomaly detection: committed readings -> per-binding windows -> ONNX score
+-> hysteresis -> ``anomaly`` / ``drift`` events.
+
+A *binding* is one model applied to one device. The engine sees exactly what the
+buffer committed (``on_committed`` runs on the event loop after each commit), copies
+the bound tags into per-binding accumulators and returns; a single worker thread
+resamples, scores (one onnxruntime session per model, batched across every device of
+that model) and decides. Models stay advisory (Annex 22 draft): an anomaly is an
+event for people, and ``shadow`` bindings record what they would have raised without
+alerting anyone.
+
+Report-by-exception sources (OPC UA subscriptions, deadbands) send a tag only when it
+changes, and poll groups of one device arrive as separate blocks; so a block rarely
+carries every signal of a model. A signal missing from a block takes its last good
+value (*held*) for as long as no other news of it arrives: an unchanged value is still
+the value, and an OPC UA server never re-sends a setpoint or a flow that stays constant
+for days. A bad or uncertain reading ends the hold at once, and a lost link or a dead
+subscription yields bad-quality gap readings on every tick of every group
+(:mod:`agent.sources.scheduler`), so a hold never bridges a period the agent knows nothing about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from agent.buffer.audit import Auditor
+from agent.core.driver import ProfileBase
+from agent.core.records import Block, Event, Quality, Severity, Value
+from agent.transforms.manifest import Manifest, ModelError, verify
+from agent.transforms.scoring import DriftChange, LoadedModel, Ready, Settings, Track, Transition
+from cleanroom_common.bundled import package_dir
+from cleanroom_common.fields import Strict
+
+log = logging.getLogger("cleanroom.inference")
+
+
+class ModelOverrides(Strict):
+    """Site-specific adjustments of a model's decision settings. Every override is audited
+    at load, because it changes what the validated model reports."""
+
+    threshold: float | None = Field(default=None, gt=0)
+    """Replaces the manifest's calibrated score threshold (higher = fewer, later alarms)."""
+    raise_after: int | None = Field(default=None, ge=1)
+    """Replaces the manifest's number of consecutive windows over the threshold that raise an alarm."""
+    clear_after: int | None = Field(default=None, ge=1)
+    """Replaces the manifest's number of consecutive windows under the threshold that clear an alarm."""
+    min_completeness: float | None = Field(default=None, gt=0, le=1)
+    """Replaces the manifest's minimum fraction of good samples a window needs to be scored."""
+
+
+class ModelBindingConfig(Strict):
+    """One anomaly model applied to one or more devices (one entry of ``models:``)."""
+
+    manifest: Path
+    """The model's ``*.model.yaml`` manifest; the ``.onnx`` it names must match its sha256 or the model is
+    refused. Relative paths are tried against the working directory, then the agent's install folder
+    (where ``models/`` ships).
+    """
+    devices: list[str] = Field(default_factory=list)
+    """Device ids the model scores. Give either this or ``device_kind``."""
+    device_kind: str | None = None
+    """Bind to every configured device whose profile has this ``device_kind`` (e.g. ``bioreactor``)."""
+    signals: dict[str, str] = Field(default_factory=dict)
+    """Model signal name -> device tag name, for tags named differently from the model's signals (default:
+    same name). Covers the signals of the model's operating envelope too.
+    """
+    mode: Literal["shadow", "active"] = "shadow"
+    """``shadow``: anomalies are recorded (``"shadow": true``, severity info) but never alert; ``active``:
+    they are alarms. Start in shadow; activating is an audited change.
+    """
+    overrides: ModelOverrides = Field(default_factory=ModelOverrides)
+    """Optional replacements of the manifest's threshold, hysteresis and completeness settings."""
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ModelBindingConfig:
+        if bool(self.devices) == (self.device_kind is not None):
+            raise ValueError("give exactly one of 'devices' (a list of ids) or 'device_kind'")
+        return self
+
+
+# --------------------------------------------------------------------------- runtime
+
+INSTALL_ROOT = package_dir("agent.bundled")
+"""Where the bundled data is installed (``models/`` ships here)."""
+
+
+def resolve_manifest(path: Path) -> Path:
+    """The manifest as given, else relative to the install folder (so ``models/x.model.yaml`` works
+    anywhere).
+    """
+    if path.is_absolute() or path.exists():
+        return path
+    return INSTALL_ROOT / path
+
+
+def _number(v: Value) -> float:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        return float(v)
+    return math.nan
+
+
+@dataclass
+class Binding:
+    """One model on one device: the tag mapping, the decision track and the samples
+    copied from commits that the worker has not taken yet."""
+
+    key: str
+    device: str
+    model: LoadedModel
+    track: Track
+    tags: list[str]
+    """Device tag per model signal, in model order, then per envelope signal
+    (:attr:`Manifest.data_names`)."""
+    mode: Literal["shadow", "active"]
+    cols: dict[tuple[str, ...], tuple[list[int], list[int]]] = field(default_factory=dict)
+    ts: list[float] = field(default_factory=list)
+    rows: list[list[float]] = field(default_factory=list)
+    held: list[float] = field(default_factory=list)
+    """Last good value per signal (NaN after a bad reading), for signals a block lacks."""
+
+    def row(self, block: Block, sig: list[int], pos: list[int]) -> list[float]:
+        """One sample row: the block's readings, held values for the signals it lacks."""
+        if not self.held:
+            self.held = [math.nan] * len(self.tags)
+        held = self.held
+        values, quality = block.values, block.quality
+        for s, i in zip(sig, pos, strict=True):
+            v = values[i] if quality is None or quality[i] is Quality.GOOD else math.nan
+            held[s] = v if type(v) is float else _number(v)  # a float (the usual reading) as it is
+        return held.copy()
+
+    def columns(self, tags: Sequence[str]) -> tuple[list[int], list[int]]:
+        """(model signal indices, block positions) of this binding's tags in a block."""
+        key = tuple(tags)
+        got = self.cols.get(key)
+        if got is None:
+            where = {t: i for i, t in enumerate(tags)}
+            pairs = [(s, where[t]) for s, t in enumerate(self.tags) if t in where]
+            got = ([s for s, _ in pairs], [i for _, i in pairs])
+            self.cols[key] = got
+        return got
+
+    def take(self) -> tuple[list[float], list[list[float]]]:
+        """The copied samples, as lists: a tick's one sample stays plain floats up to its window."""
+        ts, rows = self.ts, self.rows
+        self.ts, self.rows = [], []
+        return ts, rows
+
+
+def _block_time(block: Block, positions: list[int]) -> float:
+    """Source time when the device gave one, else acquisition time (seconds)."""
+    src = block.source_ts_ns
+    if isinstance(src, int):
+        return src / 1e9
+    if isinstance(src, list):
+        known = [src[i] for i in positions if src[i] is not None]
+        if known:
+            return max(t for t in known if t is not None) / 1e9
+    return block.acq_ts_ns / 1e9
+
+
+def plan(
+    cfg: ModelBindingConfig, manifest: Manifest | ModelError, devices: Mapping[str, ProfileBase]
+) -> list[tuple[str, str, list[str], str | None]]:
+    """(binding key, device, tag per data signal, problem or None) for each target device."""
+    if cfg.device_kind is not None:
+        targets = [d for d, p in devices.items() if p.device_kind == cfg.device_kind]
+        if not targets:
+            return [
+                (
+                    f"{cfg.manifest}@kind:{cfg.device_kind}",
+                    "agent",
+                    [],
+                    f"no device of kind {cfg.device_kind!r}",
+                )
+            ]
+    else:
+        targets = cfg.devices
+    out: list[tuple[str, str, list[str], str | None]] = []
+    for device in targets:
+        if isinstance(manifest, ModelError):
+            out.append((f"{cfg.manifest}@{device}", device, [], str(manifest)))
+            continue
+        key = f"{manifest.id}@{device}"
+        names = manifest.data_names
+        tags = [cfg.signals.get(s, s) for s in names]
+        profile = devices.get(device)
+        if profile is None:
+            out.append((key, device, tags, f"device {device!r} is not configured"))
+            continue
+        known = {t.name for t in profile.tags}
+        missing = [f"{s}->{t}" for s, t in zip(names, tags, strict=True) if t not in known]
+        problem = f"profile {profile.profile!r} has no tag for {', '.join(missing)}" if missing else None
+        out.append((key, device, tags, problem))
+    return out
+
+
+def _taken(key: str, i: int, owner: dict[str, int]) -> str | None:
+    """A model scores a device once: a second binding of the same model to the same device
+    (two entries, or ``devices`` and ``device_kind`` overlapping) would double every event."""
+    first = owner.setdefault(key, i)
+    return None if first == i else f"this model is already bound to this device by models[{first}]"
+
+
+class InferenceEngine:
+    """Scores committed readings with the bound models; see the module docstring.
+
+    Lifecycle: ``await start()`` loads and verifies every model (a model whose file
+    does not match its manifest is refused, audited and shown in ``status()``; the
+    other bindings run), ``on_committed`` feeds it, ``await stop()`` ends it.
+    """
+
+    def __init__(
+        self,
+        config: Sequence[ModelBindingConfig],
+        devices: Mapping[str, ProfileBase],
+        emit: Callable[[Event], None],
+        auditor: Auditor,
+    ) -> None:
+        self.config = list(config)
+        self.devices = devices
+        self.emit = emit
+        self.auditor = auditor
+        self.bindings: dict[str, Binding] = {}
+        self.refused: dict[str, str] = {}
+        self._by_device: dict[str, list[Binding]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._done = asyncio.Event()
+        self._busy = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        models: dict[Path, LoadedModel | ModelError] = {}
+        owner: dict[str, int] = {}
+        for i, cfg in enumerate(self.config):
+            path = resolve_manifest(cfg.manifest)
+            if path not in models:
+                try:
+                    models[path] = await loop.run_in_executor(self._pool, LoadedModel, path)
+                except ModelError as exc:
+                    models[path] = exc
+            self._bind(i, cfg, models[path], owner)
+        self._task = asyncio.create_task(self._run(), name="inference")
+
+    def _bind(
+        self, i: int, cfg: ModelBindingConfig, loaded: LoadedModel | ModelError, owner: dict[str, int]
+    ) -> None:
+        manifest = loaded if isinstance(loaded, ModelError) else loaded.manifest
+        for key, device, tags, planned in plan(cfg, manifest, self.devices):
+            problem = planned or _taken(key, i, owner)
+            if problem is not None:
+                self._refuse(key if key not in self.bindings else f"models[{i}]:{key}", problem, device)
+                continue
+            assert isinstance(loaded, LoadedModel)
+            m = loaded.manifest
+            overrides = cfg.overrides.model_dump(exclude_none=True)
+            binding = Binding(key, device, loaded, Track(loaded, Settings.of(m, **overrides)), tags, cfg.mode)
+            self.bindings[key] = binding
+            self._by_device.setdefault(device, []).append(binding)
+            self.auditor.record(
+                "model_load",
+                key,
+                device=device,
+                new={**loaded.ident, "mode": cfg.mode, "tags": dict(zip(m.data_names, tags, strict=True))},
+                why=f"binding from configuration; overrides {overrides or 'none'}",
+            )
+
+    @staticmethod
+    def check(config: Sequence[ModelBindingConfig], devices: Mapping[str, ProfileBase]) -> list[str]:
+        """Every binding problem (missing or altered model, unknown device, unmapped tag),
+        for ``validate``: the same checks :meth:`start` applies, without starting anything."""
+        problems = []
+        owner: dict[str, int] = {}
+        for i, cfg in enumerate(config):
+            try:
+                manifest: Manifest | ModelError = verify(resolve_manifest(cfg.manifest))[0]
+            except ModelError as exc:
+                manifest = exc
+            for key, _, _, planned in plan(cfg, manifest, devices):
+                problem = planned or _taken(key, i, owner)
+                if problem:
+                    problems.append(f"models[{i}] {key}: {problem}")
+        return problems
+
+    def _refuse(self, key: str, reason: str, device: str = "agent") -> None:
+        log.error("model binding %s refused: %s", key, reason)
+        self.refused[key] = reason
+        self.auditor.record("model_refused", key, device=device, why=reason, severity=Severity.ALARM)
+
+    async def stop(self) -> None:
+        """Score what was already copied (bounded: 5 s), then stop the worker."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self.idle()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for key, b in self.bindings.items():
+            self.auditor.record("model_unload", key, device=b.device, old=b.model.ident, why="agent stopping")
+        self.bindings.clear()
+        self._by_device.clear()
+
+    def set_mode(
+        self, key: str, mode: Literal["shadow", "active"], why: str, actor: str | None = None
+    ) -> None:
+        """Switch a binding between shadow and active (an audited change)."""
+        b = self.bindings[key]
+        if b.mode == mode:
+            return
+        self.auditor.record("model_mode", key, device=b.device, old=b.mode, new=mode, why=why, actor=actor)
+        b.mode = mode
+
+    # ------------------------------------------------------------------ data path
+
+    def on_committed(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
+        """Copy the bound tags' good readings of committed blocks; never blocks the loop."""
+        if self._task is None:
+            return
+        fed = False
+        for block in blocks:
+            for b in self._by_device.get(block.device, ()):
+                sig, pos = b.columns(block.tags)
+                if not sig:
+                    continue
+                t = _block_time(block, pos)
+                b.ts.append(t)
+                b.rows.append(b.row(block, sig, pos))
+                fed = True
+        if fed:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            work = [(b, *b.take()) for b in self.bindings.values() if b.ts]
+            if not work:
+                self._done.set()
+                continue
+            self._busy = True
+            try:
+                events = await loop.run_in_executor(self._pool, self._score, work)
+            except Exception:  # a scoring bug must not stop acquisition: log it, keep going
+                log.exception("inference worker failed; these samples were not scored")
+                events = []
+            finally:
+                self._busy = False
+            for event in events:
+                self.emit(event)
+            self._done.set()
+
+    async def idle(self) -> None:
+        """Wait until every copied sample has been scored and its events emitted (for tests
+        and clean hand-overs; bound it with ``asyncio.timeout``)."""
+        while self._task is not None and (
+            self._busy or self._wake.is_set() or any(b.ts for b in self.bindings.values())
+        ):
+            self._done.clear()
+            await self._done.wait()
+
+    def _score(self, work: list[tuple[Binding, list[float], list[list[float]]]]) -> list[Event]:
+        """Worker thread: windows of all bindings of one model in one ``session.run``."""
+        by_model: dict[int, list[tuple[Binding, Ready]]] = {}
+        for b, ts, rows in work:
+            by_model.setdefault(id(b.model), []).append((b, b.track.feed_rows(ts, rows)))
+        events: list[Event] = []
+        for group in by_model.values():
+            model = group[0][0].model
+            windows = [r.windows for _, r in group]
+            scores, contribs = model.score(np.concatenate(windows))
+            at = 0
+            for b, ready in group:
+                n = len(ready.windows)
+                decision = b.track.decide(ready, scores[at : at + n], contribs[at : at + n])
+                at += n
+                events += [self._anomaly(b, t) for t in decision.transitions]
+                events += [self._drift(b, d) for d in ready.drift]
+        return events
+
+    def _anomaly(self, b: Binding, t: Transition) -> Event:
+        shadow = b.mode == "shadow"
+        top = [{**x, "tag": b.tags[b.model.manifest.signal_names.index(x["signal"])]} for x in t.top]
+        data: dict[str, Any] = {
+            "phase": t.phase,
+            "binding": b.key,
+            "model": b.model.ident,
+            "mode": b.mode,
+            "shadow": shadow,
+            "score": round(t.score, 4),
+            "peak_score": round(t.peak_score, 4),
+            "threshold": b.track.settings.threshold,
+            "start_ts": int(t.started * 1e9),
+            "top_signals": top,
+        }
+        if t.phase == "end":
+            data["end_ts"] = int(t.ts * 1e9)
+            data["duration_s"] = round(t.ts - t.started, 3)
+        if shadow:
+            data["severity_if_active"] = str(Severity.ALARM if t.phase == "start" else Severity.INFO)
+        severity = Severity.ALARM if t.phase == "start" and not shadow else Severity.INFO
+        return Event(b.device, "anomaly", severity, data)
+
+    def _drift(self, b: Binding, d: DriftChange) -> Event:
+        bounds = b.model.manifest.drift
+        data = {
+            "phase": d.phase,
+            "binding": b.key,
+            "model": b.model.ident,
+            "mode": b.mode,
+            "ts": int(d.ts * 1e9),
+            "signals": d.signals,
+            "bounds": {"mean_shift_sigma": bounds.mean_shift_sigma, "psi": bounds.psi},
+        }
+        return Event(b.device, "drift", Severity.WARNING if d.phase == "start" else Severity.INFO, data)
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, b in self.bindings.items():
+            t = b.track
+            drift = t.drift
+            out[key] = {
+                "device": b.device,
+                "model": b.model.ident,
+                "mode": b.mode,
+                "state": t.state,
+                "alarm": t.debounce.active,
+                "last_score": None if t.last_score is None else round(t.last_score, 4),
+                "threshold": t.settings.threshold,
+                "window_completeness": None if t.last_completeness is None else round(t.last_completeness, 3),
+                "windows_scored": t.windows_scored,
+                "windows_incomplete": t.windows_incomplete,
+                "windows_out_of_envelope": t.windows_out_of_envelope,
+                "late_samples": t.acc.late,
+                "drift": {"active": drift.active, "signals": drift.last} if drift else None,
+            }
+        for key, reason in self.refused.items():
+            out[key] = {"state": "refused", "error": reason}
+        return out

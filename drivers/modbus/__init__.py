@@ -1,0 +1,1 @@
+"""The ``modbus`` driver; registered in the ``cleanroom_edge.drivers`` entry-point group."""
