@@ -33,7 +33,9 @@ from pymodbus.simulator import SimData, SimDevice
 
 from agent.core.driver import DeviceContext, build_groups
 from cleanroom_common.codec import DataType, decode, register_count
-from drivers.modbus.driver import Connection, ModbusDriver, _as_tag, _decode_plan, build_plan
+from drivers.modbus.config import Connection, as_tag
+from drivers.modbus.driver import ModbusDriver
+from drivers.modbus.plan import build_plan, decode_plan
 
 MAX_REGS = 125
 MAX_GAP = 10
@@ -127,13 +129,13 @@ def decode_timing(n_tags: int = 10_000, repeat: int = 20) -> dict[str, float]:
     tags = [{"name": f"t{i}", "address": 400001 + i, "type": "int16"} for i in range(n_tags)]
     driver = driver_for(tags, 502)
     group = driver.ctx.groups["default"]
-    plan = build_plan([_as_tag(t) for t in group.tag_specs], driver.conn)
+    plan = build_plan([as_tag(t) for t in group.tag_specs], driver.conn)
     rng = np.random.default_rng(1)
     regs = rng.integers(0, 65536, size=plan.n_regs, dtype=np.uint16)
     bits = np.zeros(0, dtype=np.bool_)
 
     def vectorised() -> None:
-        values, quality, reasons = _decode_plan(plan, regs, bits, {})
+        values, quality, reasons = decode_plan(plan, regs, bits, {})
         group.finish(values, quality=quality, reasons=reasons)
 
     starts = [

@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from cleanroom_common.net import free_port
 
 NS = "urn:cleanroom-edge:bench"
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,14 +150,8 @@ async def measure_naive(url: str, nodes: int, seconds: float) -> dict[str, float
         await client.disconnect()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def run(nodes: int, seconds: float) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

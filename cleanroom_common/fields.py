@@ -7,9 +7,10 @@ Durations and sizes are written the way people write them (``250ms``, ``7d``,
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationInfo
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|min|m|h|d|w)\s*$")
@@ -68,6 +69,35 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
 """Bytes, written as ``512MiB``, ``2GiB``, ``100MB`` (or a bare number of bytes)."""
+
+
+FILE_DIR = "file_dir"
+"""Key of the validation context naming the folder of the file being validated:
+``Model.model_validate(data, context={FILE_DIR: path.parent})``."""
+
+
+def relative_to_file(fallback: Path | None = None) -> AfterValidator:
+    """The one rule for paths written in a file: a relative path is relative to the folder
+    of the file that names it, never to wherever the program was started. With
+    ``fallback`` (a folder shipped in the package), a relative path that names nothing
+    next to the file is looked up under ``fallback`` instead: the site's files first, the
+    shipped ones after. Without a :data:`FILE_DIR` context (a model built in code) a path
+    is kept as given."""
+
+    def resolve(value: Path, info: ValidationInfo) -> Path:
+        base = info.context.get(FILE_DIR) if isinstance(info.context, dict) else None
+        if base is None or value.is_absolute():
+            return value
+        local = Path(base) / value
+        if fallback is None or local.exists() or not (fallback / value).exists():
+            return local
+        return fallback / value
+
+    return AfterValidator(resolve)
+
+
+ConfigPath = Annotated[Path, relative_to_file()]
+"""A file or folder named in a configuration or profile file (relative to that file)."""
 
 
 class Strict(BaseModel):

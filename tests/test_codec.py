@@ -4,6 +4,7 @@ decoding agree, and the word orders put bytes where the vendors' manuals say."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from cleanroom_common.codec import (
     encode,
     register_count,
 )
+from cleanroom_common.modbus import TABLE_OF_FUNCTION, TABLES, AddressError, locate
 
 _INT_RANGES = {
     DataType.INT16: (-(2**15), 2**15 - 1),
@@ -130,3 +132,51 @@ def test_decode_rejects_wrong_register_count_and_non_ascii() -> None:
         decode([0xC3A9], DataType.STRING, length=2)
     with pytest.raises(CodecError, match="longer than"):
         encode("ABCDE", DataType.STRING, length=4)
+
+
+# --------------------------------------------------------------------------- addressing
+
+
+@pytest.mark.parametrize(
+    ("address", "kwargs", "expected"),
+    [
+        (40001, {}, ("holding", 0)),
+        (30010, {}, ("input", 9)),
+        (10001, {}, ("discrete", 0)),
+        (17, {}, ("coil", 16)),
+        (400001, {}, ("holding", 0)),
+        (465536, {}, ("holding", 65535)),
+        (310000, {}, ("input", 9999)),
+        (40001, {"table": "holding"}, ("holding", 0)),
+        (40001, {"address_base": 0}, ("holding", 1)),
+        (307, {"table": "holding", "vendor_notation": False, "address_base": 0}, ("holding", 307)),
+        (307, {"table": "input", "vendor_notation": False}, ("input", 306)),
+    ],
+)
+def test_vendor_and_plain_addresses_locate_their_register(
+    address: int, kwargs: dict[str, Any], expected: tuple[str, int]
+) -> None:
+    assert locate(address, **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "kwargs", "message"),
+    [
+        (25001, {}, "not in vendor notation"),
+        (40001, {"table": "input"}, "is a holding address"),
+        (5, {"vendor_notation": False}, "needs an explicit table"),
+        (40000, {}, "below the first register"),
+        (465536, {"address_base": 0}, "past the last register"),
+    ],
+)
+def test_addresses_that_name_no_register_are_refused(
+    address: int, kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(AddressError, match=message):
+        locate(address, **kwargs)
+
+
+def test_every_function_code_names_the_table_of_its_read() -> None:
+    reads = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
+    assert {fc: TABLE_OF_FUNCTION[fc] for fc in reads} == reads
+    assert set(TABLE_OF_FUNCTION.values()) == set(TABLES)

@@ -23,14 +23,16 @@ from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
 from agent.core.driver import DeviceContext, DeviceError, build_groups
+from agent.core.events import DataLoss, LossReason
 from agent.core.records import Block, Quality
 from bench.modbus_requests import fewest_reads
 from cleanroom_common.codec import DataType, WordOrder, encode
-from drivers.modbus import driver as modbus
-from drivers.modbus.driver import Connection, ModbusDriver
+from cleanroom_common.net import free_port
+from cleanroom_common.profilefiles import load_profile
+from drivers.modbus import bus as buses
+from drivers.modbus.driver import DEGRADED, Connection, ModbusDriver
+from drivers.modbus.plan import coalesce
 from simulators.servers.modbus import serve_counter_modbus, serve_incubator_modbus
-from simulators.servers.registers import load_profile
-from tests.support import free_port
 
 Action = Callable[[int, int, int, int, list[int], Any], Awaitable[ExcCodes | None]]
 
@@ -231,10 +233,10 @@ async def test_coalescing_issues_the_planned_requests(
 
 
 def test_coalesce_never_splits_a_value_and_respects_limits() -> None:
-    reads = modbus.coalesce([(0, 4), (3, 4), (120, 4), (124, 2)], max_count=125, max_gap=200)
+    reads = coalesce([(0, 4), (3, 4), (120, 4), (124, 2)], max_count=125, max_gap=200)
     assert reads == [(0, 124), (124, 2)]  # (120, 4) stays whole in the first read
     with pytest.raises(ValueError, match="exceeds"):
-        modbus.coalesce([(0, 126)], max_count=125, max_gap=0)
+        coalesce([(0, 126)], max_count=125, max_gap=0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -244,7 +246,7 @@ def test_coalesce_never_splits_a_value_and_respects_limits() -> None:
     st.integers(0, 20),
 )
 def test_coalesce_is_minimal_and_valid(spans: list[tuple[int, int]], max_count: int, max_gap: int) -> None:
-    reads = modbus.coalesce(spans, max_count, max_gap)
+    reads = coalesce(spans, max_count, max_gap)
     assert len(reads) == fewest_reads(spans, max_count, max_gap)
     for start, width in spans:  # every value inside exactly one read, whole
         assert sum(1 for a, c in reads if a <= start and start + width <= a + c) >= 1
@@ -442,7 +444,7 @@ async def test_silence_raises_timeout_then_the_device_is_degraded(caplog: pytest
         finally:
             await driver.close()
     assert srv.requests == asked == 2  # a degraded device costs the bus nothing
-    assert all(b.reasons == [modbus.DEGRADED] and b.values == [None] for b in skipped)
+    assert all(b.reasons == [DEGRADED] and b.values == [None] for b in skipped)
     assert driver.ctx.stats.errors["timeout"] == 2
     # one log line per state change (timeout, then degraded), not one per failed poll
     assert [r.message.split(":")[1].split()[0] for r in caplog.records] == ["timeout", "degraded"]
@@ -465,7 +467,7 @@ async def test_degrading_survives_the_scheduler_cancelling_a_slow_poll() -> None
         finally:
             await driver.close()
     assert srv.requests == asked + 1
-    assert skipped.reasons == [modbus.DEGRADED]
+    assert skipped.reasons == [DEGRADED]
 
 
 async def test_close_after_scan_reconnects_for_every_poll() -> None:
@@ -500,7 +502,7 @@ async def test_lost_connection_raises_and_reconnect_resumes() -> None:
         await driver.close()
         with pytest.raises(DeviceError):
             await driver.connect()  # still down: a clean connect error, no bus left behind
-        assert not modbus._BUSES
+        assert not buses._BUSES
         srv.server = ModbusTcpServer([sim_device(1, holding=[4] * 8)], address=("127.0.0.1", srv.port))
         await srv.server.serve_forever(background=True)
         await driver.connect()
@@ -517,7 +519,7 @@ async def test_unreachable_device_fails_connect_cleanly() -> None:
     with pytest.raises(DeviceError) as err:
         await driver.connect()
     assert err.value.reason == "not_connected"
-    assert not modbus._BUSES  # the failed attempt left no bus behind
+    assert not buses._BUSES  # the failed attempt left no bus behind
 
 
 # --------------------------------------------------------------------------- gateways
@@ -543,7 +545,7 @@ async def test_units_behind_one_gateway_share_one_connection() -> None:
         await srv.server.shutdown()
     assert (a.values, b.values, c.values) == ([11], [22], [22])
     assert {u for u, *_ in srv.requests} == {1, 2}
-    assert not modbus._BUSES
+    assert not buses._BUSES
 
 
 # --------------------------------------------------------------------------- records mode
@@ -654,7 +656,14 @@ async def test_records_mode_drains_in_order_with_watermark_status_and_wrap_loss(
     assert [b.values[3] for b in after_wrap] == [107, 108, 109, 110, 111]
     loss = after_wrap[0].events
     assert loss is not None and loss[0].kind == "data_loss"
-    assert loss[0].data["reason"] == "device_buffer_wrapped" and loss[0].data["estimated_records"] == 3
+    # gone: the records between the last one delivered (k=3) and the oldest left (k=7)
+    assert DataLoss.from_event(loss[0]) == DataLoss(
+        LossReason.DEVICE_BUFFER_WRAPPED,
+        group="counts",
+        first_ts=(1_700_000_000 + 180) * 10**9,
+        last_ts=(1_700_000_000 + 420) * 10**9,
+        detail="about 3 records (one every 60 s)",
+    )
     assert [b.values[3] for b in newest] == [111]
     assert counter.writes > 0 and not any(e.kind for b in delivered for e in (b.events or []))
 
@@ -718,10 +727,13 @@ async def test_records_cleared_at_the_device_is_a_loss_event() -> None:
     assert [b.values[3] for b in after] == [106, 107]
     assert after[0].events is not None
     event = after[0].events[0]
-    assert (event.kind, event.data["reason"], event.data["estimated_records"]) == (
-        "data_loss",
-        "device_buffer_cleared",
-        2,
+    assert event.kind == "data_loss"
+    assert DataLoss.from_event(event) == DataLoss(
+        LossReason.DEVICE_BUFFER_CLEARED,
+        group="counts",
+        first_ts=(1_700_000_000 + 180) * 10**9,
+        last_ts=(1_700_000_000 + 360) * 10**9,
+        detail="about 2 records (one every 60 s)",
     )
 
 

@@ -23,10 +23,10 @@ from pymodbus.framer import FramerRTU
 
 from agent.core.driver import DeviceContext, DeviceError, build_groups
 from agent.core.records import Block
-from drivers.modbus import driver as modbus
+from cleanroom_common.profilefiles import load_profile
+from drivers.modbus import bus as buses
 from drivers.modbus.driver import Connection, ModbusDriver
 from simulators.servers.modbus import serve_counter_modbus, serve_incubator_modbus
-from simulators.servers.registers import load_profile
 
 
 def crc(frame: bytes) -> bytes:
@@ -139,7 +139,7 @@ async def test_units_share_one_port_and_a_silent_unit_does_not_starve_the_others
     assert isinstance(two, Block) and two.values == [22, 2]
     assert isinstance(three, DeviceError) and three.reason == "timeout"
     assert again.values == [11, -1]
-    assert not modbus._BUSES  # last device closed the port
+    assert not buses._BUSES  # last device closed the port
     # Requests on the bus never overlap, and the next frame waits out the request delay.
     pairs = list(zip(line.wire, line.wire[1:], strict=False))
     assert all(not (a == "request" == b and t2 - t1 < 0.29) for (a, t1), (b, t2) in pairs)
@@ -177,22 +177,22 @@ async def test_missing_serial_port_is_a_clean_connect_error(tmp_path: Any) -> No
     with pytest.raises(DeviceError) as err:
         await driver.connect()
     assert err.value.reason == "not_connected"
-    assert not modbus._BUSES
+    assert not buses._BUSES
 
 
 def test_rtu_devices_on_one_port_must_agree_on_line_settings() -> None:
     async def scenario() -> None:
         a = rtu_driver("/dev/ttyFAKE0", 1)
         b = rtu_driver("/dev/ttyFAKE0", 2, baudrate=9600)
-        bus = modbus._acquire_bus(a.conn)
+        bus = buses.acquire_bus(a.conn)
         try:
             with pytest.raises(DeviceError, match="disagree on line settings"):
-                modbus._acquire_bus(b.conn)
+                buses.acquire_bus(b.conn)
         finally:
-            modbus._release_bus(bus)
+            buses.release_bus(bus)
 
     asyncio.run(scenario())
-    assert not modbus._BUSES
+    assert not buses._BUSES
 
 
 def test_inter_frame_gap_follows_the_baud_rate() -> None:

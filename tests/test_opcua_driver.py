@@ -30,12 +30,12 @@ from pydantic import ValidationError
 from agent.core.certs import create_certificate
 from agent.core.driver import DeviceContext, DeviceError, build_groups
 from agent.core.records import Block, Quality
+from cleanroom_common.net import free_port
 from drivers.opcua import driver as opcua
 from drivers.opcua.driver import OpcUaDriver
 from simulators.servers.faults import CommFault
 from simulators.servers.opcua import APPLICATION_URI as SIM_SERVER_URI
 from simulators.servers.opcua import serve_bioreactor_opcua
-from tests.support import free_port
 
 NS = "urn:cleanroom-test:bioreactor"
 OTHER = "urn:cleanroom-test:other"

@@ -29,15 +29,19 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from agent.core.driver import DeviceContext, DeviceError, build_groups
+from agent.core.events import DataLoss, LossReason
 from agent.core.records import Block, Quality
-from drivers.serial_counter.driver import (
+from cleanroom_common.serial_counter import (
+    M3_PER_UNIT,
+    CounterRecord,
     FrameError,
-    SerialCounterDriver,
     checksum,
+    format_record,
     frame,
     parse_record,
     parse_reply,
 )
+from drivers.serial_counter.driver import SerialCounterDriver
 from simulators.servers.faults import CommFault
 from simulators.servers.serial_ascii import serve_counter_serial
 
@@ -302,10 +306,15 @@ async def test_records_dropped_at_the_device_become_one_data_loss_event(peer: Co
         await drv.close()
     first_events = buf.blocks[0].events or []
     assert [e.data["records"] for e in first_events] == [2]
-    assert events is not None and [
-        (e.kind, e.data["records"], e.data["device_lost_total"]) for e in events
-    ] == [("data_loss", 5, 7)]
-    assert events[0].data["after_ts"] == T0 * 10**9 and events[0].data["before_ts"] == (T0 + 60) * 10**9
+    assert events is not None and [e.kind for e in events] == ["data_loss"]
+    assert DataLoss.from_event(events[0]) == DataLoss(
+        LossReason.DEVICE_QUEUE_FULL,
+        records=5,
+        first_ts=T0 * 10**9,
+        last_ts=(T0 + 60) * 10**9,
+        group="records",
+        detail="the counter has dropped 7 records since it started",
+    )
     restarted = make_driver(peer.path, dict(buf.state))  # the committed count survives a restart
     await restarted.connect()
     try:
@@ -313,6 +322,26 @@ async def test_records_dropped_at_the_device_become_one_data_loss_event(peer: Co
     finally:
         await restarted.close()
     assert len(buf.blocks) == 3 and not buf.blocks[2].events, "no loss reported twice"
+
+
+async def test_loss_across_a_clock_set_back_is_reported_without_a_reversed_interval() -> None:
+    p = CounterPeer([record(5), record(1)])  # the device clock went back between the two
+    p.lost = 0
+    buf = FakeBuffer()
+    drv = make_driver(p.path, buf.state)
+    group = drv.ctx.groups["records"]
+    try:
+        await drv.connect()
+        buf.commit(await drv.read(group))
+        p.lost = 4
+        [second] = await drv.read(group)
+    finally:
+        await drv.close()
+        p.close()
+    [event] = second.events or []
+    loss = DataLoss.from_event(event)
+    assert (loss.records, loss.first_ts, loss.last_ts) == (4, None, (T0 + 60) * 10**9)
+    assert loss.detail is not None and f"at {(T0 + 300) * 10**9} ns" in loss.detail
 
 
 async def test_another_instrument_on_the_port_ignores_the_old_watermark(peer: CounterPeer) -> None:
@@ -446,6 +475,32 @@ def test_record_parser_on_near_valid_fields(fields: list[str]) -> None:
 @given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=120))
 def test_frame_round_trip(payload: str) -> None:
     assert parse_reply(frame(payload)) == payload
+
+
+_NAME = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcxyz0123456789-_.", max_size=16)
+_TENTHS = st.integers(min_value=0, max_value=10**6).map(lambda k: k / 10)
+_CHANNELS = st.lists(st.tuples(_TENTHS, st.integers(min_value=0, max_value=10**9)), max_size=8).map(tuple)
+
+
+@given(
+    st.builds(
+        CounterRecord,
+        ts_ns=st.integers(min_value=0, max_value=4_102_444_799).map(lambda s: s * 1_000_000_000),
+        sensor=_NAME,
+        serial=_NAME,
+        laser_ok=st.booleans(),
+        flow_ok=st.booleans(),
+        sample_valid=st.booleans(),
+        sample_time_s=st.integers(min_value=0, max_value=86_400).map(float),
+        volume=_TENTHS,
+        volume_unit=st.sampled_from(sorted(M3_PER_UNIT)),
+        channels=_CHANNELS,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_record_format_round_trip(rec: CounterRecord) -> None:
+    """What the simulated counter writes, the driver reads back field for field."""
+    assert parse_record(format_record(rec)) == rec
 
 
 # --------------------------------------------------------------------------- against the simulator

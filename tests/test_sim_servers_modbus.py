@@ -16,9 +16,10 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 
+from cleanroom_common.modbus import locate
+from cleanroom_common.profilefiles import load_profile
 from simulators.servers.faults import CommFault
 from simulators.servers.modbus import ModbusSim, serve_bioreactor_modbus
-from simulators.servers.registers import load_profile, pdu_address
 
 DT = AsyncModbusTcpClient.DATATYPE
 _TYPES = {
@@ -32,7 +33,7 @@ _TYPES = {
 
 def reference_decode(tag: dict[str, Any], regs: list[int]) -> float | bool:
     """Decode one tag from a table dump (index = PDU address) the way a third-party client would."""
-    start = pdu_address(tag["table"], tag["address"])
+    _, start = locate(tag["address"], tag["table"])
     if "bit" in tag:
         return bool((regs[start] >> tag["bit"]) & 1)
     dtype = _TYPES[tag["type"]]

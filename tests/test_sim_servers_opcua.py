@@ -12,9 +12,9 @@ import pytest
 from asyncua import Client, ua
 
 from agent.core.certs import create_certificate
+from cleanroom_common.profilefiles import load_profile
 from simulators.servers.faults import CommFault
 from simulators.servers.opcua import APPLICATION_URI, NAMESPACE, serve_bioreactor_opcua
-from simulators.servers.registers import load_profile
 
 PROFILE = load_profile("bioreactor-sim-opcua")
 

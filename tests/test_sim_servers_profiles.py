@@ -4,16 +4,19 @@ are served from, and are all documented in docs/simulators.md."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agent.core.driver import load_drivers
+from cleanroom_common.bundled import profiles_dir
+from cleanroom_common.profilefiles import load_profile
 from simulators.process.base import Clock
 from simulators.servers.device import SimulatedDevice
 from simulators.servers.modbus import unit_for
-from simulators.servers.registers import PROFILE_DIR, load_profile
+from simulators.servers.registers import slots_of
 
-SIM_PROFILES = sorted(p.stem for p in PROFILE_DIR.glob("*-sim*.yaml"))
+SIM_PROFILES = sorted(p.stem for p in profiles_dir().glob("*-sim*.yaml"))
 DOC = Path(__file__).resolve().parents[1] / "docs" / "simulators.md"
 
 
@@ -42,6 +45,21 @@ def test_modbus_profile_fits_its_model(name: str) -> None:
     device = SimulatedDevice.create(data["device_kind"], "dev-1", clock=Clock(1.0), seed=0)
     unit = unit_for(device, data)  # raises when a tag names a value the device does not produce
     assert unit.read("holding" if "holding" in unit.image.spans else "input", 0, 1)
+
+
+MODBUS_PROFILES = sorted(
+    p.stem for p in profiles_dir().glob("*.yaml") if load_profile(p.stem)["protocol"] == "modbus"
+)
+
+
+@pytest.mark.parametrize("name", MODBUS_PROFILES)
+def test_simulator_serves_each_tag_where_the_driver_reads_it(name: str) -> None:
+    """One addressing rule for both sides, every notation the profiles use (the generic
+    example has them all: vendor, six-digit, plain with a base, defaults)."""
+    data = load_profile(name)
+    profile: Any = load_drivers()["modbus"].profile_model().model_validate(data)
+    driver_side = {t.name: t.locate() for t in profile.tags}
+    assert {s.name: (s.table, s.start) for s in slots_of(data)} == driver_side
 
 
 @pytest.mark.parametrize("name", SIM_PROFILES)

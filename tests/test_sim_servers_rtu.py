@@ -10,10 +10,10 @@ import pytest
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 
+from cleanroom_common.profilefiles import load_profile
 from simulators.servers.counter import CMD_CLEAR, CMD_SET_CLOCK, CMD_START, CMD_STOP, NEWEST
 from simulators.servers.faults import CommFault
 from simulators.servers.modbus import serve_counter_modbus, serve_incubator_modbus
-from simulators.servers.registers import load_profile
 from tests.test_sim_servers_modbus import assert_matches_model
 
 F32 = AsyncModbusSerialClient.DATATYPE.FLOAT32

@@ -134,6 +134,18 @@ async def test_pty_link_and_garbage_input_do_not_break_the_server(tmp_path: Path
     assert not link.exists()
 
 
+async def test_non_ascii_before_a_checksum_is_refused_not_a_crash() -> None:
+    async with serve_counter_serial(speed=1) as sim:
+
+        def run() -> list[bytes]:
+            with serial.Serial(sim.pty_path, 9600, timeout=1.0) as port:
+                port.write(b"\xffCQC*00\r\nCSN\r\n")
+                return [port.readline(), port.readline()]
+
+        first, second = (parse(x) for x in await asyncio.to_thread(run))
+        assert first == "ERR CHECKSUM" and second.startswith("RSN ")
+
+
 def test_doc_examples_have_valid_checksums() -> None:
     text = DOC.read_text()
     examples = re.findall(r"`((?:R[A-Z]{2}|ERR)[^`*]*)\*([0-9A-F]{2})(?:\\r\\n)?`", text)

@@ -18,22 +18,20 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from agent.transforms.limits import GMP_ACTION
 from cleanroom_common.fields import Duration
+from cleanroom_common.particle_limits import GMP_ACTION, ISO_SLOPE, Grade, RoomState
 from simulators.process.base import Fault, ModelParams, ProcessModel, Signal, register
 from simulators.process.faults import CounterFlowFaultParams, ParticleBurstParams, ParticleFactorParams
 
-ISO_SLOPE = 2.08
-
-# EU GMP Annex 1 (2022) limits, particles/m³ at (0.5 µm, 5.0 µm), from the agent's own table
-# so simulator and limit monitor cannot disagree. D in operation is set by risk assessment:
-# the simulator takes 10x the at-rest value, like the other grades' steps.
-GRADE_LIMITS: dict[tuple[str, str], tuple[float, float]] = {
+# EU GMP Annex 1 (2022) limits, particles/m³ at (0.5 µm, 5.0 µm), from the table the agent's
+# limit rules use, so simulator and limit monitor cannot disagree. D in operation is set by
+# risk assessment: the simulator takes 10x the at-rest value, like the other grades' steps.
+GRADE_LIMITS: dict[tuple[Grade, RoomState], tuple[float, float]] = {
     key: (a, b) if a is not None and b is not None else (35_200_000, 293_000)
     for key, (a, b) in GMP_ACTION.items()
 }
@@ -63,9 +61,9 @@ def channel_key(size_um: float) -> str:
 class ParticleCounterParams(ModelParams):
     """Room, sampling and buffer settings of one counter."""
 
-    grade: Literal["A", "B", "C", "D"] = "A"
+    grade: Grade = "A"
     """EU GMP grade of the room or zone being monitored."""
-    state: Literal["at_rest", "in_operation"] = "at_rest"
+    state: RoomState = "at_rest"
     """Room state; sets background level and which Annex 1 limit the threshold bit uses."""
     channels_um: tuple[float, ...] = (0.3, 0.5, 1.0, 5.0)
     """Channel sizes (µm), smallest first; counts are cumulative (≥ size)."""

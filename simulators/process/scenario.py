@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
+from cleanroom_common.bundled import package_dir
 from cleanroom_common.fields import Duration, Strict
 from simulators.process.base import MODELS, ProcessModel, create_model
 from simulators.process.faults import COMM_FAULTS, FAULT_PARAMS, Fault
@@ -292,9 +293,19 @@ def _merge(plant: dict[str, Any], scenario: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def scenario_path(name_or_path: str | Path) -> Path:
+    """A scenario file: a path as given, or a bare name (``plant``) of a scenario shipped with
+    the simulators, so an installed ``cleanroom-sim`` needs no checkout to find them."""
+    path = Path(name_or_path)
+    if path.suffix or path.exists() or len(path.parts) != 1:
+        return path
+    return package_dir("simulators", "scenarios", f"{path.name}.yaml")
+
+
 def load_scenario(path: str | Path) -> Scenario:
-    """Load and validate a scenario or plant file; every problem is a ``ValueError`` naming the key."""
-    path = Path(path)
+    """Load and validate a scenario or plant file (a path or a shipped scenario's name); every
+    problem is a ``ValueError`` naming the key."""
+    path = scenario_path(path)
     data = _read_yaml(path)
     ref = data.get("scenario")
     if ref is not None:

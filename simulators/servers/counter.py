@@ -17,10 +17,10 @@ from typing import Any, cast
 
 from pymodbus.constants import ExcCodes
 
+from cleanroom_common.modbus import Table, locate
 from simulators.process.particle_counter import ParticleCounter, SampleRecord, channel_key
 from simulators.servers.device import SimulatedDevice, Value
-from simulators.servers.modbus import ModbusUnit
-from simulators.servers.registers import pdu_address
+from simulators.servers.modbus_unit import ModbusUnit
 
 COMMAND_REGISTER = 40002
 """Holding register taking commands (Lighthouse REMOTE map)."""
@@ -63,6 +63,11 @@ def record_values(model: ParticleCounter, rec: SampleRecord | None) -> dict[str,
     return out
 
 
+def _holding(address: int) -> int:
+    """PDU address of a holding register written in vendor notation (the counter's map is fixed)."""
+    return locate(address, "holding")[1]
+
+
 class CounterUnit(ModbusUnit):
     """A remote counter's Modbus map: live status in holding registers, the record chosen
     by the index register in the input registers."""
@@ -70,10 +75,10 @@ class CounterUnit(ModbusUnit):
     def __init__(self, device: SimulatedDevice, profile: Mapping[str, Any]) -> None:
         self.model = counter_model(device)
         spec = cast(dict[str, Any], profile["groups"]["records"]["records"])
-        self.count_reg = pdu_address("holding", int(spec["count_address"]))
-        self.index_reg = pdu_address("holding", int(spec["index_address"]))
-        self.command_reg = pdu_address("holding", COMMAND_REGISTER)
-        self.clock_reg = pdu_address("holding", CLOCK_SET_REGISTER)
+        self.count_reg = _holding(int(spec["count_address"]))
+        self.index_reg = _holding(int(spec["index_address"]))
+        self.command_reg = _holding(COMMAND_REGISTER)
+        self.clock_reg = _holding(CLOCK_SET_REGISTER)
         self.selected = NEWEST
         self.read_upto = -1
         """Highest record index shown in the input registers (drives the new-data bit)."""
@@ -117,7 +122,7 @@ class CounterUnit(ModbusUnit):
         super().refresh()
         self.image.tables["holding"][self.index_reg] = self.selected
 
-    def read(self, table: str, address: int, count: int) -> list[int] | ExcCodes:
+    def read(self, table: Table, address: int, count: int) -> list[int] | ExcCodes:
         words = super().read(table, address, count)
         rec = self._selected_record()
         if (
@@ -130,7 +135,7 @@ class CounterUnit(ModbusUnit):
             self.invalidate()  # the new-data bit changes
         return words
 
-    def write(self, table: str, address: int, words: list[int]) -> ExcCodes | None:
+    def write(self, table: Table, address: int, words: list[int]) -> ExcCodes | None:
         """Index selection, clock staging and commands; the rest of the map is read-only."""
         if table != "holding":
             return ExcCodes.ILLEGAL_ADDRESS

@@ -6,9 +6,9 @@ server sends. The transports are ours, because the simulator must misbehave on
 purpose: answer nothing, answer garbage, or drop one connection, per unit and per
 fault window. pymodbus's server offers no hook for that.
 
-Each unit holds a :class:`RegisterImage` built from its profile and refreshed from the
-model (advanced to the shared clock) on every request, so a client always reads the
-process as it is at that simulated instant.
+Each unit (:mod:`simulators.servers.modbus_unit`) holds a register image built from its
+profile and refreshed from the model (advanced to the shared clock) on every request, so
+a client always reads the process as it is at that simulated instant.
 """
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ from pymodbus.exceptions import ModbusIOException
 from pymodbus.framer import FramerBase, FramerRTU, FramerSocket
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 
+from cleanroom_common.modbus import BIT_TABLES, TABLE_OF_FUNCTION
+from cleanroom_common.profilefiles import load_profile
 from simulators.process.base import Clock
-from simulators.servers.device import SimulatedDevice, Value
+from simulators.servers.counter import CounterUnit
+from simulators.servers.device import SimulatedDevice
 from simulators.servers.faults import CommFault, FaultSchedule
+from simulators.servers.modbus_unit import ModbusUnit
 from simulators.servers.pty import PtyPort
-from simulators.servers.registers import FUNCTION_TABLE, RegisterImage, load_profile, slots_of
 
 log = logging.getLogger(__name__)
 
@@ -46,58 +49,6 @@ _MAX_BUFFER = 1024
 """Unparsable input beyond this is discarded: a garbage stream must not grow memory."""
 
 
-class ModbusUnit:
-    """One unit id: a simulated device behind its profile's register image."""
-
-    def __init__(self, device: SimulatedDevice, profile: Mapping[str, Any]) -> None:
-        self.device = device
-        self.profile_name = str(profile.get("profile", "?"))
-        slots = slots_of(profile)
-        self.image = RegisterImage(slots)
-        self.setpoints = [s for s in slots if s.table == "holding" and s.name in device.model.SETPOINTS]
-        self._filled_at: float | None = None
-        """Model time the image was encoded at; ``None`` after anything else changed it."""
-        self.image.check_values(self.values(), f"{self.profile_name} on {device.device_id}")
-
-    def values(self) -> Mapping[str, Value]:
-        return self.device.values()
-
-    def refresh(self) -> None:
-        """Advance the model; re-encode only when it moved on (it steps on a fixed grid, so
-        a client polling faster than the step reads the same image) or was written to."""
-        self.device.now()
-        t = self.device.model.t
-        if t != self._filled_at:
-            self.image.fill(self.values())
-            self._filled_at = t
-
-    def invalidate(self) -> None:
-        self._filled_at = None
-
-    def read(self, table: str, address: int, count: int) -> list[int] | ExcCodes:
-        self.refresh()
-        words = self.image.read(table, address, count)
-        return ExcCodes.ILLEGAL_ADDRESS if words is None else words
-
-    def write(self, table: str, address: int, words: list[int]) -> ExcCodes | None:
-        """Writes reach the model only through its setpoints; everything else is read-only."""
-        end = address + len(words)
-        hit = [s for s in self.setpoints if s.start < end and address < s.start + s.width]
-        if table != "holding" or not hit:
-            return ExcCodes.ILLEGAL_ADDRESS
-        if any(s.start < address or s.start + s.width > end for s in hit):
-            return ExcCodes.ILLEGAL_VALUE  # half of a multi-register value
-        for s in hit:
-            value = s.value_of(words[s.start - address : s.start - address + s.width])
-            try:
-                self.device.model.set_setpoint(s.name, value)
-            except ValueError:
-                return ExcCodes.ILLEGAL_VALUE
-        self.invalidate()
-        self.refresh()
-        return None
-
-
 class _Datastore:
     """The context object pymodbus requests run against (``pdu.datastore_update``)."""
 
@@ -107,18 +58,18 @@ class _Datastore:
     async def async_getValues(
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> list[int] | list[bool] | ExcCodes:
-        table = FUNCTION_TABLE.get(func_code)
+        table = TABLE_OF_FUNCTION.get(func_code)
         if table is None:
             return ExcCodes.ILLEGAL_FUNCTION
         words = self.units[device_id].read(table, address, count)
-        if isinstance(words, ExcCodes) or table in ("holding", "input"):
+        if isinstance(words, ExcCodes) or table not in BIT_TABLES:
             return words
         return [bool(w) for w in words]
 
     async def async_setValues(
         self, device_id: int, func_code: int, address: int, values: Sequence[int] | Sequence[bool]
     ) -> ExcCodes | None:
-        table = FUNCTION_TABLE.get(func_code)
+        table = TABLE_OF_FUNCTION.get(func_code)
         if table is None:
             return ExcCodes.ILLEGAL_FUNCTION
         return self.units[device_id].write(table, address, [int(v) for v in values])
@@ -335,8 +286,6 @@ def make_units(
 def unit_for(device: SimulatedDevice, profile: Mapping[str, Any]) -> ModbusUnit:
     """The unit type a device kind needs: counters serve a record buffer, others live values."""
     if device.kind == "particle_counter":
-        from simulators.servers.counter import CounterUnit
-
         return CounterUnit(device, profile)
     return ModbusUnit(device, profile)
 

@@ -31,11 +31,12 @@ from asyncua.common.callback import CallbackType
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.address_space import NodeData
 
+from cleanroom_common.net import free_port
+from cleanroom_common.profilefiles import load_profile
 from simulators.process.base import Clock
 from simulators.servers.counter import serial_number
 from simulators.servers.device import SimulatedDevice, Value
 from simulators.servers.faults import CommFault, FaultSchedule
-from simulators.servers.registers import load_profile
 
 log = logging.getLogger(__name__)
 
@@ -355,12 +356,3 @@ async def serve_bioreactor_opcua(
         yield OpcUaSim(server, device, clock)
     finally:
         await server.close()
-
-
-def free_port(host: str) -> int:
-    """asyncua needs the port in its endpoint URL before it binds, so pick one first."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

@@ -19,14 +19,16 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from cleanroom_common.fields import Strict
+from cleanroom_common.net import free_port
+from cleanroom_common.profilefiles import load_profile
 from simulators.process.base import Clock
 from simulators.process.scenario import DeviceSpec, Scenario, load_scenario
 from simulators.servers.device import SimulatedDevice
 from simulators.servers.faults import FaultSchedule
-from simulators.servers.modbus import DEFAULT_PROFILES, ModbusServer, ModbusUnit, unit_for
+from simulators.servers.modbus import DEFAULT_PROFILES, ModbusServer, unit_for
+from simulators.servers.modbus_unit import ModbusUnit
 from simulators.servers.opcua import DEFAULT_PROFILE as OPCUA_PROFILE
-from simulators.servers.opcua import OpcUaBioreactor, free_port
-from simulators.servers.registers import load_profile
+from simulators.servers.opcua import OpcUaBioreactor
 from simulators.servers.serial_ascii import SERIAL_PROFILE, SerialCounterServer
 
 Protocol = Literal["modbus-tcp", "modbus-rtu", "opcua", "serial"]
@@ -155,6 +157,8 @@ class _Endpoint:
                 e["address"] = path
                 e["connection"] = {"port": path}
             e["profile"] = s.profile_name(dev.kind)
+            # what a client configures from, e.g. the grade and state whose limits a counter is held to
+            e["params"] = dev.model.params.model_dump(mode="json", exclude_unset=True)
             out.append(e)
         return out
 

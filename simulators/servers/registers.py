@@ -2,8 +2,9 @@
 contract the agent reads.
 
 The layout is not written down twice: it is derived, tag by tag, from the same profile
-YAML (``deploy/profiles/*.yaml``) that the agent's Modbus driver loads, and every value
-is encoded with the driver's own codec. A tag name is the name of the model value it
+YAML (``deploy/profiles/*.yaml``) that the agent's Modbus driver loads, every address is
+resolved by the driver's own rule (:mod:`cleanroom_common.modbus`) and every value is
+encoded with its codec (:mod:`cleanroom_common.codec`). A tag name is the name of the model value it
 shows (a process signal, a status bit, or a device-specific extra such as a particle
 counter's record field); a profile naming a value the model does not have is rejected
 when the server starts, not discovered as a silent zero on the wire.
@@ -14,39 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from cleanroom_common.bundled import profiles_dir
 from cleanroom_common.codec import DataType, WordOrder, decode, encode, register_count
-
-PROFILE_DIR = profiles_dir()
-
-_VENDOR_BASE = {"holding": 40001, "input": 30001, "coil": 1, "discrete": 10001}
-FUNCTION_TABLE = {1: "coil", 5: "coil", 15: "coil", 2: "discrete", 3: "holding", 6: "holding", 16: "holding"}
-FUNCTION_TABLE.update({4: "input", 22: "holding", 23: "holding"})
-
-
-def load_profile(name_or_path: str | Path) -> dict[str, Any]:
-    """A profile as plain data: a path, or a name resolved among the bundled profiles."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PROFILE_DIR / f"{name_or_path}.yaml"
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or "tags" not in data:
-        raise ValueError(f"{path}: not a device profile (no 'tags')")
-    return data
-
-
-def pdu_address(table: str, address: int) -> int:
-    """Vendor 1-based notation (40001, 30001, 10001, 1) to the 0-based PDU address."""
-    base = _VENDOR_BASE[table]
-    if address < base:
-        raise ValueError(f"address {address} is below {base}, the first {table} register")
-    return address - base
+from cleanroom_common.modbus import BIT_TABLES, Table, locate
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +28,7 @@ class TagSlot:
     """Where one tag lives and how its engineering value becomes register words."""
 
     name: str
-    table: str
+    table: Table
     start: int
     """0-based PDU address of the first register (or coil)."""
     type: DataType
@@ -67,7 +41,7 @@ class TagSlot:
 
     @property
     def width(self) -> int:
-        if self.bit is not None or self.table in ("coil", "discrete"):
+        if self.bit is not None or self.table in BIT_TABLES:
             return 1
         return register_count(self.type, self.length)
 
@@ -115,13 +89,18 @@ def slots_of(profile: Mapping[str, Any], groups: Iterable[str] | None = None) ->
         if wanted is not None and tag.get("group", "default") not in wanted:
             continue
         t = {**defaults, **tag}
-        table = t.get("table", "holding")
+        table, start = locate(
+            int(t["address"]),
+            t.get("table"),
+            vendor_notation=t.get("vendor_notation", True),
+            address_base=t.get("address_base", 1),
+        )
         bit = t.get("bit")
         out.append(
             TagSlot(
                 name=t["name"],
                 table=table,
-                start=pdu_address(table, int(t["address"])),
+                start=start,
                 type=DataType("uint16" if bit is not None else t.get("type", "uint16")),
                 word_order=WordOrder(t.get("word_order", "ABCD")),
                 scale=float(t.get("scale", 1.0)),
@@ -143,14 +122,14 @@ class RegisterImage:
 
     def __init__(self, slots: list[TagSlot]) -> None:
         self.slots = slots
-        spans: dict[str, tuple[int, int]] = {}
+        spans: dict[Table, tuple[int, int]] = {}
         for s in slots:
             lo, hi = spans.get(s.table, (s.start, s.start + s.width))
             spans[s.table] = (min(lo, s.start), max(hi, s.start + s.width))
         self.spans = spans
         self.tables = {t: np.zeros(hi, dtype=np.uint16) for t, (_, hi) in spans.items()}
 
-    def extend(self, table: str, end: int) -> None:
+    def extend(self, table: Table, end: int) -> None:
         """Make registers up to ``end`` (exclusive) addressable, e.g. write-only command registers."""
         lo, hi = self.spans.get(table, (0, 0))
         if end > hi:
@@ -162,11 +141,11 @@ class RegisterImage:
 
     def fill(self, values: Mapping[str, float | bool | str]) -> None:
         """Encode every slot from ``values`` (keyed by tag name)."""
-        status_words: dict[tuple[str, int], tuple[int, WordOrder]] = {}
+        status_words: dict[tuple[Table, int], tuple[int, WordOrder]] = {}
         for s in self.slots:
             arr = self.tables[s.table]
             v = values[s.name]
-            if s.table in ("coil", "discrete"):
+            if s.table in BIT_TABLES:
                 arr[s.start] = 1 if v else 0
             elif s.bit is not None:
                 word, _ = status_words.get((s.table, s.start), (0, s.word_order))
@@ -185,7 +164,7 @@ class RegisterImage:
         if missing:
             raise ValueError(f"{what}: profile tags with no simulated value: {', '.join(missing)}")
 
-    def read(self, table: str, address: int, count: int) -> list[int] | None:
+    def read(self, table: Table, address: int, count: int) -> list[int] | None:
         """Registers (or 0/1 for bits) ``address…address+count-1``; ``None`` if outside the map."""
         span = self.spans.get(table)
         if span is None or count < 1 or address < span[0] or address + count > span[1]:

@@ -1,22 +1,37 @@
 """Serial ASCII particle counter (Lasair-like line protocol) on a pty.
 
 The protocol is specified in docs/simulators.md ("Serial ASCII particle counter
-protocol"), which the agent's driver is written from; this module is its reference
-implementation. Every reply carries an NMEA-style XOR checksum so a host can tell a
+protocol"); its framing, commands and record layout live in
+:mod:`cleanroom_common.serial_counter`, which the agent's driver reads by too. This module
+is the device: the record queue behind the commands, line input from the pty, and the
+communication faults. Every reply carries an NMEA-style XOR checksum so a host can tell a
 garbled line from a valid one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import reduce
 from pathlib import Path
 from typing import Any
 
+from cleanroom_common.serial_counter import (
+    ERR_BUSY,
+    ERR_CHECKSUM,
+    ERR_UNKNOWN,
+    NO_RECORD,
+    Command,
+    CounterRecord,
+    FrameError,
+    Status,
+    format_record,
+    format_status,
+    frame,
+    parse_command,
+    reply,
+)
 from simulators.process.base import Clock
 from simulators.process.particle_counter import ParticleCounter, SampleRecord
 from simulators.servers.counter import RecordQueue, counter_model, serial_number
@@ -30,36 +45,21 @@ MAX_LINE = 256
 """Longer input without a line end is noise: it is discarded, not buffered forever."""
 
 
-def checksum(payload: str) -> str:
-    """Two upper-case hex digits: XOR of every byte of the payload."""
-    return f"{reduce(lambda a, b: a ^ b, payload.encode('ascii'), 0):02X}"
-
-
-def frame(payload: str) -> bytes:
-    return f"{payload}*{checksum(payload)}\r\n".encode("ascii")
-
-
-def format_record(rec: SampleRecord, model: ParticleCounter, serial: str) -> str:
-    """The CSV record of ``RTD2`` (field order in docs/simulators.md)."""
-    ts = time.gmtime(rec.timestamp_s)
-    sizes = model.params.channels_um
-    valid = rec.laser_ok and rec.flow_ok and not rec.overflow
-    fields = [
-        time.strftime("%Y-%m-%d", ts),
-        time.strftime("%H:%M:%S", ts),
-        model.device_id,
-        serial,
-        str(int(rec.laser_ok)),
-        str(int(rec.flow_ok)),
-        str(int(valid)),
-        str(round(rec.sample_time_s)),
-        f"{rec.volume_l:.1f}",
-        "L",
-        str(len(sizes)),
-    ]
-    for size, count in zip(sizes, rec.counts, strict=True):
-        fields += [f"{size:.1f}", str(count)]
-    return ",".join(fields)
+def wire_record(rec: SampleRecord, model: ParticleCounter, serial: str) -> CounterRecord:
+    """A model's sample as the counter reports it: a sample is valid when laser and flow
+    were in range and the counts did not overflow."""
+    return CounterRecord(
+        ts_ns=rec.timestamp_s * 1_000_000_000,
+        sensor=model.device_id,
+        serial=serial,
+        laser_ok=rec.laser_ok,
+        flow_ok=rec.flow_ok,
+        sample_valid=rec.laser_ok and rec.flow_ok and not rec.overflow,
+        sample_time_s=rec.sample_time_s,
+        volume=rec.volume_l,
+        volume_unit="L",
+        channels=tuple(zip(model.params.channels_um, rec.counts, strict=True)),
+    )
 
 
 class SerialCounterServer:
@@ -113,7 +113,7 @@ class SerialCounterServer:
                     self._port.discard_input()
             return None
         if fault is not None and fault.kind is CommFault.EXCEPTION:
-            return frame("ERR BUSY")
+            return frame(ERR_BUSY)
         payload = self.answer(text)
         if fault is not None and fault.kind is CommFault.GARBLED:
             good = frame(payload)
@@ -123,33 +123,36 @@ class SerialCounterServer:
 
     def answer(self, text: str) -> str:
         """The reply payload to one command line (without checksum and line end)."""
-        command, star, given = text.partition("*")
-        if star and given.upper() != checksum(command):
-            return "ERR CHECKSUM"
+        try:
+            command = parse_command(text)
+        except FrameError:
+            return ERR_CHECKSUM
         self.device.now()
         self.queue.pull()
         q = self.queue.queue
-        match command.strip():
-            case "CSS":
+        match command:
+            case Command.START:
                 self.model.start()
-                return "RSS 1"
-            case "CSP":
+                return reply(Command.START, 1)
+            case Command.STOP:
                 self.model.stop()
-                return "RSP 1"
-            case "CQC":
-                return f"RQC {len(q)}"
-            case "CTD2":
-                return f"RTD2 {format_record(q[0], self.model, self.serial)}" if q else "RND2"
-            case "CPQ":
+                return reply(Command.STOP, 1)
+            case Command.QUEUED:
+                return reply(Command.QUEUED, len(q))
+            case Command.READ_OLDEST:
+                if not q:
+                    return NO_RECORD
+                return reply(Command.READ_OLDEST, format_record(wire_record(q[0], self.model, self.serial)))
+            case Command.POP_OLDEST:
                 if q:
                     q.popleft()
-                return f"RPQ {len(q)}"
-            case "CSN":
-                return f"RSN {self.serial}"
-            case "CST":
-                return f"RST {int(self.model.running)} {len(q)} {self.queue.lost}"
+                return reply(Command.POP_OLDEST, len(q))
+            case Command.SERIAL:
+                return reply(Command.SERIAL, self.serial)
+            case Command.STATUS:
+                return format_status(Status(self.model.running, len(q), self.queue.lost))
             case _:
-                return "ERR UNKNOWN"
+                return ERR_UNKNOWN
 
 
 @dataclass

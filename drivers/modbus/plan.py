@@ -1,0 +1,192 @@
+"""Read plans: a poll group's tags compiled once into the fewest read requests and the
+vectorised decoders of their replies.
+
+Per data type and word order an index array says where each value sits in the group's
+register image, so a poll is "N requests, one gather per type, one ``view``" (see
+:mod:`cleanroom_common.codec`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.core.records import Quality, Reason, Value
+from cleanroom_common.codec import (
+    FLOAT_TYPES,
+    INTEGER_TYPES,
+    CodecError,
+    DataType,
+    WordOrder,
+    decode,
+    decode_many,
+    register_count,
+)
+from cleanroom_common.modbus import BIT_TABLES, TABLES, AddressError, Table
+from drivers.modbus.config import Connection, Tag
+
+
+def coalesce(spans: Sequence[tuple[int, int]], max_count: int, max_gap: int) -> list[tuple[int, int]]:
+    """Merge ``(start, width)`` spans of one table into the fewest ``(start, count)`` reads.
+
+    A read covers whole spans only (a multi-register value is never split), is at most
+    ``max_count`` long and never bridges more than ``max_gap`` unused registers. Greedy
+    in address order is optimal here: any valid read covers a run of consecutive spans,
+    and extending the current read as far as possible never leaves more for later.
+    """
+    reads: list[tuple[int, int]] = []
+    start = end = -1  # current read covers [start, end)
+    for s, w in sorted(spans):
+        if w > max_count:
+            raise ValueError(
+                f"a value of {w} registers at {s} exceeds the {max_count}-register request limit"
+            )
+        if start >= 0 and s - end <= max_gap and max(end, s + w) - start <= max_count:
+            end = max(end, s + w)
+            continue
+        if start >= 0:
+            reads.append((start, end - start))
+        start, end = s, s + w
+    if start >= 0:
+        reads.append((start, end - start))
+    return reads
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """One request: ``count`` registers or bits of ``table`` from PDU address ``start``."""
+
+    table: Table
+    start: int
+    count: int
+    offset: int
+    """Position of the read's first register/bit in the group's register or bit image."""
+    tags: tuple[int, ...]
+    """Indices (in the plan) of the tags this read carries."""
+
+
+@dataclass(slots=True)
+class Plan:
+    """A tag list compiled into reads and decoders."""
+
+    reads: list[Read]
+    n_regs: int
+    n_bits: int
+    numeric: list[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], DataType, WordOrder]]
+    """(tag indices, register positions, type, order): one vectorised decode each."""
+    other: list[tuple[int, Tag, int]]
+    """(tag index, tag, image position) of bits, bit fields and strings."""
+    n_tags: int
+    fast: npt.DTypeLike | None
+    """Result dtype when the whole group decodes as one numeric array, else ``None``."""
+
+
+def build_plan(tags: Sequence[Tag], conn: Connection) -> Plan:
+    """Compile a tag list into reads (coalesced within the device's limits) and decoders,
+    once at start-up, so that a poll only gathers and views."""
+    located: list[tuple[Table, int, int]] = []
+    for tag in tags:
+        try:
+            table, pdu = tag.locate(conn.address_base)
+        except AddressError as exc:
+            raise ValueError(f"tag {tag.name!r}: {exc}") from None
+        dtype = tag.data_type
+        width = 1 if dtype is DataType.BOOL else register_count(dtype, tag.length)
+        located.append((table, pdu, width))
+    reads: list[Read] = []
+    image = {"reg": 0, "bit": 0}
+    position: dict[int, int] = {}
+    for table in TABLES:
+        members = [i for i, loc in enumerate(located) if loc[0] == table]
+        if not members:
+            continue
+        bits = table in BIT_TABLES
+        limit = conn.max_bits_per_request if bits else conn.max_registers_per_request
+        spans = [(located[i][1], located[i][2]) for i in members]
+        chunks = sorted(set(spans)) if conn.one_request_per_tag else coalesce(spans, limit, conn.max_gap)
+        kind = "bit" if bits else "reg"
+        for start, count in chunks:
+            mine = tuple(
+                i
+                for i in members
+                if start <= located[i][1] and located[i][1] + located[i][2] <= start + count
+            )
+            reads.append(Read(table, start, count, image[kind], mine))
+            for i in mine:
+                position.setdefault(i, image[kind] + located[i][1] - start)
+            image[kind] += count
+    numeric: dict[tuple[DataType, WordOrder], tuple[list[int], list[int]]] = {}
+    other: list[tuple[int, Tag, int]] = []
+    for i, tag in enumerate(tags):
+        dtype = tag.data_type
+        if dtype in INTEGER_TYPES or dtype in FLOAT_TYPES:
+            idx, pos = numeric.setdefault((dtype, tag.word_order), ([], []))
+            idx.append(i)
+            pos.append(position[i])
+        else:
+            other.append((i, tag, position[i]))
+    types = {dtype for dtype, _ in numeric}
+    fast: npt.DTypeLike | None = None
+    if not other and types:
+        if types <= INTEGER_TYPES - {DataType.UINT64}:
+            fast = np.int64
+        elif not types & INTEGER_TYPES:
+            fast = np.float64
+    return Plan(
+        reads=reads,
+        n_regs=image["reg"],
+        n_bits=image["bit"],
+        numeric=[
+            (np.array(idx, dtype=np.intp), np.array(pos, dtype=np.intp), dt, order)
+            for (dt, order), (idx, pos) in numeric.items()
+        ],
+        other=other,
+        n_tags=len(tags),
+        fast=fast,
+    )
+
+
+def decode_plan(
+    plan: Plan, regs: npt.NDArray[np.uint16], bits: npt.NDArray[np.bool_], failed: dict[int, str]
+) -> tuple[list[Value] | npt.NDArray[Any], list[Quality] | None, list[str | None] | None]:
+    """Values of every tag of the plan; failed tags (and undecodable ones) are bad."""
+    if plan.fast is not None and not failed:
+        out = np.empty(plan.n_tags, dtype=plan.fast)
+        for idx, pos, dtype, order in plan.numeric:
+            out[idx] = decode_many(regs, pos, dtype, order)
+        return out, None, None
+    values: list[Value] = [None] * plan.n_tags
+    quality = [Quality.GOOD] * plan.n_tags
+    reasons: list[str | None] = [None] * plan.n_tags
+    for idx, pos, dtype, order in plan.numeric:
+        for i, v in zip(idx.tolist(), decode_many(regs, pos, dtype, order).tolist(), strict=True):
+            values[i] = v
+    for i, tag, at in plan.other:
+        if i in failed:
+            continue
+        try:
+            if tag.table_and_number()[0] in BIT_TABLES:
+                values[i] = bool(bits[at])
+            else:
+                width = register_count(tag.data_type, tag.length) if tag.bit is None else 1
+                values[i] = decode(
+                    regs[at : at + width], tag.data_type, tag.word_order, bit=tag.bit, length=tag.length
+                )
+        except CodecError:
+            quality[i], reasons[i] = Quality.BAD, Reason.DECODE_ERROR
+    for i, reason in failed.items():
+        values[i], quality[i], reasons[i] = None, Quality.BAD, reason
+    return values, quality, reasons
+
+
+@dataclass
+class Outcome:
+    """What the reads of one plan produced."""
+
+    regs: npt.NDArray[np.uint16]
+    bits: npt.NDArray[np.bool_]
+    failed: dict[int, str] = field(default_factory=dict)

@@ -1,0 +1,116 @@
+"""The OPC UA driver's configuration: which node a tag reads, how a group is kept
+(polled or subscribed), and how the agent reaches and authenticates to one server.
+
+These models are the reference: docs/configuration.md is generated from their field
+docstrings (``python -m agent.app.docgen --write``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from agent.core.driver import ConnectionBase, GroupSpec, TagBase
+from cleanroom_common.fields import ConfigPath, Duration
+from drivers.opcua.nodes import NodeRef
+
+
+class Tag(TagBase):
+    """An OPC UA variable read as one tag."""
+
+    node_id: str = Field(min_length=1)
+    """``ns=2;s=BR1.Temperature`` / ``ns=2;i=1001``, ``nsu=urn:…;s=…`` (namespace URI,
+    stable across server restarts), or an absolute browse path from Root such as
+    ``/Objects/2:Bioreactor/2:pH`` (elements may name their namespace as ``{urn:…}Name``)."""
+
+    @field_validator("node_id")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        NodeRef.parse(value)
+        return value
+
+
+class Group(GroupSpec):
+    """A poll group, read with one Read call per interval or kept by a subscription."""
+
+    mode: Literal["poll", "subscribe"] = "poll"
+    """``poll``: one Read service call per interval for all the group's nodes.
+    ``subscribe``: monitored items; the server pushes changes, the interval is then only
+    the liveness check of the link."""
+    sampling_interval: Duration | None = None
+    """Subscribe mode: how often the server samples each node; defaults to the group interval."""
+    publishing_interval: Duration | None = None
+    """Subscribe mode: how often the server sends collected changes; defaults to the sampling interval."""
+    queue_size: int = Field(default=1, ge=1)
+    """Subscribe mode: samples the server keeps per node between publishes (1 = latest only)."""
+    trigger: Literal["status", "status_value", "status_value_timestamp"] = "status_value"
+    """Subscribe mode: what counts as a change (``status_value_timestamp`` reports every
+    new sample even when the value repeats)."""
+    deadband: Literal["none", "absolute", "percent"] = "none"
+    """Subscribe mode: suppress changes smaller than ``deadband_value`` (absolute, or percent of EURange)."""
+    deadband_value: float = Field(default=0.0, ge=0.0)
+    """Subscribe mode: the deadband size, in engineering units or percent."""
+
+    @model_validator(mode="after")
+    def _deadband_consistent(self) -> Group:
+        if self.deadband == "none" and self.deadband_value:
+            raise ValueError("deadband_value is set but deadband is 'none'")
+        return self
+
+
+class Connection(ConnectionBase):
+    """How to reach one OPC UA server, and with which identity."""
+
+    url: str = Field(pattern=r"^opc\.tcp://(\[[0-9A-Fa-f:.]+\]|[^/:\[\]]+)(:\d+)?(/.*)?$")
+    """Endpoint URL, e.g. ``opc.tcp://10.0.4.21:4840`` or ``opc.tcp://[fd00::21]:4840/path``."""
+    security_policy: Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"] = (
+        "None"
+    )
+    """Security policy of the secure channel. ``None`` only on an isolated network."""
+    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    """Message security: ``Sign`` protects integrity, ``SignAndEncrypt`` also confidentiality.
+    Must be ``None`` exactly when the policy is ``None``."""
+    certificate: ConfigPath | None = None
+    """The agent's application instance certificate (DER or PEM); see ``cleanroom-agent certs create``."""
+    private_key: ConfigPath | None = None
+    """Private key of ``certificate`` (PEM)."""
+    server_certificate: ConfigPath | None = None
+    """Pinned server certificate: only a server holding its key can open the channel."""
+    trust_dir: ConfigPath | None = None
+    """Directory of trusted server or CA certificates; the server's certificate must chain to one."""
+    application_uri: str | None = None
+    """Application URI announced to the server; defaults to the URI in ``certificate``
+    (they must match, servers check it)."""
+    username: str | None = None
+    """User name for a UserName identity token (anonymous when unset)."""
+    password: SecretStr | None = None
+    """Password for ``username``; prefer ``password_file`` or ``${ENV}`` expansion over plain text."""
+    password_file: ConfigPath | None = None
+    """File holding the password for ``username`` (first line), readable only by the agent."""
+    keepalive: Duration = 5.0
+    """Server liveness probe period: a dead server is detected within about twice this. A
+    probe unanswered for this long counts as a dead link, so not much below the server's
+    worst response time under load."""
+    session_timeout: Duration = 30.0
+    """Session lifetime the server keeps without traffic (asked for; the server may revise it)."""
+    max_nodes_per_request: int = Field(default=1000, ge=1)
+    """Largest number of nodes in one Read or CreateMonitoredItems call (servers cap it)."""
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> Connection:
+        if (self.security_policy == "None") != (self.security_mode == "None"):
+            raise ValueError("security_mode must be 'None' exactly when security_policy is 'None'")
+        if self.security_policy != "None":
+            if self.certificate is None or self.private_key is None:
+                raise ValueError(f"security_policy {self.security_policy} needs certificate and private_key")
+            if self.server_certificate is None and self.trust_dir is None:
+                raise ValueError(
+                    "a secured connection needs server_certificate (pinned) or trust_dir: "
+                    "an unverified server could feed the agent any data"
+                )
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if (self.password is not None or self.password_file is not None) and not self.username:
+            raise ValueError("a password needs a username")
+        return self

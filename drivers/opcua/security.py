@@ -1,0 +1,69 @@
+"""How the driver presents itself to a server: user identity, application certificate,
+security policy and mode, and which server certificates it trusts."""
+
+from __future__ import annotations
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.crypto import security_policies, uacrypto
+from asyncua.crypto.truststore import TrustStore
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+from agent.core.certs import application_uri
+from agent.core.driver import DeviceError
+from drivers.opcua.config import Connection
+
+_POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
+    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
+    "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
+    "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
+}
+
+
+async def configure_identity(client: Client, conn: Connection) -> None:
+    """Give the client the user identity and the secure channel ``conn`` asks for; a
+    certificate, key or trust list that cannot be used is a ``config_error``."""
+    if conn.username:
+        client.set_user(conn.username)
+        client.set_password(_password(conn))
+    if conn.security_policy == "None":
+        if conn.application_uri:
+            client.application_uri = conn.application_uri
+        return
+    assert conn.certificate is not None and conn.private_key is not None
+    try:
+        cert = await uacrypto.load_certificate(conn.certificate)
+    except (OSError, ValueError) as exc:
+        raise DeviceError("config_error", f"certificate {conn.certificate}: {exc}") from exc
+    client.application_uri = conn.application_uri or application_uri(cert) or client.application_uri
+    if conn.trust_dir is not None:
+        store = TrustStore([conn.trust_dir], [])
+        try:
+            await store.load()
+        except (OSError, ValueError) as exc:  # missing or empty directory, unreadable file
+            raise DeviceError("config_error", f"trust_dir {conn.trust_dir}: {exc}") from exc
+        client.certificate_validator = CertificateValidator(
+            CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_SERVER,
+            store,
+        )
+    try:
+        await client.set_security(
+            _POLICIES[conn.security_policy],
+            certificate=str(conn.certificate),
+            private_key=str(conn.private_key),
+            server_certificate=str(conn.server_certificate) if conn.server_certificate else None,
+            mode=getattr(ua.MessageSecurityMode, conn.security_mode),
+        )
+    except (FileNotFoundError, PermissionError, IsADirectoryError, ValueError) as exc:
+        raise DeviceError("config_error", f"certificate, key or server certificate: {exc}") from exc
+
+
+def _password(conn: Connection) -> str:
+    if conn.password is not None:
+        return conn.password.get_secret_value()
+    if conn.password_file is not None:
+        try:
+            return conn.password_file.read_text().splitlines()[0] if conn.password_file.stat().st_size else ""
+        except OSError as exc:
+            raise DeviceError("config_error", f"password_file {conn.password_file}: {exc.strerror}") from exc
+    return ""
