@@ -5,7 +5,7 @@ delays every poll of every device. This bench offers 40,000 readings/s (8 device
 of 50 readings every 10 ms, ``synchronous=full``) for a few seconds while a 5 ms ticker
 measures how late the loop wakes it, two ways in the same run:
 
-* ``thread``: the agent's :class:`~agent.buffer.store.AsyncBuffer` (group commit on a dedicated
+* ``thread``: the agent's :class:`~agent.buffer.async_buffer.AsyncBuffer` (group commit on a dedicated
   thread);
 * ``inline``: the same :class:`~agent.buffer.store.Buffer` committing each tick's blocks on the
   loop itself, as a naive implementation would.
@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent.buffer.store import AsyncBuffer, Buffer, BufferConfig
+from agent.buffer.async_buffer import AsyncBuffer
+from agent.buffer.config import BufferConfig
+from agent.buffer.store import Buffer
 from agent.core.records import Block, now_ns
 
 SECONDS = 4.0

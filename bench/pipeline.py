@@ -30,7 +30,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.buffer.store import AsyncBuffer, BufferConfig
+from agent.buffer.async_buffer import AsyncBuffer
+from agent.buffer.config import BufferConfig
 from agent.core.records import Block, dumps, now_ns
 from agent.sinks.forwarder import AgentIdentity, Forwarder, MqttConfig
 from tests.support import Mosquitto, until

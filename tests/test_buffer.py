@@ -17,7 +17,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from agent.buffer.store import SCHEMA_VERSION, AsyncBuffer, Buffer, BufferConfig, StoredRecord
+from agent.buffer.async_buffer import AsyncBuffer
+from agent.buffer.config import BufferConfig
+from agent.buffer.rows import StoredRecord
+from agent.buffer.schema import SCHEMA_VERSION
+from agent.buffer.store import Buffer
+from agent.core.events import DataLoss, LossReason
 from agent.core.records import Block, Event, Quality
 from tests.support import until
 
@@ -202,6 +207,21 @@ def test_overflow_spares_events_until_no_reading_is_left(tmp_path: Path) -> None
     core.close()
 
 
+def test_a_dropped_loss_event_of_any_reason_is_folded_into_the_next(tmp_path: Path) -> None:
+    """A driver's loss (no seqs of its own, device records) is still accounted after the overflow."""
+    core = Buffer(cfg(tmp_path, max_bytes="128KiB"), "a1")
+    core.open()
+    device_loss = DataLoss(LossReason.DEVICE_QUEUE_FULL, records=5, first_ts=10, last_ts=20, group="g")
+    core.commit([device_loss.event("d1")])
+    losses: list[Event] = []
+    while not losses:
+        losses = core.commit([Event("d1", "excursion", data={"why": "y" * 2000})]).events
+    core.close()
+    folded = DataLoss.from_event(losses[0])
+    assert folded.reason is LossReason.BUFFER_FULL and folded.records == 5 and folded.readings == 0
+    assert folded.first_seq == 0 and folded.first_ts == 10 and folded.events == folded.rows > 0
+
+
 def test_retention_prunes_only_old_delivered_rows(tmp_path: Path) -> None:
     core = Buffer(cfg(tmp_path, retention="1h"), "a1")
     core.open()
@@ -274,7 +294,8 @@ async def test_config_change_keeps_backlog(tmp_path: Path) -> None:
 
 CHILD = """
 import asyncio, sys
-from agent.buffer.store import AsyncBuffer, BufferConfig
+from agent.buffer.async_buffer import AsyncBuffer
+from agent.buffer.config import BufferConfig
 from agent.core.records import Block
 
 async def main():
@@ -357,8 +378,9 @@ class BufferMachine(RuleBasedStateMachine):
         for e in result.events:
             assert e.kind == "data_loss" and e.seq == self.next_seq
             self.next_seq += 1
-            d = e.data
-            self.loss_ranges.setdefault(e.device, []).append(range(d["first_seq"], d["last_seq"] + 1))
+            loss = DataLoss.from_event(e)
+            if loss.first_seq is not None and loss.last_seq is not None:  # None: only empty blocks were lost
+                self.loss_ranges.setdefault(e.device, []).append(range(loss.first_seq, loss.last_seq + 1))
         if result.events:  # undelivered rows go only once no delivered row is left
             conn = self.core.conn
             assert not conn.execute("SELECT 1 FROM records WHERE delivered_ns IS NOT NULL").fetchone()
@@ -486,17 +508,6 @@ async def test_memory_is_bounded_while_commits_fail_and_the_shedding_is_reported
     assert [r.acq_ts_ns for r in data] == list(range(30, 50))  # the oldest were shed
     losses = {r.device: json.loads(r.body) for r in rows if r.kind == "event"}
     assert {d: e["kind"] for d, e in losses.items()} == {"d1": "data_loss", "d2": "data_loss"}
-    assert losses["d1"]["data"] == {
-        "reason": "not_committed",
-        "readings": 3,
-        "rows": 1,
-        "first_ts": 0,
-        "last_ts": 0,
-    }
-    assert losses["d2"]["data"] == {
-        "reason": "not_committed",
-        "readings": 87,
-        "rows": 29,
-        "first_ts": 1,
-        "last_ts": 29,
-    }
+    shed = LossReason.NOT_COMMITTED
+    assert DataLoss.from_body(losses["d1"]) == DataLoss(shed, readings=3, rows=1, first_ts=0, last_ts=0)
+    assert DataLoss.from_body(losses["d2"]) == DataLoss(shed, readings=87, rows=29, first_ts=1, last_ts=29)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.buffer.store import Buffer, BufferConfig
+from agent.buffer.config import BufferConfig
+from agent.buffer.store import Buffer
 from agent.cli import main
 from agent.cli.buffer import iso_ns, parse_time
 from agent.core.records import Block, Event, Quality
@@ -136,7 +137,7 @@ async def test_replay_while_the_agent_writes_never_reuses_a_seq(
     db: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two writers on one file: the agent's group commit and the CLI's audit record."""
-    from agent.buffer.store import AsyncBuffer
+    from agent.buffer.async_buffer import AsyncBuffer
 
     buf = AsyncBuffer(BufferConfig(path=db), "gw-7")
     await buf.open()

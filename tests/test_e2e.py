@@ -19,10 +19,12 @@ from typing import Any
 import pytest
 
 from agent.app.config import load_config
-from agent.buffer.store import Buffer, BufferConfig
+from agent.buffer.config import BufferConfig
+from agent.buffer.store import Buffer
+from cleanroom_common.net import free_port
 from simulators.process.base import Clock
 from simulators.servers.modbus import serve_bioreactor_modbus
-from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, free_port, wait_for
+from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, wait_for
 
 AGENT = "gw-e2e"
 

@@ -26,10 +26,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.buffer.store import AsyncBuffer, BufferConfig, StoredRecord
+from agent.buffer.async_buffer import AsyncBuffer
+from agent.buffer.config import BufferConfig
+from agent.buffer.rows import StoredRecord
+from agent.core.events import DataLoss, LossReason
 from agent.core.records import Block, Event, Quality
 from agent.sinks.forwarder import AgentIdentity, Forwarder, MqttConfig, _batches
-from tests.support import Collector, Mosquitto, free_port, until, wait_for
+from cleanroom_common.net import free_port
+from tests.support import Collector, Mosquitto, until, wait_for
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "payload.schema.json").read_text())
 IDENTITY = AgentIdentity(agent_id="gw-test", version="0.1.0", config_hash="c0ffee")
@@ -69,8 +73,15 @@ def check_schema(value: Any, schema: dict[str, Any] | None = None, path: str = "
         assert value == s["const"], f"{path}: {value!r} != {s['const']!r}"
     if "enum" in s:
         assert value in s["enum"], f"{path}: {value!r} not in {s['enum']}"
-    if "minimum" in s:
+    if "minimum" in s and kinds["number"](value):
         assert value >= s["minimum"], f"{path}: {value} < {s['minimum']}"
+    if "if" in s:
+        try:
+            check_schema(value, s["if"], path)
+        except AssertionError:
+            pass
+        else:
+            check_schema(value, s["then"], path)
     if isinstance(value, dict):
         for key in s.get("required", []):
             assert key in value, f"{path}: missing {key!r}"
@@ -211,6 +222,29 @@ def test_schema_check_rejects_what_the_contract_forbids() -> None:
     ):
         with pytest.raises(AssertionError):
             check_schema(broken)
+
+
+def test_every_data_loss_reason_has_the_one_schema_shape() -> None:
+    losses = [
+        DataLoss(LossReason.BUFFER_FULL, readings=40, rows=2, first_seq=3, last_seq=42, first_ts=1,
+                 last_ts=9),
+        DataLoss(LossReason.UNENCODABLE, rows=1, events=1, first_seq=7, last_seq=7, first_ts=5, last_ts=5,
+                 detail="TypeError: x"),
+        DataLoss(LossReason.NOT_COMMITTED, readings=3, rows=1, first_ts=0, last_ts=0),
+        DataLoss(LossReason.DEVICE_BUFFER_WRAPPED, first_ts=10**18, last_ts=2 * 10**18, group="counts"),
+        DataLoss(LossReason.DEVICE_QUEUE_FULL, records=5, first_ts=10**18, last_ts=None, group="records"),
+    ]  # fmt: skip
+    assert {loss.reason for loss in losses} | {LossReason.DEVICE_BUFFER_CLEARED} == set(LossReason)
+    for seq, loss in enumerate(losses):
+        event = loss.event("d1", seq=seq)
+        check_schema(
+            {"schema": "cleanroom-edge/events/1", "agent": "a", "device": "d1", "events": [event.body()]}
+        )
+        assert DataLoss.from_body(event.body()) == loss
+    old_shape = {"reason": "device_queue_full", "group": "g", "records": 5, "after_ts": 1, "before_ts": 2}
+    with pytest.raises(AssertionError, match="data"):
+        check_schema({"seq": 1, "ts": 2, "kind": "data_loss", "severity": "alarm", "data": old_shape},
+                     SCHEMA["$defs"]["event"])  # fmt: skip
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])

@@ -1,2 +1,21 @@
 """The one durable stage: readings and events are committed here before anything else sees
-them, and released only when the broker acknowledged them."""
+them, and released only when the broker acknowledged them.
+
+Everything a driver reads or the agent decides is committed here before anyone else sees it:
+the forwarder publishes only committed rows and marks them delivered only when the broker
+acknowledged them, so a crash, a broker outage or a full disk never turns into silent loss.
+Loss that cannot be avoided (the buffer is full) is itself recorded as a ``data_loss`` event,
+committed and forwarded like any other record.
+
+Storage is SQLite in WAL mode, one connection, used from one dedicated thread so the event loop
+never waits on disk. A row is a *record*: one committed :class:`~agent.core.records.Block` (all
+readings of one poll; reading ``i`` has seq ``seq_first + i``) or one
+:class:`~agent.core.records.Event`. The canonical JSON body is stored as text, so the JSON encoder
+splices it into payloads without re-encoding and an integrity chain can later hash exactly the
+forwarded bytes.
+
+``config`` is the ``buffer:`` section; ``schema`` the file layout and its migrations; ``rows`` how a
+record becomes a row; ``overflow`` what a full buffer gives up and how the loss is accounted;
+``store`` the synchronous store (commit, delivery state, retention, inspection) that the CLI uses
+directly; ``async_buffer`` the agent's view: group commit on the buffer thread.
+"""

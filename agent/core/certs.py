@@ -1,4 +1,4 @@
-"""``cleanroom-agent certs create``: the agent's OPC UA application instance certificate.
+"""The agent's OPC UA application instance certificate: making one, reading its identity.
 
 OPC UA servers identify a client by its *application instance certificate*, and a
 certificate is only accepted when its subjectAltName carries the same application URI
@@ -9,16 +9,16 @@ certificate built by asyncua's ``cert_gen`` (the same helper the stack uses, so 
 usages match what the security policies need), written as DER (what OPC UA trust
 lists exchange) with the key as PEM readable by its owner only. The operator then
 copies ``cert.der`` into the server's trust list; the OPC UA driver reads the URI back
-from the certificate, so the two can never disagree.
+from the certificate, so the two can never disagree. The ``certs create`` command that
+wraps this lives in :mod:`agent.cli.certs`; the library stays here because drivers may
+import only ``agent.core``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import socket
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,35 +100,3 @@ def _host_name(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
-
-
-def _cmd_create(args: argparse.Namespace) -> int:
-    try:
-        paths = create_certificate(
-            Path(args.out), args.uri, args.hostname, days=args.days, server=args.server, force=args.force
-        )
-    except CertError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"certificate: {paths.cert}\nprivate key: {paths.key}\napplication URI: {args.uri}")
-    return 0
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    certs = subparsers.add_parser("certs", help="OPC UA application instance certificates")
-    sub = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
-    create = sub.add_parser("create", help="make a self-signed application certificate and key")
-    create.add_argument("--out", required=True, help="directory for cert.der and key.pem")
-    create.add_argument("--uri", required=True, help="application URI (subjectAltName), e.g. urn:site:agent")
-    create.add_argument(
-        "--hostname",
-        action="append",
-        default=[],
-        help="DNS name in subjectAltName (repeatable; default: this host)",
-    )
-    create.add_argument("--days", type=int, default=730, help="validity in days (default 730)")
-    create.add_argument(
-        "--server", action="store_true", help="also allow server authentication (for simulators)"
-    )
-    create.add_argument("--force", action="store_true", help="replace an existing certificate and key")
-    create.set_defaults(func=_cmd_create)

@@ -27,7 +27,8 @@ class DeviceConfig(Strict):
         return v
 
     profile: str
-    """Name of the device profile (``profile:`` inside a file of ``profiles_dirs``)."""
+    """Name of the device profile: the ``profile:`` key inside a file of ``profiles_dirs`` or of
+    the profiles shipped with the agent."""
     connection: dict[str, Any] = Field(default_factory=dict)
     """Protocol connection settings, validated by the profile's driver (see the driver sections)."""
     groups: dict[str, dict[str, Any]] = Field(default_factory=dict)

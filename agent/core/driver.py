@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from agent.core.records import Block, Quality, Reason, Value, now_ns
+from agent.core.stats import percentile
 from cleanroom_common.fields import Duration, Strict
 
 # --------------------------------------------------------------------------- models
@@ -141,12 +142,9 @@ class DriverStats:
         self.rtt_s.append(rtt_s)
 
     def snapshot(self) -> dict[str, Any]:
-        rtts = sorted(self.rtt_s)
-
-        def pct(p: float) -> float | None:
-            if not rtts:
-                return None
-            return round(rtts[min(len(rtts) - 1, math.ceil(p * len(rtts)) - 1)] * 1000, 3)
+        def pct(q: float) -> float | None:
+            rtt = percentile(self.rtt_s, q)
+            return None if rtt is None else round(rtt * 1000, 3)
 
         return {
             "requests": self.requests,

@@ -22,6 +22,9 @@ from typing import Any
 
 Value = float | int | bool | str | None
 
+AGENT_DEVICE = "agent"
+"""The device id of agent-level events (audit records, and their loss): not a device's, the agent's own."""
+
 
 class Quality(StrEnum):
     GOOD = "good"
@@ -145,7 +148,7 @@ class Event:
     """Something that happened, as opposed to a measured value: data loss, gap,
     device state change, limit excursion, anomaly, drift, audit record.
 
-    ``device`` is a device id, or ``"agent"`` for agent-level events.
+    ``device`` is a device id, or :data:`AGENT_DEVICE` for agent-level events.
     """
 
     device: str

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.buffer.store import StoredRecord
+from agent.buffer.rows import StoredRecord
 from agent.core.records import dumps
 
 DATA_SCHEMA = "cleanroom-edge/data/1"

@@ -24,17 +24,18 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import Field, SecretStr, model_validator
 
-from agent.buffer.store import AGENT_DEVICE, AsyncBuffer, StoredRecord
-from agent.core.records import Block, Event, dumps, now_ns
+from agent.buffer.async_buffer import AsyncBuffer
+from agent.buffer.rows import StoredRecord
+from agent.core.backoff import backoff_delay
+from agent.core.records import AGENT_DEVICE, Block, Event, dumps, now_ns
 from agent.sinks.encoding import STATUS_SCHEMA, JsonEncoder, Message, PayloadEncoder
-from cleanroom_common.fields import Duration, Strict
+from cleanroom_common.fields import ConfigPath, Duration, Strict
 
 log = logging.getLogger("cleanroom.forwarder")
 
@@ -50,11 +51,11 @@ class TlsConfig(Strict):
 
     enabled: bool = False
     """Connect with TLS (brokers usually listen for it on port 8883)."""
-    ca_file: Path | None = None
+    ca_file: ConfigPath | None = None
     """PEM bundle of the CA(s) that sign the broker certificate; without it the system store is used."""
-    cert_file: Path | None = None
+    cert_file: ConfigPath | None = None
     """PEM client certificate, for brokers that authenticate clients by certificate."""
-    key_file: Path | None = None
+    key_file: ConfigPath | None = None
     """PEM private key of ``cert_file`` (may be in ``cert_file`` itself)."""
     verify: bool = True
     """Verify the broker certificate chain and host name. Turning it off allows a man in the middle to
@@ -89,7 +90,7 @@ class MqttConfig(Strict):
     """User name for broker authentication."""
     password: SecretStr | None = None
     """Password (write ``${ENV_VAR}`` to take it from the environment); never logged or echoed."""
-    password_file: Path | None = None
+    password_file: ConfigPath | None = None
     """File holding the password (first line), instead of ``password``."""
     tls: TlsConfig = Field(default_factory=TlsConfig)
     """TLS settings."""
@@ -101,9 +102,10 @@ class MqttConfig(Strict):
     flush_max_readings: int = Field(default=5000, ge=1)
     """Readings per data message at most; reaching it also ends the wait of ``flush_interval``."""
     reconnect_min: Duration = Field(default=1.0, gt=0)
-    """First reconnect delay; doubles per failed attempt (with ±25 % jitter) up to ``reconnect_max``."""
+    """First reconnect delay; doubles per failed attempt up to ``reconnect_max``, and each wait is
+    jittered to between half and all of it."""
     reconnect_max: Duration = Field(default=60.0, gt=0)
-    """Upper bound of the reconnect delay."""
+    """Upper bound of the reconnect delay, jitter included."""
     connect_timeout: Duration = Field(default=5.0, gt=0)
     """Time allowed for the TCP and TLS handshake of one connection attempt."""
 
@@ -180,6 +182,7 @@ class Forwarder:
         )
         self._last_error: str | None = None
         self._connected_since: float | None = None
+        self._rng = random.Random()  # unseeded: gateways restarted together must not jitter alike
 
     # ------------------------------------------------------------------ paho side (its thread)
 
@@ -316,7 +319,6 @@ class Forwarder:
         self._wake.set()
 
     async def _connection_loop(self) -> None:
-        delay = self.cfg.reconnect_min
         attempts = 0
         while not self._stopping:
             self._session_ended.clear()
@@ -331,15 +333,15 @@ class Forwarder:
                     return
                 await self._session_ended.wait()
                 if self._connected_since is not None:  # the broker accepted us: start backoff afresh
-                    delay = self.cfg.reconnect_min
                     attempts = 0
                 self._connected_since = None
             if self._stopping:
                 return
             attempts += 1
             self._counts["reconnects"] += 1
-            await asyncio.sleep(delay * random.uniform(0.75, 1.25))
-            delay = min(delay * 2, self.cfg.reconnect_max)
+            await asyncio.sleep(
+                backoff_delay(attempts, self.cfg.reconnect_min, self.cfg.reconnect_max, self._rng)
+            )
 
     async def _pump(self) -> None:
         cfg = self.cfg

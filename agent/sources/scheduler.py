@@ -31,9 +31,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.core.backoff import backoff_delay
 from agent.core.device import ResolvedDevice
 from agent.core.driver import DeviceContext, DeviceError, Driver, PollGroup
-from agent.core.records import Block, Event, Reason, Severity, now_ns
+from agent.core.events import DeviceConnected, DeviceDisconnected
+from agent.core.records import Block, Event, Reason, now_ns
+from agent.core.stats import percentile
 
 log = logging.getLogger("cleanroom.scheduler")
 
@@ -63,14 +66,6 @@ class DeviceState(Mapping[str, str]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
-
-
-def backoff_delay(failures: int, lo: float, hi: float, rng: random.Random) -> float:
-    """Exponential backoff with jitter: the n-th consecutive failure waits about
-    ``lo·2^(n-1)`` (capped at ``hi``), scaled by a random factor in [0.5, 1] so that many
-    devices that failed together (a switch reboot) do not reconnect in lockstep."""
-    base: float = min(hi, lo * 2.0 ** max(0, failures - 1))
-    return base * rng.uniform(0.5, 1.0)
 
 
 @dataclass
@@ -181,9 +176,7 @@ class DeviceRunner:
         self.last_error = None
         if was is not None:
             log.info("%s: connected again", self.id)
-        self._submit(
-            (), [Event(self.id, "device_state", Severity.INFO, {"state": "connected", "previous_error": was})]
-        )
+        self._submit((), [DeviceConnected(previous_error=was).event(self.id)])
 
     def _failed(self, reason: str, detail: str) -> None:
         """Count a failure; on the transition to failed say so once (one log line and a
@@ -196,8 +189,7 @@ class DeviceRunner:
         self.last_error = reason
         if announce:
             log.warning("%s: %s (%s); reconnecting with backoff", self.id, reason, detail)
-            data = {"state": "disconnected", "reason": reason, "detail": detail}
-            self._submit((), [Event(self.id, "device_state", Severity.WARNING, data)])
+            self._submit((), [DeviceDisconnected(reason, detail).event(self.id)])
 
     def _link_lost(self, reason: str, detail: str) -> None:
         if self.connected:
@@ -291,7 +283,7 @@ class DeviceRunner:
     def status(self) -> dict[str, Any]:
         groups = {}
         for name, s in self.group_stats.items():
-            jit = sorted(s.jitter_s)
+            jitter = percentile(s.jitter_s, 0.99)
             groups[name] = {
                 "interval_s": self.device.groups[name].interval_s,
                 "polls": s.polls,
@@ -299,9 +291,7 @@ class DeviceRunner:
                 "overruns": s.overruns,
                 "last_poll": _iso(s.last_poll_ns),
                 "last_ok": _iso(s.last_ok_ns),
-                "jitter_p99_ms": round(jit[min(len(jit) - 1, int(0.99 * len(jit)))] * 1000, 3)
-                if jit
-                else None,
+                "jitter_p99_ms": None if jitter is None else round(jitter * 1000, 3),
             }
         return {
             "protocol": self.device.driver.protocol,

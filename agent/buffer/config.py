@@ -1,0 +1,40 @@
+"""The ``buffer:`` section of the configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from cleanroom_common.fields import ByteSize, ConfigPath, Duration, Strict
+
+
+class BufferConfig(Strict):
+    """The ``buffer:`` section: where and how readings are kept until the broker has them."""
+
+    path: ConfigPath = Path("/var/lib/cleanroom-edge/buffer.db")
+    """SQLite database file. Created (with its directory) on first start; an existing file is migrated
+    in place, never discarded, so an upgrade keeps the undelivered backlog."""
+    max_bytes: ByteSize = Field(default=2 * 1024**3, ge=64 * 1024)
+    """Upper bound of the live data (used database pages, including the WAL, which is checkpointed
+    to stay within an eighth of it). When full, the oldest delivered rows are dropped first, then
+    the oldest undelivered readings (events last), and the loss is recorded as a ``data_loss``
+    event. Lowering it deletes nothing at start; the following commits enforce it by the same rule."""
+    synchronous: Literal["off", "normal", "full", "extra"] = "full"
+    """SQLite durability of a commit. ``full`` (default): a committed record survives a power loss,
+    at the price of one fsync per group commit (about ten per second with the default interval).
+    ``normal``: in WAL mode a process crash (kill -9) loses nothing, but a power loss can lose the
+    last commits. ``extra`` also syncs the directory; ``off`` leaves durability to the OS (tests
+    only: a power loss can corrupt the file)."""
+    retention: Duration = 7 * 86400.0
+    """How long delivered rows are kept after delivery (for ``buffer export`` and ``buffer replay``)
+    before they are pruned."""
+    commit_interval: Duration = Field(default=0.1, gt=0)
+    """Group-commit period: submitted records are committed together at most this long after the first
+    of them was submitted. It bounds the latency added by the buffer and sets the fsync rate."""
+    commit_max_records: int = Field(default=2000, gt=0)
+    """Commit early once this many records (blocks plus events) are waiting, bounding memory and
+    transaction size under bursts."""
+    prune_interval: Duration = Field(default=60.0, gt=0)
+    """How often delivered rows older than ``retention`` are pruned."""

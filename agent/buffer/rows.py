@@ -1,0 +1,136 @@
+"""How a record becomes a row: its canonical JSON body, made storable when a driver handed over
+values that are not JSON, or a ``data_loss`` row standing in for it when even that fails."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent.core.events import DataLoss, LossReason
+from agent.core.records import Block, Event, Quality, Reason, Value, dumps
+
+log = logging.getLogger("cleanroom.buffer")
+
+RECORD_COLUMNS = "id, kind, device, seq_first, n, acq_ts_ns, body"
+"""The columns of :class:`StoredRecord`, in its order."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One committed row as the sinks see it; ``body`` is the canonical JSON text."""
+
+    id: int
+    kind: Literal["data", "event"]
+    device: str
+    seq_first: int
+    n: int
+    acq_ts_ns: int
+    body: str
+
+
+@dataclass
+class CommitResult:
+    """What one commit did: the events it added itself (``data_loss``) and the state it stored."""
+
+    events: list[Event] = field(default_factory=list)
+    state: dict[str, str] = field(default_factory=dict)
+    readings: int = 0
+    unencodable: int = 0
+
+
+def _plain(v: Any) -> Value | ValueError:
+    """A reading as a JSON value, or the reason it cannot be one. numpy scalars (``float32``,
+    ``int64``: not JSON) become their Python value."""
+    if v is None or isinstance(v, bool | int | str):
+        return v
+    item = getattr(v, "item", None)
+    if not isinstance(v, float) and callable(item):
+        v = item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else ValueError("not finite")
+    if isinstance(v, bool | int | str):
+        return v
+    return ValueError(f"{type(v).__name__} is not a reading value")
+
+
+def _sanitize(block: Block) -> None:
+    """A driver should hand over JSON values only (NaN/inf as bad quality); make it so here rather
+    than lose, or stall, the whole group commit because of one value."""
+    n = len(block.values)
+    quality = list(block.quality) if block.quality is not None else [Quality.GOOD] * n
+    reasons: list[str | None] = list(block.reasons) if block.reasons is not None else [None] * n
+    for i, v in enumerate(block.values):
+        plain = _plain(v)
+        if isinstance(plain, ValueError):
+            block.values[i] = None
+            quality[i] = Quality.BAD
+            reasons[i] = str(Reason.DECODE_ERROR)
+        else:
+            block.values[i] = plain
+    block.quality, block.reasons = quality, reasons
+
+
+def _jsonable(obj: Any) -> Any:
+    """Event data as JSON: numpy scalars and arrays to Python, non-finite floats to null, anything
+    else unknown to its text (an event must be recorded, even if imperfectly)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, bool | int | float | str):
+        return _jsonable(obj.tolist())
+    plain = _plain(obj)
+    if not isinstance(plain, ValueError):
+        return plain
+    return None if isinstance(obj, float) else str(obj)
+
+
+Row = tuple[str, str, int, int, int, str]
+"""(kind, device, seq_first, n, acq_ts_ns, body) of one ``records`` row."""
+
+
+def lost_seqs(first: int, n: int) -> tuple[int | None, int | None]:
+    """The seq range of a lost row of ``n`` seqs (an empty block owns none)."""
+    return (first, first + n - 1) if n else (None, None)
+
+
+def unencodable_row(
+    item: Block | Event, seq: int, n: int, ts: int, exc: Exception, result: CommitResult
+) -> Row:
+    """The ``data_loss`` row standing in for a record that could not be stored (seqs ``seq``..)."""
+    block = isinstance(item, Block)
+    first_seq, last_seq = lost_seqs(seq, n)
+    if isinstance(item, Block):
+        item.seq_first = None  # never stored: listeners must not see it
+        result.unencodable += n
+    else:
+        item.seq = None
+    loss = DataLoss(
+        LossReason.UNENCODABLE,
+        readings=n if block else 0,
+        rows=1,
+        events=0 if block else 1,
+        first_seq=first_seq,
+        last_seq=last_seq,
+        first_ts=ts,
+        last_ts=ts,
+        detail=f"{type(exc).__name__}: {exc}"[:300],
+    ).event(item.device, seq=seq + n)
+    result.events.append(loss)
+    return ("event", item.device, seq + n, 1, loss.ts_ns, dumps(loss.body()))
+
+
+def encode(item: Block | Event) -> str:
+    try:
+        return dumps(item.body())
+    except (TypeError, ValueError):
+        pass
+    if isinstance(item, Block):
+        log.warning("device %s group %s: values that are not JSON were made bad", item.device, item.group)
+        _sanitize(item)
+    else:
+        log.warning("event %s of %s: data that is not JSON was converted", item.kind, item.device)
+        item.data = _jsonable(item.data)
+    return dumps(item.body())
