@@ -34,8 +34,9 @@ from agent.core.driver import ProfileBase, TagBase
 from agent.core.records import Block, Event
 from agent.modeltools.csvdata import Dataset
 from agent.modeltools.train import TrainOptions, train
+from agent.transforms.anomaly.model import LoadedModel
+from agent.transforms.anomaly.track import Settings, Track
 from agent.transforms.inference import InferenceEngine, ModelBindingConfig
-from agent.transforms.scoring import LoadedModel, Settings, Track
 
 SIGNALS = ("temperature_c", "ph", "do_pct", "agitation_rpm", "o2_flow_slpm", "co2_flow_slpm")
 T0 = 1_767_571_200

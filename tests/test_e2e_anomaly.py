@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from agent.app.status import fetch_status
+from cleanroom_common.net import free_port
 from simulators.process.faults import Fault
 from simulators.servers.opcua import serve_bioreactor_opcua
-from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, free_port, wait_for
+from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEED = 150.0

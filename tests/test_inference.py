@@ -16,9 +16,10 @@ from agent.buffer.audit import Auditor
 from agent.core.driver import ProfileBase, TagBase, load_drivers
 from agent.core.records import Block, Event, Quality, Severity
 from agent.modeltools.csvdata import Dataset, load_csv
+from agent.transforms.anomaly.manifest import EnvelopeCondition, read_manifest, write_manifest
+from agent.transforms.anomaly.model import LoadedModel
+from agent.transforms.anomaly.track import Settings, Track
 from agent.transforms.inference import Binding, InferenceEngine, ModelBindingConfig
-from agent.transforms.manifest import EnvelopeCondition, read_manifest, write_manifest
-from agent.transforms.scoring import LoadedModel, Settings, Track
 from simulators.process.generate import generate
 from simulators.process.scenario import Scenario
 from tests.test_modelkit import FAULT, T0, private_copy, series, trained_model
@@ -285,15 +286,18 @@ async def test_shipped_incubator_model_flags_a_simulated_door_opening(tmp_path: 
 
 def test_check_reports_every_binding_problem_without_starting(syn_model: Path, model_copy: Path) -> None:
     (model_copy.parent / "syn-pca.onnx").write_bytes(b"not onnx")
-    problems = InferenceEngine.check(
-        [
-            ModelBindingConfig(manifest=syn_model, devices=["d1", "ghost"], signals=MAPPING),
-            ModelBindingConfig(manifest=syn_model, devices=["d1"]),
-            ModelBindingConfig(manifest=model_copy, devices=["d1"]),
-            ModelBindingConfig(manifest=syn_model, device_kind="centrifuge"),
-        ],
-        {"d1": PROFILE},
-    )
+    problems = [
+        str(p)
+        for p in InferenceEngine.check(
+            [
+                ModelBindingConfig(manifest=syn_model, devices=["d1", "ghost"], signals=MAPPING),
+                ModelBindingConfig(manifest=syn_model, devices=["d1"]),
+                ModelBindingConfig(manifest=model_copy, devices=["d1"]),
+                ModelBindingConfig(manifest=syn_model, device_kind="centrifuge"),
+            ],
+            {"d1": PROFILE},
+        )
+    ]
     assert problems[0] == "models[0] syn-pca@ghost: device 'ghost' is not configured"
     assert problems[1] == "models[1] syn-pca@d1: profile 'bio-test' has no tag for temp->temp, ph->ph, do->do"
     assert problems[2].startswith("models[2] ") and "refusing to load it" in problems[2]
@@ -382,7 +386,7 @@ async def test_one_model_binds_a_device_once(syn_model: Path, h: Harness) -> Non
         ModelBindingConfig(manifest=syn_model, device_kind="bioreactor", signals=MAPPING, mode="active"),
     ]
     profile = PROFILE.model_copy(update={"device_kind": "bioreactor"})
-    assert InferenceEngine.check(configs, {"d1": profile}) == [
+    assert [str(p) for p in InferenceEngine.check(configs, {"d1": profile})] == [
         "models[1] syn-pca@d1: this model is already bound to this device by models[0]"
     ]
     engine = InferenceEngine(configs, {"d1": profile}, h.events.append, h.auditor)

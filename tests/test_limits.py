@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from agent.buffer.audit import Auditor
 from agent.core.driver import ProfileBase, TagBase
 from agent.core.records import Block, Event, Quality, Severity
-from agent.transforms.limits import LimitMonitor, LimitsConfig, ParticleLimits, TagLimits, iso_class_limit
+from agent.transforms.limits import LimitMonitor, LimitsConfig, ParticleLimits, TagLimits
+from cleanroom_common.particle_limits import iso_class_limit
 
 # shared/domain.md §1, ISO 14644-1:2015 Table 1 (None = "–")
 ISO_TABLE = {
@@ -223,7 +224,7 @@ def test_check_names_every_unknown_device_and_tag() -> None:
             "particles": [{"device": "d", "grade": "A", "tag_0_5": "c05", "state_tag": "door"}],
         }
     )
-    assert LimitMonitor.check(cfg, {"d": profile("T")}) == [
+    assert [str(p) for p in LimitMonitor.check(cfg, {"d": profile("T")})] == [
         "limits.tags[0] (nope): no configured device has tag 'nope'",
         "limits.tags[1] (T): device 'ghost' is not configured",
         "limits.particles[0] (d): device 'd' has no tag 'c05'",

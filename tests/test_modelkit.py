@@ -18,18 +18,14 @@ from hypothesis import strategies as st
 from agent.modeltools.csvdata import FaultLabel, load_csv, load_labels
 from agent.modeltools.evaluate import evaluate
 from agent.modeltools.train import TrainOptions, train
-from agent.transforms.manifest import ModelError, parse_condition, read_manifest
-from agent.transforms.scoring import (
-    Debounce,
-    DriftMonitor,
-    Envelope,
-    LoadedModel,
-    Settings,
-    SlotAccumulator,
-    Track,
-    Windower,
-    run_offline,
-)
+from agent.transforms.anomaly.drift import DriftMonitor
+from agent.transforms.anomaly.envelope import Envelope
+from agent.transforms.anomaly.manifest import ModelError, parse_condition, read_manifest
+from agent.transforms.anomaly.model import LoadedModel
+from agent.transforms.anomaly.offline import run_offline
+from agent.transforms.anomaly.track import Settings, Track
+from agent.transforms.anomaly.windows import SlotAccumulator, Windower
+from agent.transforms.debounce import Debounce
 
 T0 = 1_767_571_200.0
 PERIOD = 10.0
@@ -372,8 +368,6 @@ def test_drift_monitor_flags_a_shifted_signal(syn_model: Path) -> None:
 
 
 def test_a_sample_older_than_the_open_slot_is_late_not_a_slot_out_of_order() -> None:
-    from agent.transforms.scoring import SlotAccumulator
-
     first = [10.0, 20.0, 30.0, 40.0, 130.0]  # slots 0, 0, 0, 0, 2: closes 0, slot 2 open, 1 empty
     second = [100.0, 170.0, 175.0, 185.0, 190.0]  # 100.0 is slot 1: older than the open slot 2
     for path in ("vectorised", "scalar"):

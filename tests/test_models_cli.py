@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.buffer.store import Buffer, BufferConfig
+from agent.buffer.config import BufferConfig
+from agent.buffer.store import Buffer
 from agent.cli import main
 from agent.core.records import Block
-from agent.transforms.manifest import read_manifest
+from agent.transforms.anomaly.manifest import read_manifest
 from tests.test_modelkit import FAULT, SIGNALS, T0, private_copy, series, trained_model, write_csv
 
 

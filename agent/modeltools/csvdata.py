@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.transforms.manifest import ModelError
+from agent.transforms.anomaly.manifest import ModelError
 
 TIME_NAMES = ("timestamp", "time", "ts", "datetime", "date_time", "date")
 NORMAL_LABELS = {"", "0", "normal", "ok", "false", "no", "good", "none"}

@@ -1,5 +1,5 @@
 """Event-level evaluation of a frozen model on labelled data, through the agent's own
-scoring path (:func:`agent.transforms.scoring.run_offline`).
+scoring path (:func:`agent.transforms.anomaly.offline.run_offline`).
 
 Definitions (fixed before testing, Annex 22 draft):
 
@@ -32,9 +32,12 @@ from typing import Any
 import numpy as np
 
 from agent.core.records import Event, Quality, Value
+from agent.core.stats import percentile
 from agent.modeltools.csvdata import Dataset, FaultLabel
+from agent.transforms.anomaly.model import LoadedModel
+from agent.transforms.anomaly.offline import OfflineResult, run_offline
+from agent.transforms.anomaly.track import Settings
 from agent.transforms.limits import LimitsConfig
-from agent.transforms.scoring import LoadedModel, OfflineResult, Settings, run_offline
 
 WEEK = 7 * 86400.0
 
@@ -48,14 +51,15 @@ class DeviceResult:
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.quantile(values, q)), 1) if values else None
+    value = percentile(values, q)
+    return None if value is None else round(value, 1)
 
 
 def _median_or_missed(values: list[float]) -> float | str | None:
     """Median delay where a miss is an infinite delay; "missed" when the median is a miss."""
-    if not values:
+    med = percentile(values, 0.5)
+    if med is None:
         return None
-    med = float(np.median(values))
     return "missed" if math.isinf(med) else round(med, 1)
 
 
@@ -218,7 +222,7 @@ def plot(model: LoadedModel, results: list[DeviceResult], out_dir: Path, thresho
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from agent.transforms.manifest import ModelError
+        from agent.transforms.anomaly.manifest import ModelError
 
         raise ModelError(
             "plots need matplotlib (the 'train' extra): pip install 'cleanroom-edge[train]'"

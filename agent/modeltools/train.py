@@ -1,7 +1,7 @@
 """Fitting models from normal data and freezing them as ONNX + manifest.
 
 Data flow: CSV(s) -> rows labelled abnormal or inside fault windows dropped -> the
-agent's own resampling/windowing (:mod:`.scoring`) -> features computed by the
+agent's own resampling/windowing (:mod:`agent.transforms.anomaly.windows`) -> features computed by the
 feature part of the ONNX graph itself -> fit (PCA in numpy, isolation forest in
 scikit-learn) -> full graph -> threshold calibrated on held-out normal windows
 (time blocks spread over each series, never used for fitting).
@@ -28,7 +28,9 @@ import onnxruntime as ort
 from agent import __version__
 from agent.modeltools import graph
 from agent.modeltools.csvdata import Dataset, iso
-from agent.transforms.manifest import (
+from agent.transforms.anomaly.drift import DriftMonitor
+from agent.transforms.anomaly.envelope import Envelope
+from agent.transforms.anomaly.manifest import (
     DriftBounds,
     EnvelopeCondition,
     Hysteresis,
@@ -39,7 +41,8 @@ from agent.transforms.manifest import (
     sha256_file,
     write_manifest,
 )
-from agent.transforms.scoring import DriftMonitor, Envelope, LoadedModel, SlotAccumulator, Windower
+from agent.transforms.anomaly.model import LoadedModel
+from agent.transforms.anomaly.windows import SlotAccumulator, Windower
 
 MAX_FIT_WINDOWS = 20_000
 """Windows used for fitting (strided evenly): more adds time, not information."""

@@ -29,18 +29,21 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from agent.buffer.audit import Auditor
 from agent.core.driver import ProfileBase
+from agent.core.problems import Problem
 from agent.core.records import Block, Event, Quality, Severity, Value
-from agent.transforms.manifest import Manifest, ModelError, verify
-from agent.transforms.scoring import DriftChange, LoadedModel, Ready, Settings, Track, Transition
+from agent.transforms.anomaly.drift import DriftChange
+from agent.transforms.anomaly.manifest import Manifest, ModelError, verify
+from agent.transforms.anomaly.model import LoadedModel
+from agent.transforms.anomaly.track import Ready, Settings, Track, Transition
 from cleanroom_common.bundled import package_dir
-from cleanroom_common.fields import Strict
+from cleanroom_common.fields import Strict, relative_to_file
 
 log = logging.getLogger("cleanroom.inference")
 
@@ -62,10 +65,10 @@ class ModelOverrides(Strict):
 class ModelBindingConfig(Strict):
     """One anomaly model applied to one or more devices (one entry of ``models:``)."""
 
-    manifest: Path
+    manifest: Annotated[Path, relative_to_file(fallback=package_dir("agent.bundled"))]
     """The model's ``*.model.yaml`` manifest; the ``.onnx`` it names must match its sha256 or the model is
-    refused. Relative paths are tried against the working directory, then the agent's install folder
-    (where ``models/`` ships).
+    refused. A relative path is relative to this file; when nothing is there, the models shipped with
+    the agent are looked up under the same path (``models/bioreactor-pca.model.yaml``).
     """
     devices: list[str] = Field(default_factory=list)
     """Device ids the model scores. Give either this or ``device_kind``."""
@@ -284,7 +287,7 @@ class InferenceEngine:
             )
 
     @staticmethod
-    def check(config: Sequence[ModelBindingConfig], devices: Mapping[str, ProfileBase]) -> list[str]:
+    def check(config: Sequence[ModelBindingConfig], devices: Mapping[str, ProfileBase]) -> list[Problem]:
         """Every binding problem (missing or altered model, unknown device, unmapped tag),
         for ``validate``: the same checks :meth:`start` applies, without starting anything."""
         problems = []
@@ -297,7 +300,7 @@ class InferenceEngine:
             for key, _, _, planned in plan(cfg, manifest, devices):
                 problem = planned or _taken(key, i, owner)
                 if problem:
-                    problems.append(f"models[{i}] {key}: {problem}")
+                    problems.append(Problem(problem, path=("models", i), subject=key))
         return problems
 
     def _refuse(self, key: str, reason: str, device: str = "agent") -> None:

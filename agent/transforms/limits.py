@@ -21,14 +21,13 @@ from pydantic import Field, model_validator
 
 from agent.buffer.audit import Auditor
 from agent.core.driver import ProfileBase
+from agent.core.problems import Problem
 from agent.core.records import Block, Event, Quality, Severity, Value
-from agent.transforms.scoring import Debounce
+from agent.transforms.debounce import Debounce
 from cleanroom_common.fields import Duration, Strict
+from cleanroom_common.particle_limits import GMP_ACTION, Grade, RoomState, iso_class_limit
 
 log = logging.getLogger("cleanroom.limits")
-
-Grade = Literal["A", "B", "C", "D"]
-RoomState = Literal["at_rest", "in_operation"]
 
 
 class TagLimits(Strict):
@@ -158,44 +157,6 @@ class LimitsConfig(Strict):
     """Alert/action and rate-of-change limits per tag."""
     particles: list[ParticleLimits] = Field(default_factory=list)
     """Particle limits per counter."""
-
-
-# --------------------------------------------------------------------------- limit tables
-
-ISO_APPLICABLE: dict[float, tuple[int, int]] = {
-    0.1: (1, 6),
-    0.2: (2, 6),
-    0.3: (2, 6),
-    0.5: (3, 9),
-    1.0: (4, 9),
-    5.0: (6, 9),
-}
-"""ISO 14644-1:2015 Table 1: the classes (first, last) for which a size has a limit."""
-
-GMP_ACTION: dict[tuple[str, str], tuple[float | None, float | None]] = {
-    ("A", "at_rest"): (3520, 29),
-    ("A", "in_operation"): (3520, 29),
-    ("B", "at_rest"): (3520, 29),
-    ("B", "in_operation"): (352_000, 2930),
-    ("C", "at_rest"): (352_000, 2930),
-    ("C", "in_operation"): (3_520_000, 29_300),
-    ("D", "at_rest"): (3_520_000, 29_300),
-    ("D", "in_operation"): (None, None),
-}
-"""EU GMP Annex 1 (2022) maximum particles/m³ (0.5 µm, 5.0 µm) by grade and state;
-grade D in operation is set by risk assessment (configure it explicitly)."""
-
-
-def iso_class_limit(iso_class: float, size_um: float) -> float | None:
-    """ISO 14644-1 concentration limit (particles/m³ ≥ ``size_um``) for a class, or None
-    where the standard gives none. Cn = 10^N x (0.1/D)^2.08, rounded to no more than
-    three significant figures and to a whole number (as Table 1 is)."""
-    first, last = ISO_APPLICABLE.get(size_um, (0, -1))
-    if not first <= iso_class <= last:
-        return None
-    cn = 10**iso_class * (0.1 / size_um) ** 2.08
-    digits = 3 - 1 - math.floor(math.log10(cn))
-    return float(round(round(cn, digits)))
 
 
 # --------------------------------------------------------------------------- runtime
@@ -402,7 +363,7 @@ class LimitMonitor:
         self.config = config or LimitsConfig()
         self.emit = emit
         self.auditor = auditor
-        self.problems = self.check(self.config, devices)
+        self.problems = [str(p) for p in self.check(self.config, devices)]
         for p in self.problems:
             log.error("limits: %s", p)
         self._tag_rules: dict[tuple[str, str], list[LevelRule | RateRule]] = {}
@@ -425,32 +386,32 @@ class LimitMonitor:
         self._started = False
 
     @staticmethod
-    def check(config: LimitsConfig, devices: Mapping[str, ProfileBase]) -> list[str]:
+    def check(config: LimitsConfig, devices: Mapping[str, ProfileBase]) -> list[Problem]:
         """Configuration problems against the configured devices (for ``validate``)."""
         problems = []
         tags = {d: {t.name for t in p.tags} for d, p in devices.items()}
         for i, cfg in enumerate(config.tags):
-            where = f"limits.tags[{i}] ({cfg.tag})"
+            at, subject = ("limits", "tags", i), f"({cfg.tag})"
             if not cfg.devices and not any(cfg.tag in t for t in tags.values()):
-                problems.append(f"{where}: no configured device has tag {cfg.tag!r}")
+                problems.append(Problem(f"no configured device has tag {cfg.tag!r}", at, subject=subject))
             for d in cfg.devices:
                 if d not in tags:
-                    problems.append(f"{where}: device {d!r} is not configured")
+                    problems.append(Problem(f"device {d!r} is not configured", at, subject=subject))
                 elif cfg.tag not in tags[d]:
-                    problems.append(f"{where}: device {d!r} has no tag {cfg.tag!r}")
+                    problems.append(Problem(f"device {d!r} has no tag {cfg.tag!r}", at, subject=subject))
         for i, pcfg in enumerate(config.particles):
-            where = f"limits.particles[{i}] ({pcfg.device})"
+            at, subject = ("limits", "particles", i), f"({pcfg.device})"
             if pcfg.device not in tags:
-                problems.append(f"{where}: device {pcfg.device!r} is not configured")
+                problems.append(Problem(f"device {pcfg.device!r} is not configured", at, subject=subject))
                 continue
             state_dev = pcfg.state_device or pcfg.device
             wanted = [(pcfg.device, t) for t in (pcfg.tag_0_5, pcfg.tag_5_0, pcfg.volume_tag) if t]
             wanted += [(state_dev, pcfg.state_tag)] if pcfg.state_tag else []
             for d, t in wanted:
                 if d not in tags:
-                    problems.append(f"{where}: device {d!r} is not configured")
+                    problems.append(Problem(f"device {d!r} is not configured", at, subject=subject))
                 elif t not in tags[d]:
-                    problems.append(f"{where}: device {d!r} has no tag {t!r}")
+                    problems.append(Problem(f"device {d!r} has no tag {t!r}", at, subject=subject))
         return problems
 
     async def start(self) -> None:
