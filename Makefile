@@ -1,10 +1,10 @@
-# One entry point for people and CI: `make demo`, `make test`, `make bench`.
+# One entry point for people and CI: `make demo`, `make test`, `make bench`, `make wheel`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint imports typecheck pytest bench clean
+.PHONY: demo test lint imports typecheck pytest bench wheel clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,5 +33,9 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# The distributable: dist/cleanroom_edge-<version>-py3-none-any.whl (deploy/install.sh installs it).
+wheel: $(STAMP)
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache

@@ -27,7 +27,8 @@ from typing import Any
 import psutil
 
 from agent.app.status import fetch_status
-from tests.support import Mosquitto, free_port, wait_for
+from cleanroom_common.net import free_port
+from tests.support import Mosquitto, wait_for
 
 DEVICES = 10
 WARMUP_S = 6.0

@@ -28,7 +28,8 @@ import psutil
 import yaml
 
 from agent.app.status import fetch_status
-from tests.support import Mosquitto, free_port, wait_for
+from cleanroom_common.net import free_port
+from tests.support import Mosquitto, wait_for
 
 DURATION_S = float(os.environ.get("BENCH_PLANT_S", "60"))
 

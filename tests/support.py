@@ -1,5 +1,6 @@
-"""Real parts for tests: a mosquitto broker on a free port, an MQTT collector,
-free ports, and waiting helpers with bounded time."""
+"""Real parts for tests: a mosquitto broker on a free port, an MQTT collector and
+waiting helpers with bounded time. Free ports come from :mod:`cleanroom_common.net`, the one
+helper the demo, the simulators, the benches and the tests share."""
 
 from __future__ import annotations
 
@@ -17,11 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from cleanroom_common.net import free_port
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 from agent.app.config import load_config
 from agent.app.runtime import Agent
-from tests.support import free_port
+from cleanroom_common.net import free_port
 
 
 def audit_trail(db: Path) -> list[dict[str, Any]]:

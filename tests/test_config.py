@@ -11,6 +11,7 @@ import pytest
 
 from agent.app.config import ConfigError, load_config
 from agent.cli import main
+from agent.core.problems import Problem
 
 VALID = """\
 agent:
@@ -185,13 +186,13 @@ def test_every_mistake_is_reported_in_one_run(tmp_path: Path) -> None:
     cfg.write_text(text)
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
-    joined = "\n".join(exc.value.problems)
+    joined = str(exc.value)
     # pydantic stops at the first layer (the file's own schema); fix it and the next layer shows
     assert "buffer.retention" in joined
     cfg.write_text(text.replace("retention: soon", "retention: 7d"))
     with pytest.raises(ConfigError) as exc:
         load_config(cfg)
-    problems = exc.value.problems
+    problems = [str(p) for p in exc.value.problems]
     assert any("devices[0].connection.unit_id" in p for p in problems)
     assert any("devices[1].profile" in p for p in problems)
 
@@ -255,3 +256,88 @@ def test_cli_exit_code_two_from_the_real_binary(tmp_path: Path) -> None:
         check=False,
     )
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_problems_are_typed_with_file_line_path_and_hint(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(VALID.replace("  max_bytes: 1GiB", "  max_byte: 1GiB"))
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    (problem,) = exc.value.problems
+    assert isinstance(problem, Problem)
+    assert (problem.file, problem.line, problem.path) == (cfg, 5, ("buffer", "max_byte"))
+    assert (problem.message, problem.hint) == ("unknown key", "check its spelling and its indentation")
+    assert str(problem) == f"{cfg}:5: buffer.max_byte: unknown key (check its spelling and its indentation)"
+
+
+def test_checks_of_limits_and_models_are_placed_on_their_entry(tmp_path: Path) -> None:
+    """Two entries binding one model to one device: the second is reported on its own line
+    (the running agent refuses it too)."""
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        VALID.replace(
+            "devices:",
+            "models:\n  - {manifest: models/bioreactor-pca.model.yaml, devices: [br1]}\n"
+            "  - {manifest: models/bioreactor-pca.model.yaml, device_kind: bioreactor}\n"
+            "limits:\n  tags:\n    - {tag: phh, devices: [br1], action_high: 7.5}\ndevices:",
+        )
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    text = cfg.read_text()
+    by_path = {p.path: p for p in exc.value.problems}
+    twice = by_path[("models", 1)]
+    assert twice.line == line_of(text, "device_kind: bioreactor") and twice.file == cfg
+    assert "already bound to this device by models[0]" in twice.message
+    assert by_path[("limits", "tags", 0)].line == line_of(text, "phh")
+    assert ("models", 0) not in by_path
+
+
+def test_every_relative_path_is_relative_to_the_file_that_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    (site / "profiles").mkdir(parents=True)
+    cfg = site / "agent.yaml"
+    cfg.write_text(
+        "agent: {id: gw}\nbuffer: {path: data/buffer.db}\nprofiles_dirs: [profiles]\n"
+        "mqtt: {host: 127.0.0.1, password_file: secrets/mqtt.pw, tls: {enabled: true, ca_file: tls/ca.pem}}\n"
+        "devices:\n  - id: br\n    profile: bioreactor-sim-opcua\n    connection:\n"
+        "      url: opc.tcp://127.0.0.1:4840\n      security_policy: Basic256Sha256\n"
+        "      security_mode: SignAndEncrypt\n      certificate: certs/agent.der\n"
+        "      private_key: certs/agent.pem\n      trust_dir: certs/trusted\n"
+    )
+    monkeypatch.chdir(tmp_path)  # started elsewhere: nothing may resolve against this folder
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    missing = {p.path: p.message for p in exc.value.problems}
+    for loc, rel in [
+        (("mqtt", "password_file"), "secrets/mqtt.pw"),
+        (("mqtt", "tls", "ca_file"), "tls/ca.pem"),
+        (("devices", 0, "connection", "certificate"), "certs/agent.der"),
+        (("devices", 0, "connection", "private_key"), "certs/agent.pem"),
+        (("devices", 0, "connection", "trust_dir"), "certs/trusted"),
+    ]:
+        assert missing.pop(loc) == f"{site / rel} does not exist"
+    assert not missing
+    for rel in ("secrets/mqtt.pw", "tls/ca.pem", "certs/agent.der", "certs/agent.pem"):
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text("x\n")
+    (site / "certs" / "trusted").mkdir()
+    (site / "data").mkdir()
+    loaded = load_config(cfg)
+    assert loaded.config.buffer.path == site / "data" / "buffer.db"
+    assert loaded.config.profiles_dirs == [site / "profiles"]
+
+
+def test_two_site_files_claiming_one_profile_name_are_an_error(tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "thing.yaml").write_text("profile: thing\nprotocol: modbus\ntags: []\n")
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("agent: {id: gw}\nprofiles_dirs: [a, b]\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(cfg)
+    assert [str(p) for p in exc.value.problems] == [
+        f"{tmp_path / 'b' / 'thing.yaml'}: profile 'thing' is also defined in {tmp_path / 'a' / 'thing.yaml'}"
+    ]

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from agent.buffer.store import BufferConfig
+from agent.buffer.config import BufferConfig
 from agent.core.device import DeviceConfig, ResolvedDevice
 from agent.core.driver import (
     ConnectionBase,
@@ -33,23 +32,20 @@ from agent.core.driver import (
     build_groups,
     driver_for,
 )
+from agent.core.problems import Loc, Problem
 from agent.sinks.forwarder import MqttConfig
 from agent.transforms.inference import InferenceEngine, ModelBindingConfig
 from agent.transforms.limits import LimitMonitor, LimitsConfig
-from cleanroom_common.bundled import profiles_dir
-from cleanroom_common.fields import Duration, Strict
-
-BUNDLED_PROFILES = profiles_dir()
-"""Profiles shipped with the agent (simulators and generic examples)."""
-
-Loc = tuple[str | int, ...]
+from cleanroom_common.fields import FILE_DIR, ConfigPath, Duration, Strict
+from cleanroom_common.profilefiles import ProfileFile, index_profiles
+from cleanroom_common.yamlfile import YamlDoc, YamlError, read_yaml
 
 
 class ConfigError(Exception):
     """One or more configuration mistakes; ``str()`` lists them one per line."""
 
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(map(str, problems)))
         self.problems = problems
 
 
@@ -78,8 +74,9 @@ class AgentConfig(Strict):
     """The durable store-and-forward buffer."""
     mqtt: MqttConfig | None = None
     """The broker readings and events are forwarded to. Without it the agent only buffers (commissioning)."""
-    profiles_dirs: list[Path] = Field(default_factory=lambda: [BUNDLED_PROFILES])
-    """Folders searched for device profiles (``*.yaml``); relative paths are relative to this file."""
+    profiles_dirs: list[ConfigPath] = Field(default_factory=list)
+    """The site's folders of device profiles (``*.yaml``), searched in order before the profiles
+    shipped with the agent, which are always searched last; relative paths are relative to this file."""
     devices: list[DeviceConfig] = Field(default_factory=list)
     """Devices to acquire from."""
     models: list[ModelBindingConfig] = Field(default_factory=list)
@@ -119,94 +116,34 @@ class LoadedConfig:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- YAML with lines
+# --------------------------------------------------------------------------- problems
 
 
-class _Lines:
-    """YAML data plus the line of every path in it, for error messages."""
-
-    def __init__(self, file: Path, data: Any, lines: dict[Loc, int]) -> None:
-        self.file = file
-        self.data = data
-        self.lines = lines
-
-    def problem(self, loc: Loc, msg: str) -> str:
-        """The one format of every config message: ``file:line: yaml.path: what is wrong``."""
-        return f"{self.where(loc)}: {_dotted(loc)}: {msg}"
-
-    def where(self, loc: Loc) -> str:
-        """``file:line`` of the deepest existing prefix of ``loc``."""
-        for n in range(len(loc), -1, -1):
-            line = self.lines.get(tuple(loc[:n]))
-            if line is not None:
-                return f"{self.file}:{line}"
-        return str(self.file)
-
-
-def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int]) -> None:
-    lines.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            k: Any = key.value
-            sub = (*loc, k)
-            lines[sub] = key.start_mark.line + 1
-            _walk(value, sub, lines)
-            lines[sub] = key.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _walk(item, (*loc, i), lines)
-
-
-_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-"""libyaml's parser when PyYAML has it: a 10,000-tag profile loads in a fraction of the time."""
-
-
-class _UniqueKeyLoader(_BaseLoader):  # type: ignore[misc,valid-type]
-    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
-
-
-def load_yaml(path: Path) -> _Lines:
-    """Parse ``path`` keeping line numbers; YAML syntax errors become :class:`ConfigError`."""
+def _load_yaml(path: Path) -> YamlDoc:
+    """Parse ``path`` keeping line numbers; an unreadable file or bad YAML is a :class:`ConfigError`."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"{path}: not UTF-8 text"]) from None
-    try:
-        loader = _UniqueKeyLoader(text)
-        try:
-            node = loader.get_single_node()
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError([f"{path}{line}: YAML syntax: {exc.problem or exc.context}"]) from None
-    lines: dict[Loc, int] = {}
-    if node is not None:
-        _walk(node, (), lines)
-    return _Lines(path, data, lines)
+        return read_yaml(path)
+    except YamlError as exc:
+        raise ConfigError([_file_problem(exc)]) from None
 
 
-_LIMITS_LOC = re.compile(r"^limits\.(tags|particles)\[(\d+)\]")
+def _file_problem(exc: YamlError) -> Problem:
+    return Problem(exc.message, file=exc.path, line=exc.line)
+
+
+def _place(doc: YamlDoc, problem: Problem) -> Problem:
+    """``problem`` (found on validated models) at its line in the file it came from."""
+    return problem.at(doc.path, doc.line_of(problem.path or ()))
+
+
+def _problem(doc: YamlDoc, loc: Loc, message: str, hint: str = "") -> Problem:
+    return _place(doc, Problem(message, path=loc, hint=hint))
+
+
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand_env(value: Any, loc: Loc, problems: list[tuple[Loc, str]]) -> Any:
+def _expand_env(value: Any, loc: Loc, problems: list[Problem]) -> Any:
     """Replace ``${NAME}`` in strings by the environment variable's value (secrets stay
     out of the file). A missing variable is an error naming it, never an empty string."""
     if isinstance(value, str):
@@ -214,7 +151,7 @@ def _expand_env(value: Any, loc: Loc, problems: list[tuple[Loc, str]]) -> Any:
         def sub(m: re.Match[str]) -> str:
             env = os.environ.get(m.group(1))
             if env is None:
-                problems.append((loc, f"environment variable {m.group(1)} is not set"))
+                problems.append(Problem(f"environment variable {m.group(1)} is not set", path=loc))
                 return ""
             return env
 
@@ -226,75 +163,38 @@ def _expand_env(value: Any, loc: Loc, problems: list[tuple[Loc, str]]) -> Any:
     return value
 
 
-def _format_errors(src: _Lines, exc: ValidationError, prefix: Loc = ()) -> Iterator[str]:
+def _format_errors(doc: YamlDoc, exc: ValidationError, prefix: Loc = ()) -> Iterator[Problem]:
     for err in exc.errors(include_url=False, include_input=False):
         loc = (*prefix, *err["loc"])
         # pydantic adds validator names to the location of tagged/union fields; they are no YAML key
         yaml_loc = tuple(
             p for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))
         )
-        msg = err["msg"]
+        msg, hint = err["msg"], ""
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling and its indentation)"
+            msg, hint = "unknown key", "check its spelling and its indentation"
         if err["type"] == "missing":
             msg = "required key is missing"
         if err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        yield src.problem(yaml_loc, msg)
+        yield _problem(doc, yaml_loc, msg, hint)
 
 
-def _dotted(loc: Loc) -> str:
-    out = ""
-    for p in loc:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
-
-
-# --------------------------------------------------------------------------- profiles
-
-
-@dataclass
-class _ProfileSource:
-    path: Path
-    src: _Lines
-    protocol: str | None
-
-
-def _index_profiles(dirs: list[Path], problems: list[str]) -> dict[str, _ProfileSource]:
-    found: dict[str, _ProfileSource] = {}
-    for d in dirs:
-        if not d.is_dir():
-            problems.append(f"{d}: profiles folder does not exist")
-            continue
-        for f in sorted(d.glob("*.yaml")):
-            try:
-                src = load_yaml(f)
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-                continue
-            if not isinstance(src.data, dict) or "profile" not in src.data:
-                continue
-            name = str(src.data["profile"])
-            if name in found:
-                problems.append(f"{f}: profile {name!r} is also defined in {found[name].path}")
-                continue
-            protocol = src.data.get("protocol")
-            found[name] = _ProfileSource(f, src, str(protocol) if protocol is not None else None)
-    return found
-
-
-def _validate_profile(source: _ProfileSource, problems: list[str]) -> tuple[type[Driver], ProfileBase] | None:
+def _validate_profile(
+    source: ProfileFile, problems: list[Problem]
+) -> tuple[type[Driver], ProfileBase] | None:
     driver = driver_for(source.protocol) if source.protocol else None
     if driver is None:
         known = ", ".join(available_protocols())
         problems.append(
-            source.src.problem(("protocol",), f"{source.protocol!r} has no driver (known: {known})")
+            _problem(source.doc, ("protocol",), f"{source.protocol!r} has no driver", f"known: {known}")
         )
         return None
     try:
-        return driver, driver.profile_model().model_validate(source.src.data)
+        context = {FILE_DIR: source.path.parent}
+        return driver, driver.profile_model().model_validate(source.doc.data, context=context)
     except ValidationError as exc:
-        problems.extend(_format_errors(source.src, exc))
+        problems.extend(_format_errors(source.doc, exc))
         return None
 
 
@@ -311,20 +211,24 @@ def config_hash(config_path: Path, profile_paths: list[Path]) -> str:
 def load_config(path: str | Path) -> LoadedConfig:
     """Load, validate and resolve a config file; raise :class:`ConfigError` listing every problem."""
     path = Path(path).resolve()
-    src = load_yaml(path)
+    src = _load_yaml(path)
     if not isinstance(src.data, dict):
-        raise ConfigError([f"{path}:1: the file must be a mapping with at least an 'agent:' section"])
-    env_problems: list[tuple[Loc, str]] = []
+        raise ConfigError(
+            [Problem("the file must be a mapping with at least an 'agent:' section", file=path, line=1)]
+        )
+    env_problems: list[Problem] = []
     data = _expand_env(src.data, (), env_problems)
-    problems = [src.problem(loc, msg) for loc, msg in env_problems]
-    _resolve_relative(data, path.parent)
+    problems = [_place(src, p) for p in env_problems]
+    context = {FILE_DIR: path.parent}
     try:
-        cfg = AgentConfig.model_validate(data)
+        cfg = AgentConfig.model_validate(data, context=context)
     except ValidationError as exc:
         problems.extend(_format_errors(src, exc))
         raise ConfigError(problems) from None
 
-    profiles = _index_profiles(list(cfg.profiles_dirs), problems)
+    index = index_profiles(cfg.profiles_dirs)
+    problems += [_file_problem(e) for e in index.errors]
+    profiles = index.profiles
     validated: dict[str, tuple[type[Driver], ProfileBase] | None] = {}
     devices: list[ResolvedDevice] = []
     seen_ids: dict[str, int] = {}
@@ -332,44 +236,42 @@ def load_config(path: str | Path) -> LoadedConfig:
         loc: Loc = ("devices", i)
         if dev.id in seen_ids:
             problems.append(
-                src.problem((*loc, "id"), f"{dev.id!r} is already used by devices[{seen_ids[dev.id]}]")
+                _problem(src, (*loc, "id"), f"{dev.id!r} is already used by devices[{seen_ids[dev.id]}]")
             )
             continue
         seen_ids[dev.id] = i
         if dev.profile not in profiles:
             known = ", ".join(sorted(profiles)) or "none found"
-            problems.append(src.problem((*loc, "profile"), f"no profile {dev.profile!r} (known: {known})"))
+            problems.append(
+                _problem(src, (*loc, "profile"), f"no profile {dev.profile!r}", f"known: {known}")
+            )
             continue
         if dev.profile not in validated:
             validated[dev.profile] = _validate_profile(profiles[dev.profile], problems)
         resolved = validated[dev.profile]
         if resolved is None:
-            problems.append(src.problem((*loc, "profile"), f"profile {dev.profile!r} is invalid (see above)"))
+            problems.append(
+                _problem(src, (*loc, "profile"), f"profile {dev.profile!r} is invalid (see above)")
+            )
             continue
         driver, profile = resolved
         device = _resolve_device(src, loc, dev, driver, profile, profiles[dev.profile].path, problems)
         if device is not None:
             devices.append(device)
-            missing = _missing_files(device.connection, (*loc, "connection"))
-            problems += [src.problem(at, msg) for at, msg in missing]
+            problems += [_place(src, p) for p in _missing_files(device.connection, (*loc, "connection"))]
     if cfg.mqtt is not None:
-        problems += [src.problem(at, msg) for at, msg in _missing_files(cfg.mqtt, ("mqtt",))]
+        problems += [_place(src, p) for p in _missing_files(cfg.mqtt, ("mqtt",))]
     profiles_by_device = {d.id: d.profile for d in devices}
-    for i, binding in enumerate(cfg.models):
-        for msg in InferenceEngine.check([binding], profiles_by_device):
-            problems.append(src.problem(("models", i), msg.split(": ", 1)[-1]))
+    problems += [_place(src, p) for p in InferenceEngine.check(cfg.models, profiles_by_device)]
     if cfg.limits is not None:
-        for msg in LimitMonitor.check(cfg.limits, profiles_by_device):
-            m = _LIMITS_LOC.match(msg)
-            at: Loc = ("limits", m.group(1), int(m.group(2))) if m else ("limits",)
-            problems.append(src.problem(at, msg.split(": ", 1)[-1]))
+        problems += [_place(src, p) for p in LimitMonitor.check(cfg.limits, profiles_by_device)]
     if problems:
         raise ConfigError(problems)
     used = [profiles[d.config.profile].path for d in devices]
     return LoadedConfig(path, cfg, devices, config_hash(path, used), {n: p.path for n, p in profiles.items()})
 
 
-def _missing_files(model: BaseModel, at: Loc) -> Iterator[tuple[Loc, str]]:
+def _missing_files(model: BaseModel, at: Loc) -> Iterator[Problem]:
     """Files a section names (passwords, certificates, keys, trust folders) that are not
     there: found by ``validate``, not at the first connection attempt hours later."""
     for name in type(model).model_fields:
@@ -377,63 +279,39 @@ def _missing_files(model: BaseModel, at: Loc) -> Iterator[tuple[Loc, str]]:
         if isinstance(value, BaseModel):
             yield from _missing_files(value, (*at, name))
         elif isinstance(value, Path) and not value.exists():
-            yield (*at, name), f"{value} does not exist"
+            yield Problem(f"{value} does not exist", path=(*at, name))
 
 
 def _resolve_device(
-    src: _Lines,
+    src: YamlDoc,
     loc: Loc,
     dev: DeviceConfig,
     driver: type[Driver],
     profile: ProfileBase,
     profile_path: Path,
-    problems: list[str],
+    problems: list[Problem],
 ) -> ResolvedDevice | None:
     before = len(problems)
+    context = {FILE_DIR: src.path.parent}
     connection: ConnectionBase | None = None
     try:
-        connection = driver.Connection.model_validate(dev.connection)
+        connection = driver.Connection.model_validate(dev.connection, context=context)
     except ValidationError as exc:
         problems.extend(_format_errors(src, exc, (*loc, "connection")))
     overrides: dict[str, GroupSpec] = {}
     for name, override in dev.groups.items():
         if name not in profile.groups:
-            known = ", ".join(profile.groups)
-            msg = f"profile {profile.profile!r} has no group {name!r} (groups: {known})"
-            problems.append(src.problem((*loc, "groups", name), msg))
+            msg = f"profile {profile.profile!r} has no group {name!r}"
+            problems.append(
+                _problem(src, (*loc, "groups", name), msg, f"groups: {', '.join(profile.groups)}")
+            )
             continue
         try:
             base = profile.groups[name].model_dump(exclude_unset=True)
-            overrides[name] = driver.Group.model_validate({**base, **override})
+            overrides[name] = driver.Group.model_validate({**base, **override}, context=context)
         except ValidationError as exc:
             problems.extend(_format_errors(src, exc, (*loc, "groups", name)))
     if connection is None or len(problems) > before:
         return None
     groups = build_groups(dev.id, profile, connection, overrides)
     return ResolvedDevice(dev, driver, profile, profile_path, connection, groups)
-
-
-def _resolve_relative(data: dict[str, Any], base: Path) -> None:
-    """Paths in the file are relative to the file, not to wherever the agent was started."""
-
-    def fix(v: Any) -> Any:
-        return str(base / v) if isinstance(v, str) and not os.path.isabs(v) else v
-
-    if isinstance(data.get("profiles_dirs"), list):
-        data["profiles_dirs"] = [fix(p) for p in data["profiles_dirs"]]
-    buf = data.get("buffer")
-    if isinstance(buf, dict) and "path" in buf:
-        buf["path"] = fix(buf["path"])
-    mq = data.get("mqtt")
-    if isinstance(mq, dict):
-        if "password_file" in mq:
-            mq["password_file"] = fix(mq["password_file"])
-        tls = mq.get("tls")
-        if isinstance(tls, dict):
-            for k in ("ca_file", "cert_file", "key_file"):
-                if k in tls:
-                    tls[k] = fix(tls[k])
-    for m in data.get("models") or []:
-        # a model next to the config wins; otherwise the shipped models/ folder is searched
-        if isinstance(m, dict) and isinstance(m.get("manifest"), str) and os.path.exists(fix(m["manifest"])):
-            m["manifest"] = fix(m["manifest"])

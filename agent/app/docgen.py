@@ -22,7 +22,9 @@ from pydantic_core import PydanticUndefined
 BEGIN = "<!-- BEGIN GENERATED REFERENCE (python -m agent.app.docgen --write) -->"
 END = "<!-- END GENERATED REFERENCE -->"
 TOP = "(top level)"
-DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+DOC = Path("docs", "configuration.md")
+"""The reference in the repository, from its root (where ``make`` and the tests run): a
+development tool's target, not a file of the installed package."""
 
 
 def _type_name(tp: Any) -> str:
@@ -48,9 +50,6 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
-
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _field_type(f: FieldInfo) -> str:
@@ -82,9 +81,7 @@ def _default(f: FieldInfo) -> str:
         return "(secret)"
     text = repr(value)
     if isinstance(value, Path | list):
-        # bundled paths are shown relative to the installation, not to this checkout
         text = repr([str(p) for p in value] if isinstance(value, list) else str(value))
-        text = text.replace(str(ROOT), "<install>")
     if _field_type(f) == "duration":
         text = f"{value:g} s"
     return f"`{text}`"

@@ -18,8 +18,8 @@ from typing import Any
 from agent import __version__
 from agent.app.config import LoadedConfig
 from agent.app.status import StatusServer
+from agent.buffer.async_buffer import AsyncBuffer
 from agent.buffer.audit import Auditor
-from agent.buffer.store import AsyncBuffer
 from agent.core.records import Block, Event, now_ns
 from agent.sinks.forwarder import AgentIdentity, Forwarder
 from agent.sources.scheduler import Scheduler

@@ -1,4 +1,4 @@
-"""``cleanroom-agent``: one entry point, subcommands contributed by the modules that own them.
+"""``cleanroom-agent``: one entry point, one module per subcommand.
 
 Each module in :data:`COMMAND_MODULES` exposes ``register(subparsers)``, adding its
 subcommand(s) with ``set_defaults(func=...)``; ``func(args) -> int`` is the exit code.
@@ -16,10 +16,14 @@ from collections.abc import Sequence
 from agent import __version__
 
 COMMAND_MODULES = (
-    "agent.cli.run",  # run, validate, status, demo
+    "agent.cli.init",  # init DIR
+    "agent.cli.validate",  # validate CONFIG
+    "agent.cli.run",  # run -c CONFIG
+    "agent.cli.status",  # status
+    "agent.cli.demo",  # demo
     "agent.cli.buffer",  # buffer stats|export|replay
     "agent.cli.models",  # models train|evaluate|score|verify
-    "agent.core.certs",  # certs create
+    "agent.cli.certs",  # certs create
 )
 
 
@@ -34,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

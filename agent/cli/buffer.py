@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.buffer.audit import Auditor
-from agent.buffer.store import Buffer, BufferConfig, StoredRecord
+from agent.buffer.config import BufferConfig
+from agent.buffer.rows import StoredRecord
+from agent.buffer.store import Buffer
 from agent.core.records import Event
 
 EXPORT_COLUMNS = (

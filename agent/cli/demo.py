@@ -9,6 +9,7 @@ arrives *at the broker* — not what the agent thinks it sent — until Ctrl-C o
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -29,8 +30,11 @@ import yaml
 
 from agent.app.config import ConfigError, load_config
 from cleanroom_common.bundled import package_dir
+from cleanroom_common.net import free_port
 
-PLANT = package_dir("simulators", "scenarios", "plant.yaml")
+PLANT = "plant"
+"""The simulators' shipped scenario the demo serves, named to ``cleanroom-sim`` (the agent
+never reads the simulators' files)."""
 MODELS = package_dir("agent.bundled", "models")
 log = logging.getLogger("cleanroom.demo")
 
@@ -39,12 +43,21 @@ class DemoError(Exception):
     """A demo prerequisite failed; the message says which and why."""
 
 
-def _free_port() -> int:
-    import socket
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo", help="simulators + broker + agent, with a live view of what reaches the broker"
+    )
+    p.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    p.add_argument("--broker", default=None, help="use this broker HOST:PORT instead of an embedded one")
+    p.add_argument("--speed", type=float, default=60.0, help="simulator time acceleration")
+    p.add_argument(
+        "--workdir", default=None, help="where the demo keeps its config and buffer (default: temp)"
+    )
+    p.set_defaults(func=cmd_demo)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(duration=args.duration, broker=args.broker, speed=args.speed, workdir=args.workdir)
 
 
 def _start_plant(workdir: Path, speed: float) -> tuple[subprocess.Popen[bytes], list[dict[str, Any]]]:
@@ -58,7 +71,7 @@ def _start_plant(workdir: Path, speed: float) -> tuple[subprocess.Popen[bytes], 
             "simulators.cli",
             "plant",
             "--config",
-            str(PLANT),
+            PLANT,
             "--endpoints",
             str(endpoints),
             "--speed",
@@ -118,7 +131,7 @@ class DemoModel:
 def _demo_models(endpoints: list[dict[str, Any]], speed: float) -> tuple[list[DemoModel], list[str]]:
     """The shipped models the demo can feed at this clock speed (each of their devices polled
     twice per slot of simulated time), and a line per model saying what was bound or why not."""
-    from agent.transforms.manifest import read_manifest
+    from agent.transforms.anomaly.manifest import read_manifest
 
     bound: list[DemoModel] = []
     notes: list[str] = []
@@ -168,8 +181,7 @@ def _write_config(
     by_kind: dict[str, list[str]] = {}
     for e in endpoints:
         by_kind.setdefault(e["kind"], []).append(e["device"])
-    plant = yaml.safe_load(PLANT.read_text())
-    params = {d["id"]: d.get("params", {}) for d in plant.get("devices", [])}
+    params = {e["device"]: e.get("params", {}) for e in endpoints}
     limits: dict[str, Any] = {
         "tags": [
             {
@@ -201,7 +213,7 @@ def _write_config(
         "agent": {
             "id": "demo-gateway",
             "site": "simulated cleanroom suite",
-            "status_listen": f"127.0.0.1:{_free_port()}",
+            "status_listen": f"127.0.0.1:{free_port()}",
         },
         "buffer": {"path": str(workdir / "buffer.db"), "synchronous": "normal"},
         "mqtt": {"host": broker[0], "port": broker[1], "topic_prefix": "cleanroom"},
@@ -318,7 +330,7 @@ async def _embedded_broker() -> tuple[Any, tuple[str, int]]:
         ) from None
     for name in ("amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    broker = ("127.0.0.1", _free_port())
+    broker = ("127.0.0.1", free_port())
     amqtt_broker = Broker(
         {
             "listeners": {"default": {"type": "tcp", "bind": f"{broker[0]}:{broker[1]}"}},

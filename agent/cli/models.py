@@ -19,9 +19,11 @@ import yaml
 from pydantic import ValidationError
 
 from agent.modeltools.csvdata import Dataset, FaultLabel, in_windows, iso, load_csv, load_labels, parse_time
+from agent.transforms.anomaly.manifest import ModelError, parse_condition, read_manifest, write_manifest
+from agent.transforms.anomaly.model import LoadedModel
+from agent.transforms.anomaly.offline import run_offline
+from agent.transforms.anomaly.track import Settings
 from agent.transforms.limits import LimitsConfig
-from agent.transforms.manifest import ModelError, parse_condition, read_manifest, write_manifest
-from agent.transforms.scoring import LoadedModel, Settings, run_offline
 from cleanroom_common.fields import parse_duration
 
 
@@ -211,7 +213,8 @@ def _from_buffer(
     db: Path, device: str, since: str | None, until: str | None, signals: list[str] | None
 ) -> Dataset:
     """The device's committed readings, one row per block (only good readings)."""
-    from agent.buffer.store import Buffer, BufferConfig
+    from agent.buffer.config import BufferConfig
+    from agent.buffer.store import Buffer
 
     if not db.is_file():
         raise ModelError(f"{db}: no buffer database")
