@@ -24,7 +24,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -292,6 +292,9 @@ class Driver(ABC):
     Tag: ClassVar[type[TagBase]] = TagBase
     Group: ClassVar[type[GroupSpec]] = GroupSpec
     Connection: ClassVar[type[ConnectionBase]] = ConnectionBase
+    Profile: ClassVar[type[ProfileBase]] = ProfileBase
+    """Profile-wide fields and rules of this protocol; :meth:`profile_model` adds the tag
+    and group types, so a driver never builds (or caches) a profile model itself."""
     supports_subscribe: ClassVar[bool] = False
     """True when :meth:`subscribe` is implemented (the device pushes changes)."""
 
@@ -323,17 +326,17 @@ class Driver(ABC):
 
     @classmethod
     def profile_model(cls) -> type[ProfileBase]:
-        """The profile schema for this protocol: :class:`ProfileBase` with this driver's
+        """The profile schema for this protocol: the driver's ``Profile`` base with its
         ``Tag`` and ``Group`` types (built once per driver class)."""
-        cached = cls.__dict__.get("_profile_model")
+        cached: type[ProfileBase] | None = cls.__dict__.get("_profile_model")
         if cached is None:
             from pydantic import create_model
 
             base_fields = ProfileBase.model_fields
-            cached = create_model(
+            built: Any = create_model(
                 f"{cls.__name__}Profile",
-                __base__=ProfileBase,
-                __doc__=ProfileBase.__doc__,
+                __base__=cls.Profile,
+                __doc__=cls.Profile.__doc__,
                 groups=(
                     dict[str, cls.Group],  # type: ignore[name-defined]
                     Field(
@@ -343,7 +346,8 @@ class Driver(ABC):
                 ),
                 tags=(list[cls.Tag], Field(description=base_fields["tags"].description)),  # type: ignore[name-defined]
             )
-            cls._profile_model = cached  # type: ignore[attr-defined]
+            cls._profile_model = built  # type: ignore[attr-defined]
+            return cast(type[ProfileBase], built)
         return cached
 
 

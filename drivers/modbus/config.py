@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from agent.core.driver import ConnectionBase, GroupSpec, TagBase
+from agent.core.driver import ConnectionBase, GroupSpec, ProfileBase, TagBase
 from cleanroom_common.codec import DataType, WordOrder
 from cleanroom_common.fields import Duration, Strict
 from cleanroom_common.modbus import BIT_TABLES, Table, locate, table_and_number
@@ -255,3 +255,26 @@ def as_tag(spec: TagBase) -> Tag:
     if isinstance(spec, Tag):
         return spec
     raise TypeError(f"tag {spec.name!r} is not a modbus tag (profile protocol mismatch)")
+
+
+class Profile(ProfileBase):
+    """A Modbus device profile: the generic profile plus ``defaults:``."""
+
+    defaults: TagDefaults | None = None
+    """Tag fields applied to every tag that does not set them (e.g. ``table: input``,
+    ``word_order: CDAB``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        return apply_defaults(data)
+
+    @model_validator(mode="after")
+    def _record_tags_in_group(self) -> Profile:
+        for name, spec in self.groups.items():
+            if isinstance(spec, Group) and spec.records is not None:
+                here = {t.name for t in self.tags if t.group == name}
+                missing = [n for n in spec.records.referenced_tags() if n not in here]
+                if missing:
+                    raise ValueError(f"group {name!r}: records layout names tags not in the group: {missing}")
+        return self

@@ -24,7 +24,6 @@ import time
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import model_validator
 
 from agent.core.driver import (
     ConnectionBase,
@@ -39,7 +38,7 @@ from agent.core.driver import (
 from agent.core.records import Block, Reason, now_ns
 from cleanroom_common.modbus import BIT_TABLES, Table
 from drivers.modbus.bus import Bus, Garbled, acquire_bus, release_bus
-from drivers.modbus.config import Connection, Group, Tag, TagDefaults, apply_defaults, as_tag
+from drivers.modbus.config import Connection, Group, Profile, Tag, as_tag
 from drivers.modbus.plan import Outcome, Plan, build_plan, decode_plan
 from drivers.modbus.records import RecordReader
 
@@ -79,6 +78,7 @@ class ModbusDriver(Driver):
     Tag: ClassVar[type[TagBase]] = Tag
     Group: ClassVar[type[GroupSpec]] = Group
     Connection: ClassVar[type[ConnectionBase]] = Connection
+    Profile: ClassVar[type[ProfileBase]] = Profile
 
     def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx)
@@ -243,36 +243,3 @@ class ModbusDriver(Driver):
         """Write one holding register (PDU address); the exception name if refused."""
         reply = await self._call("write_register", address, value)
         return reply if isinstance(reply, str) else None
-
-    @classmethod
-    def profile_model(cls) -> type[ProfileBase]:
-        """The generic profile plus ``defaults:`` (tag fields set once for all tags)."""
-        cached = cls.__dict__.get("_modbus_profile_model")
-        if cached is None:
-            generic: Any = super().profile_model()
-
-            class ModbusProfile(generic):  # type: ignore[misc]
-                defaults: TagDefaults | None = None
-                """Tag fields applied to every tag that does not set them (e.g. ``table: input``,
-                ``word_order: CDAB``)."""
-
-                @model_validator(mode="before")
-                @classmethod
-                def _defaults(cls, data: Any) -> Any:
-                    return apply_defaults(data)
-
-                @model_validator(mode="after")
-                def _record_tags_in_group(self) -> Any:
-                    for name, spec in self.groups.items():
-                        if isinstance(spec, Group) and spec.records is not None:
-                            here = {t.name for t in self.tags if t.group == name}
-                            missing = [n for n in spec.records.referenced_tags() if n not in here]
-                            if missing:
-                                raise ValueError(
-                                    f"group {name!r}: records layout names tags not in the group: {missing}"
-                                )
-                    return self
-
-            cached = ModbusProfile
-            cls._modbus_profile_model = cached  # type: ignore[attr-defined]
-        return cached

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from agent.core.driver import ConnectionBase, GroupSpec, TagBase
+from agent.core.driver import ConnectionBase, GroupSpec, ProfileBase, TagBase
 from cleanroom_common.fields import Duration
 
 
@@ -69,3 +69,16 @@ class Connection(ConnectionBase):
     """Ask the counter (``CST``) how many records it dropped from its full queue, and
     commit each new loss as a ``data_loss`` event with the next record. Counters without
     ``CST`` answer ``ERR UNKNOWN`` and are then not asked again."""
+
+
+class Profile(ProfileBase):
+    """A serial counter profile: exactly one group (two would race to pop the same records)."""
+
+    @model_validator(mode="after")
+    def _one_group(self) -> Profile:
+        if len(self.groups) != 1:
+            raise ValueError(
+                "a serial_counter profile has exactly one group (records are drained once), "
+                f"got {', '.join(self.groups)}"
+            )
+        return self

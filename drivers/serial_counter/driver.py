@@ -58,9 +58,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
-
-from pydantic import create_model, model_validator
+from typing import ClassVar, cast
 
 from agent.core.driver import (
     ConnectionBase,
@@ -85,7 +83,7 @@ from cleanroom_common.serial_counter import (
     parse_status,
     reply_body,
 )
-from drivers.serial_counter.config import Connection, Group, Tag
+from drivers.serial_counter.config import Connection, Group, Profile, Tag
 from drivers.serial_counter.port import PortLink
 from drivers.serial_counter.readings import record_block
 
@@ -132,37 +130,12 @@ class SerialCounterDriver(Driver):
     Tag: ClassVar[type[TagBase]] = Tag
     Group: ClassVar[type[GroupSpec]] = Group
     Connection: ClassVar[type[ConnectionBase]] = Connection
+    Profile: ClassVar[type[ProfileBase]] = Profile
     supports_subscribe: ClassVar[bool] = True
 
     def backfills(self, group: PollGroup) -> bool:
         """The counter queues its records while we are away; they are drained on reconnect."""
         return True
-
-    @classmethod
-    def profile_model(cls) -> type[ProfileBase]:
-        """The generic profile schema plus one rule: exactly one group, because each record
-        is drained (popped) once; two groups would race for the same queue."""
-        cached: type[ProfileBase] | None = cls.__dict__.get("_one_group_model")
-        if cached is None:
-            generic = super().profile_model()
-
-            def one_group(profile: ProfileBase) -> ProfileBase:
-                if len(profile.groups) != 1:
-                    raise ValueError(
-                        "a serial_counter profile has exactly one group (records are drained once), "
-                        f"got {', '.join(profile.groups)}"
-                    )
-                return profile
-
-            validator: Any = model_validator(mode="after")(one_group)
-            cached = cast(
-                type[ProfileBase],
-                create_model(
-                    f"{cls.__name__}Profile", __base__=generic, __validators__={"one_group": validator}
-                ),
-            )
-            cls._one_group_model = cached  # type: ignore[attr-defined]
-        return cached
 
     def __init__(self, ctx: DeviceContext) -> None:
         super().__init__(ctx)
