@@ -86,14 +86,20 @@ def relative_to_file(fallback: Path | None = None) -> AfterValidator:
 
     def resolve(value: Path, info: ValidationInfo) -> Path:
         base = info.context.get(FILE_DIR) if isinstance(info.context, dict) else None
-        if base is None or value.is_absolute():
-            return value
-        local = Path(base) / value
-        if fallback is None or local.exists() or not (fallback / value).exists():
-            return local
-        return fallback / value
+        return value if base is None else resolve_path(value, Path(base), fallback)
 
     return AfterValidator(resolve)
+
+
+def resolve_path(value: Path, base: Path, fallback: Path | None = None) -> Path:
+    """``value`` as named in a file in folder ``base``: the rule :func:`relative_to_file`
+    applies, for the few paths read outside a pydantic model."""
+    if value.is_absolute():
+        return value
+    local = base / value
+    if fallback is None or local.exists() or not (fallback / value).exists():
+        return local
+    return fallback / value
 
 
 ConfigPath = Annotated[Path, relative_to_file()]

@@ -32,6 +32,19 @@ devices:
 """
 
 
+async def test_relative_serve_paths_are_relative_to_the_plant_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "plant.yaml").write_text(PLANT.replace("LINK", "bus"))
+    monkeypatch.chdir(tmp_path)  # anywhere but the plant file's folder
+    async with Plant.from_file(site / "plant.yaml") as plant:
+        eps = {e["device"]: e for e in plant.endpoints()}
+        assert Path(eps["inc-a"]["connection"]["port"]) == site / "bus"
+        assert (site / "bus").is_symlink() and not (tmp_path / "bus").exists()
+
+
 async def test_plant_serves_each_device_where_its_endpoint_says(tmp_path: Path) -> None:
     path = tmp_path / "plant.yaml"
     path.write_text(PLANT.replace("LINK", str(tmp_path / "bus")))

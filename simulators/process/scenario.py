@@ -32,7 +32,7 @@ import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from cleanroom_common.bundled import package_dir
-from cleanroom_common.fields import Duration, Strict
+from cleanroom_common.fields import Duration, Strict, resolve_path
 from simulators.process.base import MODELS, ProcessModel, create_model
 from simulators.process.faults import COMM_FAULTS, FAULT_PARAMS, Fault
 
@@ -309,7 +309,7 @@ def load_scenario(path: str | Path) -> Scenario:
     data = _read_yaml(path)
     ref = data.get("scenario")
     if ref is not None:
-        ref_path = Path(ref) if Path(ref).is_absolute() else path.parent / ref
+        ref_path = resolve_path(Path(ref), path.parent)
         inner = _read_yaml(ref_path)
         if inner.get("scenario") is not None:
             raise ValueError(f"{ref_path}: a referenced scenario cannot reference another")

@@ -18,11 +18,11 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from cleanroom_common.fields import Strict
+from cleanroom_common.fields import FILE_DIR, ConfigPath, Strict
 from cleanroom_common.net import free_port
 from cleanroom_common.profilefiles import load_profile
 from simulators.process.base import Clock
-from simulators.process.scenario import DeviceSpec, Scenario, load_scenario
+from simulators.process.scenario import DeviceSpec, Scenario, load_scenario, scenario_path
 from simulators.servers.device import SimulatedDevice
 from simulators.servers.faults import FaultSchedule
 from simulators.servers.modbus import DEFAULT_PROFILES, ModbusServer, unit_for
@@ -51,11 +51,11 @@ class ServeSpec(Strict):
     """Profile name or path the register/node map is built from (default: the kind's simulator profile)."""
     faults: list[str] = Field(default_factory=list)
     """Extra comm faults, ``kind[=code]@start[+duration]`` (simulated time since start); CLI ``--fault``."""
-    pty_link: Path | None = None
+    pty_link: ConfigPath | None = None
     """Serial protocols: symlink created to the pty's slave side (what a client opens)."""
-    cert: Path | None = None
+    cert: ConfigPath | None = None
     """OPC UA: server certificate; with ``key``, secure endpoints are offered besides None."""
-    key: Path | None = None
+    key: ConfigPath | None = None
     """OPC UA: server private key (PEM)."""
     user: str | None = None
     """OPC UA: user name required (with ``password``); anonymous access is then refused."""
@@ -190,12 +190,20 @@ class Plant:
 
     @classmethod
     def from_scenario(
-        cls, scenario: Scenario, *, speed: float | None = None, seed: int | None = None
+        cls,
+        scenario: Scenario,
+        *,
+        speed: float | None = None,
+        seed: int | None = None,
+        base: Path | None = None,
     ) -> Plant:
+        """``base`` is the folder of the file the scenario came from: relative certificate,
+        key and pty paths in ``serve`` are relative to it."""
         pairs = []
+        context = {FILE_DIR: base} if base is not None else None
         for d in scenario.devices:
             try:
-                pairs.append((d, ServeSpec.model_validate(d.serve)))
+                pairs.append((d, ServeSpec.model_validate(d.serve, context=context)))
             except ValidationError as exc:
                 problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
                 raise ValueError(f"device {d.id!r}: {problems}") from None
@@ -207,7 +215,7 @@ class Plant:
 
     @classmethod
     def from_file(cls, path: Path, *, speed: float | None = None, seed: int | None = None) -> Plant:
-        return cls.from_scenario(load_scenario(path), speed=speed, seed=seed)
+        return cls.from_scenario(load_scenario(path), speed=speed, seed=seed, base=scenario_path(path).parent)
 
     async def __aenter__(self) -> Plant:
         try:
