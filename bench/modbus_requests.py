@@ -33,6 +33,7 @@ from pymodbus.simulator import SimData, SimDevice
 
 from agent.core.driver import DeviceContext, build_groups
 from cleanroom_common.codec import DataType, decode, register_count
+from cleanroom_common.net import free_port
 from drivers.modbus.config import Connection, as_tag
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.plan import build_plan, decode_plan
@@ -106,9 +107,7 @@ async def requests_per_scan(tags: list[dict[str, Any]], **conn: Any) -> int:
             seen.append(pdu.function_code)
         return pdu
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     top = max(t["address"] - 40001 for t in tags) + 40
     device = SimDevice(id=1, simdata=[SimData(0, count=top, values=0, datatype=SimType.REGISTERS)])
     server = ModbusTcpServer(device, address=("127.0.0.1", port), trace_pdu=trace)
@@ -168,9 +167,7 @@ def poll_cpu(n_tags: int = 10_000, polls: int = 20) -> float:
     """Client CPU seconds for one full poll of an ``n_tags`` int16 group (80 requests of
     125 registers, pymodbus framing and PDU decoding included) against a server in
     another process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     child = subprocess.Popen(
         [sys.executable, "-m", "bench.modbus_requests", "--serve", str(port), str(n_tags)]
     )

@@ -60,7 +60,8 @@ class AgentSection(Strict):
     site: str = ""
     """Free text naming the plant/suite, carried in the status message."""
     status_listen: str = "127.0.0.1:8765"
-    """Where ``cleanroom-agent status`` reaches the running agent: ``HOST:PORT`` (HTTP on loopback)."""
+    """Where the status listener binds and ``cleanroom-agent status`` reaches it: ``HOST:PORT`` (plain HTTP,
+    no authentication: keep it on loopback)."""
     shutdown_grace: Duration = 5.0
     """Time a clean stop (SIGTERM) may spend delivering committed data before disconnecting."""
 

@@ -1,8 +1,9 @@
-"""``cleanroom-agent status``: the running agent answers on loopback HTTP.
+"""``cleanroom-agent status``: the running agent answers over HTTP.
 
 HTTP rather than a bespoke socket protocol so that ``curl 127.0.0.1:8765/status``
 works for an engineer at the gateway, and a Prometheus endpoint can be added on the
-same listener later. It binds loopback only: status is local information.
+same listener later. It binds whatever ``agent.status_listen`` names (loopback by
+default, since status is local information) and has no authentication.
 """
 
 from __future__ import annotations
