@@ -44,8 +44,8 @@ class Tag(TagBase):
     type: DataType | None = None
     """``int16``, ``uint16``, ``int32``, ``uint32``, ``int64``, ``uint64``, ``float32``,
     ``float64``, ``bool`` or ``string``; default ``uint16`` for registers, ``bool`` for coils,
-    discrete inputs and bit fields. 64-bit integers above 2^53 lose precision (payload
-    numbers are doubles)."""
+    discrete inputs and bit fields. 64-bit integers stay exact in the payload unless scaled
+    (see docs/payloads.md, "Integers", for consumers that parse numbers as doubles)."""
     word_order: WordOrder = WordOrder.ABCD
     """How multi-register values are laid out: ``ABCD`` (Modbus default, high word first),
     ``CDAB`` (low word first, e.g. BINDER), ``BADC``/``DCBA`` (bytes swapped); see

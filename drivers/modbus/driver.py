@@ -1,12 +1,13 @@
-"""The Modbus TCP and RTU driver (pymodbus client underneath): polls a device's groups by
-their read plans over its shared bus, and turns every failure into data.
+"""The Modbus TCP and RTU driver: polls a device's groups by their read plans over its shared
+bus, and turns every failure into data.
 
 * **Errors as data.** An exception reply makes the tags of that request bad with the
   exception's name as reason; a garbled, truncated or CRC-failed reply makes them bad
-  with ``comm_error``; a reply of the wrong length, ``decode_error``. Silence (timeout)
-  and a lost connection raise :class:`DeviceError` so the scheduler reconnects. Every
-  case counts in ``ctx.stats``; the log gets one line per change of a device's state,
-  not one per failed request.
+  with ``comm_error``; a reply of the wrong length, ``decode_error``; a reply that answers
+  something else (unit id, function code, transaction id), ``bad_reply``. Silence
+  (timeout), a lost connection and a device sending junk raise :class:`DeviceError` so
+  the scheduler reconnects with backoff. Every case counts in ``ctx.stats``; the log gets
+  one line per change of a device's state, not one per failed request.
 * **A dead unit cannot eat the bus.** Server-busy back-off waits happen outside the bus
   lock (:mod:`drivers.modbus.bus`), and a unit that keeps failing is *degraded*: skipped
   for ``degrade_for``.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -37,17 +38,22 @@ from agent.core.driver import (
 )
 from agent.core.records import Block, Reason, now_ns
 from cleanroom_common.modbus import BIT_TABLES, Table
-from drivers.modbus.bus import Bus, Garbled, acquire_bus, release_bus
+from drivers.modbus.bus import BadReply, Bus, Garbled, acquire_bus, release_bus
 from drivers.modbus.config import Connection, Group, Profile, Tag, as_tag
+from drivers.modbus.frames import (
+    READ_COILS,
+    READ_DISCRETE,
+    READ_HOLDING,
+    READ_INPUT,
+    WRITE_REGISTER,
+    Fault,
+    Reply,
+    Request,
+)
 from drivers.modbus.plan import Outcome, Plan, build_plan, decode_plan
 from drivers.modbus.records import RecordReader
 
 log = logging.getLogger("cleanroom.modbus")
-
-if logging.getLogger("pymodbus").level == logging.NOTSET:
-    # pymodbus logs every failed request at ERROR; this driver logs state changes instead.
-    # Set the "pymodbus" logger's level explicitly to see its own trace.
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 
 EXCEPTION_NAMES = {
     1: "illegal_function",
@@ -65,12 +71,24 @@ EXCEPTION_NAMES = {
 DEGRADED = "degraded"
 """Quality reason while a failing device is skipped (``degrade_after``/``degrade_for``)."""
 
-_READ_FUNCTIONS: dict[Table, str] = {
-    "holding": "read_holding_registers",
-    "input": "read_input_registers",
-    "coil": "read_coils",
-    "discrete": "read_discrete_inputs",
+_READ_FUNCTIONS: dict[Table, int] = {
+    "holding": READ_HOLDING,
+    "input": READ_INPUT,
+    "coil": READ_COILS,
+    "discrete": READ_DISCRETE,
 }
+
+BAD_REPLY = "bad_reply"
+"""Quality reason of a read whose reply answered something else (unit id, function code,
+transaction id), or (RTU) could not be told apart from an earlier request's late reply."""
+
+_FAULT_REASONS: dict[Fault, str] = {
+    Fault.BAD_REPLY: BAD_REPLY,
+    Fault.AMBIGUOUS: BAD_REPLY,
+    Fault.WRONG_LENGTH: Reason.DECODE_ERROR,
+    Fault.GARBLED: Reason.COMM_ERROR,
+}
+"""Why a reply did not answer its request → the quality reason of the readings it carried."""
 
 
 class ModbusDriver(Driver):
@@ -130,8 +148,14 @@ class ModbusDriver(Driver):
     async def read(self, group: PollGroup) -> list[Block]:
         if time.monotonic() < self._degraded_until:
             return [group.bad(DEGRADED)]
-        if self._bus is None or not self._bus.client.connected:
-            await self.connect()
+        bus = self._bus
+        if bus is not None and not bus.connected and bus.lost is not None:
+            raise bus.lost  # dropped for junk: the scheduler backs off before reconnecting
+        if bus is None or not bus.connected:
+            await self.connect()  # first poll, or the link closed after the last scan
+        bus = self._bus
+        assert bus is not None
+        bus.scans += 1
         try:
             reader = self._records.get(group.name)
             if reader is not None:
@@ -143,43 +167,37 @@ class ModbusDriver(Driver):
             )
             return [group.finish(values, acq_ts_ns=acq, quality=quality, reasons=reasons)]
         finally:
-            if self.conn.close_after_scan and self._bus is not None and self._bus.refs == 1:
-                self._bus.disconnect()
+            bus.scans -= 1
+            if self.conn.close_after_scan and bus.scans == 0:
+                bus.disconnect()
 
     async def execute(self, plan: Plan) -> Outcome:
-        """Run a plan's reads; exception replies and garbage fail only their own read.
+        """Run a plan's reads; exception replies, garbage and replies that answer something else
+        fail only their own read.
 
-        Raises :class:`DeviceError` when the device stays silent (after retries).
+        Raises :class:`DeviceError` when the device stays silent (after retries) or the link drops.
         """
         out = Outcome(np.zeros(plan.n_regs, dtype=np.uint16), np.zeros(plan.n_bits, dtype=np.bool_))
         for rd in plan.reads:
             reply = await self._call(_READ_FUNCTIONS[rd.table], rd.start, rd.count)
             if isinstance(reply, str):
                 out.failed.update(dict.fromkeys(rd.tags, reply))
-                continue
-            got = reply.bits[: rd.count] if rd.table in BIT_TABLES else reply.registers
-            if len(got) != rd.count:
-                self.ctx.stats.error("wrong_length")
-                self._set_health(
-                    Reason.DECODE_ERROR, f"{rd.table} {rd.start}: {len(got)} of {rd.count} values"
-                )
-                out.failed.update(dict.fromkeys(rd.tags, Reason.DECODE_ERROR))
-                continue
-            if rd.table in BIT_TABLES:
-                out.bits[rd.offset : rd.offset + rd.count] = got
+            elif rd.table in BIT_TABLES:
+                out.bits[rd.offset : rd.offset + rd.count] = reply.bits
             else:
-                out.regs[rd.offset : rd.offset + rd.count] = got
+                out.regs[rd.offset : rd.offset + rd.count] = reply.registers
         if not out.failed:
             self._set_health("ok")
         return out
 
-    async def _call(self, fn: str, address: int, count_or_value: int) -> Any:
-        """One request with retries. Returns the reply, or the quality reason (``str``) of
-        a refused or garbled request; raises :class:`DeviceError` on silence."""
+    async def _call(self, function: int, address: int, value: int) -> Reply | str:
+        """One request with retries. Returns the reply, or the quality reason (``str``) of a
+        refused, garbled or mismatched request; raises :class:`DeviceError` on silence."""
         if self._bus is None:
             # Another poll group's failure closed the connection while this poll waited.
             raise DeviceError(Reason.NOT_CONNECTED, "connection closed")
         stats = self.ctx.stats
+        request = Request(self.conn.unit_id, function, address, value)
         attempts = self.conn.retries + 1
         for attempt in range(attempts):
             if attempt:
@@ -187,7 +205,7 @@ class ModbusDriver(Driver):
             t0 = time.monotonic()
             try:
                 reply = await self._bus.request(
-                    fn, address, count_or_value, self.conn.unit_id, self.conn.timeout, self.conn.request_delay
+                    request, self.conn.timeout, self.conn.request_delay, stats.error
                 )
             except TimeoutError:
                 stats.error(Reason.TIMEOUT)
@@ -198,25 +216,33 @@ class ModbusDriver(Driver):
                 continue
             except Garbled:
                 stats.error("garbled")
-                self._set_health(Reason.COMM_ERROR, f"garbled reply to {fn} {address}")
+                self._set_health(Reason.COMM_ERROR, f"garbled reply to function {function} at {address}")
                 return Reason.COMM_ERROR
+            except BadReply as exc:
+                stats.error(exc.fault)
+                reason = _FAULT_REASONS[exc.fault]
+                self._set_health(reason, f"function {function} at {address}: {exc.detail}")
+                return reason
             except DeviceError as exc:
                 stats.error(exc.reason)
                 self._set_health(exc.reason, exc.detail)
                 raise
             stats.request_done(time.monotonic() - t0)
             self._misses = 0
-            if not reply.isError():
+            code = reply.exception_code
+            if code is None:
                 return reply
-            name = EXCEPTION_NAMES.get(reply.exception_code, f"exception_{reply.exception_code}")
+            name = EXCEPTION_NAMES.get(code, f"exception_{code}")
             stats.error(name)
-            if reply.exception_code == 6 and attempt + 1 < attempts:
+            if code == 6 and attempt + 1 < attempts:
                 await asyncio.sleep(self.conn.retry_busy_wait)
                 continue
-            self._set_health(name, f"{fn} {address}")
+            self._set_health(name, f"function {function} at {address}")
             return name
         if time.monotonic() >= self._degraded_until:  # else "degraded" was just logged
-            self._set_health(Reason.TIMEOUT, f"unit {self.conn.unit_id} did not answer {fn} {address}")
+            self._set_health(
+                Reason.TIMEOUT, f"unit {self.conn.unit_id} did not answer function {function} at {address}"
+            )
         raise DeviceError(Reason.TIMEOUT, f"unit {self.conn.unit_id} did not answer")
 
     def _missed(self) -> bool:
@@ -241,5 +267,5 @@ class ModbusDriver(Driver):
 
     async def write_register(self, address: int, value: int) -> str | None:
         """Write one holding register (PDU address); the exception name if refused."""
-        reply = await self._call("write_register", address, value)
+        reply = await self._call(WRITE_REGISTER, address, value)
         return reply if isinstance(reply, str) else None
