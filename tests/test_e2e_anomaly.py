@@ -67,7 +67,7 @@ mqtt: {{host: 127.0.0.1, port: {mosquitto.port}, flush_interval: 50ms}}
 devices:
   - id: br1
     profile: bioreactor-sim-opcua
-    connection: {{url: "{opcua_sim.sim.url}", timeout: 2s}}
+    connection: {{url: "{opcua_sim.sim.url}", timeout: 2s, security_policy: None}}
     groups:
       process: {{interval: 200ms, sampling_interval: 100ms}}
       status: {{interval: 200ms}}

@@ -211,7 +211,7 @@ def make_driver(
         }
     )
     connection = OpcUaDriver.Connection.model_validate(
-        {"url": url, "timeout": "1s", "keepalive": "500ms", **conn}
+        {"url": url, "timeout": "1s", "keepalive": "500ms", "security_policy": "None", **conn}
     )
     ctx = DeviceContext(
         id="br1", profile=profile, connection=connection, groups=build_groups("br1", profile, connection, {})
@@ -566,7 +566,10 @@ async def test_trust_dir_and_password_file(
 @pytest.mark.parametrize(
     ("conn", "message"),
     [
-        ({"security_policy": "Basic256Sha256"}, "security_mode must be 'None' exactly when"),
+        (
+            {"security_policy": "Basic256Sha256", "security_mode": "None"},
+            "security_mode must be 'None' exactly when",
+        ),
         ({"security_policy": "Basic256Sha256", "security_mode": "Sign"}, "needs certificate and private_key"),
         (
             {
@@ -577,7 +580,7 @@ async def test_trust_dir_and_password_file(
             },
             "needs server_certificate (pinned) or trust_dir",
         ),
-        ({"password": "x"}, "a password needs a username"),
+        ({"security_policy": "None", "password": "x"}, "a password needs a username"),
         ({"url": "http://host:4840"}, "String should match pattern"),
         ({"security_policy": "Basic128Rsa15", "security_mode": "Sign"}, "Input should be 'None'"),
     ],
@@ -617,7 +620,7 @@ def sim_driver(url: str, **conn: Any) -> OpcUaDriver:
     """The simulator's own profile, as a site would deploy it."""
     profile = OpcUaDriver.profile_model().model_validate(yaml.safe_load(SIM_PROFILE.read_text()))
     connection = OpcUaDriver.Connection.model_validate(
-        {"url": url, "timeout": "1s", "keepalive": "500ms", **conn}
+        {"url": url, "timeout": "1s", "keepalive": "500ms", "security_policy": "None", **conn}
     )
     groups = build_groups("br1", profile, connection, {})
     return OpcUaDriver(DeviceContext(id="br1", profile=profile, connection=connection, groups=groups))

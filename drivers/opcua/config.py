@@ -7,7 +7,7 @@ docstrings (``python -m agent.app.docgen --write``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -42,8 +42,11 @@ class Group(GroupSpec):
     """Subscribe mode: how often the server samples each node; defaults to the group interval."""
     publishing_interval: Duration | None = None
     """Subscribe mode: how often the server sends collected changes; defaults to the sampling interval."""
-    queue_size: int = Field(default=1, ge=1)
-    """Subscribe mode: samples the server keeps per node between publishes (1 = latest only)."""
+    queue_size: int | None = Field(default=None, ge=1)
+    """Subscribe mode: samples the server keeps per node between publishes (1 = latest only).
+    Unset, it is sized so that no change is lost: every sample of one publishing interval plus
+    those of a publish late by up to the connection timeout (at most 1000). A server that still
+    drops samples says so, counted as ``queue_overflow`` in the device's errors."""
     trigger: Literal["status", "status_value", "status_value_timestamp"] = "status_value"
     """Subscribe mode: what counts as a change (``status_value_timestamp`` reports every
     new sample even when the value repeats)."""
@@ -65,12 +68,17 @@ class Connection(ConnectionBase):
     url: str = Field(pattern=r"^opc\.tcp://(\[[0-9A-Fa-f:.]+\]|[^/:\[\]]+)(:\d+)?(/.*)?$")
     """Endpoint URL, e.g. ``opc.tcp://10.0.4.21:4840`` or ``opc.tcp://[fd00::21]:4840/path``."""
     security_policy: Literal["None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"] = (
-        "None"
+        "Basic256Sha256"
     )
-    """Security policy of the secure channel. ``None`` only on an isolated network."""
-    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    """Security policy of the secure channel. The default signs and encrypts, and so needs
+    ``certificate``, ``private_key`` and a way to check the server (``server_certificate`` or
+    ``trust_dir``). ``None`` (no signature, no encryption: anyone on the network can read and
+    forge the values) must be written out, belongs on an isolated network only, and is
+    logged as a warning at every start and shown by ``status``."""
+    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = "SignAndEncrypt"
     """Message security: ``Sign`` protects integrity, ``SignAndEncrypt`` also confidentiality.
-    Must be ``None`` exactly when the policy is ``None``."""
+    Must be ``None`` exactly when the policy is ``None``; unset, it follows the policy
+    (``None`` for ``None``, else ``SignAndEncrypt``)."""
     certificate: ConfigPath | None = None
     """The agent's application instance certificate (DER or PEM); see ``cleanroom-agent certs create``."""
     private_key: ConfigPath | None = None
@@ -97,13 +105,25 @@ class Connection(ConnectionBase):
     max_nodes_per_request: int = Field(default=1000, ge=1)
     """Largest number of nodes in one Read or CreateMonitoredItems call (servers cap it)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_follows_policy(cls, data: Any) -> Any:
+        """``security_policy: None`` alone is the explicit choice of no security."""
+        if isinstance(data, dict) and data.get("security_policy") == "None" and "security_mode" not in data:
+            return {**data, "security_mode": "None"}
+        return data
+
     @model_validator(mode="after")
     def _security_consistent(self) -> Connection:
         if (self.security_policy == "None") != (self.security_mode == "None"):
             raise ValueError("security_mode must be 'None' exactly when security_policy is 'None'")
         if self.security_policy != "None":
             if self.certificate is None or self.private_key is None:
-                raise ValueError(f"security_policy {self.security_policy} needs certificate and private_key")
+                raise ValueError(
+                    f"security_policy {self.security_policy} needs certificate and private_key "
+                    "(cleanroom-agent certs create makes them); on an isolated network only, "
+                    "write security_policy: None to go without"
+                )
             if self.server_certificate is None and self.trust_dir is None:
                 raise ValueError(
                     "a secured connection needs server_certificate (pinned) or trust_dir: "

@@ -47,8 +47,9 @@ from agent.core.driver import (
 )
 from agent.core.records import Block, Reason, now_ns
 from drivers.opcua.config import Connection, Group, Tag
+from drivers.opcua.logs import tame_asyncua_logs
 from drivers.opcua.nodes import NodeRef, resolve_nodes
-from drivers.opcua.security import configure_identity
+from drivers.opcua.security import ServerCheck, configure_identity
 from drivers.opcua.subscription import GroupSubscription, Timing, monitored_items
 from drivers.opcua.values import Converted
 
@@ -82,28 +83,47 @@ class OpcUaDriver(Driver):
         """Why the link is known dead (watchdog, subscription status, a failed call): read raises it."""
         self._subs: dict[str, GroupSubscription] = {}
         self._unresolved_logged: set[str] = set()
+        if self.conn.security_policy == "None":
+            warning = (
+                f"security_policy None: the session to {self.conn.url} is unsigned and unencrypted "
+                "(anyone on that network can read and forge its values)"
+            )
+            log.warning("%s: %s", ctx.id, warning)
+            ctx.stats.warnings.append(warning)
 
     # ------------------------------------------------------------------ connection
 
     async def connect(self) -> None:
         self._lost = None
         self._subs.clear()
+        tame_asyncua_logs()
         client = Client(self.conn.url, timeout=self.conn.timeout, watchdog_intervall=self.conn.keepalive)
         client.session_timeout = int(self.conn.session_timeout * 1000)
         client.name = client.description = f"cleanroom-edge {self.ctx.id}"
         client.connection_lost_callback = self._on_connection_lost
+        check: ServerCheck | None = None
         try:
-            await configure_identity(client, self.conn)
+            check = await configure_identity(client, self.conn)
             await client.connect(auto_reconnect=False)
-        except _LINK_ERRORS as exc:
+        except DeviceError:
             await self._close_client(client)
-            raise DeviceError(_reason(exc), f"connect {self.conn.url}: {_describe(exc)}") from exc
+            raise
+        except Exception as exc:  # whatever the stack raises while connecting is the device's failure
+            await self._close_client(client)
+            raise connect_failure(exc, self.conn, check) from exc
         self._client = client
         try:
             await self._resolve()
-        except _LINK_ERRORS as exc:
+        except Exception as exc:
             await self.close()
             raise DeviceError(_reason(exc), f"resolving node ids: {_describe(exc)}") from exc
+        log.info(
+            "%s: connected to %s (%s, %s)",
+            self.ctx.id,
+            self.conn.url,
+            self.conn.security_policy,
+            self.conn.security_mode,
+        )
 
     async def _on_connection_lost(self, exc: Exception) -> None:
         self.link_lost(_reason(exc), _describe(exc))
@@ -224,7 +244,7 @@ class OpcUaDriver(Driver):
     async def subscribe(self, group: PollGroup, emit: Emit) -> None:
         client = self._check_link()
         spec = cast(Group, group.spec)
-        timing = Timing.of(spec, group.interval_s, self.conn.keepalive)
+        timing = Timing.of(spec, group.interval_s, self.conn.keepalive, self.conn.timeout)
         sub = GroupSubscription(
             group,
             emit,
@@ -239,7 +259,7 @@ class OpcUaDriver(Driver):
         sub.subscription_id = result.SubscriptionId
         sub.keepalive_s = result.RevisedMaxKeepAliveCount * result.RevisedPublishingInterval / 1000
         self._subs[group.name] = sub
-        requests, bad = monitored_items(group, spec, self._nodes, timing.sampling)
+        requests, bad = monitored_items(group, spec, self._nodes, timing)
         step = self.conn.max_nodes_per_request
         for start in range(0, len(requests), step):
             chunk = requests[start : start + step]
@@ -266,6 +286,45 @@ class OpcUaDriver(Driver):
             for j, i in enumerate(order):
                 conv.bad(j, bad[i])
             emit(conv.finish(sub.subset(tuple(order)), now_ns()))
+
+
+CERTIFICATE_REJECTED = "certificate_rejected"
+"""Reason of a connect the server refused because it does not trust the agent's certificate."""
+
+
+def connect_failure(exc: Exception, conn: Connection, check: ServerCheck | None) -> DeviceError:
+    """What went wrong while connecting, said so that someone can act on it.
+
+    A server that does not trust the agent's certificate answers the secure channel or the
+    session with a certificate status (``BadSecurityChecksFailed``, ``BadCertificate*``), or,
+    when it answers OpenSecureChannel with a fault, makes asyncua fail an internal assertion:
+    on a secured connection, either means the certificate must be trusted on the server.
+    """
+    where = f"connect {conn.url}"
+    if check is not None and check.rejected is not None:
+        return DeviceError(
+            check.rejected,
+            f"{where}: the server's certificate is not trusted: add it to trust_dir {conn.trust_dir} "
+            f"if it is the right server ({check.rejected})",
+        )
+    status = ua.StatusCode(exc.code).name if isinstance(exc, UaStatusCodeError) else None
+    refused_channel = isinstance(exc, AssertionError)
+    if conn.security_policy != "None" and (
+        refused_channel or (status is not None and _is_certificate_status(status))
+    ):
+        why = status or "secure channel refused"
+        return DeviceError(
+            CERTIFICATE_REJECTED,
+            f"{where}: server rejected the client certificate: "
+            f"trust {conn.certificate} on the server ({why})",
+        )
+    if refused_channel:
+        return DeviceError(Reason.COMM_ERROR, f"{where}: the server refused the secure channel")
+    return DeviceError(_reason(exc), f"{where}: {_describe(exc)}")
+
+
+def _is_certificate_status(name: str) -> bool:
+    return name.startswith("BadCertificate") or name == "BadSecurityChecksFailed"
 
 
 def _reason(exc: BaseException) -> str:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from asyncua import ua
 from asyncua.client.client import Client
+from asyncua.common.utils import ServiceError
 from asyncua.crypto import security_policies, uacrypto
 from asyncua.crypto.truststore import TrustStore
 from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from cryptography import x509
 
 from agent.core.certs import application_uri
 from agent.core.driver import DeviceError
 from drivers.opcua.config import Connection
+from drivers.opcua.logs import forbid_in_log
 
 _POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
     "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
@@ -20,32 +23,57 @@ _POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
 }
 
 
-async def configure_identity(client: Client, conn: Connection) -> None:
+class ServerCheck:
+    """The trust-list check of the server's certificate, remembering a refusal: asyncua
+    reports it with the same status a server uses to refuse the agent's certificate, and
+    the two call for opposite fixes."""
+
+    def __init__(self, validator: CertificateValidator) -> None:
+        self._validator = validator
+        self.rejected: str | None = None
+        """The status the server's certificate was refused with, if it was."""
+
+    async def __call__(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        try:
+            await self._validator(cert, app)
+        except ServiceError as exc:
+            self.rejected = ua.StatusCode(ua.UInt32(exc.code)).name
+            raise
+
+
+async def configure_identity(client: Client, conn: Connection) -> ServerCheck | None:
     """Give the client the user identity and the secure channel ``conn`` asks for; a
-    certificate, key or trust list that cannot be used is a ``config_error``."""
+    certificate, key or trust list that cannot be used is a ``config_error``. Returns the
+    check of the server's certificate against ``trust_dir``, if there is one."""
     if conn.username:
+        password = _password(conn)
+        forbid_in_log(password)
         client.set_user(conn.username)
-        client.set_password(_password(conn))
+        client.set_password(password)
     if conn.security_policy == "None":
         if conn.application_uri:
             client.application_uri = conn.application_uri
-        return
+        return None
     assert conn.certificate is not None and conn.private_key is not None
     try:
         cert = await uacrypto.load_certificate(conn.certificate)
     except (OSError, ValueError) as exc:
         raise DeviceError("config_error", f"certificate {conn.certificate}: {exc}") from exc
     client.application_uri = conn.application_uri or application_uri(cert) or client.application_uri
+    check = None
     if conn.trust_dir is not None:
         store = TrustStore([conn.trust_dir], [])
         try:
             await store.load()
         except (OSError, ValueError) as exc:  # missing or empty directory, unreadable file
             raise DeviceError("config_error", f"trust_dir {conn.trust_dir}: {exc}") from exc
-        client.certificate_validator = CertificateValidator(
-            CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_SERVER,
-            store,
+        check = ServerCheck(
+            CertificateValidator(
+                CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_SERVER,
+                store,
+            )
         )
+        client.certificate_validator = check
     try:
         await client.set_security(
             _POLICIES[conn.security_policy],
@@ -56,6 +84,7 @@ async def configure_identity(client: Client, conn: Connection) -> None:
         )
     except (FileNotFoundError, PermissionError, IsADirectoryError, ValueError) as exc:
         raise DeviceError("config_error", f"certificate, key or server certificate: {exc}") from exc
+    return check
 
 
 def _password(conn: Connection) -> str:

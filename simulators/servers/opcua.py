@@ -5,7 +5,9 @@ each tag's node id ``nsu=<uri>;s=A.B.C`` becomes the variable ``C`` below the ob
 ``A`` / ``B`` under ``Objects``, so the map the agent reads and the server it reads from
 come from one file. Values are pushed from the model on a short timer with the device
 clock (simulated time) as source timestamp; subscriptions see them change like on a
-real device. Security policies and user login are optional, as on a real server.
+real device. Security policies and user login are optional, as on a real server. With
+``client_trust`` the server checks the client's certificate when the secure channel opens, as
+UA-.NET and open62541 servers do, and answers an untrusted one ``BadSecurityChecksFailed``.
 
 Comm faults: timeout / garbled / exception become bad status codes on every value (the
 device behind the server stopped answering, sent garbage, reported a failure);
@@ -29,7 +31,12 @@ from typing import Any
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType
 from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto.truststore import TrustStore
 from asyncua.server.address_space import NodeData
+from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
+from asyncua.server.uaprocessor import UaProcessor
+from asyncua.ua.ua_binary import struct_from_binary
+from cryptography import x509
 
 from cleanroom_common.net import free_port
 from cleanroom_common.profilefiles import load_profile
@@ -88,6 +95,60 @@ class _Users:
         return None
 
 
+class _CheckingProcessor(UaProcessor):
+    """Refuses an untrusted client certificate in the OpenSecureChannel answer itself (asyncua's
+    own server only checks at CreateSession, where most servers have long refused)."""
+
+    def __init__(self, trust: TrustStore, *args: Any) -> None:
+        super().__init__(*args)
+        self._trust = trust
+
+    def open_secure_channel(self, algohdr: Any, seqhdr: Any, body: Any) -> None:
+        cert = algohdr.SenderCertificate
+        if (
+            self._connection.is_open()
+            or not cert
+            or self._trust.validate(x509.load_der_x509_certificate(cert))
+        ):
+            super().open_secure_channel(algohdr, seqhdr, body)
+            return
+        request = struct_from_binary(ua.OpenSecureChannelRequest, body)
+        self._connection.select_policy(algohdr.SecurityPolicyURI, cert, request.Parameters.SecurityMode)
+        response = ua.OpenSecureChannelResponse()
+        response.ResponseHeader.ServiceResult = ua.StatusCode(ua.StatusCodes.BadSecurityChecksFailed)
+        self.send_response(request.RequestHeader.RequestHandle, seqhdr, response, ua.MessageType.SecureOpen)
+
+
+class _CheckingProtocol(OPCUAProtocol):
+    trust: TrustStore
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.processor is not None:
+            self.processor = _CheckingProcessor(self.trust, self.iserver, self.transport, self.limits)
+            self.processor.set_policies(self.policies)
+
+
+class _CheckingBinaryServer(BinaryServer):
+    """The listener of a server that checks client certificates (see :class:`_CheckingProcessor`)."""
+
+    def __init__(self, base: BinaryServer, trust: TrustStore) -> None:
+        super().__init__(base.iserver, base.hostname, base.port, base.limits)
+        self.set_policies(base._policies)
+        self._trust = trust
+
+    def _make_protocol(self) -> OPCUAProtocol:
+        protocol = _CheckingProtocol(
+            iserver=self.iserver,
+            policies=self._policies,
+            clients=self.clients,
+            closing_tasks=self.closing_tasks,
+            limits=self.limits,
+        )
+        protocol.trust = self._trust
+        return protocol
+
+
 class OpcUaBioreactor:
     """One bioreactor, one OPC UA server."""
 
@@ -102,6 +163,7 @@ class OpcUaBioreactor:
         key: Path | None = None,
         user: str | None = None,
         password: str | None = None,
+        client_trust: Path | None = None,
         update_interval_s: float = 0.2,
     ) -> None:
         if (user is None) != (password is None):
@@ -111,6 +173,7 @@ class OpcUaBioreactor:
         self.host, self.port = host, port
         self.cert, self.key = cert, key
         self.user, self.password = user, password
+        self.client_trust = client_trust
         self.update_interval_s = update_interval_s
         self.serial = f"BR-SIM-{serial_number(device.device_id):06d}"
         missing = sorted({name for name, *_ in self.tags} - set(self.values()))
@@ -226,6 +289,12 @@ class OpcUaBioreactor:
     async def start(self) -> None:
         self._server = await self._build()
         await self._server.start()
+        if self.client_trust is not None and self._server.bserver is not None:
+            trust = TrustStore([self.client_trust], [])
+            await trust.load()
+            await self._server.bserver.stop()
+            self._server.bserver = _CheckingBinaryServer(self._server.bserver, trust)
+            await self._server.bserver.start()
         await self._update()
         self._task = asyncio.create_task(self._run(), name=f"opcua-sim-{self.device.device_id}")
 
@@ -333,6 +402,7 @@ async def serve_bioreactor_opcua(
     key: Path | None = None,
     user: str | None = None,
     password: str | None = None,
+    client_trust: Path | None = None,
     update_interval_s: float = 0.2,
 ) -> AsyncIterator[OpcUaSim]:
     """``async with serve_bioreactor_opcua(port=0, speed=60) as sim:`` → ``sim.url``, ``sim.model``."""
@@ -349,6 +419,7 @@ async def serve_bioreactor_opcua(
         key=key,
         user=user,
         password=password,
+        client_trust=client_trust,
         update_interval_s=update_interval_s,
     )
     await server.start()

@@ -151,7 +151,7 @@ class _Endpoint:
                 e["connection"] = {"transport": "rtu", "port": path, "unit_id": s.unit_id}
             elif self.protocol == "opcua":
                 e["address"] = self.server.url
-                e["connection"] = {"url": self.server.url}
+                e["connection"] = {"url": self.server.url, "security_policy": "None"}
             else:
                 path = str(s.pty_link) if s.pty_link else self.server.path
                 e["address"] = path
