@@ -132,11 +132,12 @@ async def test_an_unencodable_record_is_accounted_and_does_not_stall(tmp_path: P
     rows = await buf.pending(0, 10)
     stats = await buf.stats()
     await buf.close()
-    assert [(r.kind, r.seq_first, r.n) for r in rows] == [("data", 0, 2), ("event", 3, 1), ("data", 4, 2)]
+    # seqs are the acquisition's: the stand-in loss event takes the next free one, after all three
+    assert [(r.kind, r.seq_first, r.n) for r in rows] == [("data", 0, 2), ("event", 5, 1), ("data", 3, 2)]
     loss = json.loads(rows[1].body)
     assert loss["kind"] == "data_loss" and loss["data"]["reason"] == "unencodable"
     assert loss["data"]["first_seq"] == loss["data"]["last_seq"] == 2 and loss["data"]["readings"] == 1
-    assert seen == [[0, 4]] and poison.seq_first is None
+    assert seen == [[0, 3]] and poison.seq_first is None
     assert (
         stats["lost_readings_total"] == 1
         and stats["committed_readings_total"] == 5
@@ -478,7 +479,7 @@ async def test_a_failing_commit_is_retried_not_dropped(tmp_path: Path) -> None:
     b = block()
     buf.submit([b])
     await until(lambda: buf.commit_errors >= 1, what="a failed commit")
-    assert (await buf.stats())["queued_records"] == 1 and b.seq_first is None
+    assert (await buf.stats())["queued_records"] == 1 and b.seq_first == 0  # its seq is the acquisition's
     other.execute("DROP TRIGGER full")
     other.close()
     await asyncio.wait_for(buf.flush(), 10)
@@ -488,7 +489,7 @@ async def test_a_failing_commit_is_retried_not_dropped(tmp_path: Path) -> None:
 
 
 async def test_memory_is_bounded_while_commits_fail_and_the_shedding_is_reported(tmp_path: Path) -> None:
-    buf = AsyncBuffer(cfg(tmp_path, commit_interval="5ms", commit_max_records=2), "a1")
+    buf = AsyncBuffer(cfg(tmp_path, commit_interval="5ms", commit_max_records=2, hold_max_records=20), "a1")
     await buf.open()
     other = sqlite3.connect(tmp_path / "buf.db", isolation_level=None)
     other.execute("CREATE TRIGGER full BEFORE INSERT ON records BEGIN SELECT RAISE(ABORT, 'disk full'); END")
@@ -509,5 +510,9 @@ async def test_memory_is_bounded_while_commits_fail_and_the_shedding_is_reported
     losses = {r.device: json.loads(r.body) for r in rows if r.kind == "event"}
     assert {d: e["kind"] for d, e in losses.items()} == {"d1": "data_loss", "d2": "data_loss"}
     shed = LossReason.NOT_COMMITTED
-    assert DataLoss.from_body(losses["d1"]) == DataLoss(shed, readings=3, rows=1, first_ts=0, last_ts=0)
-    assert DataLoss.from_body(losses["d2"]) == DataLoss(shed, readings=87, rows=29, first_ts=1, last_ts=29)
+    assert DataLoss.from_body(losses["d1"]) == DataLoss(
+        shed, readings=3, rows=1, first_seq=0, last_seq=2, first_ts=0, last_ts=0
+    )
+    assert DataLoss.from_body(losses["d2"]) == DataLoss(
+        shed, readings=87, rows=29, first_seq=3, last_seq=89, first_ts=1, last_ts=29
+    )

@@ -17,5 +17,7 @@ forwarded bytes.
 ``config`` is the ``buffer:`` section; ``schema`` the file layout and its migrations; ``rows`` how a
 record becomes a row; ``overflow`` what a full buffer gives up and how the loss is accounted;
 ``store`` the synchronous store (commit, delivery state, retention, inspection) that the CLI uses
-directly; ``async_buffer`` the agent's view: group commit on the buffer thread.
+directly; ``async_buffer`` the agent's view: seqs at submit, group commit on the buffer thread,
+bounded holding while the disk refuses; ``seqs`` the seq window reserved ahead of use; ``lock`` one
+agent per buffer; ``integrity`` the check at start and moving a damaged file aside.
 """

@@ -38,3 +38,12 @@ class BufferConfig(Strict):
     transaction size under bursts."""
     prune_interval: Duration = Field(default=60.0, gt=0)
     """How often delivered rows older than ``retention`` are pruned."""
+    hold_max_records: int = Field(default=20_000, gt=0)
+    """Records (blocks plus events) held in memory while the disk refuses commits (full, I/O error).
+    They keep the seqs they got at acquisition and are committed when the disk takes data again;
+    beyond this bound the oldest held readings are given up and recorded as one ``data_loss`` event
+    per device (reason ``not_committed``) with their exact count and seqs."""
+    close_timeout: Duration = Field(default=10.0, gt=0)
+    """Time a stop may spend committing what is held in memory. What the disk still refuses then is
+    logged with its counts and recorded as ``data_loss`` (``not_committed``) at the next start, so a
+    full disk never makes SIGTERM hang."""

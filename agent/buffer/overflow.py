@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from agent.buffer.rows import lost_seqs
@@ -24,12 +24,16 @@ walks a partial index, so a full buffer costs O(log n) per commit, not a table s
 
 
 def drop_oldest(
-    conn: sqlite3.Connection, live_pages: Callable[[], int], low_water: int
+    conn: sqlite3.Connection, live_pages: Callable[[], int], low_water: int, in_flight: Sequence[int] = ()
 ) -> tuple[dict[str, DataLoss], int]:
-    """Inside the commit transaction: drop rows in :data:`DROP_ORDER` until ``live_pages()`` is at most
-    ``low_water``. Returns the undelivered loss per device and the readings newly lost."""
+    """Inside the commit transaction: drop rows in :data:`DROP_ORDER`, never those ``in_flight`` (the
+    broker may have them: they are delivered or not by its acknowledgement, not lost here), until
+    ``live_pages()`` is at most ``low_water``. Returns the undelivered loss per device and the
+    readings newly lost."""
     lost: dict[str, DataLoss] = {}
     counted = 0
+    spare = " AND id NOT IN (SELECT value FROM json_each(?))" if in_flight else ""
+    spare_args = (json.dumps(list(in_flight)),) if in_flight else ()
     for where, order in DROP_ORDER:
         while (live := live_pages()) > low_water:
             # two queries: min() and max() together would scan; alone each is one b-tree descent
@@ -41,10 +45,10 @@ def drop_oldest(
             batch = max(16, math.ceil((live - low_water) / per_row * 1.1))
             gone = conn.execute(
                 "DELETE FROM records WHERE id IN "
-                f"(SELECT id FROM records WHERE {where} ORDER BY {order} LIMIT ?) "
+                f"(SELECT id FROM records WHERE {where}{spare} ORDER BY {order} LIMIT ?) "
                 "RETURNING kind, device, seq_first, n, acq_ts_ns, delivered_ns, "
                 "CASE kind WHEN 'event' THEN body END",
-                (batch,),
+                (*spare_args, batch),
             ).fetchall()
             for kind, device, seq_first, n, ts, delivered, body in gone:
                 if delivered is None:

@@ -97,9 +97,10 @@ def lost_seqs(first: int, n: int) -> tuple[int | None, int | None]:
 
 
 def unencodable_row(
-    item: Block | Event, seq: int, n: int, ts: int, exc: Exception, result: CommitResult
+    item: Block | Event, seq: int, n: int, ts: int, exc: Exception, result: CommitResult, loss_seq: int
 ) -> Row:
-    """The ``data_loss`` row standing in for a record that could not be stored (seqs ``seq``..)."""
+    """The ``data_loss`` row (seq ``loss_seq``) standing in for a record that could not be stored
+    (seqs ``seq``..)."""
     block = isinstance(item, Block)
     first_seq, last_seq = lost_seqs(seq, n)
     if isinstance(item, Block):
@@ -117,9 +118,9 @@ def unencodable_row(
         first_ts=ts,
         last_ts=ts,
         detail=f"{type(exc).__name__}: {exc}"[:300],
-    ).event(item.device, seq=seq + n)
+    ).event(item.device, seq=loss_seq)
     result.events.append(loss)
-    return ("event", item.device, seq + n, 1, loss.ts_ns, dumps(loss.body()))
+    return ("event", item.device, loss_seq, 1, loss.ts_ns, dumps(loss.body()))
 
 
 def encode(item: Block | Event) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import sqlite_utils
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 COUNTERS = ("committed_readings_total", "delivered_readings_total", "lost_readings_total")
 """Persistent counters in ``meta``: ``stats`` survives restarts."""
@@ -61,5 +61,16 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {1: _migrate_v1, 2: _migrate_v2}
+def _migrate_v3(db: sqlite_utils.Database) -> None:
+    """Seqs are handed out at acquisition from a window reserved ahead (``next_seq`` is its top);
+    ``committed_seq`` is one past the highest committed seq, where the next start continues. Before,
+    both were the same number."""
+    db.execute("INSERT INTO meta(key, value) SELECT 'committed_seq', value FROM meta WHERE key = 'next_seq'")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite_utils.Database], None]] = {
+    1: _migrate_v1,
+    2: _migrate_v2,
+    3: _migrate_v3,
+}
 """Schema version -> the step that produces it from the previous version. Steps only add."""

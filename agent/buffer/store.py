@@ -7,16 +7,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
 from agent.buffer.config import BufferConfig
+from agent.buffer.integrity import Replaced, check_and_move_aside
 from agent.buffer.overflow import drop_oldest
 from agent.buffer.rows import RECORD_COLUMNS, CommitResult, Row, StoredRecord, encode, unencodable_row
 from agent.buffer.schema import COUNTERS, MIGRATIONS, SCHEMA_VERSION
+from agent.buffer.seqs import SEQ_RESERVE, Sequencer
 from agent.core.records import Block, Event, dumps, now_ns
 
 log = logging.getLogger("cleanroom.buffer")
@@ -33,6 +36,11 @@ class Buffer:
         self._conn: sqlite3.Connection | None = None
         self._page_size = 4096
         self._budget_pages = 0
+        self._claimed: set[int] = set()
+        """Row ids handed to the forwarder and not yet acknowledged: overflow never drops them."""
+        self._claims_lock = threading.Lock()
+        self.replaced: Replaced | None = None
+        """Set by :meth:`open` when a damaged file was moved aside and a fresh one started."""
 
     # ------------------------------------------------------------------ open/close
 
@@ -42,9 +50,15 @@ class Buffer:
             raise RuntimeError("buffer is not open")
         return self._conn
 
-    def open(self, readonly: bool = False) -> dict[str, str]:
-        """Open (creating or migrating unless ``readonly``) and return the driver state."""
+    def open(self, readonly: bool = False, repair: bool = False) -> dict[str, str]:
+        """Open (creating or migrating unless ``readonly``) and return the driver state.
+
+        ``repair`` (the agent, holding the buffer's lock): a file that fails its integrity check is
+        moved aside and a fresh one started (:attr:`replaced` says so), rather than failing every
+        start; seqs continue above what the damaged file still shows."""
         path = self.cfg.path
+        if repair and not readonly:
+            self.replaced = check_and_move_aside(path)
         if readonly:
             if not path.is_file():
                 raise FileNotFoundError(f"no buffer database at {path}")
@@ -66,6 +80,11 @@ class Buffer:
                 conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
                 conn.execute(f"PRAGMA journal_size_limit = {wal_pages * self._page_size}")
                 self._migrate()
+                if self.replaced is not None:
+                    conn.execute(
+                        "UPDATE meta SET value = ? WHERE key IN ('next_seq', 'committed_seq')",
+                        (str(self.replaced.next_seq),),
+                    )
             version = self.schema_version()
             if version != SCHEMA_VERSION:
                 raise RuntimeError(
@@ -120,19 +139,21 @@ class Buffer:
 
     # ------------------------------------------------------------------ commit
 
-    def commit(self, items: Sequence[Block | Event]) -> CommitResult:
-        """Assign seqs in order and commit ``items`` (and the state of their blocks) in one
-        transaction; on failure nothing is committed and the items keep no seq.
+    def commit(self, items: Sequence[Block | Event], seqs: Sequencer | None = None) -> CommitResult:
+        """Commit ``items`` (and the state of their blocks) in one transaction.
 
-        The next seq is read inside the write transaction, so another writer on the same file
-        (``buffer replay`` recording its audit event while the agent runs) never reuses a seq."""
+        The agent's items carry the seqs they got at acquisition, and ``seqs`` hands out those of the
+        events this commit adds (``data_loss``); a tool's items (``seqs`` None) get theirs here, from
+        the stored top, read inside the write transaction so a tool beside a running agent never
+        takes a seq the agent holds. Either way the stored top ends above every seq committed. On
+        failure nothing is committed; a tool's items keep no seq, the agent's keep theirs."""
         result = CommitResult()
         try:
             with self._transaction():
                 conn = self.conn
-                seq = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
-                rows = self._assign(items, seq, result)
-                seq = rows[-1][2] + rows[-1][3] if rows else seq
+                top = int(conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+                take = seqs.take if seqs is not None else _Counter(top).take
+                rows = self._assign(items, take, result)
                 conn.executemany(
                     "INSERT INTO records(kind, device, seq_first, n, acq_ts_ns, body) VALUES (?,?,?,?,?,?)",
                     rows,
@@ -145,44 +166,85 @@ class Buffer:
                     )
                 self._add("committed_readings_total", result.readings)
                 self._add("lost_readings_total", result.unencodable)
-                seq = self._enforce_limit(seq, result.events)
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(seq),))
+                rows += self._enforce_limit(take, result.events)
+                high = max((seq + n for _, _, seq, n, _, _ in rows), default=top)
+                new_top = max(top, high, seqs.reserve(top) if seqs is not None else 0)
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(new_top),))
+                conn.execute(
+                    "UPDATE meta SET value = max(CAST(value AS INTEGER), ?) WHERE key = 'committed_seq'",
+                    (high,),
+                )
         except BaseException:
-            for item in items:
-                if isinstance(item, Block):
-                    item.seq_first = None
-                else:
-                    item.seq = None
+            if seqs is None:
+                for item in items:
+                    if isinstance(item, Block):
+                        item.seq_first = None
+                    else:
+                        item.seq = None
             raise
         return result
 
     @staticmethod
-    def _assign(items: Sequence[Block | Event], seq: int, result: CommitResult) -> list[Row]:
-        """Rows for ``items``, seqs from ``seq`` on. A record that cannot be encoded even after
-        sanitising (a bug upstream) is replaced by a ``data_loss`` event right after its seqs: one
-        bad record must neither stall the buffer nor vanish silently."""
+    def _assign(
+        items: Sequence[Block | Event], take: Callable[[int], int], result: CommitResult
+    ) -> list[Row]:
+        """Rows for ``items``; an item without a seq takes one from ``take``. A record that cannot be
+        encoded even after sanitising (a bug upstream) is replaced by a ``data_loss`` event for its
+        seqs: one bad record must neither stall the buffer nor vanish silently."""
         rows: list[Row] = []
         for item in items:
             if isinstance(item, Block):
                 kind, n, ts = "data", len(item), item.acq_ts_ns
-                item.seq_first = seq
+                if item.seq_first is None:
+                    item.seq_first = take(n)
+                seq = item.seq_first
                 result.readings += n
             else:
                 kind, n, ts = "event", 1, item.ts_ns
-                item.seq = seq
+                if item.seq is None:
+                    item.seq = take(1)
+                seq = item.seq
             try:
                 rows.append((kind, item.device, seq, n, ts, encode(item)))
             except Exception as exc:
                 log.exception(
                     "device %s: a %s record cannot be encoded; recorded as data_loss", item.device, kind
                 )
-                rows.append(unencodable_row(item, seq, n, ts, exc, result))
-                seq += 1
+                rows.append(unencodable_row(item, seq, n, ts, exc, result, take(1)))
             else:
                 if item.state:
                     result.state.update(item.state)
-            seq += n
         return rows
+
+    # ------------------------------------------------------------------ seqs
+
+    def sequencer(self, floor: int = 0) -> Sequencer:
+        """The agent's seq source, its first window reserved in the file, starting right after the
+        highest committed seq (or ``floor``: the highest a stop recorded as lost). Seqs a crashed run
+        handed out but never committed are handed out again: they never reached the broker, so no
+        seq comes to mean two readings there. A disk that refuses even this small write does not
+        stop the start: the window is what the file already holds, the first commit extends it."""
+        start = max(int(self.meta("committed_seq") or 0), floor)
+        top = int(self.meta("next_seq") or 0)
+        try:
+            with self._transaction():
+                self.conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(start + SEQ_RESERVE),)
+                )
+        except sqlite3.Error as exc:
+            log.warning(
+                "buffer %s: cannot reserve seqs (%s); reserving at the next commit", self.cfg.path, exc
+            )
+            return Sequencer(start, max(start, top))
+        return Sequencer(start, start + SEQ_RESERVE)
+
+    def release(self, seqs: Sequencer) -> None:
+        """Give back the unused rest of the agent's window, so a clean restart continues without a gap."""
+        with self._transaction():
+            top = int(self.conn.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()[0])
+            back = seqs.release(top)
+            if back is not None:
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (str(back),))
 
     def _add(self, counter: str, amount: int) -> None:
         if amount:
@@ -202,41 +264,59 @@ class Buffer:
     def _live_pages(self) -> int:
         return self.live_bytes() // self._page_size
 
-    def _enforce_limit(self, seq: int, events: list[Event]) -> int:
+    def _enforce_limit(self, take: Callable[[int], int], events: list[Event]) -> list[Row]:
         """Inside the commit transaction: once the live pages exceed the budget, drop rows until they
-        are back under 90 % of it, and commit one loss event per device that lost undelivered rows."""
+        are back under 90 % of it, and commit one loss event per device that lost undelivered rows.
+        Rows in flight to the broker are not dropped: their fate is the broker's acknowledgement, and
+        counting them lost would count what the broker may well have."""
         if self._live_pages() <= self._budget_pages:
-            return seq
-        lost, counted = drop_oldest(self.conn, self._live_pages, self._budget_pages * 9 // 10)
+            return []
+        with self._claims_lock:
+            in_flight = sorted(self._claimed)
+        lost, counted = drop_oldest(self.conn, self._live_pages, self._budget_pages * 9 // 10, in_flight)
         self._add("lost_readings_total", counted)
+        rows: list[Row] = []
         for device, loss in sorted(lost.items()):
+            seq = take(1)
             event = loss.event(device, seq=seq)
+            rows.append(("event", device, seq, 1, event.ts_ns, dumps(event.body())))
             self.conn.execute(
-                "INSERT INTO records(kind, device, seq_first, n, acq_ts_ns, body) VALUES ('event',?,?,1,?,?)",
-                (device, seq, event.ts_ns, dumps(event.body())),
+                "INSERT INTO records(kind, device, seq_first, n, acq_ts_ns, body) VALUES (?,?,?,?,?,?)",
+                rows[-1],
             )
-            seq += 1
             events.append(event)
             log.error(
                 "buffer full (%d bytes): dropped %d undelivered rows (%d readings) of %s, seq %s..%s",
                 *(self.cfg.max_bytes, loss.rows, loss.readings, device),
                 *(loss.first_seq, loss.last_seq),
             )
-        return seq
+        return rows
 
     # ------------------------------------------------------------------ delivery
 
-    def pending(self, after_id: int, limit: int) -> list[StoredRecord]:
-        rows = self.conn.execute(
-            f"SELECT {RECORD_COLUMNS} FROM records WHERE delivered_ns IS NULL AND id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
-        ).fetchall()
-        return [StoredRecord(*r) for r in rows]
+    def pending(self, after_id: int, limit: int, claim: bool = False) -> list[StoredRecord]:
+        """Undelivered rows after ``after_id``; ``claim``: they are being sent, so overflow keeps them
+        until :meth:`mark_delivered` or :meth:`unclaim` (claimed here, on the buffer thread, so no
+        commit can drop a row between being read and being published)."""
+        query = (
+            f"SELECT {RECORD_COLUMNS} FROM records WHERE delivered_ns IS NULL AND id > ? ORDER BY id LIMIT ?"
+        )
+        rows = [StoredRecord(*r) for r in self.conn.execute(query, (after_id, limit)).fetchall()]
+        if claim:
+            with self._claims_lock:
+                self._claimed.update(r.id for r in rows)
+        return rows
+
+    def unclaim(self, ids: Iterable[int]) -> None:
+        """Rows no longer in flight (not sent after all, refused by the broker, or the sender stopped)."""
+        with self._claims_lock:
+            self._claimed.difference_update(ids)
 
     def mark_delivered(self, ids: Sequence[int], when_ns: int | None = None) -> int:
-        """Mark rows delivered (idempotent); returns the readings newly marked."""
+        """Mark rows delivered (idempotent) and no longer in flight; returns the readings newly marked."""
         when = now_ns() if when_ns is None else when_ns
         readings = 0
+        self.unclaim(ids)
         with self._transaction():
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
@@ -323,7 +403,8 @@ class Buffer:
             "size_bytes": live,
             "file_bytes": _file_bytes(self.cfg.path),
             "max_bytes": self.cfg.max_bytes,
-            "next_seq": int(meta["next_seq"]),
+            "next_seq": int(meta["committed_seq"]),  # one past the highest committed seq
+            "seq_reserved_to": int(meta["next_seq"]),
             **{k: int(meta.get(k, 0)) for k in COUNTERS},
             "schema_version": SCHEMA_VERSION,
         }
@@ -340,7 +421,26 @@ class _Txn:
         self.conn.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        # SQLite rolls back by itself on some errors (SQLITE_FULL): a second ROLLBACK would fail and
+        # hide the real error; a failed COMMIT must not leave the transaction open for the next one.
+        try:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+        finally:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+
+
+class _Counter:
+    """A tool's seq source: the stored top, read inside its write transaction."""
+
+    def __init__(self, top: int) -> None:
+        self._next = top
+
+    def take(self, n: int) -> int:
+        first = self._next
+        self._next += n
+        return first
 
 
 def _selection(device: str | None, since_ns: int | None, until_ns: int | None) -> tuple[str, tuple[Any, ...]]:

@@ -26,7 +26,11 @@ class LossReason(StrEnum):
     UNENCODABLE = "unencodable"
     """A record could not be serialised (a bug upstream); this event stands in for it."""
     NOT_COMMITTED = "not_committed"
-    """The disk refused commits so long that readings queued in memory were shed before they got seqs."""
+    """The disk refused commits: readings held in memory beyond ``buffer.hold_max_records``, or still
+    held when a stop ran out of ``buffer.close_timeout``, were given up (their seqs stay unused)."""
+    BUFFER_CORRUPT = "buffer_corrupt"
+    """The buffer file failed its integrity check at start and was moved aside; its undelivered rows
+    were not forwarded (``detail`` names the file they may be recovered from)."""
     DEVICE_BUFFER_WRAPPED = "device_buffer_wrapped"
     """The device's record buffer rotated past records the agent had not read yet."""
     DEVICE_BUFFER_CLEARED = "device_buffer_cleared"

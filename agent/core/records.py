@@ -4,7 +4,9 @@ Readings travel in *blocks*: all readings of one poll of one group of one device
 stored column-wise. A block is one object per poll rather than one per reading, so
 the hot path (decode, commit, publish) costs per poll, not per tag. Every reading in
 a block still has its own sequence number: ``seq_first + index``, assigned by the
-buffer at commit, so a consumer can de-duplicate by ``(agent, seq)`` and see gaps.
+buffer when the block is submitted (acquisition), so a reading the disk refuses still owns its seq
+and giving it up leaves a gap a ``data_loss`` event explains; a consumer de-duplicates by
+``(agent, seq)`` and sees gaps.
 
 The canonical body (``Block.body()`` / ``Event.body()``) is what the buffer stores and
 what the JSON payload encoder splices into MQTT payloads unchanged; hashing the stored
@@ -125,7 +127,7 @@ class Block:
     def body(self) -> dict[str, Any]:
         """Canonical JSON-able form; see docs/payloads.md ("block")."""
         if self.seq_first is None:
-            raise ValueError("block has no sequence number: commit it to the buffer first")
+            raise ValueError("block has no sequence number: submit it to the buffer first")
         out: dict[str, Any] = {
             "seq": self.seq_first,
             "n": len(self.values),
@@ -165,7 +167,7 @@ class Event:
     def body(self) -> dict[str, Any]:
         """Canonical JSON-able form; see docs/payloads.md ("event")."""
         if self.seq is None:
-            raise ValueError("event has no sequence number: commit it to the buffer first")
+            raise ValueError("event has no sequence number: submit it to the buffer first")
         return {
             "seq": self.seq,
             "ts": self.ts_ns,
