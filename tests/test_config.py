@@ -3,6 +3,7 @@ and every mistake of a file is reported in one run."""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 from agent.app.config import ConfigError, load_config
 from agent.cli import main
+from agent.core.certs import create_certificate
 from agent.core.problems import Problem
 
 VALID = """\
@@ -325,6 +327,9 @@ def test_every_relative_path_is_relative_to_the_file_that_names_it(
         (site / rel).write_text("x\n")
     (site / "certs" / "trusted").mkdir()
     (site / "data").mkdir()
+    # validate loads the broker CA file as run would: it must hold a certificate
+    ca_der = create_certificate(tmp_path / "pki", "urn:test:ca").cert.read_bytes()
+    (site / "tls" / "ca.pem").write_text(ssl.DER_cert_to_PEM_cert(ca_der))
     loaded = load_config(cfg)
     assert loaded.config.buffer.path == site / "data" / "buffer.db"
     assert loaded.config.profiles_dirs == [site / "profiles"]

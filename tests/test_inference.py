@@ -200,6 +200,7 @@ async def test_bad_quality_readings_make_windows_incomplete_not_anomalous(
 async def test_mode_change_is_audited(syn_model: Path, h: Harness) -> None:
     engine = h.engine(ModelBindingConfig(manifest=syn_model, devices=["d1"], signals=MAPPING))
     await engine.start()
+    await engine.idle()  # the models load in the background
     try:
         engine.set_mode("syn-pca@d1", "active", why="validation protocol VP-12 passed", actor="qa.lead")
         assert engine.status()["syn-pca@d1"]["mode"] == "active"
@@ -422,6 +423,7 @@ async def test_envelope_signal_is_bound_like_an_input_and_gates_scoring(
         h.auditor,
     )
     await engine.start()
+    await engine.idle()  # the models load in the background
     try:
         assert engine.refused == {"syn-pca@d2": "profile 'bio-test' has no tag for age_h->age_h"}
         t, v = series(2, 4, (0.0, 7200.0))  # faulty throughout, but the device is never in the envelope

@@ -131,7 +131,7 @@ BAD = {
     ),
     "start": ("start: yesterday\ndevices: [{id: a, kind: incubator}]", "ISO-8601"),
     "no devices": ("name: x", "'devices:'"),
-    "not yaml": ("devices: [", "not valid YAML"),
+    "not yaml": ("devices: [", "YAML syntax"),
 }
 
 

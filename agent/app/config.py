@@ -7,21 +7,30 @@ then each device's ``connection`` and ``groups`` against its driver's own models
 each referenced profile file against the driver's profile schema. Errors from all
 layers are collected before anything is reported, so one run of
 ``cleanroom-agent validate`` shows the whole list.
+
+A message never quotes the value of a secret (a password, a key passphrase, anything taken
+from ``${ENV}``), and the configuration hash is computed with the values of secrets masked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import sqlite3
+import types
+import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
+from agent.app.status import parse_listen
 from agent.buffer.config import BufferConfig
+from agent.buffer.schema import SCHEMA_VERSION
 from agent.core.device import DeviceConfig, ResolvedDevice
 from agent.core.driver import (
     ConnectionBase,
@@ -38,7 +47,7 @@ from agent.transforms.inference import InferenceEngine, ModelBindingConfig
 from agent.transforms.limits import LimitMonitor, LimitsConfig
 from cleanroom_common.fields import FILE_DIR, ConfigPath, Duration, Strict
 from cleanroom_common.profilefiles import ProfileFile, index_profiles
-from cleanroom_common.yamlfile import YamlDoc, YamlError, read_yaml
+from cleanroom_common.yamlfile import YamlDoc, YamlError, masked, read_yaml
 
 
 class ConfigError(Exception):
@@ -60,10 +69,17 @@ class AgentSection(Strict):
     site: str = ""
     """Free text naming the plant/suite, carried in the status message."""
     status_listen: str = "127.0.0.1:8765"
-    """Where the status listener binds and ``cleanroom-agent status`` reaches it: ``HOST:PORT`` (plain HTTP,
-    no authentication: keep it on loopback)."""
+    """Where the status listener binds and ``cleanroom-agent status`` reaches it: ``HOST:PORT``, HOST an IPv4
+    address, an IPv6 address in brackets or ``localhost`` (127.0.0.1). Plain HTTP without authentication:
+    keep it on loopback (anywhere else is logged as a warning at every start)."""
     shutdown_grace: Duration = 5.0
     """Time a clean stop (SIGTERM) may spend delivering committed data before disconnecting."""
+
+    @field_validator("status_listen")
+    @classmethod
+    def _bindable(cls, listen: str) -> str:
+        parse_listen(listen)  # what run binds, checked by validate
+        return listen
 
 
 class AgentConfig(Strict):
@@ -95,7 +111,9 @@ class LoadedConfig:
     config: AgentConfig
     devices: list[ResolvedDevice]
     sha256: str
-    """SHA-256 over the config file's bytes and every profile it uses: what ``status`` and payloads report."""
+    """SHA-256 over the config file's bytes, the values of secrets masked (:func:`hashed_bytes`), and
+    every profile it uses: what ``status``, payloads and the ``config_changed`` audit report. Rotating a
+    secret (a password in the file, in ``${ENV}`` or in a ``*_file``) does not change it."""
     profiles: dict[str, Path] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -144,9 +162,10 @@ def _problem(doc: YamlDoc, loc: Loc, message: str, hint: str = "") -> Problem:
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _expand_env(value: Any, loc: Loc, problems: list[Problem]) -> Any:
+def _expand_env(value: Any, loc: Loc, problems: list[Problem], secrets: set[str]) -> Any:
     """Replace ``${NAME}`` in strings by the environment variable's value (secrets stay
-    out of the file). A missing variable is an error naming it, never an empty string."""
+    out of the file). A missing variable is an error naming it, never an empty string.
+    Every value taken from the environment is added to ``secrets``: no message quotes it."""
     if isinstance(value, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -154,14 +173,66 @@ def _expand_env(value: Any, loc: Loc, problems: list[Problem]) -> Any:
             if env is None:
                 problems.append(Problem(f"environment variable {m.group(1)} is not set", path=loc))
                 return ""
+            secrets.add(env)
             return env
 
         return _ENV_RE.sub(sub, value)
     if isinstance(value, dict):
-        return {k: _expand_env(v, (*loc, k), problems) for k, v in value.items()}
+        return {k: _expand_env(v, (*loc, k), problems, secrets) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, (*loc, i), problems) for i, v in enumerate(value)]
+        return [_expand_env(v, (*loc, i), problems, secrets) for i, v in enumerate(value)]
     return value
+
+
+def _secret_fields(model: type[BaseModel], found: set[str]) -> set[str]:
+    """Names of the fields of ``model`` and of the models it holds that are typed as secrets."""
+    for name, info in model.model_fields.items():
+        stack: list[Any] = [info.annotation]
+        while stack:
+            t = stack.pop()
+            if t is SecretStr:
+                found.add(name)
+            elif isinstance(t, type) and issubclass(t, BaseModel) and t is not model:
+                _secret_fields(t, found)
+            elif isinstance(t, types.UnionType) or typing.get_origin(t) is not None:
+                stack.extend(typing.get_args(t))
+    return found
+
+
+def secret_keys(drivers: list[type[Driver]]) -> frozenset[str]:
+    """The keys whose values are secrets, read off the configuration models (the agent's and
+    those of the drivers in use): one source of truth for masking and redaction."""
+    found = _secret_fields(AgentConfig, set())
+    for driver in drivers:
+        _secret_fields(driver.Connection, found)
+    return frozenset(found)
+
+
+def _secret_values(data: Any, keys: frozenset[str], found: set[str]) -> set[str]:
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if k in keys and isinstance(v, str | int | float):
+                found.add(str(v))
+            else:
+                _secret_values(v, keys, found)
+    elif isinstance(data, list):
+        for v in data:
+            _secret_values(v, keys, found)
+    return found
+
+
+def _redact(problems: list[Problem], secrets: set[str]) -> list[Problem]:
+    """``problems`` with every secret value blanked out of their texts (values too short to be
+    told apart from ordinary words are no secret worth the name and are left)."""
+    words = sorted((w for w in secrets if len(w) >= 4), key=len, reverse=True)
+    if not words:
+        return problems
+    pattern = re.compile("|".join(map(re.escape, words)))
+
+    def clean(p: Problem) -> Problem:
+        return replace(p, message=pattern.sub("***", p.message), hint=pattern.sub("***", p.hint))
+
+    return [clean(p) for p in problems]
 
 
 def _format_errors(doc: YamlDoc, exc: ValidationError, prefix: Loc = ()) -> Iterator[Problem]:
@@ -202,8 +273,16 @@ def _validate_profile(
 # --------------------------------------------------------------------------- entry point
 
 
-def config_hash(config_path: Path, profile_paths: list[Path]) -> str:
-    h = hashlib.sha256(config_path.read_bytes())
+def hashed_bytes(doc: YamlDoc, keys: frozenset[str] | None = None) -> bytes:
+    """The configuration file as it enters the hash: its bytes with the value of every secret
+    key (``keys``; default: the agent's own and every installed driver's) masked."""
+    if keys is None:
+        keys = secret_keys([d for p in available_protocols() if (d := driver_for(p)) is not None])
+    return masked(doc, keys)
+
+
+def config_hash(doc: YamlDoc, keys: frozenset[str], profile_paths: list[Path]) -> str:
+    h = hashlib.sha256(hashed_bytes(doc, keys))
     for p in sorted(set(profile_paths)):
         h.update(b"\0" + p.name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
@@ -218,9 +297,29 @@ def load_config(path: str | Path) -> LoadedConfig:
             [Problem("the file must be a mapping with at least an 'agent:' section", file=path, line=1)]
         )
     env_problems: list[Problem] = []
-    data = _expand_env(src.data, (), env_problems)
+    secrets: set[str] = set()
+    data = _expand_env(src.data, (), env_problems, secrets)
+    try:
+        return _load(path, src, data, env_problems, secrets)
+    except ConfigError as exc:
+        raise ConfigError(_redact(exc.problems, secrets)) from None
+
+
+def _known_secrets(src: YamlDoc, data: Any, drivers: list[type[Driver]], secrets: set[str]) -> frozenset[str]:
+    """The secret keys of the agent and of ``drivers``; their values (as written and as
+    expanded from the environment) are added to ``secrets``."""
+    keys = secret_keys(drivers)
+    _secret_values(src.data, keys, secrets)
+    _secret_values(data, keys, secrets)
+    return keys
+
+
+def _load(
+    path: Path, src: YamlDoc, data: Any, env_problems: list[Problem], secrets: set[str]
+) -> LoadedConfig:
     problems = [_place(src, p) for p in env_problems]
     context = {FILE_DIR: path.parent}
+    _known_secrets(src, data, [], secrets)
     try:
         cfg = AgentConfig.model_validate(data, context=context)
     except ValidationError as exc:
@@ -230,6 +329,11 @@ def load_config(path: str | Path) -> LoadedConfig:
     index = index_profiles(cfg.profiles_dirs)
     problems += [_file_problem(e) for e in index.errors]
     profiles = index.profiles
+    # Only the drivers this configuration uses are imported (an agent without OPC UA devices
+    # never loads the OPC UA stack); their connection secrets join the agent's.
+    protocols = {pr for d in cfg.devices if d.profile in profiles and (pr := profiles[d.profile].protocol)}
+    drivers = [drv for pr in sorted(protocols) if (drv := driver_for(pr)) is not None]
+    keys = _known_secrets(src, data, drivers, secrets)
     validated: dict[str, tuple[type[Driver], ProfileBase] | None] = {}
     devices: list[ResolvedDevice] = []
     seen_ids: dict[str, int] = {}
@@ -263,24 +367,94 @@ def load_config(path: str | Path) -> LoadedConfig:
     if cfg.mqtt is not None:
         problems += [_place(src, p) for p in _missing_files(cfg.mqtt, ("mqtt",))]
     profiles_by_device = {d.id: d.profile for d in devices}
-    problems += [_place(src, p) for p in InferenceEngine.check(cfg.models, profiles_by_device)]
+    problems += [_place(src, p) for p in InferenceEngine.check(cfg.models, profiles_by_device, load=False)]
     if cfg.limits is not None:
         problems += [_place(src, p) for p in LimitMonitor.check(cfg.limits, profiles_by_device)]
     if problems:
         raise ConfigError(problems)
     used = [profiles[d.config.profile].path for d in devices]
-    return LoadedConfig(path, cfg, devices, config_hash(path, used), {n: p.path for n, p in profiles.items()})
+    try:
+        sha256 = config_hash(src, keys, used)
+    except YamlError as exc:
+        raise ConfigError([_file_problem(exc)]) from None
+    return LoadedConfig(path, cfg, devices, sha256, {n: p.path for n, p in profiles.items()})
 
 
 def _missing_files(model: BaseModel, at: Loc) -> Iterator[Problem]:
     """Files a section names (passwords, certificates, keys, trust folders) that are not
-    there: found by ``validate``, not at the first connection attempt hours later."""
+    there or cannot be read: found by ``validate``, not at the first connection attempt hours
+    later. A password file must be UTF-8 text; what it holds is never quoted."""
     for name in type(model).model_fields:
         value = getattr(model, name)
         if isinstance(value, BaseModel):
             yield from _missing_files(value, (*at, name))
-        elif isinstance(value, Path) and not value.exists():
-            yield Problem(f"{value} does not exist", path=(*at, name))
+        elif isinstance(value, Path):
+            problem = _unreadable(value, name)
+            if problem:
+                yield Problem(problem, path=(*at, name))
+
+
+def _unreadable(path: Path, field_name: str) -> str | None:
+    if not path.exists():
+        return f"{path} does not exist"
+    if path.is_dir():
+        return None if field_name.endswith("_dir") else f"cannot read {path}: it is a folder"
+    try:
+        with path.open("rb") as f:
+            head = f.read(65536)
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    if field_name.endswith("password_file"):
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"{path} is not UTF-8 text (the password is its first line)"
+    return None
+
+
+# --------------------------------------------------------------------------- what start would meet
+
+
+def check_startup(loaded: LoadedConfig) -> list[Problem]:
+    """What ``run`` would meet at start beyond the configuration itself: the buffer it must open
+    and every model it must load. ``validate`` reports these too; ``run`` meets them itself (a
+    buffer it cannot open stops it, a model it cannot load is disabled alone)."""
+    src = read_yaml(loaded.path)
+    cfg = loaded.config
+    problems = [_place(src, p) for p in _buffer_problems(cfg)]
+    profiles = {d.id: d.profile for d in loaded.devices}
+    problems += [_place(src, p) for p in InferenceEngine.check(cfg.models, profiles)]
+    return problems
+
+
+def _buffer_problems(cfg: AgentConfig) -> list[Problem]:
+    """The checks the buffer makes when it opens, made read-only: a folder that cannot be made
+    or written, a newer schema, another agent's buffer."""
+    path, at = cfg.buffer.path, ("buffer", "path")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return [Problem(f"{folder} is not a folder: the buffer {path} cannot be created", path=at)]
+    if not path.exists():
+        ok = os.access(folder, os.W_OK | os.X_OK)
+        return [] if ok else [Problem(f"the agent cannot create files in {folder}", path=at)]
+    if not path.is_file():
+        return [Problem(f"{path} is not a file", path=at)]
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+            tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) if "meta" in tables else {}
+    except sqlite3.Error:  # a damaged file: the agent moves it aside at start and begins a new one
+        return []
+    owner, schema = meta.get("agent_id"), int(meta.get("schema_version") or 0)
+    if owner is not None and owner != cfg.agent.id:
+        return [Problem(f"{path} is the buffer of agent {owner!r}, not {cfg.agent.id!r}", path=at)]
+    if schema > SCHEMA_VERSION:
+        return [
+            Problem(f"{path} has buffer schema {schema}, newer than this agent's ({SCHEMA_VERSION})", path=at)
+        ]
+    return []
 
 
 def _resolve_device(

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import ValidationError
 
 from agent.modeltools.csvdata import Dataset, FaultLabel, in_windows, iso, load_csv, load_labels, parse_time
@@ -25,6 +24,7 @@ from agent.transforms.anomaly.offline import run_offline
 from agent.transforms.anomaly.track import Settings
 from agent.transforms.limits import LimitsConfig
 from cleanroom_common.fields import parse_duration
+from cleanroom_common.yamlfile import YamlError, read_yaml
 
 
 def register(subparsers: Any) -> None:
@@ -288,9 +288,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _limits(path: Path) -> LimitsConfig:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml(path).data
         return LimitsConfig.model_validate(raw.get("limits", raw) if isinstance(raw, dict) else raw)
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
+    except (YamlError, ValidationError) as exc:
         raise ModelError(f"{path}: not a limits section: {exc}") from None
 
 

@@ -1,5 +1,9 @@
 """``cleanroom-agent validate CONFIG``: every mistake of a configuration, with its file, line and
-YAML path, before anything starts (exit 2 when there is any)."""
+YAML path, before anything starts (exit 2 when there is any).
+
+``validate`` finds everything ``run`` would refuse, and more: beyond the configuration it opens
+the buffer read-only and loads every model the way the agent does at start. A model that cannot
+be loaded is an error here, while ``run`` starts without it (the model is disabled alone)."""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import argparse
 import sys
 from typing import Any
 
-from agent.app.config import ConfigError, LoadedConfig, load_config
+from agent.app.config import ConfigError, LoadedConfig, check_startup, load_config
+from agent.core.problems import Problem
 
 
 def register(sub: Any) -> None:
@@ -23,11 +28,15 @@ def load_or_report(path: str) -> LoadedConfig | None:
     try:
         return load_config(path)
     except ConfigError as exc:
-        n = len(exc.problems)
-        print(f"{path}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report(path, exc.problems)
         return None
+
+
+def _report(path: str, problems: list[Problem]) -> None:
+    n = len(problems)
+    print(f"{path}: {n} problem{'s' if n != 1 else ''}:", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -37,6 +46,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 2
     loaded = load_or_report(path)
     if loaded is None:
+        return 2
+    problems = check_startup(loaded)
+    if problems:
+        _report(path, problems)
         return 2
     print(loaded.summary())
     return 0

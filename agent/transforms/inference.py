@@ -38,8 +38,9 @@ from agent.buffer.audit import Auditor
 from agent.core.driver import ProfileBase
 from agent.core.problems import Problem
 from agent.core.records import Block, Event, Quality, Severity, Value
+from agent.core.supervise import FailureLog, Supervised, Supervisor
 from agent.transforms.anomaly.drift import DriftChange
-from agent.transforms.anomaly.manifest import Manifest, ModelError, verify
+from agent.transforms.anomaly.manifest import Manifest, ModelError, read_manifest
 from agent.transforms.anomaly.model import LoadedModel
 from agent.transforms.anomaly.track import Ready, Settings, Track, Transition
 from cleanroom_common.bundled import package_dir
@@ -107,11 +108,39 @@ def resolve_manifest(path: Path) -> Path:
     return INSTALL_ROOT / path
 
 
+PENDING_MAX = 100_000
+"""Committed blocks kept for the models while they load (seconds at most on a gateway);
+older ones beyond it go unscored, as a gap in the windows."""
+
+
+def load_model(path: Path) -> LoadedModel | ModelError:
+    """Load a model as the engine does at start, or say why it cannot be used: ``validate``
+    runs exactly this, so it finds every model ``run`` would disable. Any failure of one
+    model is that model's alone (the agent never stops for a model)."""
+    try:
+        return LoadedModel(path)
+    except ModelError as exc:
+        return exc
+    except Exception as exc:  # a malformed graph or manifest onnxruntime trips over in its own way
+        return ModelError(f"model {path}: cannot be loaded: {type(exc).__name__}: {exc}")
+
+
+def _manifest_of(path: Path) -> Manifest | ModelError:
+    try:
+        return read_manifest(path)
+    except ModelError as exc:
+        return exc
+
+
 def _number(v: Value) -> float:
+    """A reading as a model input; NaN (a missing sample) when it is not a number a float holds."""
     if isinstance(v, bool):
         return float(v)
     if isinstance(v, int | float):
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:
+            return math.nan
     return math.nan
 
 
@@ -241,34 +270,70 @@ class InferenceEngine:
         self.refused: dict[str, str] = {}
         self._by_device: dict[str, list[Binding]] = {}
         self._pool: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: Supervised | None = None
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
         self._busy = False
+        self._faults = FailureLog(log)
+        self.tasks = Supervisor("inference", log, failures=self._faults)
+        self.loading: set[str] = set()
+        """Bindings whose model is still being loaded."""
+        self._pending: list[Block] | None = []
+        """Blocks committed while the models load (None once they are loaded)."""
+        self._loaded = asyncio.Event()
+        self._unscored = 0
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Start scoring and load the models in the background: acquisition never waits for a
+        model (onnxruntime takes seconds per model on a small gateway, and a model can be slow
+        to read). Blocks committed meanwhile are kept and scored once their model is there."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        models: dict[Path, LoadedModel | ModelError] = {}
-        owner: dict[str, int] = {}
-        for i, cfg in enumerate(self.config):
-            path = resolve_manifest(cfg.manifest)
-            if path not in models:
-                try:
-                    models[path] = await loop.run_in_executor(self._pool, LoadedModel, path)
-                except ModelError as exc:
-                    models[path] = exc
-            self._bind(i, cfg, models[path], owner)
-        self._task = asyncio.create_task(self._run(), name="inference")
+        self._task = self.tasks.spawn("inference", self._run)
+        self.tasks.spawn("inference-load", self._load, restart=False)
+
+    async def _load(self) -> None:
+        """Worker thread: read the manifests (the bindings show ``loading``), then load and bind each
+        model; a model that cannot be used is refused alone."""
+        loop = asyncio.get_running_loop()
+        try:
+            manifests: dict[Path, Manifest | ModelError] = {}
+            for cfg in self.config:
+                path = resolve_manifest(cfg.manifest)
+                if path not in manifests:
+                    manifests[path] = await loop.run_in_executor(self._pool, _manifest_of, path)
+                self.loading.update(
+                    k for k, _, _, problem in plan(cfg, manifests[path], self.devices) if not problem
+                )
+            models: dict[Path, LoadedModel | ModelError] = {}
+            owner: dict[str, int] = {}
+            for i, cfg in enumerate(self.config):
+                path = resolve_manifest(cfg.manifest)
+                if path not in models:
+                    models[path] = await loop.run_in_executor(self._pool, load_model, path)
+                self._bind(i, cfg, models[path], manifests[path], owner)
+        finally:
+            self.loading.clear()
+            pending, self._pending = self._pending or [], None
+            self._loaded.set()
+        self.on_committed(pending, ())
 
     def _bind(
-        self, i: int, cfg: ModelBindingConfig, loaded: LoadedModel | ModelError, owner: dict[str, int]
+        self,
+        i: int,
+        cfg: ModelBindingConfig,
+        loaded: LoadedModel | ModelError,
+        read: Manifest | ModelError,
+        owner: dict[str, int],
     ) -> None:
-        manifest = loaded if isinstance(loaded, ModelError) else loaded.manifest
+        """Bind ``cfg``'s devices to ``loaded``, or refuse them under the model's id when its
+        manifest could be ``read`` but the model not loaded."""
+        manifest = loaded.manifest if isinstance(loaded, LoadedModel) else read
+        failed = str(loaded) if isinstance(loaded, ModelError) else None
         for key, device, tags, planned in plan(cfg, manifest, self.devices):
-            problem = planned or _taken(key, i, owner)
+            self.loading.discard(key)
+            problem = planned or failed or _taken(key, i, owner)
             if problem is not None:
                 self._refuse(key if key not in self.bindings else f"models[{i}]:{key}", problem, device)
                 continue
@@ -287,16 +352,26 @@ class InferenceEngine:
             )
 
     @staticmethod
-    def check(config: Sequence[ModelBindingConfig], devices: Mapping[str, ProfileBase]) -> list[Problem]:
-        """Every binding problem (missing or altered model, unknown device, unmapped tag),
-        for ``validate``: the same checks :meth:`start` applies, without starting anything."""
+    def check(
+        config: Sequence[ModelBindingConfig], devices: Mapping[str, ProfileBase], *, load: bool = True
+    ) -> list[Problem]:
+        """Every binding problem (unusable model, unknown device, unmapped tag), for ``validate``:
+        the same loading and binding :meth:`start` does, without starting anything.
+
+        ``load=False`` is what the configuration itself gets wrong (what ``run`` refuses to start
+        with): a model file that cannot be used (missing, altered, a bad graph) is then no
+        problem, since the running agent disables that model alone."""
         problems = []
         owner: dict[str, int] = {}
+        found: dict[Path, Manifest | ModelError] = {}
         for i, cfg in enumerate(config):
-            try:
-                manifest: Manifest | ModelError = verify(resolve_manifest(cfg.manifest))[0]
-            except ModelError as exc:
-                manifest = exc
+            path = resolve_manifest(cfg.manifest)
+            if path not in found:
+                got = load_model(path) if load else _manifest_of(path)
+                found[path] = got.manifest if isinstance(got, LoadedModel) else got
+            manifest = found[path]
+            if isinstance(manifest, ModelError) and not load:
+                continue
             for key, _, _, planned in plan(cfg, manifest, devices):
                 problem = planned or _taken(key, i, owner)
                 if problem:
@@ -304,8 +379,11 @@ class InferenceEngine:
         return problems
 
     def _refuse(self, key: str, reason: str, device: str = "agent") -> None:
+        """The binding is disabled, the rest runs: people are told (an alarm event) and the
+        refusal is in the audit trail."""
         log.error("model binding %s refused: %s", key, reason)
         self.refused[key] = reason
+        self.emit(Event(device, "model_disabled", Severity.ALARM, {"binding": key, "reason": reason}))
         self.auditor.record("model_refused", key, device=device, why=reason, severity=Severity.ALARM)
 
     async def stop(self) -> None:
@@ -314,12 +392,11 @@ class InferenceEngine:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
                     await self.idle()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self.tasks.stop()
             self._task = None
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            # a model load that never returns (a hung file system) must not hold up the stop
+            self._pool.shutdown(wait=self._loaded.is_set(), cancel_futures=True)
             self._pool = None
         for key, b in self.bindings.items():
             self.auditor.record("model_unload", key, device=b.device, old=b.model.ident, why="agent stopping")
@@ -342,18 +419,40 @@ class InferenceEngine:
         """Copy the bound tags' good readings of committed blocks; never blocks the loop."""
         if self._task is None:
             return
+        if self._pending is not None:  # the models are loading: keep the blocks for them
+            self._pending.extend(blocks)
+            if len(self._pending) > PENDING_MAX:
+                if not self._unscored:
+                    log.warning(
+                        "models still loading with %d blocks waiting: older ones go unscored", PENDING_MAX
+                    )
+                self._unscored += len(self._pending) - PENDING_MAX
+                del self._pending[: len(self._pending) - PENDING_MAX]
+            return
         fed = False
         for block in blocks:
             for b in self._by_device.get(block.device, ()):
-                sig, pos = b.columns(block.tags)
-                if not sig:
-                    continue
-                t = _block_time(block, pos)
-                b.ts.append(t)
-                b.rows.append(b.row(block, sig, pos))
-                fed = True
+                try:
+                    fed = self._copy(b, block) or fed
+                except Exception as exc:  # costs this record only: the rest of the batch is copied
+                    self._faults.record(f"inference: {b.key}", exc)
         if fed:
             self._wake.set()
+
+    @property
+    def failed_records(self) -> int:
+        """Records the engine could not copy or score (each logged once per kind, all counted)."""
+        return self._faults.total
+
+    @staticmethod
+    def _copy(b: Binding, block: Block) -> bool:
+        sig, pos = b.columns(block.tags)
+        if not sig:
+            return False
+        row = b.row(block, sig, pos)
+        b.ts.append(_block_time(block, pos))
+        b.rows.append(row)
+        return True
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -367,8 +466,8 @@ class InferenceEngine:
             self._busy = True
             try:
                 events = await loop.run_in_executor(self._pool, self._score, work)
-            except Exception:  # a scoring bug must not stop acquisition: log it, keep going
-                log.exception("inference worker failed; these samples were not scored")
+            except Exception as exc:  # a scoring bug must not stop acquisition: count it, keep going
+                self._faults.record("inference: scoring (these samples were not scored)", exc)
                 events = []
             finally:
                 self._busy = False
@@ -379,6 +478,8 @@ class InferenceEngine:
     async def idle(self) -> None:
         """Wait until every copied sample has been scored and its events emitted (for tests
         and clean hand-overs; bound it with ``asyncio.timeout``)."""
+        if self._task is not None:
+            await self._loaded.wait()
         while self._task is not None and (
             self._busy or self._wake.is_set() or any(b.ts for b in self.bindings.values())
         ):
@@ -464,4 +565,6 @@ class InferenceEngine:
             }
         for key, reason in self.refused.items():
             out[key] = {"state": "refused", "error": reason}
+        for key in self.loading:
+            out.setdefault(key, {"state": "loading"})
         return out

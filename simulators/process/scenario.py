@@ -28,11 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from cleanroom_common.bundled import package_dir
 from cleanroom_common.fields import Duration, Strict, resolve_path
+from cleanroom_common.yamlfile import YamlError, read_yaml
 from simulators.process.base import MODELS, ProcessModel, create_model
 from simulators.process.faults import COMM_FAULTS, FAULT_PARAMS, Fault
 
@@ -261,13 +261,9 @@ def _errors(exc: ValidationError) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+        data = read_yaml(path).data
+    except YamlError as exc:
+        raise ValueError(str(exc)) from None
     if not isinstance(data, dict) or "devices" not in data:
         raise ValueError(f"{path}: a scenario is a mapping with a 'devices:' list")
     return data

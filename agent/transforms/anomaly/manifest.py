@@ -12,6 +12,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from cleanroom_common.fields import Duration, Strict
+from cleanroom_common.yamlfile import YamlError, read_yaml
 
 
 class ModelError(Exception):
@@ -211,11 +212,10 @@ def sha256_file(path: Path) -> str:
 def read_manifest(path: Path) -> Manifest:
     """Parse a manifest; any problem is a :class:`ModelError` naming the file."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ModelError(f"{path}: cannot read manifest: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ModelError(f"{path}: not valid YAML: {exc}") from None
+        data = read_yaml(path).data
+    except YamlError as exc:
+        where = f"{path}:{exc.line}" if exc.line else str(path)
+        raise ModelError(f"{where}: cannot read manifest: {exc.message}") from None
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
@@ -224,7 +224,17 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def model_path(manifest_path: Path, manifest: Manifest) -> Path:
-    return manifest_path.parent / manifest.file
+    """The ONNX file ``manifest`` names, which must lie in the manifest's folder (or below it):
+    a manifest cannot make the agent read, hash and run any other file of the gateway, whether
+    by ``..``, an absolute path or a symbolic link that leads out."""
+    folder = manifest_path.parent.resolve()
+    target = (folder / manifest.file).resolve()
+    if not target.is_relative_to(folder):
+        raise ModelError(
+            f"model {manifest.id} {manifest.version}: file {manifest.file!r} is outside the manifest's "
+            f"folder {folder}: refused (keep the .onnx next to its manifest)"
+        )
+    return target
 
 
 def verify(manifest_path: Path) -> tuple[Manifest, Path, bytes]:

@@ -33,8 +33,15 @@ class LoadedModel:
             raise ModelError(
                 f"model {self.manifest.id}: onnxruntime cannot load {self.onnx_path}: {exc}"
             ) from None
-        shape = self.session.get_inputs()[0].shape
         m = self.manifest
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != "window":
+            found = ", ".join(repr(i.name) for i in inputs) or "no inputs"
+            raise ModelError(f"model {m.id}: the graph has {found}; the agent feeds one input, 'window'")
+        outputs = {o.name for o in self.session.get_outputs()}
+        if missing := {"score", "contrib"} - outputs:
+            raise ModelError(f"model {m.id}: the graph has no output {', '.join(sorted(missing))}")
+        shape = inputs[0].shape
         if shape[1:] != [m.window, len(m.signals)]:
             raise ModelError(
                 f"model {m.id}: graph input is {shape}, "
