@@ -1,7 +1,9 @@
-"""Picking a free TCP port for a server that must be named before it listens."""
+"""Picking a free TCP port for a server that must be named before it listens, and telling a
+loopback address from the rest (what decides whether the agent insists on TLS or warns)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 
@@ -22,3 +24,22 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface by what it says: an address in
+    ``127.0.0.0/8`` or ``::1`` (IPv4-mapped too), or ``localhost``.
+
+    Any other name is not loopback, whatever it resolves to today: the configuration must be safe
+    by what it says, and a name's resolution can change under it (DNS, an edited hosts file).
+    """
+    name = host.rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback

@@ -14,7 +14,7 @@ answer with an error line.
 from __future__ import annotations
 
 import calendar
-import math
+import re
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -22,6 +22,14 @@ from typing import NamedTuple
 
 M3_PER_UNIT = {"L": 0.001, "m3": 1.0, "ft3": 0.028316846592}
 """Cubic metres per volume unit a record may be expressed in."""
+MAX_COUNT = 2**32 - 1
+"""Largest count, channel number or queue figure a field may carry: the counter's registers are
+unsigned 32-bit. A longer number is line noise, and refused here rather than overflowing a
+float (a count per volume) further down."""
+_UINT = re.compile(r"[0-9]{1,10}")
+_DECIMAL = re.compile(r"[0-9]{1,10}(\.[0-9]{1,6})?")
+"""Decimal numbers as the counter writes them (``60``, ``28.3``, ``0.5``): no sign, exponent,
+``nan``/``inf``, underscore or spaces, all of which Python's ``float`` would accept."""
 
 
 class FrameError(ValueError):
@@ -140,10 +148,10 @@ def format_status(status: Status) -> str:
 
 def parse_status(payload: str) -> Status:
     """The status in a ``CST`` reply payload."""
-    fields = payload.split()
-    if len(fields) != 4 or fields[0] != Command.STATUS.reply or not all(f.isdigit() for f in fields[2:]):
+    fields = payload.split(" ")
+    if len(fields) != 4 or fields[0] != Command.STATUS.reply:
         raise FrameError(f"malformed status reply {payload[:40]!r}")
-    return Status(_flag(fields[1]), int(fields[2]), int(fields[3]))
+    return Status(_flag(fields[1]), _uint(fields[2], "queued"), _uint(fields[3], "lost"))
 
 
 # --------------------------------------------------------------------------- records
@@ -196,8 +204,20 @@ def format_record(record: CounterRecord) -> str:
 
 def _flag(s: str) -> bool:
     if s not in ("0", "1"):
-        raise FrameError(f"status flag {s!r} is not 0/1")
+        raise FrameError(f"status flag {s[:20]!r} is not 0/1")
     return s == "1"
+
+
+def _uint(s: str, what: str) -> int:
+    if _UINT.fullmatch(s) is None or (n := int(s)) > MAX_COUNT:
+        raise FrameError(f"{what} {s[:20]!r} is not a whole number up to {MAX_COUNT}")
+    return n
+
+
+def _decimal(s: str, what: str) -> float:
+    if _DECIMAL.fullmatch(s) is None:
+        raise FrameError(f"{what} {s[:20]!r} is not a decimal number")
+    return float(s)
 
 
 def parse_record(text: str) -> CounterRecord:
@@ -207,22 +227,18 @@ def parse_record(text: str) -> CounterRecord:
         raise FrameError(f"record has {len(f)} fields, expected at least 11")
     try:
         ts = calendar.timegm(time.strptime(f"{f[0]} {f[1]}", "%Y-%m-%d %H:%M:%S"))
-        k = int(f[10])
-        sample_time, volume = float(f[7]), float(f[8])
-        pairs = f[11:]
-        if k < 0 or len(pairs) != 2 * k:
-            raise FrameError(f"record announces {k} channels but carries {len(pairs) // 2}")
-        channels = tuple((float(pairs[2 * i]), int(pairs[2 * i + 1])) for i in range(k))
-    except (ValueError, OverflowError) as exc:
-        if isinstance(exc, FrameError):
-            raise
-        raise FrameError(f"malformed record field: {exc}") from None
+    except (ValueError, OverflowError):
+        raise FrameError(f"malformed record time {f[0][:12]!r} {f[1][:12]!r}") from None
+    k = _uint(f[10], "channel count")
+    sample_time, volume = _decimal(f[7], "sample time"), _decimal(f[8], "volume")
+    pairs = f[11:]
+    if len(pairs) != 2 * k:
+        raise FrameError(f"record announces {k} channels but carries {len(pairs) / 2:g}")
+    channels = tuple(
+        (_decimal(pairs[2 * i], "channel size"), _uint(pairs[2 * i + 1], "count")) for i in range(k)
+    )
     if f[9] not in M3_PER_UNIT:
-        raise FrameError(f"unknown volume unit {f[9]!r}")
-    if not (math.isfinite(sample_time) and math.isfinite(volume)) or volume < 0:
-        raise FrameError("sample time or volume not a finite non-negative number")
-    if any(c < 0 or not math.isfinite(s) for s, c in channels):
-        raise FrameError("negative count or non-finite channel size")
+        raise FrameError(f"unknown volume unit {f[9][:20]!r}")
     return CounterRecord(
         ts_ns=ts * 1_000_000_000,
         sensor=f[2],

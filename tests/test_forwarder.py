@@ -230,7 +230,9 @@ def test_every_data_loss_reason_has_the_one_schema_shape() -> None:
                  last_ts=9),
         DataLoss(LossReason.UNENCODABLE, rows=1, events=1, first_seq=7, last_seq=7, first_ts=5, last_ts=5,
                  detail="TypeError: x"),
-        DataLoss(LossReason.NOT_COMMITTED, readings=3, rows=1, first_ts=0, last_ts=0),
+        DataLoss(LossReason.NOT_COMMITTED, readings=3, rows=1, first_seq=4, last_seq=6, first_ts=0,
+                 last_ts=0),
+        DataLoss(LossReason.BUFFER_CORRUPT, detail="buffer.db failed its integrity check"),
         DataLoss(LossReason.DEVICE_BUFFER_WRAPPED, first_ts=10**18, last_ts=2 * 10**18, group="counts"),
         DataLoss(LossReason.DEVICE_QUEUE_FULL, records=5, first_ts=10**18, last_ts=None, group="records"),
     ]  # fmt: skip
@@ -520,18 +522,20 @@ async def test_tls_verified_both_ways(make_rig: Callable[..., Any]) -> None:
 
 def test_config_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="either password or password_file"):
-        MqttConfig.model_validate({"host": "h", "password": "x", "password_file": str(tmp_path / "p")})
+        MqttConfig.model_validate(
+            {"host": "localhost", "password": "x", "password_file": str(tmp_path / "p")}
+        )
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
-        MqttConfig.model_validate({"host": "h", "qos": 2})
-    cfg = MqttConfig.model_validate({"host": "h", "password": "s3cret"})
+        MqttConfig.model_validate({"host": "localhost", "qos": 2})
+    cfg = MqttConfig.model_validate({"host": "localhost", "password": "s3cret"})
     assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.model_dump())
-    missing = MqttConfig.model_validate({"host": "h", "password_file": str(tmp_path / "nope")})
+    missing = MqttConfig.model_validate({"host": "localhost", "password_file": str(tmp_path / "nope")})
     with pytest.raises(ValueError, match="password_file"):
         missing.resolve_password()
     with pytest.raises(ValueError, match="cannot load certificates"):
         Forwarder(
             MqttConfig.model_validate(
-                {"host": "h", "tls": {"enabled": True, "ca_file": str(tmp_path / "x")}}
+                {"host": "localhost", "tls": {"enabled": True, "ca_file": str(tmp_path / "x")}}
             ),
             AsyncBuffer(BufferConfig(path=tmp_path / "b.db"), "a"),
             IDENTITY,

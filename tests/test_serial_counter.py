@@ -579,7 +579,7 @@ async def test_simulator_garbled_line_is_counted_and_the_drain_recovers() -> Non
             await drv.subscribe(group, buf.emit)
             # Every reply garbled: retries exhausted, the liveness check reports it.
             with pytest.raises(DeviceError) as err:
-                await eventually(lambda: drv._drain_error, what="drain failure")
+                await eventually(lambda: drv._drain is not None and drv._drain.failure, what="drain failure")
                 await drv.read(group)
             assert err.value.reason == "decode_error" and drv.ctx.stats.errors["checksum"] >= 3
         finally:

@@ -1,10 +1,15 @@
 """The running agent: wires sources (scheduler/drivers) → buffer → transforms and sinks.
 
 Data path, and the only one: drivers produce blocks, the scheduler submits them to the
-buffer, the buffer commits them (seq numbers assigned) and then tells its listeners —
+buffer (seq numbers assigned on submit), the buffer commits them and then tells its listeners —
 the transforms (limits, inference), which may submit events back into the buffer — and
 wakes the forwarder, which publishes committed rows and marks them delivered when the
 broker acknowledges them.
+
+Every long-lived task on that path (device loops and drivers' own tasks, the buffer's
+committer, the forwarder's loops, the inference worker) runs under a supervisor
+(:mod:`agent.core.supervise`): none can die silently, and ``status`` shows each one's
+failures and restarts.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from typing import Any
 
 from agent import __version__
 from agent.app.config import LoadedConfig
-from agent.app.status import StatusServer
+from agent.app.status import StatusServer, security_report
 from agent.buffer.async_buffer import AsyncBuffer
 from agent.buffer.audit import Auditor
+from agent.buffer.lock import BufferInUse
 from agent.core.records import Block, Event, now_ns
 from agent.sinks.forwarder import AgentIdentity, Forwarder
 from agent.sources.scheduler import Scheduler
@@ -65,8 +71,18 @@ class Agent:
         self.started_ns = now_ns()
         try:
             await self.buffer.open()
+        except BufferInUse as exc:
+            raise StartupError(str(exc)) from exc
         except (OSError, sqlite3.Error, RuntimeError, ValueError) as exc:
             raise StartupError(f"buffer {self.loaded.config.buffer.path}: {exc}") from exc
+        if (replaced := self.buffer.replaced) is not None:
+            self.auditor.record(
+                "buffer_replaced",
+                str(self.loaded.config.buffer.path),
+                old=replaced.problem,
+                new=str(replaced.moved_to),
+                why="the buffer file failed its integrity check: moved aside, a fresh buffer started",
+            )
         previous = self.buffer.state().get(CONFIG_HASH_KEY)
         if previous is not None and previous != self.loaded.sha256:
             self.auditor.record(
@@ -115,25 +131,42 @@ class Agent:
             if transform is not None:
                 await transform.stop()
         self.auditor.record("agent_stop", "agent", why="clean shutdown")
-        await self.buffer.flush()
+        # Bounded however the disk behaves: what it refuses past close_timeout is recorded as lost.
+        close_by = asyncio.get_running_loop().time() + self.loaded.config.buffer.close_timeout
+        if not await self.buffer.flush(within_s=self.loaded.config.buffer.close_timeout):
+            log.error("stopping with records the disk has not taken yet")
         if self.forwarder is not None:
             await self.forwarder.stop(grace_s=self.loaded.config.agent.shutdown_grace)
-        await self.buffer.close()
+        await self.buffer.close(within_s=max(0.0, close_by - asyncio.get_running_loop().time()))
         await self.status_server.stop()
         log.info("agent %s stopped", self.identity.agent_id)
 
     async def status(self) -> dict[str, Any]:
+        devices = self.scheduler.status() if self.scheduler else {}
         return {
             "agent": self.identity.agent_id,
             "version": __version__,
             "config_sha256": self.loaded.sha256,
             "started": self.started_ns,
-            "devices": self.scheduler.status() if self.scheduler else {},
+            "devices": devices,
             "buffer": await self.buffer.stats(),
             "broker": self.forwarder.stats() if self.forwarder else {"configured": False},
             "limits": self.limits.status() if self.limits else None,
             "models": self.inference.status() if self.inference else None,
+            "security": security_report(self.loaded.config.mqtt, self.status_server.address, devices),
+            "tasks": self._tasks(),
         }
+
+    def _tasks(self) -> dict[str, Any]:
+        """The agent's own long-lived tasks (a device's are in its status), each with its failures
+        and restarts, and the records a transform could not evaluate: nothing fails unseen."""
+        out: dict[str, Any] = {**self.buffer.tasks.status()}
+        if self.forwarder is not None:
+            out.update(self.forwarder.tasks.status())
+        if self.inference is not None:
+            out.update(self.inference.tasks.status())
+            out.setdefault("inference", {})["failed_records"] = self.inference.failed_records
+        return out
 
 
 async def run_agent(loaded: LoadedConfig, stop: asyncio.Event) -> None:

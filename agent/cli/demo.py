@@ -30,7 +30,7 @@ import yaml
 
 from agent.app.config import ConfigError, load_config
 from cleanroom_common.bundled import package_dir
-from cleanroom_common.net import free_port
+from cleanroom_common.net import free_port, is_loopback_host
 
 PLANT = "plant"
 """The simulators' shipped scenario the demo serves, named to ``cleanroom-sim`` (the agent
@@ -216,7 +216,9 @@ def _write_config(
             "status_listen": f"127.0.0.1:{free_port()}",
         },
         "buffer": {"path": str(workdir / "buffer.db"), "synchronous": "normal"},
-        "mqtt": {"host": broker[0], "port": broker[1], "topic_prefix": "cleanroom"},
+        # The demo speaks plain MQTT: to a --broker off loopback that has to be said (and is warned about).
+        "mqtt": {"host": broker[0], "port": broker[1], "topic_prefix": "cleanroom"}
+        | ({} if is_loopback_host(broker[0]) else {"tls": {"enabled": False}}),
         "devices": devices,
         "limits": limits,
         "models": bindings,

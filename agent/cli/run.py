@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from typing import Any
 
 from agent.app.config import LoadedConfig
 from agent.cli.validate import load_or_report
+
+log = logging.getLogger("cleanroom.agent")
 
 
 def register(sub: Any) -> None:
@@ -25,7 +28,14 @@ async def _run_until_signal(loaded: LoadedConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Its default action kills the process: a service manager's "reload" (or a closed terminal)
+    # must not stop acquisition.
+    loop.add_signal_handler(signal.SIGHUP, _sighup)
     await run_agent(loaded, stop)
+
+
+def _sighup() -> None:
+    log.warning("reload is not supported yet; SIGHUP ignored")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

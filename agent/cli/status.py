@@ -33,6 +33,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         listen = "127.0.0.1:8765"
     try:
         status = fetch_status(listen)
+    except ValueError as exc:
+        print(f"--listen {listen!r}: {exc}", file=sys.stderr)
+        return 2
     except ConnectionError as exc:
         print(str(exc), file=sys.stderr)
         return 1
@@ -46,12 +49,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def format_status(s: dict[str, Any]) -> str:
     buf = s.get("buffer", {})
     broker = s.get("broker", {})
+    security = s.get("security", {})
     lines = [
         f"agent {s.get('agent')}  version {s.get('version')}  config {str(s.get('config_sha256'))[:12]}",
         f"broker connected: {broker.get('connected')}  published {broker.get('published')}  "
         f"acked {broker.get('acked')}  inflight {broker.get('inflight')}",
         f"buffer depth: {buf.get('depth_readings')} readings in {buf.get('depth_records')} records, "
         f"oldest undelivered {buf.get('oldest_undelivered_age_s')} s, size {buf.get('size_bytes')} bytes",
+        f"security: mqtt tls {security.get('mqtt_tls') or '-'}  "
+        f"status listener {security.get('status_listener')}",
+        *(f"WARNING {w}" for w in security.get("warnings", [])),
         "",
         f"{'device':<16} {'state':<11} {'last poll':<25} {'polls':>7} {'failed':>6} {'errors':<30} "
         "rtt p50/p99 ms",

@@ -10,14 +10,16 @@ entry-point group (see :func:`driver_for`). Its three pydantic models say what i
 * ``Connection``: the ``connection:`` block of a device instance in the agent config.
 
 The scheduler owns timing, timeouts and reconnects; a driver only connects, reads a
-poll group (or subscribes to one) and closes. Device problems are data, not crashes:
-a reply that cannot be decoded becomes bad-quality readings (see
+poll group (or subscribes to one) and closes. A driver that needs a task of its own (a
+drain, a keep-alive) starts it with ``ctx.tasks.spawn`` (see :class:`DeviceContext`).
+Device problems are data, not crashes: a reply that cannot be decoded becomes bad-quality readings (see
 :meth:`PollGroup.finish`), and a lost connection is a :class:`DeviceError`, which the
 scheduler turns into bad-quality readings for the group and a reconnect with backoff.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections import Counter, deque
@@ -31,6 +33,7 @@ from pydantic import Field, model_validator
 
 from agent.core.records import Block, Quality, Reason, Value, now_ns
 from agent.core.stats import percentile
+from agent.core.supervise import Supervisor
 from cleanroom_common.fields import Duration, Strict
 
 # --------------------------------------------------------------------------- models
@@ -133,6 +136,8 @@ class DriverStats:
     reconnects: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     rtt_s: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
+    warnings: list[str] = field(default_factory=list)
+    """Settings that weaken the device's link (e.g. an unencrypted OPC UA session), shown by ``status``."""
 
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -153,6 +158,7 @@ class DriverStats:
             "errors": dict(self.errors),
             "rtt_p50_ms": pct(0.5),
             "rtt_p99_ms": pct(0.99),
+            "warnings": list(self.warnings),
         }
 
 
@@ -275,6 +281,16 @@ class DeviceContext:
     state: Mapping[str, str] = field(default_factory=dict)
     """Driver state committed earlier with its blocks (e.g. record watermarks)."""
     stats: DriverStats = field(default_factory=DriverStats)
+    tasks: Supervisor = field(
+        default_factory=lambda: Supervisor(
+            "driver", logging.getLogger("cleanroom.drivers"), expected=(DeviceError,)
+        )
+    )
+    """Where a driver starts every task of its own (``ctx.tasks.spawn(name, factory, restart=False)``),
+    never with ``asyncio.create_task``: a task that raises is then counted and logged, and the
+    scheduler is told at once (a :class:`DeviceError` as a lost link, anything else as a
+    ``driver_error``), shows bad readings and reconnects, which starts the task again. The scheduler
+    also cancels these tasks whenever it closes the driver, so none outlives its connection."""
 
 
 Emit = Callable[[Block], None]

@@ -28,14 +28,16 @@ from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from agent.buffer.async_buffer import AsyncBuffer
 from agent.buffer.rows import StoredRecord
 from agent.core.backoff import backoff_delay
 from agent.core.records import AGENT_DEVICE, Block, Event, dumps, now_ns
+from agent.core.supervise import Supervisor
 from agent.sinks.encoding import STATUS_SCHEMA, JsonEncoder, Message, PayloadEncoder
 from cleanroom_common.fields import ConfigPath, Duration, Strict
+from cleanroom_common.net import is_loopback_host
 
 log = logging.getLogger("cleanroom.forwarder")
 
@@ -46,33 +48,68 @@ RESCAN_INTERVAL_S = 10.0
 ``buffer replay`` run while the agent is running)."""
 
 
+TlsMode = Literal["on", "unverified", "off", "loopback"]
+"""How the broker connection is protected, as ``status`` shows it: ``on`` (TLS, broker certificate
+verified), ``unverified`` (TLS without the check), ``off`` (plain MQTT leaving this machine),
+``loopback`` (plain MQTT to a broker on this machine)."""
+
+
 class TlsConfig(Strict):
     """TLS to the broker."""
 
-    enabled: bool = False
-    """Connect with TLS (brokers usually listen for it on port 8883)."""
+    enabled: bool | None = None
+    """Connect with TLS (brokers usually listen for it on port 8883). Unset: plain MQTT to a broker on
+    loopback (``127.0.0.0/8``, ``::1``, ``localhost``), and a validation error for any other host, which
+    needs ``true``, or ``false`` written out to send readings and the password in clear text (then every
+    start logs a warning and ``status`` shows it)."""
     ca_file: ConfigPath | None = None
     """PEM bundle of the CA(s) that sign the broker certificate; without it the system store is used."""
     cert_file: ConfigPath | None = None
     """PEM client certificate, for brokers that authenticate clients by certificate."""
     key_file: ConfigPath | None = None
     """PEM private key of ``cert_file`` (may be in ``cert_file`` itself)."""
+    key_password: SecretStr | None = None
+    """Passphrase of an encrypted private key (write ``${ENV_VAR}`` to take it from the environment);
+    never logged or echoed."""
     verify: bool = True
     """Verify the broker certificate chain and host name. Turning it off allows a man in the middle to
-    read and alter every reading: for commissioning only."""
+    read and alter every reading: for commissioning only (every start logs a warning and ``status``
+    shows it)."""
 
     @model_validator(mode="after")
-    def _key_needs_cert(self) -> TlsConfig:
+    def _consistent(self) -> TlsConfig:
         if self.key_file is not None and self.cert_file is None:
             raise ValueError("key_file given without cert_file")
+        if self.key_password is not None and self.cert_file is None:
+            raise ValueError("key_password given without cert_file")
+        if self.enabled and all(p.exists() for p in (self.ca_file, self.cert_file, self.key_file) if p):
+            self.context()  # what run would fail on, found by validate (missing files are reported apart)
         return self
+
+    def context(self) -> ssl.SSLContext:
+        """Verification on unless explicitly turned off; a file that cannot be loaded is a
+        ``ValueError`` that never echoes the key password."""
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+            if self.cert_file is not None:
+                ctx.load_cert_chain(
+                    str(self.cert_file),
+                    str(self.key_file) if self.key_file else None,
+                    self.key_password.get_secret_value() if self.key_password else None,
+                )
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load certificates: {exc}") from None
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
 
 
 class MqttConfig(Strict):
     """The ``mqtt:`` section: the broker readings and events are forwarded to (QoS 1 always)."""
 
-    host: str
-    """Broker host name or address."""
+    host: str = Field(min_length=1)
+    """Broker host name or address. Anything but loopback needs ``tls`` (see ``tls.enabled``)."""
     port: int = Field(default=1883, ge=1, le=65535)
     """Broker port (1883 plain, usually 8883 with TLS)."""
     protocol: Literal["3.1.1", "5"] = "3.1.1"
@@ -92,7 +129,7 @@ class MqttConfig(Strict):
     """Password (write ``${ENV_VAR}`` to take it from the environment); never logged or echoed."""
     password_file: ConfigPath | None = None
     """File holding the password (first line), instead of ``password``."""
-    tls: TlsConfig = Field(default_factory=TlsConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig, validate_default=True)
     """TLS settings."""
     inflight_window: int = Field(default=16, ge=1, le=1000)
     """Maximum unacknowledged publishes (data and events). Bounds memory and the duplicates a
@@ -116,6 +153,37 @@ class MqttConfig(Strict):
         if self.reconnect_min > self.reconnect_max:
             raise ValueError("reconnect_min must not exceed reconnect_max")
         return self
+
+    @field_validator("tls")
+    @classmethod
+    def _tls_off_loopback(cls, tls: TlsConfig, info: ValidationInfo) -> TlsConfig:
+        """Readings and the broker password cross the plant network in clear text only when the
+        configuration says so in so many words."""
+        host = info.data.get("host")
+        if tls.enabled is None and host is not None and not is_loopback_host(host):
+            raise ValueError(
+                f"broker {host!r} is not on loopback: set tls.enabled: true (or tls.enabled: false "
+                "to send readings and credentials in clear text)"
+            )
+        return tls
+
+    @property
+    def tls_mode(self) -> TlsMode:
+        if self.tls.enabled:
+            return "on" if self.tls.verify else "unverified"
+        return "loopback" if is_loopback_host(self.host) else "off"
+
+    def security_warnings(self) -> list[str]:
+        """What an auditor must hear about at every start: the broker link is open to reading or
+        tampering on the network."""
+        broker = f"{self.host}:{self.port}"
+        if self.tls_mode == "off":
+            return [f"mqtt: TLS is off to broker {broker}, which is not on loopback: readings and "
+                    "credentials cross the network in clear text (mqtt.tls.enabled: false)"]  # fmt: skip
+        if self.tls_mode == "unverified":
+            return [f"mqtt: TLS to broker {broker} does not verify the broker certificate: anyone on "
+                    "the network can impersonate it (mqtt.tls.verify: false)"]  # fmt: skip
+        return []
 
     def resolve_password(self) -> str | None:
         """The password from ``password`` or ``password_file``; a missing file is a config error."""
@@ -158,10 +226,12 @@ class Forwarder:
         self.client_id = cfg.client_id or f"cleanroom-edge-{identity.agent_id}"
         self.status_topic = f"{cfg.topic_prefix}/{AGENT_DEVICE}/status"
         self._password = cfg.resolve_password()
-        self._ssl = _ssl_context(cfg.tls) if cfg.tls.enabled else None
+        self._ssl = cfg.tls.context() if cfg.tls.enabled else None
         self._client = self._make_client()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.tasks = Supervisor("forwarder", log)
+        """Owns the loops: one that raises is logged once, counted and restarted with backoff."""
         self._client_lock = threading.Lock()
         self._stopping = False
         self._connected = False
@@ -294,6 +364,7 @@ class Forwarder:
             self._mark_wake.set()
         else:
             # The rows stay undelivered; the idle rescan sends them again.
+            self.buffer.unclaim(r.id for r in msg.records)
             self._counts["rejected"] += 1
             self._last_error = f"broker rejected a publish: {reason}"
             log.error("broker rejected a publish of %d rows: %s", len(msg.records), reason)
@@ -310,11 +381,13 @@ class Forwarder:
     async def start(self) -> None:
         """Begin connecting in the background: a broker that is down never fails the agent's start."""
         self._loop = asyncio.get_running_loop()
+        for warning in self.cfg.security_warnings():
+            log.warning("%s", warning)
         self.buffer.add_listener(self._on_commit)
         self._tasks = [
-            asyncio.create_task(self._connection_loop(), name="mqtt-connection"),
-            asyncio.create_task(self._pump(), name="mqtt-pump"),
-            asyncio.create_task(self._marker(), name="mqtt-marker"),
+            self.tasks.spawn("mqtt-connection", self._connection_loop).task,
+            self.tasks.spawn("mqtt-pump", self._pump).task,
+            self.tasks.spawn("mqtt-marker", self._marker).task,
         ]
         self._wake.set()
 
@@ -378,10 +451,12 @@ class Forwarder:
     async def _fill(self) -> None:
         window = self.cfg.inflight_window
         while self._connected and len(self._inflight) < window:
-            records = await self.buffer.pending(self._cursor, FETCH_ROWS)
+            # claimed as in flight: buffer overflow keeps them until the broker's answer (honest loss counts)
+            records = await self.buffer.take_for_sending(self._cursor, FETCH_ROWS)
             if not records:
                 return
             chunks, taken = _batches(records, self.cfg.flush_max_readings, window - len(self._inflight))
+            self.buffer.unclaim(r.id for r in records[taken:])
             self._cursor = records[taken - 1].id
             for (device, kind), chunk in chunks:
                 for msg in self.encoder.encode(device, kind, chunk):
@@ -450,6 +525,7 @@ class Forwarder:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._connected = False
+        self.buffer.unclaim(r.id for msg in self._inflight.values() for r in msg.records)  # not in flight now
         log.info("forwarder stopped: %s", self.stats())
 
     def stats(self) -> dict[str, Any]:
@@ -490,17 +566,3 @@ def _batches(
         size[key] += r.n
         taken += 1
     return chunks, taken
-
-
-def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    """Verification on unless explicitly turned off; file problems are config errors at init."""
-    try:
-        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-        if tls.cert_file is not None:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ValueError(f"mqtt.tls: cannot load certificates: {exc}") from None
-    if not tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx

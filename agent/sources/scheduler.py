@@ -16,12 +16,20 @@ Subscription groups (a driver with ``supports_subscribe`` and a group with
 ``mode: subscribe``) are subscribed after each connect; their tick calls ``read``,
 which for such a group is the driver's liveness check (it returns nothing, or raises
 :class:`DeviceError` when the link is dead).
+
+No device task dies silently: the runner's loops and the driver's own tasks
+(``ctx.tasks``) run under a :class:`~agent.core.supervise.Supervisor`. Whatever a device
+task raises, and whatever a driver raises while connecting or reading, is logged once
+(with its traceback when it is not a :class:`DeviceError`), counted (``driver_error``
+unless the driver named a reason), marked by bad-quality readings and followed by a
+reconnect with backoff; a loop of the runner itself that fails is started again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -37,13 +45,15 @@ from agent.core.driver import DeviceContext, DeviceError, Driver, PollGroup
 from agent.core.events import DeviceConnected, DeviceDisconnected
 from agent.core.records import Block, Event, Reason, now_ns
 from agent.core.stats import percentile
+from agent.core.supervise import FailureLog, Supervisor
 
 log = logging.getLogger("cleanroom.scheduler")
 
 Submit = Callable[[Sequence[Block], Sequence[Event]], None]
 
-STOP_TIMEOUT_S = 5.0
-"""How long a device's loops may take to wind down on stop before they are abandoned."""
+DRIVER_ERROR = "driver_error"
+"""Quality reason and error kind of a driver fault that is not a :class:`DeviceError` (a bug,
+or a protocol stack raising what it should not): the device reconnects as for a lost link."""
 
 STATE_SEP = ":"
 """Driver state keys are stored as ``{device}:{key}`` so drivers need not namespace them."""
@@ -87,12 +97,29 @@ class DeviceRunner:
         self.device = device
         self.id = device.id
         self._submit = submit
+        conn = device.connection
+        self.faults = FailureLog(log)
+        self._loops = Supervisor(
+            f"device {self.id}",
+            log,
+            on_failure=self._task_failed,
+            backoff_min=conn.backoff_min,
+            backoff_max=conn.backoff_max,
+            failures=self.faults,
+        )
         self.ctx = DeviceContext(
             id=device.id,
             profile=device.profile,
-            connection=device.connection,
+            connection=conn,
             groups=device.groups,
             state=DeviceState(state, device.id),
+            tasks=Supervisor(
+                f"driver {self.id}",
+                log,
+                on_failure=self._task_failed,
+                expected=(DeviceError,),
+                failures=self.faults,
+            ),
         )
         self.driver: Driver = device.driver(self.ctx)
         self.connected = False
@@ -102,7 +129,11 @@ class DeviceRunner:
         self.group_stats = {name: GroupStats() for name in device.groups}
         self.up = asyncio.Event()
         self._lost = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._opened = False
+        self._session_fault: DeviceError | None = None
+        """A driver task that failed while the connection was being set up."""
+        self._conn_task = f"conn:{self.id}"
+        self._poll_tasks: dict[str, PollGroup] = {}
         self._rng = random.Random(f"{seed}:{device.id}")
         self._subscribed = [
             g
@@ -113,38 +144,56 @@ class DeviceRunner:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._connection_loop(), name=f"conn:{self.id}"))
+        self._loops.spawn(self._conn_task, self._connection_loop)
         t0 = time.monotonic()
         for group in self.device.groups.values():
-            self._tasks.append(
-                asyncio.create_task(self._poll_loop(group, t0), name=f"poll:{self.id}:{group.name}")
-            )
+            name = f"poll:{self.id}:{group.name}"
+            self._poll_tasks[name] = group
+            self._loops.spawn(name, functools.partial(self._poll_loop, group, t0))
 
     async def stop(self) -> None:
         """Cancel the loops and close the driver, in bounded time: a protocol stack that
         swallows cancellation must not hang the agent's shutdown."""
-        for t in self._tasks:
-            t.cancel()
-        _, stuck = await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S) if self._tasks else (set(), set())
-        for t in stuck:
-            log.error(
-                "%s: task %s did not stop within %.0f s; abandoned", self.id, t.get_name(), STOP_TIMEOUT_S
-            )
-        self._tasks.clear()
+        await self._loops.stop()
         await self._close_driver()
+
+    def _task_failed(self, name: str, exc: Exception) -> None:
+        """A device task raised (the supervisor has logged it): bad readings for the groups it
+        served, and the device's session ends (a lost link, or a failed connect while it is being
+        set up), so the device reconnects with backoff; counted as the error kind either way."""
+        reason = exc.reason if isinstance(exc, DeviceError) else DRIVER_ERROR
+        detail = str(exc) or repr(exc)
+        group = self._poll_tasks.get(name)
+        groups = [group] if group is not None else list(self.device.groups.values())
+        self._submit([g.bad(reason) for g in groups], ())
+        if self.connected:
+            self._link_lost(reason, detail)
+        elif self.state == "connecting" and group is None and name != self._conn_task:
+            self._session_fault = DeviceError(reason, detail)  # the connect attempt fails with it
+        else:
+            self.ctx.stats.error(reason)
 
     # ------------------------------------------------------------------ connection
 
     async def _connection_loop(self) -> None:
         conn = self.device.connection
+        if self._opened:  # started again after a failure: the last session is released first
+            self.connected = False
+            await self._close_driver()
+            self._lost.clear()
         while True:
             self.state = "connecting"
+            self._session_fault = None
             try:
+                self._opened = True
                 await asyncio.wait_for(self._connect(), timeout=max(conn.timeout * 2, 1.0))
                 _honour_cancel()
-            except (DeviceError, TimeoutError, OSError) as exc:
-                reason = _reason(exc)
+                if self._session_fault is not None:
+                    raise self._session_fault
+            except Exception as exc:  # whatever a protocol stack raises, the device retries
+                reason = self._driver_fault(f"{self.id}: connect", exc)
                 self._failed(reason, str(exc) or reason)
+                await self._close_driver()
                 self.state = "backoff"
                 await asyncio.sleep(
                     backoff_delay(self.failures, conn.backoff_min, conn.backoff_max, self._rng)
@@ -197,10 +246,20 @@ class DeviceRunner:
             self._lost.set()
 
     async def _close_driver(self) -> None:
+        self._opened = False
         try:
             await asyncio.wait_for(self.driver.close(), timeout=5)
         except Exception as exc:  # close must never take the agent down
             log.debug("%s: close failed: %s", self.id, exc)
+        await self.ctx.tasks.stop()
+
+    def _driver_fault(self, where: str, exc: Exception) -> str:
+        """The quality reason of a failed driver call; a fault that is not a device problem
+        (a bug, a stack raising what it should not) is logged through the failure log."""
+        if isinstance(exc, DeviceError | TimeoutError | OSError):
+            return _reason(exc)
+        self.faults.record(where, exc)
+        return DRIVER_ERROR
 
     # ------------------------------------------------------------------ polling
 
@@ -247,19 +306,13 @@ class DeviceRunner:
             return
         try:
             blocks = await asyncio.wait_for(self.driver.read(group), timeout=self._poll_deadline(group))
-        except (DeviceError, TimeoutError, OSError) as exc:
-            reason = _reason(exc)
+        except Exception as exc:
+            # Whatever the driver raises, the poll is recorded as bad and the connection
+            # recycled: a driver bug must not stop acquisition of this or any other device.
+            reason = self._driver_fault(f"{self.id}/{group.name}: read", exc)
             stats.failed += 1
             self._submit([group.bad(reason, acq)], ())
             self._link_lost(reason, str(exc) or reason)
-            return
-        except Exception as exc:
-            # A driver bug must not stop acquisition of this or any other device: the
-            # poll is recorded as bad and the connection recycled.
-            log.exception("%s/%s: driver failed unexpectedly", self.id, group.name)
-            stats.failed += 1
-            self._submit([group.bad("driver_error", acq)], ())
-            self._link_lost("driver_error", repr(exc))
             return
         if blocks:
             self._hand_over(blocks)
@@ -302,6 +355,7 @@ class DeviceRunner:
             "consecutive_failures": self.failures,
             "groups": groups,
             "driver": self.ctx.stats.snapshot(),
+            "tasks": {**self._loops.status(), **self.ctx.tasks.status()},
         }
 
 

@@ -6,7 +6,11 @@ refers to readings that exist in the buffer. Each rule is a small state machine:
 limit is *crossed* after ``consecutive`` samples beyond it and *cleared* when a sample
 is back inside by the deadband; an excursion event is emitted at the start and at the
 end (with duration and peak). Bad-quality readings neither start nor end an excursion:
-an unknown value is not evidence either way.
+an unknown value is not evidence either way, and neither is a number no float holds.
+
+Each reading is evaluated on its own: one that makes a rule raise is counted
+(``failed_records`` in status) and logged once, and the rest of its commit batch is
+evaluated, so another device's excursion in the same batch is never missed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from agent.buffer.audit import Auditor
 from agent.core.driver import ProfileBase
 from agent.core.problems import Problem
 from agent.core.records import Block, Event, Quality, Severity, Value
+from agent.core.supervise import FailureLog
 from agent.transforms.debounce import Debounce
 from cleanroom_common.fields import Duration, Strict
 from cleanroom_common.particle_limits import GMP_ACTION, Grade, RoomState, iso_class_limit
@@ -335,8 +340,12 @@ def _good_number(block: Block, i: int) -> float | None:
     v = block.values[i]
     if isinstance(v, bool):
         return float(v)
-    if isinstance(v, int | float) and math.isfinite(v):
-        return float(v)
+    if isinstance(v, int | float):
+        try:
+            x = float(v)
+        except OverflowError:  # an integer beyond any float: not a value a limit can judge
+            return None
+        return x if math.isfinite(x) else None
     return None
 
 
@@ -384,6 +393,7 @@ class LimitMonitor:
             self._particles.append((pcfg, rules))
             self._states[idx] = "at_rest" if pcfg.state_tag is not None else pcfg.state
         self._started = False
+        self._faults = FailureLog(log)
 
     @staticmethod
     def check(config: LimitsConfig, devices: Mapping[str, ProfileBase]) -> list[Problem]:
@@ -432,20 +442,32 @@ class LimitMonitor:
         if not self._started:
             return
         for block in blocks:
-            self._update_states(block)
+            try:
+                self._update_states(block)
+            except Exception as exc:
+                self._faults.record(f"limits: room state from {block.device}", exc)
             for i, tag in enumerate(block.tags):
                 rules = self._tag_rules.get((block.device, tag))
                 if rules is None:
                     continue
-                value = _good_number(block, i)
-                if value is None:
-                    continue
-                ts, seq = _reading_ts(block, i), _seq(block, i)
-                for rule in rules:
-                    self._emit(rule.update(ts, value, seq))
+                try:
+                    self._reading(block, i, rules)
+                except Exception as exc:
+                    self._faults.record(f"limits: {block.device}/{tag}", exc)
             for idx, (pcfg, prules) in enumerate(self._particles):
                 if block.device == pcfg.device:
-                    self._particle_block(idx, pcfg, prules, block)
+                    try:
+                        self._particle_block(idx, pcfg, prules, block)
+                    except Exception as exc:
+                        self._faults.record(f"limits: particles of {block.device}", exc)
+
+    def _reading(self, block: Block, i: int, rules: list[LevelRule | RateRule]) -> None:
+        value = _good_number(block, i)
+        if value is None:
+            return
+        ts, seq = _reading_ts(block, i), _seq(block, i)
+        for rule in rules:
+            self._emit(rule.update(ts, value, seq))
 
     def _update_states(self, block: Block) -> None:
         for idx, (pcfg, _) in enumerate(self._particles):
@@ -495,6 +517,7 @@ class LimitMonitor:
             "active": [r for r in rules if r["active"]],
             "rules": len(rules),
             "excursions": sum(r["excursions"] for r in rules),
+            "failed_records": self._faults.total,
         }
 
 

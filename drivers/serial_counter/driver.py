@@ -73,6 +73,7 @@ from agent.core.driver import (
 )
 from agent.core.events import DataLoss, LossReason
 from agent.core.records import Block, Event, Reason
+from agent.core.supervise import Supervised
 from cleanroom_common.serial_counter import (
     ERR_UNKNOWN,
     NO_RECORD,
@@ -145,8 +146,7 @@ class SerialCounterDriver(Driver):
         self._lost_baseline: int | None = None
         """The counter's dropped-record count as of the last emitted record."""
         self._cst_supported = True
-        self._drain: asyncio.Task[None] | None = None
-        self._drain_error: DeviceError | None = None
+        self._drain: Supervised | None = None
         self.serial_number: str | None = None
         last_ts = ctx.state.get("last_ts")
         self._newest_ts: int | None = int(last_ts) if last_ts and last_ts.isdigit() else None
@@ -240,9 +240,9 @@ class SerialCounterDriver(Driver):
     async def close(self) -> None:
         drain, self._drain = self._drain, None
         if drain is not None:
-            drain.cancel()
+            drain.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await drain
+                await drain.task
         link, self._link = self._link, None
         if link is not None:
             await link.close()
@@ -279,31 +279,28 @@ class SerialCounterDriver(Driver):
 
     async def read(self, group: PollGroup) -> list[Block]:
         if self._drain is not None:
-            # Subscribe mode: this is the scheduler's liveness check of the drain task.
-            if self._drain_error is not None:
-                raise self._drain_error
+            # Subscribe mode: this is the scheduler's liveness check of the drain task (which
+            # also reports its failure to the scheduler as it happens, through ``ctx.tasks``).
+            self._drain.raise_failure()
             return []
         block = await self._next_block(group)
         return [] if block is None else [block]
 
     async def subscribe(self, group: PollGroup, emit: Emit) -> None:
-        self._drain_error = None
-        self._drain = asyncio.create_task(self._drain_loop(group, emit), name=f"drain:{self.ctx.id}")
+        self._drain = self.ctx.tasks.spawn(
+            f"drain:{self.ctx.id}", lambda: self._drain_loop(group, emit), restart=False
+        )
 
     async def _drain_loop(self, group: PollGroup, emit: Emit) -> None:
-        try:
-            while True:
-                block = await self._next_block(group)
-                if block is None:
-                    await asyncio.sleep(group.interval_s)
-                    continue
-                emit(block)
-                await self._until_committed(block)
-        except DeviceError as exc:
-            self._drain_error = exc
-        except Exception as exc:  # a bug here must surface through the liveness check, not vanish
-            log.exception("%s: drain task failed", self.ctx.id)
-            self._drain_error = DeviceError("driver_error", repr(exc))
+        """Runs until cancelled; whatever it raises ends it and reaches the scheduler through
+        ``ctx.tasks``, which reconnects (and so starts the drain again) with backoff."""
+        while True:
+            block = await self._next_block(group)
+            if block is None:
+                await asyncio.sleep(group.interval_s)
+                continue
+            emit(block)
+            await self._until_committed(block)
 
     async def _until_committed(self, block: Block) -> None:
         """Poll the committed watermark (the buffer offers no commit event to drivers),
