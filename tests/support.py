@@ -1,22 +1,28 @@
-"""Real parts for tests: a mosquitto broker on a free port, an MQTT collector and
-waiting helpers with bounded time. Free ports come from :mod:`cleanroom_common.net`, the one
-helper the demo, the simulators, the benches and the tests share."""
+"""Real parts for tests: a mosquitto broker on a free port, an MQTT collector, waiting
+helpers with bounded time, and hand-written Modbus peers (a raw TCP socket, the device end
+of a pty) for devices that misbehave in ways pymodbus's server cannot. Free ports come from
+:mod:`cleanroom_common.net`, the one helper the demo, the simulators, the benches and the
+tests share."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import paho.mqtt.client as mqtt
+from pymodbus.framer import FramerRTU
 
 from cleanroom_common.net import free_port
 
@@ -230,3 +236,115 @@ class AgentProcess:
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
+
+
+# --------------------------------------------------------------------------- Modbus peers
+
+
+def mbap(tid: int, unit: int, pdu: bytes, length: int | None = None) -> bytes:
+    """A Modbus TCP frame; ``length`` overrides the MBAP length field (a header that lies)."""
+    return struct.pack(">HHHB", tid, 0, len(pdu) + 1 if length is None else length, unit) + pdu
+
+
+def registers_pdu(fc: int, values: list[int]) -> bytes:
+    return bytes([fc, 2 * len(values)]) + struct.pack(f">{len(values)}H", *values)
+
+
+def registers_reply(tid: int, unit: int, pdu: bytes, value: int = 9) -> bytes:
+    """The correct reply to a read-registers request: every register holds ``value``."""
+    count = struct.unpack(">H", pdu[3:5])[0]
+    return mbap(tid, unit, registers_pdu(pdu[0], [value] * count))
+
+
+Script = Callable[[int, int, bytes], bytes | None]
+"""(transaction id, unit, request PDU) → the bytes to send back, or None for silence."""
+
+
+class MbapPeer:
+    """A Modbus TCP "device" on a raw asyncio socket whose replies a test scripts frame by
+    frame, so it can send what no real server would (garbage, truncation, wrong ids)."""
+
+    def __init__(self, script: Script, delay: float = 0.0) -> None:
+        self.script = script
+        self.delay = delay
+        self.port = free_port()
+        self.connections = 0
+        self.requests: list[bytes] = []  # request PDUs, in arrival order
+        self.server: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                header = await reader.readexactly(7)
+                tid, _, length, unit = struct.unpack(">HHHB", header)
+                pdu = await reader.readexactly(length - 1)
+                self.requests.append(pdu)
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                out = self.script(tid, unit, pdu)
+                if out:
+                    writer.write(out)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def crc(frame: bytes) -> bytes:
+    """The Modbus RTU CRC of ``frame``, in wire order."""
+    return int(FramerRTU.compute_CRC(frame)).to_bytes(2, "big")
+
+
+class PtyPeer:
+    """The device end of a pty, for the driver's real RTU client on the other end. It cuts
+    what arrives into 8-byte requests (every read and write-single request is 8 bytes); a
+    request with a bad CRC is line noise, so the buffer is dropped to resynchronise on the
+    next one. Subclasses say how they answer."""
+
+    def __init__(self) -> None:
+        self.master, self._slave = os.openpty()
+        self.path = os.ttyname(self._slave)
+        self._buf = b""
+
+    def answer(self, request: bytes) -> bytes | None:
+        """The bytes to send for one 8-byte request (CRC included), or None for silence."""
+        raise NotImplementedError
+
+    def send(self, reply: bytes) -> None:
+        os.write(self.master, reply)
+
+    def _readable(self) -> None:
+        try:
+            self._buf += os.read(self.master, 4096)
+        except OSError:
+            return
+        while len(self._buf) >= 8:
+            request, self._buf = self._buf[:8], self._buf[8:]
+            if crc(request[:6]) != request[6:]:
+                self._buf = b""
+                return
+            reply = self.answer(request)
+            if reply is not None:
+                self.send(reply)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Self]:
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.master, self._readable)
+        try:
+            yield self
+        finally:
+            loop.remove_reader(self.master)
+            os.close(self.master)
+            os.close(self._slave)

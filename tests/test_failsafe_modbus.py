@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from pymodbus.framer import FramerRTU
 
 from agent.buffer.rows import StoredRecord, encode
 from agent.core.driver import DeviceContext, DeviceError, build_groups
@@ -29,68 +27,10 @@ from agent.core.records import Block
 from agent.sinks.encoding import JsonEncoder
 from cleanroom_common.codec import DataType
 from cleanroom_common.codec import encode as encode_value
-from cleanroom_common.net import free_port
 from drivers.modbus.driver import Connection, ModbusDriver
+from tests.support import MbapPeer, PtyPeer, Script, crc, mbap, registers_pdu, registers_reply
 
 # --------------------------------------------------------------------------- helpers
-
-
-def mbap(tid: int, unit: int, pdu: bytes) -> bytes:
-    return struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu
-
-
-def registers_pdu(fc: int, values: list[int]) -> bytes:
-    return bytes([fc, 2 * len(values)]) + struct.pack(f">{len(values)}H", *values)
-
-
-Script = Callable[[int, int, bytes], bytes | None]
-"""(transaction id, unit, request PDU) → the bytes to send back, or None for silence."""
-
-
-class TcpPeer:
-    """A Modbus TCP "device" on a raw asyncio socket whose replies a test scripts."""
-
-    def __init__(self, script: Script, delay: float = 0.0) -> None:
-        self.script = script
-        self.delay = delay
-        self.port = free_port()
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.server: asyncio.Server | None = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                header = await reader.readexactly(7)
-                tid, _, length, unit = struct.unpack(">HHHB", header)
-                pdu = await reader.readexactly(length - 1)
-                self.requests.append(pdu)
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                out = self.script(tid, unit, pdu)
-                if out:
-                    writer.write(out)
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aenter__(self) -> TcpPeer:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-
-def answer(tid: int, unit: int, pdu: bytes, value: int = 9) -> bytes:
-    """The correct reply to a read-registers request: every register holds ``value``."""
-    count = struct.unpack(">H", pdu[3:5])[0]
-    return mbap(tid, unit, registers_pdu(pdu[0], [value] * count))
 
 
 def make_driver(port: int, tags: list[dict[str, Any]] | None = None, **conn: Any) -> ModbusDriver:
@@ -122,9 +62,9 @@ def _wrong_function(tid: int, unit: int, pdu: bytes) -> bytes:
 MISMATCHES: dict[str, tuple[Script, str, str]] = {
     "function-code": (_wrong_function, "bad_reply", "bad_reply"),
     "exception-of-another-function": (lambda t, u, p: mbap(t, u, b"\x84\x02"), "bad_reply", "bad_reply"),
-    "transaction-id-zero": (lambda t, u, p: answer(0, u, p, 7), "bad_reply", "bad_reply"),
-    "transaction-id-other": (lambda t, u, p: answer(t + 100, u, p, 7), "bad_reply", "bad_reply"),
-    "unit-id": (lambda t, u, p: answer(t, u + 1, p, 7), "bad_reply", "bad_reply"),
+    "transaction-id-zero": (lambda t, u, p: registers_reply(0, u, p, 7), "bad_reply", "bad_reply"),
+    "transaction-id-other": (lambda t, u, p: registers_reply(t + 100, u, p, 7), "bad_reply", "bad_reply"),
+    "unit-id": (lambda t, u, p: registers_reply(t, u + 1, p, 7), "bad_reply", "bad_reply"),
     # 5 data bytes for 2 registers: consistent frame, byte count that does not answer the request
     "odd-byte-count": (
         lambda t, u, p: mbap(t, u, b"\x03\x05" + b"\x00\x07\x00\x07\x00"),
@@ -143,9 +83,9 @@ async def test_a_reply_that_does_not_answer_the_request_is_a_bad_reading(case: s
         if not first["done"]:
             first["done"] = True
             return broken(tid, unit, pdu)
-        return answer(tid, unit, pdu)
+        return registers_reply(tid, unit, pdu)
 
-    async with TcpPeer(script) as peer:
+    async with MbapPeer(script) as peer:
         driver = make_driver(peer.port)
         await driver.connect()
         try:
@@ -165,7 +105,7 @@ async def test_coils_with_a_byte_count_that_does_not_answer_the_request_are_bad(
     def script(tid: int, unit: int, pdu: bytes) -> bytes:
         return mbap(tid, unit, b"\x01\x02\x05\x00")  # 3 coils need 1 byte, 2 came
 
-    async with TcpPeer(script) as peer:
+    async with MbapPeer(script) as peer:
         tags = [{"name": f"c{i}", "address": i + 1} for i in range(3)]
         driver = make_driver(peer.port, tags)
         await driver.connect()
@@ -185,9 +125,9 @@ async def test_a_late_tcp_reply_is_recognised_by_its_transaction_id() -> None:
         if not held:
             held.append(tid)
             return None
-        return answer(held[0], unit, pdu, 7) + answer(tid, unit, pdu, 9)
+        return registers_reply(held[0], unit, pdu, 7) + registers_reply(tid, unit, pdu, 9)
 
-    async with TcpPeer(script) as peer:
+    async with MbapPeer(script) as peer:
         driver = make_driver(peer.port, timeout=0.2)
         await driver.connect()
         try:
@@ -315,7 +255,7 @@ async def test_a_device_streaming_junk_is_dropped_quickly_and_costs_bounded_cpu(
 
 
 async def test_close_after_scan_with_two_groups_never_cuts_a_request() -> None:
-    async with TcpPeer(answer, delay=0.05) as peer:
+    async with MbapPeer(registers_reply, delay=0.05) as peer:
         tags = [
             {"name": "a", "address": 40001, "group": "fast"},
             {"name": "b", "address": 40005, "group": "slow"},
@@ -341,61 +281,35 @@ async def test_close_after_scan_with_two_groups_never_cuts_a_request() -> None:
 # --------------------------------------------------------------------------- item 4: late RTU reply
 
 
-def rtu(frame: bytes) -> bytes:
-    return frame + int(FramerRTU.compute_CRC(frame)).to_bytes(2, "big")
-
-
-class LateRtuPeer:
-    """The device end of a pty: unit 1, holding registers 0 → 11 and 100 → 22. It holds back its
-    reply to request number ``late`` until the next request arrives, then sends that late reply
-    first and (if ``answer_next``) the right one after it."""
+class LateRtuPeer(PtyPeer):
+    """Unit 1, holding registers 0 → 11 and 100 → 22. It holds back its reply to request number
+    ``late`` until the next request arrives, then sends that late reply first and (if
+    ``answer_next``) the right one after it."""
 
     def __init__(self, late: int, answer_next: bool) -> None:
+        super().__init__()
         self.late = late
         self.answer_next = answer_next
         self.regs = {0: 11, 100: 22}
-        self.master, self._slave = os.openpty()
-        self.path = os.ttyname(self._slave)
         self.seen = 0
         self.held: bytes | None = None
-        self._buf = b""
 
     def _reply(self, request: bytes) -> bytes:
         unit, fc, address, count = struct.unpack(">BBHH", request[:6])
         values = [self.regs.get(address + i, 0) for i in range(count)]
-        return rtu(bytes([unit, fc, 2 * count]) + struct.pack(f">{count}H", *values))
+        body = bytes([unit, fc, 2 * count]) + struct.pack(f">{count}H", *values)
+        return body + crc(body)
 
-    def _readable(self) -> None:
-        try:
-            self._buf += os.read(self.master, 1024)
-        except OSError:
-            return
-        while len(self._buf) >= 8:
-            request, self._buf = self._buf[:8], self._buf[8:]
-            self.seen += 1
-            reply = self._reply(request)
-            if self.seen == self.late:
-                self.held = reply
-                continue
-            out = b""
-            if self.held is not None:
-                out, self.held = self.held, None
-                if self.answer_next:
-                    out += reply
-            else:
-                out = reply
-            os.write(self.master, out)
-
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[LateRtuPeer]:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.master, self._readable)
-        try:
-            yield self
-        finally:
-            loop.remove_reader(self.master)
-            os.close(self.master)
-            os.close(self._slave)
+    def answer(self, request: bytes) -> bytes | None:
+        self.seen += 1
+        reply = self._reply(request)
+        if self.seen == self.late:
+            self.held = reply
+            return None
+        if self.held is None:
+            return reply
+        out, self.held = self.held, None
+        return out + reply if self.answer_next else out
 
 
 @pytest.mark.parametrize("answer_next", [True, False], ids=["then-answers", "drops-the-next"])
@@ -452,7 +366,7 @@ async def test_64_bit_integers_above_2_pow_53_stay_exact_into_the_json_payload()
         {"name": "s", "address": 40001, "type": "int64"},
         {"name": "u", "address": 40005, "type": "uint64"},
     ]
-    async with TcpPeer(script) as peer:
+    async with MbapPeer(script) as peer:
         for group in (tags, tags[:1]):  # mixed (list path) and int64 only (the vectorised path)
             driver = make_driver(peer.port, group)
             await driver.connect()

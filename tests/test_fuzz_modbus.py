@@ -13,23 +13,20 @@ stays bounded, and the device is good again once it behaves.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pymodbus.framer import FramerRTU
 
 from agent.core.driver import DeviceContext, DeviceError, build_groups
 from agent.core.records import Block
-from cleanroom_common.net import free_port
 from drivers.modbus.bus import BadReply, Garbled, _Link
 from drivers.modbus.driver import Connection, ModbusDriver
 from drivers.modbus.frames import Reply, Request
+from tests.support import MbapPeer, PtyPeer, crc, mbap
 
 CASES = 10_000
 FUNCTIONS = (1, 2, 3, 4, 6)
@@ -127,10 +124,6 @@ def tcp_bad(rng: random.Random, req: Request, tid: int) -> bytes:
     elif kind == 6:  # a truncated header or frame
         return (struct.pack(">HHHB", tid, 0, len(pdu) + 1, unit) + pdu)[: rng.randint(1, 7 + len(pdu))]
     return struct.pack(">HHHB", tid, pid, length & 0xFFFF, unit) + pdu
-
-
-def crc(frame: bytes) -> bytes:
-    return int(FramerRTU.compute_CRC(frame)).to_bytes(2, "big")
 
 
 def rtu_bad(rng: random.Random, req: Request) -> bytes:
@@ -302,74 +295,40 @@ async def test_malformed_replies_over_a_real_socket_then_good() -> None:
     rng = random.Random(5)
     behave = {"on": False}
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                adu = await reader.readexactly(12)
-                unit, fc, address, value = struct.unpack(">BBHH", adu[6:12])
-                req = Request(unit, fc, address, value)
-                bad, good, _ = tcp_answers(rng, req, adu)
-                writer.write(good if behave["on"] or rng.random() < 0.1 else bad)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    def script(tid: int, unit: int, pdu: bytes) -> bytes:
+        fc, address, value = struct.unpack(">BHH", pdu)
+        bad, good, _ = tcp_answers(rng, Request(unit, fc, address, value), mbap(tid, unit, pdu))
+        return good if behave["on"] or rng.random() < 0.1 else bad
 
-    port = free_port()
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
-    driver = make_tcp_driver(port)
-    try:
-        cpu0 = time.process_time()
-        results = await poll_through(driver, 150)
-        cpu = time.process_time() - cpu0
-        behave["on"] = True
-        await driver.close()
-        after = await poll_through(driver, 3)
-    finally:
-        await driver.close()
-        server.close()
-        await server.wait_closed()
+    async with MbapPeer(script) as peer:
+        driver = make_tcp_driver(peer.port)
+        try:
+            cpu0 = time.process_time()
+            results = await poll_through(driver, 150)
+            cpu = time.process_time() - cpu0
+            behave["on"] = True
+            await driver.close()
+            after = await poll_through(driver, 3)
+        finally:
+            await driver.close()
     check_sample(results)
     assert any(isinstance(r, DeviceError) for r in results)
     assert cpu < 5.0
     assert all(isinstance(b, Block) and b.values == GOOD_VALUES and b.quality is None for b in after)
 
 
-class FuzzRtuPeer:
-    """The device end of a pty answering every request with a malformed reply (some good)."""
+class FuzzRtuPeer(PtyPeer):
+    """Answers every request with a malformed reply (some good)."""
 
     def __init__(self, rng: random.Random) -> None:
+        super().__init__()
         self.rng = rng
         self.behave = False
-        self.master, self._slave = os.openpty()
-        self.path = os.ttyname(self._slave)
-        self._buf = b""
 
-    def _readable(self) -> None:
-        try:
-            self._buf += os.read(self.master, 4096)
-        except OSError:
-            return
-        while len(self._buf) >= 8:
-            adu, self._buf = self._buf[:8], self._buf[8:]
-            if crc(adu[:6]) != adu[6:]:
-                self._buf = b""
-                return
-            req = Request(*struct.unpack(">BBHH", adu[:6]))
-            bad, good, _ = rtu_answers(self.rng, req, adu)
-            os.write(self.master, good if self.behave or self.rng.random() < 0.1 else bad)
-
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[FuzzRtuPeer]:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.master, self._readable)
-        try:
-            yield self
-        finally:
-            loop.remove_reader(self.master)
-            os.close(self.master)
-            os.close(self._slave)
+    def answer(self, request: bytes) -> bytes:
+        req = Request(*struct.unpack(">BBHH", request[:6]))
+        bad, good, _ = rtu_answers(self.rng, req, request)
+        return good if self.behave or self.rng.random() < 0.1 else bad
 
 
 async def test_malformed_replies_over_a_pty_then_good() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,6 +32,7 @@ from drivers.modbus import bus as buses
 from drivers.modbus.driver import DEGRADED, Connection, ModbusDriver
 from drivers.modbus.plan import coalesce
 from simulators.servers.modbus import serve_counter_modbus, serve_incubator_modbus
+from tests.support import MbapPeer, Script, mbap, registers_reply
 
 Action = Callable[[int, int, int, int, list[int], Any], Awaitable[ExcCodes | None]]
 
@@ -349,74 +349,31 @@ async def test_server_busy_is_retried_after_the_configured_wait() -> None:
     assert driver.ctx.stats.errors["server_busy"] == 5
 
 
-class RawServer:
-    """A TCP "device" whose replies a test scripts frame by frame (garbage, truncation...).
-
-    ``reply(request_mbap, pdu)`` returns the bytes to send (or ``None`` for silence).
-    """
-
-    def __init__(self, reply: Callable[[bytes, bytes], bytes | None]) -> None:
-        self.reply = reply
-        self.requests = 0
-        self.port = free_port()
-        self.server: asyncio.Server | None = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                header = await reader.readexactly(7)
-                pdu = await reader.readexactly(struct.unpack(">H", header[4:6])[0] - 1)
-                self.requests += 1
-                out = self.reply(header, pdu)
-                if out:
-                    writer.write(out)
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aenter__(self) -> RawServer:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-
-def good_reply(header: bytes, pdu: bytes, value: int = 9) -> bytes:
-    count = struct.unpack(">H", pdu[3:5])[0]
-    body = bytes([pdu[0], 2 * count]) + struct.pack(f">{count}H", *([value] * count))
-    return header[:4] + struct.pack(">H", len(body) + 1) + header[6:7] + body
-
-
 @pytest.mark.parametrize(
     ("broken", "reason", "counter"),
     [
-        (lambda h, p: b"\x13\x37garbage-that-is-no-modbus", "comm_error", "garbled"),
+        (lambda t, u, p: b"\x13\x37garbage-that-is-no-modbus", "comm_error", "garbled"),
         # MBAP announces 9 bytes, 5 arrive: a truncated frame
-        (lambda h, p: h[:4] + b"\x00\x09" + h[6:7] + b"\x03\x06\x00", "comm_error", "garbled"),
+        (lambda t, u, p: mbap(t, u, b"\x03\x06\x00", length=9), "comm_error", "garbled"),
         # well-formed frame, but byte count says 8 while 2 data bytes follow
-        (lambda h, p: h[:4] + b"\x00\x05" + h[6:7] + b"\x03\x08\x00\x01", "comm_error", "garbled"),
+        (lambda t, u, p: mbap(t, u, b"\x03\x08\x00\x01"), "comm_error", "garbled"),
         # well-formed reply with one register fewer than asked for
-        (lambda h, p: good_reply(h, p[:3] + b"\x00\x01"), "decode_error", "wrong_length"),
+        (lambda t, u, p: registers_reply(t, u, p[:3] + b"\x00\x01"), "decode_error", "wrong_length"),
     ],
     ids=["garbage", "truncated", "bad-byte-count", "wrong-length"],
 )
 async def test_broken_replies_are_bad_readings_and_the_driver_recovers(
-    broken: Callable[[bytes, bytes], bytes], reason: str, counter: str
+    broken: Script, reason: str, counter: str
 ) -> None:
     script = {"broken": True}
 
-    def reply(header: bytes, pdu: bytes) -> bytes:
+    def reply(tid: int, unit: int, pdu: bytes) -> bytes | None:
         if script["broken"]:
             script["broken"] = False
-            return broken(header, pdu)
-        return good_reply(header, pdu)
+            return broken(tid, unit, pdu)
+        return registers_reply(tid, unit, pdu)
 
-    async with RawServer(reply) as srv:
+    async with MbapPeer(reply) as srv:
         driver = make_driver([{"name": "a", "address": 40001}, {"name": "b", "address": 40002}], srv.port)
         await driver.connect()
         try:
@@ -431,7 +388,7 @@ async def test_broken_replies_are_bad_readings_and_the_driver_recovers(
 
 async def test_silence_raises_timeout_then_the_device_is_degraded(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cleanroom.modbus")
-    async with RawServer(lambda h, p: None) as srv:
+    async with MbapPeer(lambda t, u, p: None) as srv:
         driver = make_driver([{"name": "a", "address": 40001}], srv.port, degrade_after=2, degrade_for=60)
         await driver.connect()
         try:
@@ -439,11 +396,11 @@ async def test_silence_raises_timeout_then_the_device_is_degraded(caplog: pytest
                 with pytest.raises(DeviceError) as err:
                     await read_one(driver)
                 assert err.value.reason == "timeout"
-            asked = srv.requests
+            asked = len(srv.requests)
             skipped = [await read_one(driver) for _ in range(3)]
         finally:
             await driver.close()
-    assert srv.requests == asked == 2  # a degraded device costs the bus nothing
+    assert len(srv.requests) == asked == 2  # a degraded device costs the bus nothing
     assert all(b.reasons == [DEGRADED] and b.values == [None] for b in skipped)
     assert driver.ctx.stats.errors["timeout"] == 2
     # one log line per state change (timeout, then degraded), not one per failed poll
@@ -452,7 +409,7 @@ async def test_silence_raises_timeout_then_the_device_is_degraded(caplog: pytest
 
 async def test_degrading_survives_the_scheduler_cancelling_a_slow_poll() -> None:
     """Retries can outlast the scheduler's poll deadline; the unanswered requests still count."""
-    async with RawServer(lambda h, p: None) as srv:
+    async with MbapPeer(lambda t, u, p: None) as srv:
         driver = make_driver(
             [{"name": "a", "address": 40001}], srv.port, retries=5, degrade_after=3, timeout=0.2
         )
@@ -460,13 +417,13 @@ async def test_degrading_survives_the_scheduler_cancelling_a_slow_poll() -> None
         try:
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(read_one(driver), 0.5)  # cancelled during the 3rd attempt
-            asked = srv.requests
+            asked = len(srv.requests)
             with pytest.raises(DeviceError):
                 await read_one(driver)  # the 3rd miss: degraded at once, the 5 retries not spent
             skipped = await read_one(driver)
         finally:
             await driver.close()
-    assert srv.requests == asked + 1
+    assert len(srv.requests) == asked + 1
     assert skipped.reasons == [DEGRADED]
 
 

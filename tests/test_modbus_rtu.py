@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import struct
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from pymodbus.framer import FramerRTU
 
 from agent.core.driver import DeviceContext, DeviceError, build_groups
 from agent.core.records import Block
@@ -27,54 +23,31 @@ from cleanroom_common.profilefiles import load_profile
 from drivers.modbus import bus as buses
 from drivers.modbus.driver import Connection, ModbusDriver
 from simulators.servers.modbus import serve_counter_modbus, serve_incubator_modbus
+from tests.support import PtyPeer, crc
 
 
-def crc(frame: bytes) -> bytes:
-    return int(FramerRTU.compute_CRC(frame)).to_bytes(2, "big")
-
-
-class RtuLine:
-    """The device end of a pty: answers read-holding-register requests for its units."""
+class RtuLine(PtyPeer):
+    """Answers read-holding-register requests for its units."""
 
     def __init__(self, units: dict[int, list[int]]) -> None:
+        super().__init__()
         self.units = units
         self.silent: set[int] = set()
         self.corrupt: list[bytes] = []  # replacement replies, used once each
         self.wire: list[tuple[str, float]] = []  # ("request" | "reply", time), in order
-        self.master, self._slave = os.openpty()
-        self.path = os.ttyname(self._slave)
-        self._buf = b""
 
-    def _readable(self) -> None:
-        try:
-            self._buf += os.read(self.master, 1024)
-        except OSError:
-            return
-        while len(self._buf) >= 8:  # every read/write-single request is 8 bytes
-            frame, self._buf = self._buf[:8], self._buf[8:]
-            if crc(frame[:6]) != frame[6:]:
-                self._buf = b""  # resynchronise on the next request
-                return
-            unit, fc, address, count = struct.unpack(">BBHH", frame[:6])
-            self.wire.append(("request", time.monotonic()))
-            if unit in self.silent or unit not in self.units:
-                continue
-            regs = self.units[unit][address : address + count]
-            body = bytes([unit, fc, 2 * len(regs)]) + struct.pack(f">{len(regs)}H", *regs)
-            reply = self.corrupt.pop(0) if self.corrupt else body + crc(body)
-            os.write(self.master, reply)
-            self.wire.append(("reply", time.monotonic()))
+    def answer(self, request: bytes) -> bytes | None:
+        unit, fc, address, count = struct.unpack(">BBHH", request[:6])
+        self.wire.append(("request", time.monotonic()))
+        if unit in self.silent or unit not in self.units:
+            return None
+        regs = self.units[unit][address : address + count]
+        body = bytes([unit, fc, 2 * len(regs)]) + struct.pack(f">{len(regs)}H", *regs)
+        return self.corrupt.pop(0) if self.corrupt else body + crc(body)
 
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[RtuLine]:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.master, self._readable)
-        try:
-            yield self
-        finally:
-            loop.remove_reader(self.master)
-            os.close(self.master)
-            os.close(self._slave)
+    def send(self, reply: bytes) -> None:
+        super().send(reply)
+        self.wire.append(("reply", time.monotonic()))
 
 
 def rtu_driver(path: str, unit: int, **conn: Any) -> ModbusDriver:
