@@ -237,10 +237,9 @@ class AsyncBuffer:
         # commits (a limit event) is not lost; once it has finished, submitting is a bug.
         if self._task is None or self._task.done():
             raise RuntimeError("buffer is not open: nothing can be submitted")
-        self._enqueue([*blocks, *events])
+        self._enqueue([*blocks, *events] if events else blocks)
         if self.commit_errors and len(self._queue) - self._committing > self.cfg.hold_max_records:
             self._shed()  # only while the disk refuses: a burst the committer is working through is kept
-        self._wake.set()
 
     def _enqueue(self, items: Sequence[Block | Event]) -> None:
         seqs = self._seqs
@@ -248,11 +247,7 @@ class AsyncBuffer:
             raise RuntimeError("buffer is not open: nothing can be submitted")
         if not self._queue:
             self._first_queued = time.monotonic()
-        for item in items:
-            if isinstance(item, Block):
-                item.seq_first = seqs.take(len(item))
-            else:
-                item.seq = seqs.take(1)
+        seqs.assign(items)
         self._queue.extend(items)
         self._submitted += len(items)
         self._wake.set()
