@@ -72,7 +72,10 @@ def _driver(url: str, nodes: int, group: dict[str, Any]) -> Any:
     profile = OpcUaDriver.profile_model().model_validate(
         {"profile": "bench", "protocol": "opcua", "groups": {"default": group}, "tags": tags}
     )
-    conn = OpcUaDriver.Connection.model_validate({"url": url, "timeout": "5s", "keepalive": "5s"})
+    # The simulator offers no security; the driver's default (Basic256Sha256) needs certificates.
+    conn = OpcUaDriver.Connection.model_validate(
+        {"url": url, "timeout": "5s", "keepalive": "5s", "security_policy": "None"}
+    )
     return OpcUaDriver(DeviceContext("bench", profile, conn, build_groups("bench", profile, conn, {})))
 
 

@@ -15,6 +15,7 @@ failures and restarts.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -112,6 +113,11 @@ class Agent:
         else:
             log.warning("no mqtt section: readings are buffered only, nothing is forwarded")
         self.scheduler = Scheduler(self.loaded.devices, self._submit, self.buffer.state())
+        # What exists by now (modules, configuration, profiles, drivers: some 85,000 objects for
+        # a plant of 88 devices) lives as long as the agent: frozen out of the garbage collector,
+        # a full collection walks only what was made since (a few ms) instead of stopping the
+        # loop for 50-70 ms, which landed on the first poll ticks as jitter (bench.plant p99).
+        gc.freeze()
         self.scheduler.start()
         await self.status_server.start()
         log.info(
@@ -127,6 +133,7 @@ class Agent:
         whether or not the broker is reachable: undelivered rows stay in the buffer."""
         if self.scheduler is not None:
             await self.scheduler.stop()
+            gc.unfreeze()  # collectable again: a process embedding the agent lives on
         for transform in (self.inference, self.limits):
             if transform is not None:
                 await transform.stop()
