@@ -419,3 +419,37 @@ def test_security_none_warns_at_every_start_and_shows_in_status(caplog: pytest.L
     ]
     assert len(warned) == 2, "every start says so"
     assert re.search(r"br1.*unencrypted", warned[0].getMessage())
+
+
+def test_demoted_asyncua_records_are_dropped_unless_debug_is_on_and_tracebacks_are_redacted() -> None:
+    """The demotion must hold at the handler too: a record asyncua logged at INFO or ERROR is not
+    printed by an agent logging at INFO, and a traceback never carries a password."""
+    from drivers.opcua.logs import forbid_in_log, tame_asyncua_logs
+
+    secret = "Pw-Quokka-91"
+    forbid_in_log(secret)
+    logger = logging.getLogger("asyncua.client.ua_client.UaClient")
+    tame_asyncua_logs()
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(logging.Formatter("%(levelname)s %(message)s").format(record))
+
+    root, handler, level = logging.getLogger(), Keep(), logging.getLogger().level
+    root.addHandler(handler)
+    try:
+        root.setLevel(logging.INFO)
+        logger.info("endpoint descriptions ...")
+        logger.error("refused")
+        assert seen == []
+        root.setLevel(logging.DEBUG)
+        try:
+            raise RuntimeError(f"ActivateSession(password={secret})")
+        except RuntimeError:
+            logger.exception("session failed for %s", secret)
+        assert len(seen) == 1 and seen[0].startswith("DEBUG session failed for ***")
+        assert secret not in seen[0] and "ActivateSession(password=***)" in seen[0]
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

@@ -35,14 +35,21 @@ class _AsyncuaFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.DEBUG:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            # The logger passed the record at its old level; at DEBUG it may not pass at all.
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                return False
         if self.secrets:
-            message = record.getMessage()
-            redacted = message
-            for secret in self.secrets:
-                redacted = redacted.replace(secret, "***")
-            if redacted != message:
-                record.msg, record.args = redacted, None
+            record.msg, record.args = self._redact(record.getMessage()), None
+            if record.exc_info:  # formatted once here, redacted: handlers reuse exc_text
+                record.exc_text = self._redact(logging.Formatter().formatException(record.exc_info))
+            if record.stack_info:
+                record.stack_info = self._redact(record.stack_info)
         return True
+
+    def _redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 _FILTER = _AsyncuaFilter()
