@@ -110,3 +110,13 @@ class Strict(BaseModel):
     """Base of every config model: unknown keys are errors (a typo must not be ignored)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+def read_secret_file(path: Path) -> str:
+    """The secret a ``*_file`` key names: the first line of a UTF-8 text file ("" when empty).
+
+    One reading for every such key, so a password file means the same to the broker session
+    and to a device. Raises :class:`OSError` or :class:`UnicodeDecodeError`; neither quotes
+    the file's content."""
+    text = path.read_text(encoding="utf-8")
+    return text.splitlines()[0] if text else ""

@@ -36,7 +36,7 @@ from agent.core.backoff import backoff_delay
 from agent.core.records import AGENT_DEVICE, Block, Event, dumps, now_ns
 from agent.core.supervise import Supervisor
 from agent.sinks.encoding import STATUS_SCHEMA, JsonEncoder, Message, PayloadEncoder
-from cleanroom_common.fields import ConfigPath, Duration, Strict
+from cleanroom_common.fields import ConfigPath, Duration, Strict, read_secret_file
 from cleanroom_common.net import is_loopback_host
 
 log = logging.getLogger("cleanroom.forwarder")
@@ -192,10 +192,11 @@ class MqttConfig(Strict):
         if self.password_file is None:
             return None
         try:
-            text = self.password_file.read_text(encoding="utf-8")
+            return read_secret_file(self.password_file)
         except OSError as exc:
             raise ValueError(f"mqtt.password_file {self.password_file}: {exc.strerror}") from None
-        return text.splitlines()[0] if text else ""
+        except UnicodeDecodeError:
+            raise ValueError(f"mqtt.password_file {self.password_file}: not UTF-8 text") from None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from cryptography import x509
 
 from agent.core.certs import application_uri
 from agent.core.driver import DeviceError
+from cleanroom_common.fields import read_secret_file
 from drivers.opcua.config import Connection
 from drivers.opcua.logs import forbid_in_log
 
@@ -92,7 +93,9 @@ def _password(conn: Connection) -> str:
         return conn.password.get_secret_value()
     if conn.password_file is not None:
         try:
-            return conn.password_file.read_text().splitlines()[0] if conn.password_file.stat().st_size else ""
+            return read_secret_file(conn.password_file)
         except OSError as exc:
             raise DeviceError("config_error", f"password_file {conn.password_file}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise DeviceError("config_error", f"password_file {conn.password_file}: not UTF-8 text") from None
     return ""
