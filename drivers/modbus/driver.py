@@ -215,7 +215,7 @@ class ModbusDriver(Driver):
                     break
                 continue
             except Garbled:
-                stats.error("garbled")
+                stats.error(Fault.GARBLED)
                 self._set_health(Reason.COMM_ERROR, f"garbled reply to function {function} at {address}")
                 return Reason.COMM_ERROR
             except BadReply as exc:

@@ -28,6 +28,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 
 from agent.core.driver import DriverStats, Emit, PollGroup
 from agent.core.records import Reason, now_ns
+from agent.core.supervise import FailureLog
 from drivers.opcua.config import Group
 from drivers.opcua.values import Converted
 
@@ -154,6 +155,8 @@ class GroupSubscription:
         self.keepalive_s = keepalive_s
         self.subscription_id: int | None = None
         self.last_publish = time.monotonic()
+        self._failures = FailureLog(log)
+        """A handler bug repeats with every notification: logged once, then counted."""
         self._subsets: OrderedDict[tuple[int, ...], PollGroup] = OrderedDict()
         self._link_lost = link_lost
         self._stats = stats
@@ -176,7 +179,7 @@ class GroupSubscription:
                     if not status.is_good():
                         self._link_lost(Reason.COMM_ERROR, f"subscription status {status.name}")
         except Exception as exc:
-            log.exception("%s/%s: notification handling failed", self.group.device, self.group.name)
+            self._failures.record(f"{self.group.device}/{self.group.name} notification handling", exc)
             self._link_lost("driver_error", repr(exc))
 
     def _emit_changes(self, items: Sequence[ua.MonitoredItemNotification], acq: int) -> None:
