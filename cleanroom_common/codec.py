@@ -76,7 +76,6 @@ INTEGER_TYPES = frozenset(
     {DataType.INT16, DataType.UINT16, DataType.INT32, DataType.UINT32, DataType.INT64, DataType.UINT64}
 )
 FLOAT_TYPES = frozenset({DataType.FLOAT32, DataType.FLOAT64})
-NUMERIC_TYPES = INTEGER_TYPES | FLOAT_TYPES
 
 Registers = npt.NDArray[np.uint16]
 

@@ -138,7 +138,8 @@ async def test_close_is_bounded_on_a_full_disk_and_the_loss_is_recorded_on_the_n
     began = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="cleanroom.buffer"):
         await asyncio.wait_for(buf.close(), 5)
-    assert time.monotonic() - began < 2.5
+    # close_timeout (1 s) with room for a loaded machine; before the bound the close never ended
+    assert time.monotonic() - began < 4
     assert "6 records (300 readings, seq 50..349) could not be committed" in caplog.text
 
     again = AsyncBuffer(cfg(tmp_path), "a1")
@@ -176,7 +177,8 @@ async def test_agent_stop_ends_in_bounded_time_while_the_disk_is_full(tmp_path: 
     agent.buffer.submit([block()])
     began = time.monotonic()
     await asyncio.wait_for(agent.stop(), 10)
-    assert time.monotonic() - began < 3
+    # close_timeout (1 s) plus the close's slack for a stuck commit (2 s) and the rest of the stop
+    assert time.monotonic() - began < 5
 
 
 def test_hold_and_close_bounds_refuse_bad_values() -> None:

@@ -273,11 +273,9 @@ def _validate_profile(
 # --------------------------------------------------------------------------- entry point
 
 
-def hashed_bytes(doc: YamlDoc, keys: frozenset[str] | None = None) -> bytes:
+def hashed_bytes(doc: YamlDoc, keys: frozenset[str]) -> bytes:
     """The configuration file as it enters the hash: its bytes with the value of every secret
-    key (``keys``; default: the agent's own and every installed driver's) masked."""
-    if keys is None:
-        keys = secret_keys([d for p in available_protocols() if (d := driver_for(p)) is not None])
+    key (``keys``, see :func:`secret_keys`) masked."""
     return masked(doc, keys)
 
 

@@ -438,7 +438,9 @@ class AsyncBuffer:
         loop = asyncio.get_running_loop()
         out: dict[str, Any] = await loop.run_in_executor(self._read_exec, self._read_stats)
         if self._seqs is not None:
-            out["next_seq"] = self._seqs.next  # the file holds the top of the reservation
+            # A running agent assigns seqs at acquisition: its next seq counts the queued records
+            # too, where the file alone (``buffer stats``) knows only the committed high mark.
+            out["next_seq"] = self._seqs.next
         out["queued_records"] = len(self._queue)
         out["commit_errors"] = self.commit_errors
         out["shed_readings"] = self.shed_readings

@@ -71,9 +71,6 @@ class FailureLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def snapshot(self) -> dict[str, int]:
-        return {f"{where}: {kind}": n for (where, kind), n in sorted(self.counts.items())}
-
 
 @dataclass
 class Supervised:
