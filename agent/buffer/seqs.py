@@ -62,6 +62,17 @@ class Sequencer:
         """Give each record its seqs, in order, under one lock: this runs on the event loop for every
         poll, where a lock round trip and a method call per record were most of what seqs cost."""
         with self._lock:
+            if self._later is None:  # the common case, where _take only counts up: inlined
+                nxt = self._next
+                for item in items:
+                    if isinstance(item, Block):
+                        item.seq_first = nxt
+                        nxt += len(item.values)
+                    else:
+                        item.seq = nxt
+                        nxt += 1
+                self._next = nxt
+                return
             for item in items:
                 if isinstance(item, Block):
                     item.seq_first = self._take(len(item.values))
