@@ -109,6 +109,8 @@ async def test_an_oversized_integer_from_the_counter_is_a_bad_reading_and_the_dr
         await until(
             lambda: any(b.source_ts_ns == last for b in sink.blocks), 10, "the record after the bad one"
         )
+        # each record is popped after its commit: the last pop may still be on its way
+        await until(lambda: not poisoned_peer.queue, 5, "every record popped, the bad one too")
     finally:
         await runner.stop()
     records = [b for b in sink.blocks if b.reasons is None or "decode_error" in b.reasons]
