@@ -228,6 +228,11 @@ async def test_a_damaged_buffer_is_moved_aside_and_acquisition_continues(
     rows = stored(path, "gw-fs")
     (loss,) = losses(rows)
     assert loss.reason is LossReason.BUFFER_CORRUPT and aside.name in (loss.detail or "")
+    # open below: every seq under the fresh buffer's first is explained by it, none above
+    (loss_seq,) = [
+        r.seq_first for r in rows if r.kind == "event" and json.loads(r.body)["kind"] == "data_loss"
+    ]
+    assert loss.first_seq is None and loss.last_seq == loss_seq - 1 == min(r.seq_first for r in rows) - 1
     audit = [json.loads(r.body)["data"] for r in rows if r.kind == "event"]
     assert any(a.get("action") == "buffer_replaced" and a.get("new") == str(aside) for a in audit)
     assert b.seq_first is not None
@@ -305,11 +310,11 @@ def _broker_capture(collector: Collector, device: str) -> tuple[set[int], list[D
 async def test_loss_counts_equal_what_never_reached_the_broker(
     mosquitto: Mosquitto, collector: Collector, tmp_path: Path
 ) -> None:
-    buf = AsyncBuffer(cfg(tmp_path, max_bytes="64KiB"), "gw")
+    buf = AsyncBuffer(cfg(tmp_path, max_bytes="64KiB", segment_max_readings=100), "gw")
     await buf.open()
     mqtt = MqttConfig.model_validate(
-        {"host": "127.0.0.1", "port": mosquitto.port, "flush_interval": "10ms", "inflight_window": 4,
-         "flush_max_readings": 100, "reconnect_min": "50ms", "reconnect_max": "300ms"}
+        {"host": "127.0.0.1", "port": mosquitto.port, "inflight_window": 4,
+         "reconnect_min": "50ms", "reconnect_max": "300ms"}
     )  # fmt: skip
     fw = Forwarder(mqtt, buf, AgentIdentity("gw", "test", "0" * 64))
     await fw.start()

@@ -22,14 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from agent.buffer.audit import Auditor
 from agent.buffer.config import BufferConfig
 from agent.buffer.integrity import Replaced
 from agent.buffer.lock import BufferLock
-from agent.buffer.rows import CommitResult, StoredRecord, lost_seqs
+from agent.buffer.rows import CommitResult, StoredSegment, lost_seqs
 from agent.buffer.seqs import Sequencer
-from agent.buffer.store import Buffer
+from agent.buffer.store import Buffer, KeyChange, PreviousRun, Quarantine, Removed
 from agent.core.backoff import backoff_delay
-from agent.core.events import DataLoss, LossReason
+from agent.core.events import DataLoss, LossReason, SeqSkip
 from agent.core.records import AGENT_DEVICE, Block, Event
 from agent.core.supervise import Supervisor
 
@@ -69,9 +70,11 @@ class AsyncBuffer:
     """The agent's view of the buffer: non-blocking submit (seqs assigned there), group commit on the
     buffer thread, listeners told on the loop after each commit."""
 
-    def __init__(self, cfg: BufferConfig, agent_id: str) -> None:
+    def __init__(self, cfg: BufferConfig, agent_id: str, key: bytes | None = None) -> None:
+        """``key``: the HMAC key every segment is signed with (and checked against before sending)."""
         self.cfg = cfg
-        self.core = Buffer(cfg, agent_id)
+        self.agent_id = agent_id
+        self.core = Buffer(cfg, agent_id, key)
         self._lock = BufferLock(cfg.path)
         self._carry_file = Path(f"{cfg.path}.uncommitted")
         self._seqs: Sequencer | None = None
@@ -102,6 +105,27 @@ class AsyncBuffer:
         """Loss events carried over from the last stop: the file is removed once they are committed."""
         self.replaced: Replaced | None = None
         """Set by :meth:`open` when the buffer file was damaged and a fresh one started."""
+        self.key_change: KeyChange | None = None
+        """Set by :meth:`open` when the agent's key is not the one its streams were signed with
+        (committed and audited there)."""
+
+    @property
+    def clock(self) -> Callable[[], Mapping[str, Any]]:
+        """Clock state put in each segment (read on the buffer thread at every commit)."""
+        return self.core.clock
+
+    @clock.setter
+    def clock(self, fn: Callable[[], Mapping[str, Any]]) -> None:
+        self.core.clock = fn
+
+    def set_source(self, stream_device: str, source: Mapping[str, Any]) -> None:
+        """Attribution put in that device's next segments (``agent`` for the agent's streams)."""
+        self.core.set_source(stream_device, source)
+
+    @property
+    def previous_run(self) -> PreviousRun | None:
+        """After :meth:`open`: set when the last run did not stop cleanly."""
+        return self.core.previous_run
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._exec is None:
@@ -124,7 +148,10 @@ class AsyncBuffer:
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer")
         try:
             self._state = await self._call(self.core.open, False, True)
+            await self._call(self.core.begin_run)
             self._seqs = await self._call(self.core.sequencer, floor)
+            self.key_change = await self._call(self.core.adopt_key, self._seqs)
+            quarantined: Quarantine = await self._call(self._check_at_open)
         except BaseException:
             await self._call(self.core.close)
             self._exec.shutdown(wait=True)
@@ -136,12 +163,23 @@ class AsyncBuffer:
         self._close_requested.clear()
         self._task = self.tasks.spawn("buffer-committer", self._committer).task
         if self.replaced is not None:
-            self._enqueue([self._corrupt_loss(self.replaced)])
+            self._enqueue([self._corrupt_loss(self.replaced, self._seqs.next)])
         if self._carried:
             log.warning("recording %d data_loss events the last stop could not commit", len(self._carried))
             self._enqueue(list(self._carried))
+        if quarantined.events:
+            self._enqueue(list(quarantined.events))
 
-    def _corrupt_loss(self, replaced: Replaced) -> Event:
+    def _check_at_open(self) -> Quarantine:
+        """Every stored segment checked before anything is sent (about 0.5 s per 100 MB, logged)."""
+        started = time.monotonic()
+        result = self.core.check_at_open()
+        log.info("buffer %s: chains checked in %.2fs", self.cfg.path, time.monotonic() - started)
+        return result
+
+    def _corrupt_loss(self, replaced: Replaced, first_seq: int) -> Event:
+        """The damaged file's loss: every seq below the fresh buffer's first (``first_seq``) that
+        never arrives is explained by it, as the file held them, or nobody did."""
         estimate = (
             ""
             if replaced.undelivered_readings is None
@@ -151,7 +189,8 @@ class AsyncBuffer:
             f"{self.cfg.path} failed its integrity check ({replaced.problem}); moved unchanged to "
             f"{replaced.moved_to}{estimate}"
         )
-        return DataLoss(LossReason.BUFFER_CORRUPT, detail=detail).event(AGENT_DEVICE)
+        last_seq = first_seq - 1 if first_seq > 0 else None
+        return DataLoss(LossReason.BUFFER_CORRUPT, last_seq=last_seq, detail=detail).event(AGENT_DEVICE)
 
     def _read_carried(self) -> list[Event]:
         """The loss the last stop could not commit (its seqs are not handed out again)."""
@@ -211,6 +250,7 @@ class AsyncBuffer:
             if self._seqs is not None:
                 try:
                     await self._call(self.core.release, self._seqs)
+                    await self._call(self.core.end_run)
                 except sqlite3.Error as exc:
                     log.warning("could not give back unused seqs (%s): the next start skips them", exc)
             await self._call(self.core.close)
@@ -251,6 +291,9 @@ class AsyncBuffer:
         self._queue.extend(items)
         self._submitted += len(items)
         self._wake.set()
+        if seqs.skipped:
+            skipped, seqs.skipped = seqs.skipped, []
+            self._enqueue([SeqSkip(first, last).event() for first, last in skipped])
 
     def _shed(self) -> None:
         """Give up the oldest held blocks beyond ``hold_max_records`` (never the batch being committed)."""
@@ -308,11 +351,23 @@ class AsyncBuffer:
             if time.monotonic() - last_prune >= cfg.prune_interval and not self._closing:
                 last_prune = time.monotonic()
                 try:
-                    pruned = await self._call(self.core.prune)
-                    if pruned:
-                        log.info("pruned %d delivered rows older than %ss", pruned, cfg.retention)
+                    pruned: Removed = await self._call(self.core.prune)
                 except sqlite3.Error:
                     log.exception("buffer prune failed")
+                else:
+                    if pruned.segments:
+                        self._audit_prune(pruned)
+
+    def _audit_prune(self, pruned: Removed) -> None:
+        """Retention removed delivered segments from the file: the audit trail says which."""
+        log.info("pruned %d delivered segments older than %ss", pruned.segments, self.cfg.retention)
+        Auditor(lambda e: self._enqueue([e]), self.agent_id).record(
+            "buffer_prune",
+            str(self.cfg.path),
+            reason=f"retention: delivered more than {self.cfg.retention:g}s ago",
+            new={"segments": pruned.segments, "readings": pruned.readings},
+            extra={"segments": [s.data() for s in pruned.intervals]},
+        )
 
     async def _commit_some(self) -> None:
         batch = self._queue[: self.cfg.commit_max_records]
@@ -410,15 +465,22 @@ class AsyncBuffer:
             log.error("cannot record the loss for the next start in %s (%s): this log is its only record",
                       self._carry_file, exc)  # fmt: skip
 
-    async def pending(self, after_id: int, limit: int) -> list[StoredRecord]:
-        result: list[StoredRecord] = await self._call(self.core.pending, after_id, limit)
+    async def pending(self, after_id: int, limit: int) -> list[StoredSegment]:
+        result: list[StoredSegment] = await self._call(self.core.pending, after_id, limit)
         return result
 
-    async def take_for_sending(self, after_id: int, limit: int) -> list[StoredRecord]:
+    async def take_for_sending(self, after_id: int, limit: int) -> list[StoredSegment]:
         """:meth:`pending`, claimed as in flight: overflow keeps them until they are marked delivered
-        or :meth:`unclaim` ed, so a loss count never includes what the broker may have."""
-        result: list[StoredRecord] = await self._call(self.core.pending, after_id, limit, True)
-        return result
+        or :meth:`unclaim` ed, so a loss count never includes what the broker may have. Each is
+        checked (hash, MAC) first; one that fails is quarantined, never returned, and its loss
+        committed."""
+        result: tuple[list[StoredSegment], Quarantine] = await self._call(
+            self.core.take_for_sending, after_id, limit
+        )
+        segments, quarantined = result
+        if quarantined.events:
+            self._enqueue(list(quarantined.events))
+        return segments
 
     def unclaim(self, ids: Iterable[int]) -> None:
         self.core.unclaim(ids)

@@ -18,9 +18,10 @@ class BufferConfig(Strict):
     in place, never discarded, so an upgrade keeps the undelivered backlog."""
     max_bytes: ByteSize = Field(default=2 * 1024**3, ge=64 * 1024)
     """Upper bound of the live data (used database pages, including the WAL, which is checkpointed
-    to stay within an eighth of it). When full, the oldest delivered rows are dropped first, then
-    the oldest undelivered readings (events last), and the loss is recorded as a ``data_loss``
-    event. Lowering it deletes nothing at start; the following commits enforce it by the same rule."""
+    to stay within an eighth of it). When full, whole segments are dropped: the oldest delivered
+    first, then the oldest undelivered readings (events last); the loss is recorded as a
+    ``data_loss`` event (exact seqs, segments) and the removed segments in ``chain_gaps``. Lowering it
+    deletes nothing at start; the following commits enforce it by the same rule."""
     synchronous: Literal["off", "normal", "full", "extra"] = "full"
     """SQLite durability of a commit. ``full`` (default): a committed record survives a power loss,
     at the price of one fsync per group commit (about ten per second with the default interval).
@@ -28,8 +29,8 @@ class BufferConfig(Strict):
     last commits. ``extra`` also syncs the directory; ``off`` leaves durability to the OS (tests
     only: a power loss can corrupt the file)."""
     retention: Duration = 7 * 86400.0
-    """How long delivered rows are kept after delivery (for ``buffer export`` and ``buffer replay``)
-    before they are pruned."""
+    """How long delivered segments are kept after delivery (for ``buffer export`` and ``buffer
+    replay``) before they are pruned; each prune is recorded in ``chain_gaps`` and audited."""
     commit_interval: Duration = Field(default=0.1, gt=0)
     """Group-commit period: submitted records are committed together at most this long after the first
     of them was submitted. It bounds the latency added by the buffer and sets the fsync rate."""
@@ -37,7 +38,7 @@ class BufferConfig(Strict):
     """Commit early once this many records (blocks plus events) are waiting, bounding memory and
     transaction size under bursts."""
     prune_interval: Duration = Field(default=60.0, gt=0)
-    """How often delivered rows older than ``retention`` are pruned."""
+    """How often delivered segments older than ``retention`` are pruned."""
     hold_max_records: int = Field(default=20_000, gt=0)
     """Records (blocks plus events) held in memory while the disk refuses commits (full, I/O error).
     They keep the seqs they got at acquisition and are committed when the disk takes data again;
@@ -47,3 +48,6 @@ class BufferConfig(Strict):
     """Time a stop may spend committing what is held in memory. What the disk still refuses then is
     logged with its counts and recorded as ``data_loss`` (``not_committed``) at the next start, so a
     full disk never makes SIGTERM hang."""
+    segment_max_readings: int = Field(default=5000, gt=0)
+    """Readings per segment at most: a commit's readings of one device are stored, sent and chained
+    as segments of up to this many readings (one MQTT message each). Events are never split."""

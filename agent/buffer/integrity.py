@@ -88,8 +88,9 @@ def _salvage(path: Path) -> tuple[int, int | None]:
         with contextlib.suppress(sqlite3.Error, KeyError, ValueError):
             meta = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM meta").fetchall()}
             seqs.append(int(meta["next_seq"]))
-        with contextlib.suppress(sqlite3.Error, ValueError, TypeError):
-            seqs.append(int(conn.execute("SELECT max(seq_first + n) FROM records").fetchone()[0]))
+        for query in ("SELECT max(seq_last) + 1 FROM segments", "SELECT max(seq_first + n) FROM records"):
+            with contextlib.suppress(sqlite3.Error, ValueError, TypeError):  # schema 4, or older
+                seqs.append(int(conn.execute(query).fetchone()[0]))
     undelivered = None
     with contextlib.suppress(KeyError, ValueError):
         undelivered = int(meta["committed_readings_total"]) - sum(

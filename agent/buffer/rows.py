@@ -1,5 +1,7 @@
-"""How a record becomes a row: its canonical JSON body, made storable when a driver handed over
-values that are not JSON, or a ``data_loss`` row standing in for it when even that fails."""
+"""How a record becomes part of a segment: its canonical JSON body, made storable when a driver
+handed over values that are not JSON, or a ``data_loss`` event standing in for it when even that
+fails; and the stored rows as the forwarder (:class:`StoredSegment`) and export
+(:class:`StoredRecord`) see them."""
 
 from __future__ import annotations
 
@@ -8,18 +10,42 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent.core.chain import Kind
 from agent.core.events import DataLoss, LossReason
 from agent.core.records import Block, Event, Quality, Reason, Value, dumps
 
 log = logging.getLogger("cleanroom.buffer")
 
-RECORD_COLUMNS = "id, kind, device, seq_first, n, acq_ts_ns, body"
-"""The columns of :class:`StoredRecord`, in its order."""
+SEGMENT_VIEW = (
+    "id, stream, i, device, kind, n_readings, n_records, seq_first, seq_last, first_ts, last_ts, "
+    "payload, hash"
+)
+"""The columns of :class:`StoredSegment`, in its order."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSegment:
+    """One stored segment: ``payload`` is exactly what is published (and hashed to ``hash``)."""
+
+    id: int
+    stream: str
+    i: int
+    device: str
+    kind: str
+    n_readings: int
+    n_records: int
+    seq_first: int
+    seq_last: int
+    first_ts: int
+    last_ts: int
+    payload: bytes
+    hash: str
 
 
 @dataclass(frozen=True, slots=True)
 class StoredRecord:
-    """One committed row as the sinks see it; ``body`` is the canonical JSON text."""
+    """One committed record, read back out of its segment (``id`` is the segment's: the records of
+    one segment share it); ``body`` is the canonical JSON text, as committed."""
 
     id: int
     kind: Literal["data", "event"]
@@ -87,8 +113,9 @@ def _jsonable(obj: Any) -> Any:
     return None if isinstance(obj, float) else str(obj)
 
 
-Row = tuple[str, str, int, int, int, str]
-"""(kind, device, seq_first, n, acq_ts_ns, body) of one ``records`` row."""
+Row = tuple[Kind, str, int, int, int, str]
+"""(segment kind, device, seq_first, n, acq_ts_ns, body) of one record to commit; the segment kind
+(``data``, ``events``, ``audit``) and the device make its stream."""
 
 
 def lost_seqs(first: int, n: int) -> tuple[int | None, int | None]:
@@ -120,7 +147,7 @@ def unencodable_row(
         detail=f"{type(exc).__name__}: {exc}"[:300],
     ).event(item.device, seq=loss_seq)
     result.events.append(loss)
-    return ("event", item.device, loss_seq, 1, loss.ts_ns, dumps(loss.body()))
+    return ("events", item.device, loss_seq, 1, loss.ts_ns, dumps(loss.body()))
 
 
 def encode(item: Block | Event) -> str:

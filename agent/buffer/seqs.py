@@ -48,6 +48,9 @@ class Sequencer:
         """Start of the next window, when a tool took seqs at the top of ours."""
         self._top = top
         """The top this agent last stored in ``meta.next_seq``."""
+        self.skipped: list[tuple[int, int]] = []
+        """Seq ranges left unused because a tool wrote above the window (for ``seq_skip`` events:
+        the buffer takes them out after handing out)."""
 
     @property
     def next(self) -> int:
@@ -83,6 +86,7 @@ class Sequencer:
         if self._later is not None and self._next + n > self._end:
             if self._next < self._end:
                 log.info("seqs %d..%d left unused: a tool wrote to the buffer", self._next, self._end - 1)
+                self.skipped.append((self._next, self._end - 1))
             self._next, self._end, self._later = self._later, self._top, None
         first = self._next
         self._next += n

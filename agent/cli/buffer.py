@@ -4,8 +4,9 @@ These work on the database file directly (``--db``) or through the agent config
 (``-c``), whether or not the agent is running: SQLite WAL lets a reader look while the
 agent writes, and a writer (``replay``) waits for the agent's commit to finish. Export
 expands blocks into one row per reading, so a quality reviewer gets a plain table;
-replay marks delivered rows undelivered again, so the forwarder republishes them (a
-consumer de-duplicates by ``(agent, seq)``), and records that in the audit trail.
+replay marks delivered segments undelivered again, so the forwarder republishes them,
+byte for byte (a consumer de-duplicates by ``(agent, seq)``), and records who asked for
+it and why in the audit trail.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from agent.buffer.audit import Auditor
+from agent.buffer.audit import Auditor, add_attribution_args
 from agent.buffer.config import BufferConfig
 from agent.buffer.rows import StoredRecord
 from agent.buffer.store import Buffer
+from agent.core import chain
 from agent.core.records import Event
 
 EXPORT_COLUMNS = (
@@ -95,14 +97,24 @@ def _csv_cell(v: Any) -> Any:
     return v
 
 
-def _buffer_config(args: argparse.Namespace) -> BufferConfig:
-    if args.db is not None:
-        return BufferConfig(path=Path(args.db))
-    from agent.app.config import ConfigError, load_config
+def _buffer_config(args: argparse.Namespace) -> tuple[BufferConfig, bytes | None]:
+    """The buffer's settings and the HMAC key its segments are signed with (``--key``, or the
+    config's ``integrity.hmac_key_file``)."""
+    from agent.app.config import ConfigError, load_config, read_hmac_key
 
+    key_file = getattr(args, "key", None)
     try:
-        return load_config(args.config).config.buffer
+        key = None if key_file is None else read_hmac_key(Path(key_file))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.db is not None:
+        return BufferConfig(path=Path(args.db)), key
+    try:
+        loaded = load_config(args.config)
+        return loaded.config.buffer, key if key is not None else loaded.hmac_key()
     except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError as exc:  # the configured key file
         raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot read configuration {args.config}: {exc.strerror}") from None
@@ -110,10 +122,10 @@ def _buffer_config(args: argparse.Namespace) -> BufferConfig:
 
 @contextlib.contextmanager
 def _opened(args: argparse.Namespace, readonly: bool) -> Iterator[Buffer]:
-    cfg = _buffer_config(args)
+    cfg, key = _buffer_config(args)
     if not cfg.path.is_file():
         raise UsageError(f"no buffer database at {cfg.path}")
-    core = Buffer(cfg, agent_id=None)
+    core = Buffer(cfg, agent_id=None, key=key)
     try:
         core.open(readonly=readonly)
     except (sqlite3.DatabaseError, RuntimeError) as exc:
@@ -122,6 +134,21 @@ def _opened(args: argparse.Namespace, readonly: bool) -> Iterator[Buffer]:
         yield core
     finally:
         core.close()
+
+
+def _check_key(core: Buffer) -> None:
+    """Before a tool signs a segment: the key must be the one the buffer's streams are signed with
+    now, or the agent would quarantine what the tool writes (and an unsigned audit record in a signed
+    trail would be a break). Only the public key ids are compared, never the key."""
+    signed = {
+        str(k) for (k,) in core.conn.execute("SELECT DISTINCT key_id FROM chain WHERE key_id IS NOT NULL")
+    }
+    if not signed:
+        return  # unsigned: what the tool writes is not MAC-checked, signed or not
+    if core.key is None:
+        raise UsageError(f"{core.cfg.path} is signed: give its HMAC key (--key FILE, or -c CONFIG)")
+    if signed != {chain.key_id(core.key)}:
+        raise UsageError(f"{core.cfg.path}: the HMAC key given is not the one its segments are signed with")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -168,19 +195,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     since, until = parse_time(args.since), parse_time(args.until)
     with _opened(args, readonly=False) as core:
-        rows, readings = core.mark_undelivered(args.device, since, until)
+        _check_key(core)
+        done = core.mark_undelivered(args.device, since, until)
 
         def commit(event: Event) -> None:
             core.commit([event])
 
         selection = {"device": args.device, "since": args.since, "until": args.until}
-        Auditor(commit).record(
+        Auditor(commit, core.agent_id or "").record(
             "buffer_replay",
             str(core.cfg.path),
-            new={"rows": rows, "readings": readings, **selection},
-            why=args.why,
+            actor=args.actor,
+            reason=args.reason,
+            new={"segments": done.segments, "readings": done.readings, **selection},
+            extra={"segments": [s.data() for s in done.intervals]},
         )
-    print(f"marked {rows} delivered rows ({readings} readings) for republishing")
+    print(f"marked {done.segments} delivered segments ({done.readings} readings) for republishing")
     return 0
 
 
@@ -193,6 +223,9 @@ def _run(func: Any) -> Any:
             return 2
         except sqlite3.Error as exc:
             print(f"cleanroom-agent buffer: database error: {exc}", file=sys.stderr)
+            return 1
+        except ValueError as exc:  # a stored segment that does not parse (altered behind our back)
+            print(f"cleanroom-agent buffer: error: {exc}", file=sys.stderr)
             return 1
 
     return run
@@ -220,10 +253,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     export.add_argument("--format", choices=["csv", "jsonl"], default="csv")
     export.add_argument("--out", metavar="FILE", help="write here instead of stdout")
 
-    replay = action("replay", "mark delivered rows undelivered so they are published again", cmd_replay)
+    replay = action("replay", "mark delivered segments undelivered so they are published again", cmd_replay)
     replay.add_argument("--device", help="only this device")
     replay.add_argument("--since", help="acquired at or after this ISO-8601 time (UTC if no offset)")
     replay.add_argument("--until", help="acquired before this ISO-8601 time (UTC if no offset)")
     replay.add_argument(
-        "--why", default="republish requested by operator", help="reason, for the audit trail"
+        "--key", metavar="FILE", help="HMAC key file of a signed buffer (default with -c: the config's)"
     )
+    add_attribution_args(replay)
