@@ -1,13 +1,16 @@
-"""The forwarder against a real mosquitto: complete, ordered, PUBACK-gated delivery; outages;
-retained status and last will; TLS with verification; the payload contract (JSON Schema)."""
+"""The forwarder against a real mosquitto: complete, ordered, PUBACK-gated delivery of segments
+published byte for byte; outages; retained status with sessions and last will; TLS with
+verification; the payload contract (JSON Schema)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,20 +26,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from hypothesis import given
-from hypothesis import strategies as st
 
 from agent.buffer.async_buffer import AsyncBuffer
 from agent.buffer.config import BufferConfig
-from agent.buffer.rows import StoredRecord
-from agent.core.events import DataLoss, LossReason
+from agent.core import chain
+from agent.core.events import DataLoss, LossReason, Segments
 from agent.core.records import Block, Event, Quality
-from agent.sinks.forwarder import AgentIdentity, Forwarder, MqttConfig, _batches
+from agent.sinks.forwarder import AgentIdentity, Forwarder, MqttConfig
 from cleanroom_common.net import free_port
 from tests.support import Collector, Mosquitto, until, wait_for
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "payload.schema.json").read_text())
 IDENTITY = AgentIdentity(agent_id="gw-test", version="0.1.0", config_hash="c0ffee")
+KEY = b"k" * 32
+SOURCE = {"profile": "bioreactor", "profile_sha256": "a" * 64, "config_sha256": "b" * 64, "serial": "SN-1"}
+CLOCK = {"synced": True, "offset_s": 0.0004, "max_error_s": 0.01}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -75,6 +79,8 @@ def check_schema(value: Any, schema: dict[str, Any] | None = None, path: str = "
         assert value in s["enum"], f"{path}: {value!r} not in {s['enum']}"
     if "minimum" in s and kinds["number"](value):
         assert value >= s["minimum"], f"{path}: {value} < {s['minimum']}"
+    if "pattern" in s and isinstance(value, str):
+        assert re.search(s["pattern"], value), f"{path}: {value!r} does not match {s['pattern']}"
     if "if" in s:
         try:
             check_schema(value, s["if"], path)
@@ -94,6 +100,7 @@ def check_schema(value: Any, schema: dict[str, Any] | None = None, path: str = "
                 check_schema(value[key], sub, f"{path}.{key}")
     if isinstance(value, list):
         assert len(value) >= s.get("minItems", 0), f"{path}: too few items"
+        assert len(value) <= s.get("maxItems", len(value)), f"{path}: too many items"
         if "items" in s:
             for i, item in enumerate(value):
                 check_schema(item, s["items"], f"{path}[{i}]")
@@ -125,6 +132,25 @@ def received_seqs(messages: list[tuple[str, bytes, bool]], device: str) -> list[
     return out
 
 
+def check_chains(messages: list[tuple[str, bytes, bool]], key: bytes | None = None) -> dict[str, int]:
+    """Every data and events message is a segment published byte for byte: per stream (its topic),
+    the distinct payloads link up from i 0 by the hash of the previous one, with the key's MAC when
+    there is a key. Returns the segments per stream."""
+    streams: dict[str, list[bytes]] = {}
+    for topic, payload, _ in messages:
+        if topic != "cleanroom/agent/status" and payload not in streams.setdefault(topic, []):
+            streams[topic].append(payload)
+    for topic, payloads in streams.items():
+        prev = chain.GENESIS
+        for i, payload in enumerate(payloads):
+            seg = chain.parse(payload)
+            assert (f"cleanroom/{seg.link.stream}", seg.link.i, seg.link.prev) == (topic, i, prev)
+            assert (seg.mac is not None) == (key is not None)
+            assert key is None or chain.mac_ok(payload, key)
+            prev = seg.hash
+    return {topic.removeprefix("cleanroom/"): len(p) for topic, p in streams.items()}
+
+
 def dedup_in_order(seqs: list[int]) -> list[int]:
     seen: set[int] = set()
     return [s for s in seqs if not (s in seen or seen.add(s))]  # type: ignore[func-returns-value]
@@ -143,13 +169,14 @@ class Rig:
 async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     rigs: list[Rig] = []
 
-    async def make(port: int, **mqtt_kw: Any) -> Rig:
+    async def make(port: int, key: bytes | None = None, **mqtt_kw: Any) -> Rig:
         path = tmp_path / f"buf{len(rigs)}.db"
-        buf = AsyncBuffer(BufferConfig(path=path, synchronous="normal", commit_interval="10ms"), "gw")
+        bcfg = BufferConfig(path=path, synchronous="normal", commit_interval="10ms", segment_max_readings=40)
+        buf = AsyncBuffer(bcfg, "gw", key=key)
         await buf.open()
         cfg = MqttConfig.model_validate(
-            {"host": "127.0.0.1", "port": port, "flush_interval": "20ms", "reconnect_min": "50ms",
-             "reconnect_max": "300ms", "inflight_window": 4, "flush_max_readings": 40, **mqtt_kw}
+            {"host": "127.0.0.1", "port": port, "reconnect_min": "50ms", "reconnect_max": "300ms",
+             "inflight_window": 4, **mqtt_kw}
         )  # fmt: skip
         fw = Forwarder(cfg, buf, IDENTITY)
         await fw.start()
@@ -210,15 +237,36 @@ def persistent_broker() -> Iterator[Mosquitto]:
 # --------------------------------------------------------------------------- tests
 
 
+def v2(kind: str, items: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A version-2 payload around ``items`` (what chain.build_payload makes), as a document."""
+    bodies = [json.dumps(item) for item in items]
+    stream = "agent/audit" if kind == "audit" else f"d1/{kind}"
+    payload = chain.build_payload(kind=kind, agent="a", device="d1", stream=stream, i=0, prev=chain.GENESIS,  # type: ignore[arg-type]
+                                  source=SOURCE, clock=CLOCK, bodies=bodies, key=KEY)  # fmt: skip
+    return {**json.loads(payload), **extra}
+
+
 def test_schema_check_rejects_what_the_contract_forbids() -> None:
-    good = {"schema": "cleanroom-edge/events/1", "agent": "a", "device": "d",
-            "events": [{"seq": 1, "ts": 2, "kind": "gap", "severity": "info", "data": {}}]}  # fmt: skip
+    event = {"seq": 1, "ts": 2, "kind": "gap", "severity": "info", "data": {}}
+    good = v2("events", [event])
     check_schema(good)
+    check_schema(v2("audit", [event]))
+    check_schema({**good, "source": {}, "clock": {"synced": None, "offset_s": None, "max_error_s": None}})
+    unsigned = dict(good)
+    del unsigned["mac"]
+    check_schema(unsigned)
     for broken in (
         {**good, "extra": 1},
-        {**good, "events": [{**good["events"][0], "severity": "fatal"}]},  # type: ignore[dict-item]
+        {**good, "events": [{**event, "severity": "fatal"}]},
         {**good, "events": [{"ts": 2, "kind": "gap", "severity": "info", "data": {}}]},
         {**good, "events": []},
+        {**good, "schema": "cleanroom-edge/events/1"},
+        {**good, "mac": "00"},
+        {**good, "chain": {"stream": "d1/events", "i": -1, "prev": chain.GENESIS}},
+        {**good, "chain": {"stream": "d1/events", "i": 0, "prev": "0" * 63}},
+        {**good, "source": {**SOURCE, "owner": "x"}},
+        {**good, "clock": {"synced": "yes"}},
+        {k: v for k, v in good.items() if k != "chain"},
     ):
         with pytest.raises(AssertionError):
             check_schema(broken)
@@ -227,7 +275,7 @@ def test_schema_check_rejects_what_the_contract_forbids() -> None:
 def test_every_data_loss_reason_has_the_one_schema_shape() -> None:
     losses = [
         DataLoss(LossReason.BUFFER_FULL, readings=40, rows=2, first_seq=3, last_seq=42, first_ts=1,
-                 last_ts=9),
+                 last_ts=9, seqs=((3, 22), (30, 42)), segments=(Segments("d1/data", 0, 1),)),
         DataLoss(LossReason.UNENCODABLE, rows=1, events=1, first_seq=7, last_seq=7, first_ts=5, last_ts=5,
                  detail="TypeError: x"),
         DataLoss(LossReason.NOT_COMMITTED, readings=3, rows=1, first_seq=4, last_seq=6, first_ts=0,
@@ -235,13 +283,13 @@ def test_every_data_loss_reason_has_the_one_schema_shape() -> None:
         DataLoss(LossReason.BUFFER_CORRUPT, detail="buffer.db failed its integrity check"),
         DataLoss(LossReason.DEVICE_BUFFER_WRAPPED, first_ts=10**18, last_ts=2 * 10**18, group="counts"),
         DataLoss(LossReason.DEVICE_QUEUE_FULL, records=5, first_ts=10**18, last_ts=None, group="records"),
+        DataLoss(LossReason.QUARANTINED, readings=8, rows=2, first_seq=9, last_seq=16, seqs=((9, 16),),
+                 segments=(Segments("d1/data", 4, 4),), detail="hash mismatch"),
     ]  # fmt: skip
     assert {loss.reason for loss in losses} | {LossReason.DEVICE_BUFFER_CLEARED} == set(LossReason)
     for seq, loss in enumerate(losses):
         event = loss.event("d1", seq=seq)
-        check_schema(
-            {"schema": "cleanroom-edge/events/1", "agent": "a", "device": "d1", "events": [event.body()]}
-        )
+        check_schema(v2("events", [event.body()]))
         assert DataLoss.from_body(event.body()) == loss
     old_shape = {"reason": "device_queue_full", "group": "g", "records": 5, "after_ts": 1, "before_ts": 2}
     with pytest.raises(AssertionError, match="data"):
@@ -249,11 +297,13 @@ def test_every_data_loss_reason_has_the_one_schema_shape() -> None:
                      SCHEMA["$defs"]["event"])  # fmt: skip
 
 
-@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
-async def test_everything_committed_arrives_once_in_order(
-    mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any], protocol: str
+@pytest.mark.parametrize(("protocol", "key"), [("3.1.1", None), ("5", KEY)])
+async def test_every_segment_arrives_once_in_order_byte_for_byte(
+    mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any], protocol: str, key: bytes | None
 ) -> None:
-    rig = await make_rig(mosquitto.port, protocol=protocol)
+    rig = await make_rig(mosquitto.port, key=key, protocol=protocol)
+    rig.buf.set_source("bioreactor-1", SOURCE)
+    rig.buf.clock = lambda: CLOCK
     for i in range(60):
         rig.buf.submit([blocks_for("bioreactor-1", i), blocks_for("incubator-2", i, n=3)])
         if i % 20 == 0:
@@ -270,17 +320,20 @@ async def test_everything_committed_arrives_once_in_order(
         seqs = received_seqs(collector.messages, device)
         assert len(seqs) == 60 * n == len(set(seqs)), "no loss, no duplicates without an outage"
         assert seqs == sorted(seqs), "per-device order"
+    segments = check_chains(collector.messages, key)
+    assert set(segments) == {"bioreactor-1/data", "incubator-2/data", "incubator-2/events", "agent/audit"}
+    assert sum(segments.values()) == rig.fw.stats()["published"] == rig.fw.stats()["acked"]
     data_msgs = [json.loads(p) for t, p, _ in collector.messages if t.endswith("/data")]
-    assert all(sum(b["n"] for b in m["blocks"]) <= 40 for m in data_msgs), "flush_max_readings respected"
-    assert len(data_msgs) < 60, "readings are batched"
-    events = collector.json("/events")
-    assert [e["device"] for e in events].count("incubator-2") >= 1
-    assert any(t == "cleanroom/agent/events" for t, _, _ in collector.messages)
+    assert all(sum(b["n"] for b in m["blocks"]) <= 40 for m in data_msgs), "segment_max_readings respected"
+    assert len(data_msgs) < 120, "a segment carries what was committed together"
     for _, payload, _ in collector.messages:
         check_schema(json.loads(payload))
     first = json.loads(next(p for t, p, _ in collector.messages if t == "cleanroom/bioreactor-1/data"))
-    assert first["agent"] == "gw-test" and first["blocks"][0]["quality"][0] == "bad"
+    assert first["agent"] == "gw" and first["blocks"][0]["quality"][0] == "bad"
     assert first["blocks"][0]["reasons"][0] == "timeout" and first["blocks"][0]["values"][0] is None
+    assert first["source"] == SOURCE and first["clock"] == CLOCK
+    audit = json.loads(next(p for t, p, _ in collector.messages if t == "cleanroom/agent/audit"))
+    assert audit["schema"] == "cleanroom-edge/events/2" and audit["events"][0]["data"] == {"action": "test"}
 
 
 async def _zero(buf: AsyncBuffer) -> bool:
@@ -373,17 +426,26 @@ async def test_broker_down_at_start_does_not_fail_start(make_rig: Callable[..., 
         broker.close()
 
 
+@pytest.mark.parametrize("key", [None, KEY], ids=["unsigned", "signed"])
 async def test_status_retained_online_will_on_abrupt_loss_offline_on_stop(
-    mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any]
+    mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any], key: bytes | None
 ) -> None:
-    rig = await make_rig(mosquitto.port)
+    rig = await make_rig(mosquitto.port, key=key)
 
     def statuses() -> list[dict[str, Any]]:
-        return [json.loads(p) for t, p, _ in collector.messages if t == "cleanroom/agent/status"]
+        """Each status without its MAC; with a key, every one (the will too) is signed with it."""
+        out = []
+        for t, p, _ in collector.messages:
+            if t == "cleanroom/agent/status":
+                unsigned, mac = chain.split_mac(p)
+                assert (mac is not None) == (key is not None) and (key is None or chain.mac_ok(p, key))
+                out.append(json.loads(unsigned))
+        return out
 
     await until(lambda: [s["status"] for s in statuses()] == ["online"], what="online")
     online = statuses()[0]
     assert online["agent"] == "gw-test" and online["version"] == "0.1.0" and online["config_hash"] == "c0ffee"
+    assert online["session"] == f"{IDENTITY.started_ns}.1"
     # abrupt loss: the TCP connection dies without an MQTT DISCONNECT
     sock = rig.fw._client.socket()
     assert sock is not None
@@ -392,9 +454,11 @@ async def test_status_retained_online_will_on_abrupt_loss_offline_on_stop(
         lambda: [s["status"] for s in statuses()] == ["online", "offline", "online"], what="will, back"
     )
     assert statuses()[1]["reason"] == "connection_lost"
+    assert statuses()[1]["session"] == online["session"], "the will names the session that ended"
+    assert statuses()[2]["session"] == f"{IDENTITY.started_ns}.2"
     await rig.fw.stop(grace_s=1)
     await until(lambda: statuses()[-1]["status"] == "offline", what="offline on stop")
-    assert statuses()[-1]["reason"] == "clean_stop"
+    assert statuses()[-1]["reason"] == "clean_stop" and statuses()[-1]["session"] == statuses()[2]["session"]
     for s in statuses():
         check_schema(s)
     late = Collector(mosquitto.port, topic="cleanroom/agent/status")
@@ -403,6 +467,102 @@ async def test_status_retained_online_will_on_abrupt_loss_offline_on_stop(
         assert retained[0][2] is True and json.loads(retained[0][1])["status"] == "offline"
     finally:
         late.close()
+
+
+class Relay:
+    """A TCP relay between the forwarder and the broker that can swallow what the broker says
+    (its PUBACKs) and cut the connection: publishes reached the broker and its subscribers, but
+    the forwarder never heard so, and must send them again on the next connection."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.swallow_replies = False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._socks: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            broker = socket.create_connection(("127.0.0.1", self.target))
+            self._socks += [client, broker]
+            for src, dst, up in ((client, broker, True), (broker, client, False)):
+                t = threading.Thread(target=self._pump, args=(src, dst, up), daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if up or not self.swallow_replies:
+                    dst.sendall(data)
+        self._close(src, dst)
+
+    @staticmethod
+    def _close(*socks: socket.socket) -> None:
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def cut(self) -> None:
+        """Drop every connection made so far (new ones are relayed again)."""
+        socks, self._socks = self._socks, []
+        self._close(*socks)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self._listener.close()
+        self.cut()
+        for t in self._threads:
+            t.join(5)
+
+
+async def test_a_resent_duplicate_follows_the_new_sessions_online(
+    mosquitto: Mosquitto, collector: Collector, make_rig: Callable[..., Any]
+) -> None:
+    """What lets a verifier tell a re-send from a replay: in any capture, the second copy of a
+    message comes after the ``online`` of a newer session than the one that sent the first."""
+    relay = Relay(mosquitto.port)
+    try:
+        rig = await make_rig(relay.port)
+        await until(lambda: collector.json("/agent/status"), what="online")
+        relay.swallow_replies = True
+        for i in range(12):  # 20 readings a block, 40 a segment: 6 segments, window 4
+            rig.buf.submit([blocks_for("d1", i, n=20)])
+        await rig.buf.flush()
+        await until(lambda: len(collector.json("/d1/data")) == rig.fw.stats()["published"] == 4,
+                    what="the window reached the subscriber, unacknowledged")  # fmt: skip
+        assert rig.fw.stats()["acked"] == 0
+        relay.swallow_replies = False
+        relay.cut()
+        await until(lambda: _zero(rig.buf), what="delivered after the reconnect")
+        await until(lambda: check_chains(collector.messages).get("d1/data") == 6, what="all segments")
+        statuses = ["online", "offline", "online"]
+        await until(lambda: [s["status"] for s in collector.json("/agent/status")] == statuses,
+                    what="the will, the new session")  # fmt: skip
+        received = list(collector.messages)
+    finally:
+        relay.close()
+    status_at = {json.loads(p)["session"] + json.loads(p)["status"]: k
+                 for k, (t, p, _) in enumerate(received) if t == "cleanroom/agent/status"}  # fmt: skip
+    first, second = (f"{IDENTITY.started_ns}.{n}" for n in (1, 2))
+    assert set(status_at) == {first + "online", first + "offline", second + "online"}
+    copies: dict[bytes, list[int]] = {}
+    for k, (topic, payload, _) in enumerate(received):
+        if topic == "cleanroom/d1/data":
+            copies.setdefault(payload, []).append(k)
+    resent = [at for at in copies.values() if len(at) > 1]
+    assert len(resent) == 4 and all(len(at) == 2 for at in resent), "the unacknowledged window, once more"
+    for at in resent:
+        assert at[0] < status_at[second + "online"] < at[1]
+    assert sum(at[0] > status_at[second + "online"] for at in copies.values()) == 2, "then the rest"
 
 
 def _accepting(port: int) -> bool:
@@ -527,6 +687,10 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="Extra inputs are not permitted"):
         MqttConfig.model_validate({"host": "localhost", "qos": 2})
+    with pytest.raises(ValueError, match=r"flush_max_readings was replaced by buffer\.segment_max_readings"):
+        MqttConfig.model_validate({"host": "localhost", "flush_max_readings": 100})
+    with pytest.raises(ValueError, match=r"flush_interval was removed.*buffer\.commit_interval"):
+        MqttConfig.model_validate({"host": "localhost", "flush_interval": "20ms"})
     cfg = MqttConfig.model_validate({"host": "localhost", "password": "s3cret"})
     assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.model_dump())
     missing = MqttConfig.model_validate({"host": "localhost", "password_file": str(tmp_path / "nope")})
@@ -592,19 +756,19 @@ def acl_broker() -> Iterator[Mosquitto]:
 async def test_mqtt5_rejected_publish_stays_undelivered(
     acl_broker: Mosquitto, make_rig: Callable[..., Any]
 ) -> None:
-    """With MQTT 5 a broker that refuses a publish says so in the PUBACK: those rows stay in the
-    buffer (and are retried), the rest is delivered."""
+    """With MQTT 5 a broker that refuses a publish says so in the PUBACK: that segment stays in the
+    buffer (and is retried), the rest is delivered."""
     rig = await make_rig(acl_broker.port, protocol="5")
     rig.buf.submit([blocks_for("d1", 0), blocks_for("blocked", 0), blocks_for("d1", 1)])
     await rig.buf.flush()
     await until(lambda: rig.fw.stats()["rejected"] >= 1, what="the refused publish")
     await until(lambda: rig.fw.stats()["acked_readings"] == 8, what="the allowed ones")
     await asyncio.sleep(0.1)
-    rows = await rig.buf.pending(0, 10)
-    assert [(r.device, r.seq_first) for r in rows] == [("blocked", 4)]
+    segments = await rig.buf.pending(0, 10)
+    assert [(s.stream, s.seq_first) for s in segments] == [("blocked/data", 4)]
     # (mosquitto 2.0 also drops the connection after a denied publish; the forwarder reconnects)
     await until(lambda: rig.fw.stats()["connected"], what="connected again")
-    assert [(r.device, r.seq_first) for r in await rig.buf.pending(0, 10)] == [("blocked", 4)]
+    assert [(s.stream, s.seq_first) for s in await rig.buf.pending(0, 10)] == [("blocked/data", 4)]
 
 
 async def test_data_loss_event_is_forwarded(
@@ -627,42 +791,21 @@ async def test_data_loss_event_is_forwarded(
     events = [e for m in collector.json("/d1/events") for e in m["events"]]
     assert {e["kind"] for e in events} == {"data_loss"}
     # an older loss event that itself had to go is folded into a newer one: ranges still cover all
-    lost = {s for e in events for s in range(e["data"]["first_seq"], e["data"]["last_seq"] + 1)}
+    lost = {s for e in events for lo, hi in e["data"]["seqs"] for s in range(lo, hi + 1)}
     received = set(received_seqs(collector.messages, "d1"))
     assert not lost & received
     assert sorted(lost | received | {e["seq"] for e in events}) == list(range(200 * 20 + losses))
+    # and the removed segments are named: with the ones received, the chain of d1/data is whole
+    got = {chain.parse(p).link.i for t, p, _ in collector.messages if t == "cleanroom/d1/data"}
+    gone = {i for e in events for g in e["data"]["segments"] if g["stream"] == "d1/data"
+            for i in range(g["first_i"], g["last_i"] + 1)}  # fmt: skip
+    assert not gone & got and sorted(gone | got) == list(range(len(gone | got)))
     stats = await rig.buf.stats()
     assert (
         sum(e["data"]["readings"] for e in events) == stats["lost_readings_total"] == 200 * 20 - len(received)
     )
     for _, payload, _ in collector.messages:
         check_schema(json.loads(payload))
-
-
-@given(
-    rows=st.lists(
-        st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["data", "event"]), st.integers(0, 30))
-    ),
-    max_readings=st.integers(1, 50),
-    room=st.integers(1, 6),
-)
-def test_batches_take_an_exact_prefix_within_the_window(
-    rows: list[tuple[str, str, int]], max_readings: int, room: int
-) -> None:
-    records = [StoredRecord(i + 1, kind, dev, 0, n, 0, "{}") for i, (dev, kind, n) in enumerate(rows)]  # type: ignore[arg-type]
-    chunks, taken = _batches(records, max_readings, room)
-    assert len(chunks) <= room
-    sent = sorted(r.id for _, chunk in chunks for r in chunk)
-    assert sent == [r.id for r in records[:taken]], "exactly a prefix, each row once"
-    assert taken == len(records) or len(chunks) == room
-    for (device, kind), chunk in chunks:
-        assert all((r.device, r.kind) == (device, kind) for r in chunk)
-        assert [r.id for r in chunk] == sorted(r.id for r in chunk)
-        assert len(chunk) == 1 or sum(r.n for r in chunk) <= max_readings
-    firsts: dict[tuple[str, str], int] = {}
-    for key, chunk in chunks:  # per (device, kind), chunks follow id order
-        assert chunk[0].id > firsts.get(key, 0)
-        firsts[key] = chunk[-1].id
 
 
 async def test_replay_on_a_running_agent_is_republished(
@@ -676,9 +819,11 @@ async def test_replay_on_a_running_agent_is_republished(
     rig.buf.submit([blocks_for("d1", 0), blocks_for("d2", 0)])
     await rig.buf.flush()
     await until(lambda: _zero(rig.buf), what="delivered")
-    assert main(["buffer", "replay", "--db", str(rig.buf.cfg.path), "--device", "d1"]) == 0
+    replay = ["buffer", "replay", "--db", str(rig.buf.cfg.path), "--device", "d1"]
+    assert main([*replay, "--actor", "qa:jdoe", "--reason", "historian lost d1"]) == 0
     await until(lambda: received_seqs(collector.messages, "d1") == [0, 1, 2, 3] * 2, what="republished")
     await until(lambda: _zero(rig.buf), what="delivered again")
     assert received_seqs(collector.messages, "d2") == [4, 5, 6, 7]
-    audit = [e for m in collector.json("/agent/events") for e in m["events"]]
+    assert check_chains(collector.messages)["d1/data"] == 1, "the same segment, byte for byte"
+    audit = [e for m in collector.json("/agent/audit") for e in m["events"]]
     assert [e["data"]["action"] for e in audit] == ["buffer_replay"]

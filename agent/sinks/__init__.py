@@ -1,1 +1,1 @@
-"""Where committed records leave the gateway: the MQTT session and its payload encoders."""
+"""Where committed records leave the gateway: the MQTT session publishing stored segments unchanged."""

@@ -1,13 +1,24 @@
-"""The MQTT forwarder: publishes committed rows and releases them only on PUBACK.
+"""The MQTT forwarder: publishes committed segments and releases them only on PUBACK.
 
-Delivery is at-least-once with a bounded duplicate window: a row is marked delivered in
-the buffer only when the broker acknowledged (QoS 1) the message that carried it. Rows
-in flight when the connection drops stay in paho's session queue and are resent, in
-order, after the reconnect; rows not yet fetched stay in the buffer. A consumer
-de-duplicates by ``(agent, seq)`` (docs/payloads.md).
+A segment's payload was built once, at commit, and is the unit the integrity chain hashes
+(agent/core/chain.py): it is published byte for byte on ``{prefix}/{stream}``, one segment per
+message, never merged or re-encoded, so what a verifier downstream hashes is what was stored.
+
+Delivery is at-least-once with a bounded duplicate window: a segment is marked delivered in the
+buffer only when the broker acknowledged (QoS 1) the message that carried it. Segments in flight
+when the connection drops stay in paho's session queue and are resent, in order, after the
+reconnect; segments not yet fetched stay in the buffer. Each connection has a *session*
+(``{agent start ns}.{connection attempt}``) that its retained ``online`` status and its last will
+carry; ``online`` is published before paho re-sends anything, so a re-sent duplicate always
+follows the ``online`` of a newer session in any capture, which is how a verifier tells a
+re-send from a replay. With a key, every status message (``online``, the will, the clean-stop
+``offline``) is signed like a segment: a forged ``online`` could otherwise pass off a replay as a
+re-send.
 
 paho runs its network loop in its own thread; every callback is handed to the event
-loop with ``call_soon_threadsafe``, so all forwarder state lives on the loop. The
+loop with ``call_soon_threadsafe``, so all forwarder state lives on the loop (the one
+exception: ``online`` is published from paho's connect callback itself, the only place that
+comes before the re-sends). The
 forwarder owns reconnecting (exponential backoff with jitter): paho's own reconnect is
 off, because its delay has no jitter and a plant full of gateways would reconnect in
 lock-step after a broker restart.
@@ -23,7 +34,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
@@ -31,21 +42,27 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from agent.buffer.async_buffer import AsyncBuffer
-from agent.buffer.rows import StoredRecord
+from agent.buffer.rows import StoredSegment
+from agent.core import chain
 from agent.core.backoff import backoff_delay
 from agent.core.records import AGENT_DEVICE, Block, Event, dumps, now_ns
 from agent.core.supervise import Supervisor
-from agent.sinks.encoding import STATUS_SCHEMA, JsonEncoder, Message, PayloadEncoder
 from cleanroom_common.fields import ConfigPath, Duration, Strict, read_secret_file
 from cleanroom_common.net import is_loopback_host
 
 log = logging.getLogger("cleanroom.forwarder")
 
-FETCH_ROWS = 2000
-"""Rows read from the buffer per query: large enough to fill a message, small enough to bound memory."""
+STATUS_SCHEMA = "cleanroom-edge/status/2"
 RESCAN_INTERVAL_S = 10.0
-"""When idle, look for undelivered rows behind the cursor this often (a broker-rejected message, or a
-``buffer replay`` run while the agent is running)."""
+"""When idle, look for undelivered segments behind the cursor this often (a broker-rejected message,
+or a ``buffer replay`` run while the agent is running)."""
+REMOVED_KEYS = {
+    "flush_interval": "flush_interval was removed: each segment is published as soon as it is "
+    "committed, so buffer.commit_interval bounds the latency",
+    "flush_max_readings": "flush_max_readings was replaced by buffer.segment_max_readings "
+    "(readings per segment, which is one message)",
+}
+"""Keys older configurations have, and what replaced them."""
 
 
 TlsMode = Literal["on", "unverified", "off", "loopback"]
@@ -120,7 +137,7 @@ class MqttConfig(Strict):
     """MQTT client id; default ``cleanroom-edge-{agent id}``. Must be unique on the broker."""
     topic_prefix: str = Field(default="cleanroom", pattern=r"^[^#+]+$")
     """First level(s) of every topic: ``{prefix}/{device}/data``, ``{prefix}/{device}/events``,
-    ``{prefix}/agent/status``."""
+    ``{prefix}/agent/events``, ``{prefix}/agent/audit``, ``{prefix}/agent/status``."""
     keepalive: Duration = Field(default=30.0, ge=5)
     """MQTT keepalive: a dead connection is noticed after about 1.5 times this."""
     username: str | None = None
@@ -132,12 +149,8 @@ class MqttConfig(Strict):
     tls: TlsConfig = Field(default_factory=TlsConfig, validate_default=True)
     """TLS settings."""
     inflight_window: int = Field(default=16, ge=1, le=1000)
-    """Maximum unacknowledged publishes (data and events). Bounds memory and the duplicates a
-    reconnect can cause."""
-    flush_interval: Duration = Field(default=0.2, gt=0)
-    """After new rows are committed, wait this long to batch them into fewer, larger messages."""
-    flush_max_readings: int = Field(default=5000, ge=1)
-    """Readings per data message at most; reaching it also ends the wait of ``flush_interval``."""
+    """Maximum unacknowledged publishes (segments: data, events, audit). Bounds memory and the
+    duplicates a reconnect can cause."""
     reconnect_min: Duration = Field(default=1.0, gt=0)
     """First reconnect delay; doubles per failed attempt up to ``reconnect_max``, and each wait is
     jittered to between half and all of it."""
@@ -145,6 +158,16 @@ class MqttConfig(Strict):
     """Upper bound of the reconnect delay, jitter included."""
     connect_timeout: Duration = Field(default=5.0, gt=0)
     """Time allowed for the TCP and TLS handshake of one connection attempt."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        """An upgraded gateway's old configuration says what to write instead, not just "extra input"."""
+        if isinstance(data, dict):
+            old = [REMOVED_KEYS[k] for k in REMOVED_KEYS if k in data]
+            if old:
+                raise ValueError("; ".join(old))
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> MqttConfig:
@@ -208,24 +231,21 @@ class AgentIdentity:
     version: str
     config_hash: str
     site: str = ""
+    started_ns: int = field(default_factory=now_ns)
+    """When the agent started: the first half of every connection's session."""
 
 
 class Forwarder:
-    """Committed rows -> MQTT, one paho client for the agent's lifetime."""
+    """Committed segments -> MQTT, one paho client for the agent's lifetime."""
 
-    def __init__(
-        self,
-        cfg: MqttConfig,
-        buffer: AsyncBuffer,
-        identity: AgentIdentity,
-        encoder: PayloadEncoder | None = None,
-    ) -> None:
+    def __init__(self, cfg: MqttConfig, buffer: AsyncBuffer, identity: AgentIdentity) -> None:
         self.cfg = cfg
         self.buffer = buffer
         self.identity = identity
-        self.encoder = encoder or JsonEncoder(identity.agent_id)
         self.client_id = cfg.client_id or f"cleanroom-edge-{identity.agent_id}"
         self.status_topic = f"{cfg.topic_prefix}/{AGENT_DEVICE}/status"
+        self._key = buffer.core.key
+        """The key the buffer signs segments with: the status messages are signed with it too."""
         self._password = cfg.resolve_password()
         self._ssl = cfg.tls.context() if cfg.tls.enabled else None
         self._client = self._make_client()
@@ -234,6 +254,10 @@ class Forwarder:
         self.tasks = Supervisor("forwarder", log)
         """Owns the loops: one that raises is logged once, counted and restarted with backoff."""
         self._client_lock = threading.Lock()
+        self._attempts = 0
+        self._session = ""
+        """``{agent start ns}.{connection attempt}``: set (with the will) before each attempt, under
+        the client lock; read by paho's thread when that connection is accepted."""
         self._stopping = False
         self._connected = False
         self._refused = False
@@ -242,11 +266,9 @@ class Forwarder:
         self._mark_wake = asyncio.Event()
         self._marking = False
         self._cursor = 0
-        self._inflight: dict[int, Message] = {}
+        self._inflight: dict[int, StoredSegment] = {}
         self._to_mark: list[int] = []
         self._status_acks: dict[int, asyncio.Future[None]] = {}
-        self._notified = 0
-        self._notified_since = 0.0
         self._last_rescan = 0.0
         self._counts = dict.fromkeys(
             ("published", "published_readings", "acked", "acked_readings", "rejected", "reconnects"), 0
@@ -272,13 +294,16 @@ class Forwarder:
             client.username_pw_set(self.cfg.username, self._password)
         if self._ssl is not None:
             client.tls_set_context(self._ssl)
-        will = {"schema": STATUS_SCHEMA, "status": "offline", "agent": self.identity.agent_id,
-                "reason": "connection_lost"}  # fmt: skip
-        client.will_set(self.status_topic, dumps(will), qos=1, retain=True)
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_publish = self._paho_publish
         return client
+
+    def _status(self, status: Literal["online", "offline"], **extra: Any) -> bytes:
+        doc = {"schema": STATUS_SCHEMA, "status": status, "agent": self.identity.agent_id,
+               "session": self._session, **extra}  # fmt: skip
+        text = dumps(doc).encode()
+        return text if self._key is None else chain.sign(text, self._key)
 
     def _to_loop(self, fn: Any, *args: Any) -> None:
         loop = self._loop
@@ -286,6 +311,13 @@ class Forwarder:
             loop.call_soon_threadsafe(fn, *args)
 
     def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            # Here, on paho's thread, not on the loop: paho re-sends the unacknowledged publishes as
+            # soon as this callback returns, and the new session's online must come before them.
+            online = self._status("online", version=self.identity.version,
+                                  config_hash=self.identity.config_hash, site=self.identity.site,
+                                  ts=now_ns())  # fmt: skip
+            client.publish(self.status_topic, online, qos=1, retain=True)
         self._to_loop(self._on_connect, not reason.is_failure, str(reason))
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -295,14 +327,19 @@ class Forwarder:
         self._to_loop(self._on_puback, mid, not reason.is_failure, str(reason))
 
     def _connect_blocking(self) -> bool:
-        """One connection attempt (TCP, TLS, CONNECT), then paho's network thread. Under the client
-        lock so :meth:`stop` never races a half-made connection."""
+        """One connection attempt (TCP, TLS, CONNECT) in a new session, then paho's network thread.
+        Under the client lock so :meth:`stop` never races a half-made connection."""
         with self._client_lock:
             if self._stopping:
                 return False
             self._refused = False
             client = self._client
             client.loop_stop()
+            self._attempts += 1
+            self._session = f"{self.identity.started_ns}.{self._attempts}"
+            # the broker publishes this if the connection dies: it names the session that ended
+            will = self._status("offline", reason="connection_lost")
+            client.will_set(self.status_topic, will, qos=1, retain=True)
             if self.cfg.protocol == "5":
                 client.connect(self.cfg.host, self.cfg.port, int(self.cfg.keepalive), clean_start=True)
             else:
@@ -327,11 +364,7 @@ class Forwarder:
             return
         self._connected = True
         self._connected_since = time.monotonic()
-        log.info("connected to broker %s:%d", self.cfg.host, self.cfg.port)
-        online = {"schema": STATUS_SCHEMA, "status": "online", "agent": self.identity.agent_id,
-                  "version": self.identity.version, "config_hash": self.identity.config_hash,
-                  "site": self.identity.site, "ts": now_ns()}  # fmt: skip
-        self._client.publish(self.status_topic, dumps(online), qos=1, retain=True)
+        log.info("connected to broker %s:%d (session %s)", self.cfg.host, self.cfg.port, self._session)
         self._wake.set()
 
     def _on_disconnect(self, reason: str) -> None:
@@ -355,26 +388,23 @@ class Forwarder:
             if not status.done():
                 status.set_result(None)
             return
-        msg = self._inflight.pop(mid, None)
-        if msg is None:
+        seg = self._inflight.pop(mid, None)
+        if seg is None:
             return
         if ok:
             self._counts["acked"] += 1
-            self._counts["acked_readings"] += _readings(msg.records)
-            self._to_mark.extend(r.id for r in msg.records)
+            self._counts["acked_readings"] += seg.n_readings
+            self._to_mark.append(seg.id)
             self._mark_wake.set()
         else:
-            # The rows stay undelivered; the idle rescan sends them again.
-            self.buffer.unclaim(r.id for r in msg.records)
+            # The segment stays undelivered; the idle rescan sends it again.
+            self.buffer.unclaim([seg.id])
             self._counts["rejected"] += 1
             self._last_error = f"broker rejected a publish: {reason}"
-            log.error("broker rejected a publish of %d rows: %s", len(msg.records), reason)
+            log.error("broker rejected segment %d of %s: %s", seg.i, seg.stream, reason)
         self._wake.set()
 
     def _on_commit(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
-        if not self._notified:
-            self._notified_since = time.monotonic()
-        self._notified += sum(len(b.values) for b in blocks) + len(events)
         self._wake.set()
 
     # ------------------------------------------------------------------ tasks
@@ -418,19 +448,12 @@ class Forwarder:
             )
 
     async def _pump(self) -> None:
-        cfg = self.cfg
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), RESCAN_INTERVAL_S)
             self._wake.clear()
             if not self._connected:
                 continue
-            if self._notified and self._notified < cfg.flush_max_readings:
-                # Fresh data: let a batch accumulate (bounded by flush_interval from its first commit).
-                delay = cfg.flush_interval - (time.monotonic() - self._notified_since)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            self._notified = 0
             self._maybe_rewind()
             try:
                 await self._fill()
@@ -440,9 +463,9 @@ class Forwarder:
                 await asyncio.sleep(1.0)
 
     def _maybe_rewind(self) -> None:
-        """Rows behind the cursor that are still undelivered were rejected or replayed: start over
-        from the oldest undelivered row, but only when nothing is in flight or waiting to be marked,
-        so no acknowledged row is sent twice."""
+        """Segments behind the cursor that are still undelivered were rejected or replayed: start
+        over from the oldest undelivered one, but only when nothing is in flight or waiting to be
+        marked, so no acknowledged segment is sent twice."""
         now = time.monotonic()
         if now - self._last_rescan < RESCAN_INTERVAL_S or self._inflight or self._to_mark or self._marking:
             return
@@ -450,26 +473,24 @@ class Forwarder:
         self._cursor = 0
 
     async def _fill(self) -> None:
-        window = self.cfg.inflight_window
-        while self._connected and len(self._inflight) < window:
-            # claimed as in flight: buffer overflow keeps them until the broker's answer (honest loss counts)
-            records = await self.buffer.take_for_sending(self._cursor, FETCH_ROWS)
-            if not records:
+        """Publish the next segments, exactly as many as the window has room for: what is taken is
+        claimed as in flight (buffer overflow keeps it until the broker's answer, so a loss count
+        never includes what the broker may have) and the cursor moves past it."""
+        while self._connected and (room := self.cfg.inflight_window - len(self._inflight)) > 0:
+            segments = await self.buffer.take_for_sending(self._cursor, room)
+            if not segments:
                 return
-            chunks, taken = _batches(records, self.cfg.flush_max_readings, window - len(self._inflight))
-            self.buffer.unclaim(r.id for r in records[taken:])
-            self._cursor = records[taken - 1].id
-            for (device, kind), chunk in chunks:
-                for msg in self.encoder.encode(device, kind, chunk):
-                    self._publish(device, msg)
+            for seg in segments:
+                self._publish(seg)
+            self._cursor = segments[-1].id
 
-    def _publish(self, device: str, msg: Message) -> None:
-        info = self._client.publish(f"{self.cfg.topic_prefix}/{device}/{msg.suffix}", msg.payload, qos=1)
+    def _publish(self, seg: StoredSegment) -> None:
+        info = self._client.publish(f"{self.cfg.topic_prefix}/{seg.stream}", seg.payload, qos=1)
         # Even when the connection just dropped, paho keeps a QoS 1 message queued and sends it on
         # reconnect; only a full queue loses it (cannot happen: the window bounds it).
-        self._inflight[info.mid] = msg
+        self._inflight[info.mid] = seg
         self._counts["published"] += 1
-        self._counts["published_readings"] += _readings(msg.records)
+        self._counts["published_readings"] += seg.n_readings
 
     async def _marker(self) -> None:
         while True:
@@ -483,7 +504,7 @@ class Forwarder:
                 except Exception as exc:
                     # Not marked means sent again later: a duplicate, never a loss.
                     self._last_error = f"marking delivered failed: {exc}"
-                    log.exception("marking %d rows delivered failed", len(ids))
+                    log.exception("marking %d segments delivered failed", len(ids))
                 finally:
                     self._marking = False
 
@@ -504,9 +525,8 @@ class Forwarder:
             await asyncio.sleep(0.02)
         self._tasks[1].cancel()  # the pump: nothing new is published from here on
         if self._connected:
-            offline = {"schema": STATUS_SCHEMA, "status": "offline", "agent": self.identity.agent_id,
-                       "reason": "clean_stop", "ts": now_ns()}  # fmt: skip
-            info = self._client.publish(self.status_topic, dumps(offline), qos=1, retain=True)
+            offline = self._status("offline", reason="clean_stop", ts=now_ns())
+            info = self._client.publish(self.status_topic, offline, qos=1, retain=True)
             ack = loop.create_future()
             self._status_acks[info.mid] = ack
             try:
@@ -526,7 +546,7 @@ class Forwarder:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._connected = False
-        self.buffer.unclaim(r.id for msg in self._inflight.values() for r in msg.records)  # not in flight now
+        self.buffer.unclaim(seg.id for seg in self._inflight.values())  # not in flight now
         log.info("forwarder stopped: %s", self.stats())
 
     def stats(self) -> dict[str, Any]:
@@ -538,32 +558,3 @@ class Forwarder:
             "inflight": len(self._inflight),
             "last_error": self._last_error,
         }
-
-
-def _readings(records: Sequence[StoredRecord]) -> int:
-    return sum(r.n for r in records if r.kind == "data")
-
-
-def _batches(
-    records: Sequence[StoredRecord], max_readings: int, room: int
-) -> tuple[list[tuple[tuple[str, str], list[StoredRecord]]], int]:
-    """Messages-to-be for the longest prefix of ``records`` (id order) that fits in ``room``
-    messages: per (device, kind), consecutive rows up to ``max_readings`` readings each. Returns the
-    chunks in the order they were opened (per device: id order) and the prefix length, which is
-    where the cursor goes: rows past it were not sent, so the window is exact and nothing is sent
-    twice."""
-    chunks: list[tuple[tuple[str, str], list[StoredRecord]]] = []
-    open_chunk: dict[tuple[str, str], list[StoredRecord]] = {}
-    size: dict[tuple[str, str], int] = {}
-    taken = 0
-    for r in records:
-        key = (r.device, r.kind)
-        if key not in open_chunk or size[key] + r.n > max_readings:
-            if len(chunks) >= room:
-                break
-            open_chunk[key], size[key] = [], 0
-            chunks.append((key, open_chunk[key]))
-        open_chunk[key].append(r)
-        size[key] += r.n
-        taken += 1
-    return chunks, taken
