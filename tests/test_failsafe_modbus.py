@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from agent.buffer.rows import StoredRecord, encode
+from agent.buffer.rows import encode
+from agent.core.chain import GENESIS, build_payload
 from agent.core.driver import DeviceContext, DeviceError, build_groups
 from agent.core.records import Block
-from agent.sinks.encoding import JsonEncoder
 from cleanroom_common.codec import DataType
 from cleanroom_common.codec import encode as encode_value
 from drivers.modbus.driver import Connection, ModbusDriver
@@ -376,10 +376,11 @@ async def test_64_bit_integers_above_2_pow_53_stay_exact_into_the_json_payload()
                 await driver.close()
             block.seq_first = 1
             body = encode(block)
-            record = StoredRecord(1, "data", "dev", 1, len(block), block.acq_ts_ns, body)
-            (message,) = JsonEncoder("agent").encode("dev", "data", [record])
-            text = message.payload.decode()
-            assert str(big_signed) in text
-            (payload_block,) = json.loads(message.payload)["blocks"]
+            payload = build_payload(
+                kind="data", agent="agent", device="dev", stream="dev/data", i=0, prev=GENESIS,
+                source=None, clock=None, bodies=[body],
+            )  # fmt: skip
+            assert str(big_signed) in payload.decode()
+            (payload_block,) = json.loads(payload)["blocks"]
             assert payload_block["values"] == [big_signed, big_unsigned][: len(group)]
             assert all(type(v) is int for v in payload_block["values"])

@@ -187,7 +187,8 @@ def group_of(n: int, scaled: bool) -> PollGroup:
 
 def check(block: Block) -> int:
     """Every reading is good, uncertain or bad, a bad one has no value, and the block encodes
-    as strict JSON with timestamps that fit the buffer's 64-bit columns."""
+    as strict JSON (its raw values too, when it keeps them) with timestamps that fit the
+    buffer's 64-bit columns."""
     block.seq_first = 1
     dumps(block.body())
     ts = block.source_ts_ns
@@ -218,7 +219,7 @@ def test_ten_thousand_odd_data_values_become_readings_not_exceptions() -> None:
         conv = Converted(n)
         for i in range(n):
             conv.set(i, odd_data_value(rng))
-        bad += check(conv.finish(group, time.time_ns()))
+        bad += check(conv.finish(group, time.time_ns(), record_raw=round_ % 4 < 2))
         total += n
     for value in ODD_SCALARS:  # each listed one, in each shape, at least once
         for dv in (ua.DataValue(Value=None), ua.DataValue()):
@@ -226,7 +227,7 @@ def test_ten_thousand_odd_data_values_become_readings_not_exceptions() -> None:
             dv.Value.Value = value
             conv = Converted(1)
             conv.set(0, dv)
-            bad += check(conv.finish(group_of(1, True), time.time_ns()))
+            bad += check(conv.finish(group_of(1, True), time.time_ns(), record_raw=True))
             total += 1
     assert total >= 10_000
     assert 0 < bad < total, "some odd values are bad readings, some are good"

@@ -10,7 +10,9 @@ entry-point group (see :func:`driver_for`). Its three pydantic models say what i
 * ``Connection``: the ``connection:`` block of a device instance in the agent config.
 
 The scheduler owns timing, timeouts and reconnects; a driver only connects, reads a
-poll group (or subscribes to one) and closes. A driver that needs a task of its own (a
+poll group (or subscribes to one) and closes. On every connect it reports who the device
+says it is (:meth:`DeviceContext.identify`), and with the connection's ``record_raw`` its
+blocks keep each value as the device sent it (``Block.raw``). A driver that needs a task of its own (a
 drain, a keep-alive) starts it with ``ctx.tasks.spawn`` (see :class:`DeviceContext`).
 Device problems are data, not crashes: a reply that cannot be decoded becomes bad-quality readings (see
 :meth:`PollGroup.finish`), and a lost connection is a :class:`DeviceError`, which the
@@ -73,6 +75,29 @@ class GroupSpec(Strict):
     """Time allowed for one poll of the group; defaults to the connection's timeout."""
 
 
+class IdentityTags(Strict):
+    """Which tags of the profile name the instrument: serial number, firmware, model, vendor.
+
+    Read once on every connect, their values become the device's :class:`DeviceIdentity`
+    (the ``source`` of its data, so every record names the instrument that measured it).
+    Each field names a tag of the profile; the tag's value as the device sent it (before
+    scale and offset) is taken as text. A tag needed only here can sit in a group of its
+    own with a long interval."""
+
+    serial: str | None = None
+    """Tag holding the instrument's serial number."""
+    firmware: str | None = None
+    """Tag holding the firmware (software) version."""
+    model: str | None = None
+    """Tag holding the model (product) name."""
+    vendor: str | None = None
+    """Tag holding the manufacturer's name."""
+
+    def named(self) -> dict[str, str]:
+        """Identity field → tag name, for the fields the profile names."""
+        return {k: v for k, v in self.model_dump().items() if isinstance(v, str)}
+
+
 class ProfileBase(Strict):
     """A device profile: the register/node map of one device model, as data."""
 
@@ -88,6 +113,9 @@ class ProfileBase(Strict):
     """Poll groups by name."""
     tags: list[TagBase]
     """The tags, in payload order."""
+    identity: IdentityTags | None = None
+    """Tags whose values identify the device (serial number, firmware, model, vendor), read on
+    every connect (Modbus, OPC UA). A serial counter reports its serial number by itself."""
 
     @model_validator(mode="after")
     def _tags_consistent(self) -> ProfileBase:
@@ -98,6 +126,10 @@ class ProfileBase(Strict):
             seen.add(tag.name)
             if tag.group not in self.groups:
                 raise ValueError(f"tag {tag.name!r} names group {tag.group!r}, which is not in groups")
+        if self.identity is not None:
+            for field_name, tag_name in self.identity.named().items():
+                if tag_name not in seen:
+                    raise ValueError(f"identity.{field_name} names tag {tag_name!r}, which is not in tags")
         return self
 
 
@@ -110,6 +142,12 @@ class ConnectionBase(Strict):
     """First reconnect delay after a failure; doubles on each failure (with jitter)."""
     backoff_max: Duration = 60.0
     """Upper bound of the reconnect delay."""
+    record_raw: bool = False
+    """Keep each reading's value as the device sent it (``raw`` in the block, beside the
+    engineering ``values``): register words, the node's value before scale and offset, a
+    record's field text. For records that must be kept in their original form (ALCOA+
+    "original"); costs payload and buffer space, nothing when off. Bad readings keep what the
+    device sent; raw is null only where nothing was received."""
 
 
 # --------------------------------------------------------------------------- runtime
@@ -125,6 +163,49 @@ class DeviceError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """Who the device says it is: what makes its records attributable to one instrument.
+
+    Every field is what the device itself reported on this connection, or ``None`` where it
+    reports nothing (or its reply could not be read): never guessed, never carried over from
+    an earlier connection, so a swapped instrument cannot inherit its predecessor's serial number.
+    """
+
+    serial: str | None = None
+    firmware: str | None = None
+    model: str | None = None
+    vendor: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        """The known fields (the keys of a segment's ``source`` they fill)."""
+        return {
+            k: v for k in ("serial", "firmware", "model", "vendor") if (v := getattr(self, k)) is not None
+        }
+
+
+IDENTITY_UNAVAILABLE = "identity_unavailable"
+"""Error kind counted when the device's identity (or part of it) could not be read."""
+
+IDENTITY_TEXT_MAX = 128
+"""Longest identity text kept: a longer one is noise, not a serial number."""
+
+
+def identity_text(value: object) -> str | None:
+    """An identity value as text, or ``None`` when it cannot be one: empty, too long, or
+    holding control characters (a garbled reply must not pass as an instrument's name)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value).strip()
+    if not text or len(text) > IDENTITY_TEXT_MAX or not text.isprintable():
+        return None
+    return text
+
+
+def _no_identity_listener(identity: DeviceIdentity) -> None:
+    """Default :attr:`DeviceContext.on_identity`: a driver run without a runtime (tests, bench)."""
 
 
 @dataclass
@@ -188,31 +269,38 @@ class PollGroup:
 
     def finish(
         self,
-        raw: np.ndarray | Sequence[Value],
+        readings: np.ndarray | Sequence[Value],
         *,
         acq_ts_ns: int | None = None,
         quality: list[Quality] | None = None,
         reasons: list[str | None] | None = None,
         source_ts_ns: int | list[int | None] | None = None,
         state: dict[str, str] | None = None,
+        device_raw: Sequence[Value | list[int]] | None = None,
     ) -> Block:
         """Apply scale/offset, mark non-finite values bad (``decode_error``) and values
         outside the tag's range bad (``out_of_range``), and build the block.
 
-        ``raw`` holds one value per tag of the group, in group order. Numeric input
+        ``readings`` holds one decoded value per tag of the group, in group order. Numeric input
         should be a float64 array (the vectorised path); a list may hold non-numeric
         values (strings, booleans, ``None`` for readings the driver already marked bad),
-        which pass through untransformed.
+        which pass through untransformed. ``device_raw`` (only when the device records raw
+        values) is what the device sent for each tag; it becomes the block's ``raw``, null
+        for every reading that ends up bad.
         """
         n = len(self.tags)
-        if len(raw) != n:
-            raise ValueError(f"group {self.name!r} has {n} tags, driver produced {len(raw)} values")
+        if len(readings) != n:
+            raise ValueError(f"group {self.name!r} has {n} tags, driver produced {len(readings)} values")
+        if device_raw is not None and len(device_raw) != n:
+            raise ValueError(
+                f"group {self.name!r} has {n} tags, driver produced {len(device_raw)} raw values"
+            )
         values: list[Value]
-        if isinstance(raw, np.ndarray):
+        if isinstance(readings, np.ndarray):
             # Integer registers read without scaling stay integers (``7``, not ``7.0``) and
             # cannot be NaN: the common case of large register maps skips both conversions.
-            integral = self._identity and np.issubdtype(raw.dtype, np.integer)
-            arr = raw if integral else raw.astype(np.float64, copy=False)
+            integral = self._identity and np.issubdtype(readings.dtype, np.integer)
+            arr = readings if integral else readings.astype(np.float64, copy=False)
             if not self._identity:
                 arr = arr * self._scale + self._offset
             bad_nan = None if integral else ~np.isfinite(arr)
@@ -236,7 +324,7 @@ class PollGroup:
             reasons = list(reasons) if reasons is not None else [None] * n
             values = [
                 None if quality[i] is Quality.BAD else self._transform_one(i, v, quality, reasons)
-                for i, v in enumerate(raw)
+                for i, v in enumerate(readings)
             ]
         if quality is not None and all(q is Quality.GOOD for q in quality):
             quality, reasons = None, None
@@ -251,6 +339,7 @@ class PollGroup:
             reasons=reasons,
             source_ts_ns=source_ts_ns,
             state=state,
+            raw=None if device_raw is None else list(device_raw),
         )
 
     def _transform_one(self, i: int, v: Value, quality: list[Quality], reasons: list[str | None]) -> Value:
@@ -291,6 +380,27 @@ class DeviceContext:
     scheduler is told at once (a :class:`DeviceError` as a lost link, anything else as a
     ``driver_error``), shows bad readings and reconnects, which starts the task again. The scheduler
     also cancels these tasks whenever it closes the driver, so none outlives its connection."""
+    on_identity: Callable[[DeviceIdentity], None] = _no_identity_listener
+    """Set by the runtime: hears the device's identity whenever a driver reports it (:meth:`identify`)."""
+    identity: DeviceIdentity | None = None
+    """The identity reported on the current connection; ``None`` before the first report."""
+
+    def identify(self, identity: DeviceIdentity) -> None:
+        """Report the device's identity; a driver calls it on every connect with what the device
+        said this time (an empty :class:`DeviceIdentity` when it said nothing readable, so the
+        previous instrument's identity no longer applies). A failing listener is logged and
+        counted, never the device's failure: identity is never a reason to stop acquiring."""
+        self.identity = identity
+        try:
+            self.on_identity(identity)
+        except Exception:
+            self.stats.error("identity_listener_failed")
+            logging.getLogger("cleanroom.drivers").exception("%s: identity listener failed", self.id)
+
+    @property
+    def record_raw(self) -> bool:
+        """Whether blocks carry the device's raw values (``record_raw`` of the connection)."""
+        return self.connection.record_raw
 
 
 Emit = Callable[[Block], None]

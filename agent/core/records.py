@@ -94,6 +94,11 @@ class Block:
     events: list[Event] | None = None
     """Events the driver detected while reading this block (e.g. records lost at a
     counter whose buffer wrapped), committed with it; not part of the block's body."""
+    raw: list[Value | list[int]] | None = None
+    """The values as the device sent them, one per reading (register words: an int, or a
+    list for a value spanning several registers; a node's value before scale and offset; a
+    record's field text), null where nothing was received; ``None`` unless the device's
+    ``record_raw`` is on."""
 
     def __len__(self) -> int:
         return len(self.values)
@@ -137,6 +142,8 @@ class Block:
             "units": list(self.units),
             "values": self.values,
         }
+        if self.raw is not None:
+            out["raw"] = self.raw
         if self.quality is not None:
             out["quality"] = [str(q) for q in self.quality]
             out["reasons"] = self.reasons

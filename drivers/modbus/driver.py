@@ -27,16 +27,19 @@ from typing import ClassVar
 import numpy as np
 
 from agent.core.driver import (
+    IDENTITY_UNAVAILABLE,
     ConnectionBase,
     DeviceContext,
     DeviceError,
+    DeviceIdentity,
     Driver,
     GroupSpec,
     PollGroup,
     ProfileBase,
     TagBase,
+    identity_text,
 )
-from agent.core.records import Block, Reason, now_ns
+from agent.core.records import Block, Quality, Reason, now_ns
 from cleanroom_common.modbus import BIT_TABLES, Table
 from drivers.modbus.bus import BadReply, Bus, Garbled, acquire_bus, release_bus
 from drivers.modbus.config import Connection, Group, Profile, Tag, as_tag
@@ -50,7 +53,7 @@ from drivers.modbus.frames import (
     Reply,
     Request,
 )
-from drivers.modbus.plan import Outcome, Plan, build_plan, decode_plan
+from drivers.modbus.plan import Outcome, Plan, build_plan, decode_plan, raw_values
 from drivers.modbus.records import RecordReader
 
 log = logging.getLogger("cleanroom.modbus")
@@ -112,6 +115,12 @@ class ModbusDriver(Driver):
                 self._records[name] = RecordReader(self, group, spec.records, tags)
             else:
                 self._plans[name] = build_plan(tags, self.conn)
+        self._identity: tuple[list[str], Plan] | None = None
+        """Identity fields and the plan reading their tags (the profile's ``identity``)."""
+        if ctx.profile.identity is not None and (named := ctx.profile.identity.named()):
+            specs = {t.name: t for t in ctx.profile.tags}
+            self._identity = (list(named), build_plan([as_tag(specs[n]) for n in named.values()], self.conn))
+        self._identity_logged = False
         self._bus: Bus | None = None
         self._misses = 0
         self._degraded_until = 0.0
@@ -124,6 +133,37 @@ class ModbusDriver(Driver):
         return group.name in self._records
 
     async def connect(self) -> None:
+        await self._open()
+        if self._identity is not None:
+            self.ctx.identify(await self._read_identity(*self._identity))
+
+    async def _read_identity(self, fields: list[str], plan: Plan) -> DeviceIdentity:
+        """The profile's identity tags, read once per connection within one timeout: a device that
+        cannot tell who it is still measures, so every failure leaves the field unknown, counted
+        (``identity_unavailable``) and logged once per driver, never fails the connect."""
+        found: dict[str, str] = {}
+        problem = ""
+        try:
+            outcome = await asyncio.wait_for(self.execute(plan), self.conn.timeout)
+        except (DeviceError, TimeoutError) as exc:
+            problem = f"reading identity registers: {exc or 'timeout'}"
+        else:
+            values, quality, reasons = decode_plan(plan, outcome.regs, outcome.bits, outcome.failed)
+            for i, name in enumerate(fields):
+                text = None if quality and quality[i] is Quality.BAD else identity_text(values[i])
+                if text is None:
+                    why = reasons[i] if reasons and reasons[i] else f"unusable value {values[i]!r}"
+                    problem = problem or f"identity {name}: {why}"
+                else:
+                    found[name] = text
+        if problem:
+            self.ctx.stats.error(IDENTITY_UNAVAILABLE)
+            if not self._identity_logged:
+                self._identity_logged = True
+                log.warning("%s: device identity incomplete (%s)", self.ctx.id, problem)
+        return DeviceIdentity(**found)
+
+    async def _open(self) -> None:
         if self._bus is None:
             self._bus = acquire_bus(self.conn)
         try:
@@ -152,7 +192,7 @@ class ModbusDriver(Driver):
         if bus is not None and not bus.connected and bus.lost is not None:
             raise bus.lost  # dropped for junk: the scheduler backs off before reconnecting
         if bus is None or not bus.connected:
-            await self.connect()  # first poll, or the link closed after the last scan
+            await self._open()  # first poll, or the link closed after the last scan
         bus = self._bus
         assert bus is not None
         bus.scans += 1
@@ -161,11 +201,11 @@ class ModbusDriver(Driver):
             if reader is not None:
                 return await reader.read()
             acq = now_ns()
-            outcome = await self.execute(self._plans[group.name])
-            values, quality, reasons = decode_plan(
-                self._plans[group.name], outcome.regs, outcome.bits, outcome.failed
-            )
-            return [group.finish(values, acq_ts_ns=acq, quality=quality, reasons=reasons)]
+            plan = self._plans[group.name]
+            outcome = await self.execute(plan)
+            values, quality, reasons = decode_plan(plan, outcome.regs, outcome.bits, outcome.failed)
+            raw = raw_values(plan, outcome) if self.ctx.record_raw else None
+            return [group.finish(values, acq_ts_ns=acq, quality=quality, reasons=reasons, device_raw=raw)]
         finally:
             bus.scans -= 1
             if self.conn.close_after_scan and bus.scans == 0:

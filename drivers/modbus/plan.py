@@ -83,6 +83,8 @@ class Plan:
     n_tags: int
     fast: npt.DTypeLike | None
     """Result dtype when the whole group decodes as one numeric array, else ``None``."""
+    slots: list[tuple[bool, int, int]]
+    """(in the bit image, image position, width) of each tag: where its raw words are."""
 
 
 def build_plan(tags: Sequence[Tag], conn: Connection) -> Plan:
@@ -147,6 +149,7 @@ def build_plan(tags: Sequence[Tag], conn: Connection) -> Plan:
         other=other,
         n_tags=len(tags),
         fast=fast,
+        slots=[(table in BIT_TABLES, position[i], width) for i, (table, _, width) in enumerate(located)],
     )
 
 
@@ -181,6 +184,24 @@ def decode_plan(
     for i, reason in failed.items():
         values[i], quality[i], reasons[i] = None, Quality.BAD, reason
     return values, quality, reasons
+
+
+def raw_values(plan: Plan, outcome: Outcome) -> list[Value | list[int]]:
+    """Each tag's words as the device sent them (``record_raw``): a coil or discrete input as a
+    bool, one register as an int, a value spanning several registers as the list of them, a
+    bit field as its whole register; ``None`` only for a tag whose read failed (nothing came
+    back). A tag that decodes badly keeps its words: they are the original a reviewer needs."""
+    out: list[Value | list[int]] = []
+    for i, (bit, at, width) in enumerate(plan.slots):
+        if i in outcome.failed:
+            out.append(None)
+        elif bit:
+            out.append(bool(outcome.bits[at]))
+        elif width == 1:
+            out.append(int(outcome.regs[at]))
+        else:
+            out.append(outcome.regs[at : at + width].tolist())
+    return out
 
 
 @dataclass

@@ -15,7 +15,7 @@ from agent.core.driver import DeviceContext, PollGroup
 from agent.core.events import DataLoss, LossReason
 from agent.core.records import Block, Event, Quality, Reason, Value, now_ns
 from drivers.modbus.config import Connection, RecordLayout, Tag
-from drivers.modbus.plan import Outcome, Plan, build_plan, decode_plan
+from drivers.modbus.plan import Outcome, Plan, build_plan, decode_plan, raw_values
 
 _NS = 1_000_000_000
 """Nanoseconds per second: the device keeps record times in whole seconds."""
@@ -66,11 +66,14 @@ class RecordReader:
         self.last_count: int | None = None
 
     async def _values(self, plan: Plan) -> list[Value]:
+        return (await self._read(plan))[0]
+
+    async def _read(self, plan: Plan) -> tuple[list[Value], Outcome]:
         outcome = await self.driver.execute(plan)
         values, _, _ = decode_plan(plan, outcome.regs, outcome.bits, outcome.failed)
         if outcome.failed:
             raise _RecordUnavailable(next(iter(outcome.failed.values())))
-        return values.tolist() if isinstance(values, np.ndarray) else values
+        return (values.tolist() if isinstance(values, np.ndarray) else values), outcome
 
     async def _select(self, index: int) -> None:
         refused = await self.driver.write_register(self.index_address, index)
@@ -169,11 +172,12 @@ class RecordReader:
     async def _record(self, index: int) -> Block:
         acq = now_ns()
         await self._select(index)
-        values = await self._values(self.record_plan)
+        values, outcome = await self._read(self.record_plan)
         ts = values[self.ts_index]
         if not isinstance(ts, int):
             raise _RecordUnavailable(Reason.DECODE_ERROR)
-        block = self.group.finish(values, acq_ts_ns=acq, source_ts_ns=ts * _NS)
+        raw = raw_values(self.record_plan, outcome) if self.driver.ctx.record_raw else None
+        block = self.group.finish(values, acq_ts_ns=acq, source_ts_ns=ts * _NS, device_raw=raw)
         block.state = {self.state_key: str(ts)}
         worst = None
         if any(values[i] for i in self.bad_bits):
@@ -181,9 +185,9 @@ class RecordReader:
         elif any(values[i] for i in self.uncertain_bits):
             worst = Quality.UNCERTAIN
         if worst is not None:
-            # Readings taken under a device fault keep their values (the original record)
-            # but never pass as good; a reading already bad (out of range) stays so. The
-            # timestamp and the status bits themselves are the device's own report.
+            # Readings taken under a device fault keep their values and raw words (the
+            # original record) but never pass as good; a reading already bad (out of range)
+            # stays so. The timestamp and the status bits themselves are the device's own report.
             n = len(values)
             qs = block.quality or [Quality.GOOD] * n
             rs = block.reasons or [None] * n

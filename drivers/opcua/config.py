@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from agent.core.driver import ConnectionBase, GroupSpec, TagBase
+from agent.core.driver import ConnectionBase, GroupSpec, IdentityTags, ProfileBase, TagBase
 from cleanroom_common.fields import ConfigPath, Duration
 from drivers.opcua.nodes import NodeRef
 
@@ -134,3 +134,24 @@ class Connection(ConnectionBase):
         if (self.password is not None or self.password_file is not None) and not self.username:
             raise ValueError("a password needs a username")
         return self
+
+
+class Identity(IdentityTags):
+    """Which values name an OPC UA instrument: tags of the profile, then the server's BuildInfo.
+
+    Tags are typically the DI model's ``Identification`` variables (SerialNumber,
+    SoftwareRevision, Model, Manufacturer); the server's BuildInfo fills the fields no tag names."""
+
+    build_info: bool = True
+    """Fill the fields no tag names from the server's BuildInfo: ProductName as the model,
+    ManufacturerName as the vendor, SoftwareVersion (and BuildNumber) as the firmware. Turn
+    off when the server is a gateway whose BuildInfo describes the gateway software, not the
+    instrument behind it."""
+
+
+class Profile(ProfileBase):
+    """An OPC UA device profile: the generic profile, with the OPC UA :class:`Identity`."""
+
+    identity: Identity | None = None
+    """Tags whose values identify the device, and whether the server's BuildInfo fills the
+    rest (see :class:`Identity`); without it the BuildInfo alone identifies the device."""

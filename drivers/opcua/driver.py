@@ -33,31 +33,43 @@ from typing import Any, ClassVar, cast
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
 from agent.core.driver import (
+    IDENTITY_UNAVAILABLE,
     ConnectionBase,
     DeviceContext,
     DeviceError,
+    DeviceIdentity,
     Driver,
     Emit,
     GroupSpec,
     PollGroup,
+    ProfileBase,
     TagBase,
 )
 from agent.core.records import Block, Reason, now_ns
-from drivers.opcua.config import Connection, Group, Tag
+from drivers.opcua.config import Connection, Group, Identity, Profile, Tag
 from drivers.opcua.logs import tame_asyncua_logs
 from drivers.opcua.nodes import NodeRef, resolve_nodes
 from drivers.opcua.security import ServerCheck, configure_identity
 from drivers.opcua.subscription import GroupSubscription, Timing, monitored_items
-from drivers.opcua.values import Converted
+from drivers.opcua.values import Converted, identity_value
 
 log = logging.getLogger("cleanroom.drivers.opcua")
 
 _LINK_ERRORS = (OSError, TimeoutError, UaError)
 """What asyncua raises when the link, the session or the secure channel is gone."""
 _RERESOLVE_S = 30.0
+_BUILD_INFO = {
+    "model": ObjectIds.Server_ServerStatus_BuildInfo_ProductName,
+    "vendor": ObjectIds.Server_ServerStatus_BuildInfo_ManufacturerName,
+    "firmware": ObjectIds.Server_ServerStatus_BuildInfo_SoftwareVersion,
+    "build": ObjectIds.Server_ServerStatus_BuildInfo_BuildNumber,
+}
+"""Identity field → the Server object's BuildInfo variable that reports it (the build number
+is appended to the software version)."""
 
 
 class OpcUaDriver(Driver):
@@ -67,6 +79,7 @@ class OpcUaDriver(Driver):
     Tag: ClassVar[type[TagBase]] = Tag
     Group: ClassVar[type[GroupSpec]] = Group
     Connection: ClassVar[type[ConnectionBase]] = Connection
+    Profile: ClassVar[type[ProfileBase]] = Profile
     supports_subscribe: ClassVar[bool] = True
 
     def __init__(self, ctx: DeviceContext) -> None:
@@ -83,6 +96,7 @@ class OpcUaDriver(Driver):
         """Why the link is known dead (watchdog, subscription status, a failed call): read raises it."""
         self._subs: dict[str, GroupSubscription] = {}
         self._unresolved_logged: set[str] = set()
+        self._identity_logged = False
         if self.conn.security_policy == "None":
             warning = (
                 f"security_policy None: the session to {self.conn.url} is unsigned and unencrypted "
@@ -117,6 +131,7 @@ class OpcUaDriver(Driver):
         except Exception as exc:
             await self.close()
             raise DeviceError(_reason(exc), f"resolving node ids: {_describe(exc)}") from exc
+        self.ctx.identify(await self._read_identity(client))
         log.info(
             "%s: connected to %s (%s, %s)",
             self.ctx.id,
@@ -161,6 +176,58 @@ class OpcUaDriver(Driver):
         )
         self._resolved_at = time.monotonic()
 
+    async def _read_identity(self, client: Client) -> DeviceIdentity:
+        """The device's identity, in one Read within one timeout: the profile's identity tags,
+        and the server's BuildInfo for the fields they leave open (unless the profile says
+        ``build_info: false``). A device that cannot say who it is still measures: whatever
+        fails leaves its field unknown, counted (``identity_unavailable``) and logged once per
+        driver, and never fails the connect."""
+        spec = self.ctx.profile.identity
+        named = spec.named() if spec is not None else {}
+        wanted: list[tuple[str, ua.NodeId]] = []
+        problems: list[str] = []
+        for key, tag in named.items():
+            node = self._nodes.get(tag)
+            if isinstance(node, ua.NodeId):
+                wanted.append((key, node))
+            else:
+                problems.append(f"{key}: tag {tag} {node}")
+        if not isinstance(spec, Identity) or spec.build_info:
+            open_keys = [
+                k for k in _BUILD_INFO if k not in named and not (k == "build" and "firmware" in named)
+            ]
+            wanted += [(k, ua.NodeId(ua.Int32(_BUILD_INFO[k]))) for k in open_keys]
+        found: dict[str, str] = {}
+        if wanted:
+            params = ua.ReadParameters(
+                MaxAge=0,
+                TimestampsToReturn=ua.TimestampsToReturn.Neither,
+                NodesToRead=[ua.ReadValueId(NodeId=n, AttributeId=AttributeIds.Value) for _, n in wanted],
+            )
+            values: list[Any] = []
+            try:
+                values = list(await asyncio.wait_for(client.uaclient.read(params), self.conn.timeout))
+            except Exception as exc:  # whatever the stack raises: identity never fails the device
+                problems.append(f"read: {_describe(exc)}")
+            if values and len(values) != len(wanted):
+                problems.append(f"{len(values)} values for {len(wanted)} identity nodes")
+                values = []
+            for (key, _), dv in zip(wanted, values, strict=False):
+                text = identity_value(dv)
+                if text is not None:
+                    found[key] = text
+                elif key != "build":  # a server may leave its build number empty
+                    problems.append(f"{key}: no usable value")
+        build = found.pop("build", None)
+        if build and "firmware" in found and build != found["firmware"]:
+            found["firmware"] = f"{found['firmware']} (build {build})"
+        if problems:
+            self.ctx.stats.error(IDENTITY_UNAVAILABLE)
+            if not self._identity_logged:
+                self._identity_logged = True
+                log.warning("%s: device identity incomplete (%s)", self.ctx.id, "; ".join(problems))
+        return DeviceIdentity(**found)
+
     def _log_unresolved(self, tag: str, why: str) -> None:
         if tag not in self._unresolved_logged:
             self._unresolved_logged.add(tag)
@@ -198,7 +265,7 @@ class OpcUaDriver(Driver):
             self.ctx.stats.retries += 1
             await self._guard(self._resolve(), "resolve")
             conv = await self._read_values(client, group)
-        return [conv.finish(group, acq)]
+        return [conv.finish(group, acq, self.ctx.record_raw)]
 
     async def _read_values(self, client: Client, group: PollGroup) -> Converted:
         conv = Converted(len(group.tags))
@@ -252,6 +319,7 @@ class OpcUaDriver(Driver):
             link_lost=self.link_lost,
             stats=self.ctx.stats,
             timeout_s=self.conn.timeout,
+            record_raw=self.ctx.record_raw,
         )
         result = await self._guard(
             client.uaclient.create_subscription(timing.parameters(), sub.on_publish), "create subscription"

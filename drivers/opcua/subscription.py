@@ -149,6 +149,7 @@ class GroupSubscription:
         link_lost: Callable[[str, str], None],
         stats: DriverStats,
         timeout_s: float,
+        record_raw: bool = False,
     ) -> None:
         self.group = group
         self.emit = emit
@@ -161,6 +162,7 @@ class GroupSubscription:
         self._link_lost = link_lost
         self._stats = stats
         self._timeout_s = timeout_s
+        self._record_raw = record_raw
 
     def on_publish(self, result: ua.PublishResult) -> None:
         """Publish-loop callback: must not block; a failure here must reach the scheduler
@@ -213,7 +215,7 @@ class GroupSubscription:
         conv = Converted(len(indices))
         for j, i in enumerate(indices):
             conv.set(j, layer[i])
-        self.emit(conv.finish(self.subset(indices), acq))
+        self.emit(conv.finish(self.subset(indices), acq, self._record_raw))
 
     def subset(self, indices: tuple[int, ...]) -> PollGroup:
         """The group of just these tags, cached: a group's changes fall into few distinct subsets."""

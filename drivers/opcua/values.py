@@ -2,7 +2,9 @@
 
 Quality. Good status → good; ``Uncertain*`` → uncertain, value kept, the status name as
 reason; ``Bad*`` → bad, value dropped, the status name as reason (named without the info
-bits, so ``BadSensorFailure`` with an overflow bit is still ``BadSensorFailure``). Each
+bits, so ``BadSensorFailure`` with an overflow bit is still ``BadSensorFailure``). A value the
+server sent with a bad status, or one that cannot be a reading, stays in the block's ``raw``
+when the device records raw values: that is the original a reviewer looks for. Each
 reading keeps the server's SourceTimestamp (ServerTimestamp where the device gave none) as
 ``source_ts_ns``; the acquisition time is the agent's clock.
 
@@ -22,7 +24,7 @@ from typing import Any
 
 from asyncua import ua
 
-from agent.core.driver import PollGroup
+from agent.core.driver import PollGroup, identity_text
 from agent.core.records import Block, Quality, Reason, Value
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
@@ -78,11 +80,14 @@ def status_name(code: int) -> str:
 
 
 class Converted:
-    """Columns of one group's (or subset's) readings, filled from DataValues."""
+    """Columns of one group's (or subset's) readings, filled from DataValues: the readings and,
+    apart from them, what the server sent (``raw``), which a bad status or an unusable value
+    does not erase."""
 
-    __slots__ = ("quality", "raw", "reasons", "src")
+    __slots__ = ("quality", "raw", "reasons", "src", "values")
 
     def __init__(self, n: int) -> None:
+        self.values: list[Value] = [None] * n
         self.raw: list[Value] = [None] * n
         self.quality: list[Quality] = [Quality.GOOD] * n
         self.reasons: list[str | None] = [None] * n
@@ -93,6 +98,13 @@ class Converted:
             self.bad(i, UNSUPPORTED)
             return
         self.src[i] = _ts_ns(dv.SourceTimestamp) or _ts_ns(dv.ServerTimestamp)
+        variant = dv.Value
+        if variant is not None and not isinstance(variant, ua.Variant):
+            self.bad(i, UNSUPPORTED)
+            return
+        sent = variant.Value if variant is not None else None
+        value, why = _scalar(sent)
+        self.raw[i] = value if why is None else _original(sent)
         status = dv.StatusCode
         if status is not None:
             code = status.value if isinstance(status, ua.StatusCode) else None
@@ -106,20 +118,51 @@ class Converted:
                 else:
                     self.bad(i, name)
                     return
-        variant = dv.Value
-        if variant is not None and not isinstance(variant, ua.Variant):
-            self.bad(i, UNSUPPORTED)
-            return
-        value, why = _scalar(variant.Value if variant is not None else None)
         if why is not None:
             self.bad(i, why)
             return
-        self.raw[i] = value
+        self.values[i] = value
 
     def bad(self, i: int, reason: str) -> None:
-        self.quality[i], self.reasons[i], self.raw[i] = Quality.BAD, reason, None
+        """The reading is bad; what the server sent, if anything, stays in ``raw``."""
+        self.quality[i], self.reasons[i], self.values[i] = Quality.BAD, reason, None
 
-    def finish(self, group: PollGroup, acq_ts_ns: int) -> Block:
+    def finish(self, group: PollGroup, acq_ts_ns: int, record_raw: bool = False) -> Block:
+        """The block; with ``record_raw`` it also keeps each value as the server sent it, before
+        the tag's scale and offset (the payload form of the Variant: a LocalizedText's text, a
+        DateTime in ISO 8601), bad readings included."""
         return group.finish(
-            self.raw, acq_ts_ns=acq_ts_ns, quality=self.quality, reasons=self.reasons, source_ts_ns=self.src
+            self.values,
+            acq_ts_ns=acq_ts_ns,
+            quality=self.quality,
+            reasons=self.reasons,
+            source_ts_ns=self.src,
+            device_raw=self.raw if record_raw else None,
         )
+
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+"""A payload is strict JSON (no NaN): a non-finite double the server sent is kept as its name."""
+
+
+def _original(v: Any) -> Value:
+    """The raw form of a value that cannot be a reading: a non-finite double by name, an integer
+    as it is; ``None`` for what has no payload form (an array, a structure, a string with lone
+    surrogates), which the reading's reason names instead."""
+    if isinstance(v, float):
+        return _NON_FINITE[repr(v)]
+    if isinstance(v, int) and not isinstance(v, bool):
+        return int(v)
+    return None
+
+
+def identity_value(dv: object) -> str | None:
+    """An identity node's value as text (a String, a LocalizedText, an integer), or ``None``
+    when the server did not give one that can name an instrument."""
+    if not isinstance(dv, ua.DataValue) or not isinstance(dv.Value, ua.Variant):
+        return None
+    status = dv.StatusCode
+    if isinstance(status, ua.StatusCode) and not status.is_good():
+        return None
+    value, why = _scalar(dv.Value.Value)
+    return None if why is not None else identity_text(value)

@@ -81,4 +81,9 @@ class Profile(ProfileBase):
                 "a serial_counter profile has exactly one group (records are drained once), "
                 f"got {', '.join(self.groups)}"
             )
+        if self.identity is not None:
+            raise ValueError(
+                "a serial_counter profile has no identity: the driver asks the counter for its "
+                "serial number (CSN) on every connect"
+            )
         return self

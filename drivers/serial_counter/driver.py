@@ -61,15 +61,18 @@ from dataclasses import dataclass
 from typing import ClassVar, cast
 
 from agent.core.driver import (
+    IDENTITY_UNAVAILABLE,
     ConnectionBase,
     DeviceContext,
     DeviceError,
+    DeviceIdentity,
     Driver,
     Emit,
     GroupSpec,
     PollGroup,
     ProfileBase,
     TagBase,
+    identity_text,
 )
 from agent.core.events import DataLoss, LossReason
 from agent.core.records import Block, Event, Reason
@@ -148,6 +151,7 @@ class SerialCounterDriver(Driver):
         self._cst_supported = True
         self._drain: Supervised | None = None
         self.serial_number: str | None = None
+        self._identity_logged = False
         last_ts = ctx.state.get("last_ts")
         self._newest_ts: int | None = int(last_ts) if last_ts and last_ts.isdigit() else None
         """Newest record time handed out (committed or not): records at or before it are out of order."""
@@ -221,13 +225,13 @@ class SerialCounterDriver(Driver):
         self._link = PortLink(self.conn, self.ctx.id, self.ctx.stats.error)
         try:
             await self._link.open()
-            reply = await self._command(Command.SERIAL)
+            self.serial_number = await self._read_serial()
         except BaseException:
             await self.close()
             raise
-        self.serial_number = reply_body(Command.SERIAL, reply)
+        self.ctx.identify(DeviceIdentity(serial=self.serial_number))
         known = self.ctx.state.get("serial")
-        if known and known != self.serial_number:
+        if known and self.serial_number and known != self.serial_number:
             log.warning(
                 "%s: serial number %s differs from %s of the committed watermark: another instrument; "
                 "its queue is drained from the start",
@@ -236,6 +240,29 @@ class SerialCounterDriver(Driver):
                 known,
             )
             self._newest_ts = None
+
+    async def _read_serial(self) -> str | None:
+        """The instrument's serial number (``CSN``), the one identity the protocol reports; ``None``
+        when the counter does not know the command or its reply is unusable (counted as
+        ``identity_unavailable``, logged once): a counter that cannot say who it is still
+        counts. Silence or a dead port still fails the connect: that is the link, not identity."""
+        try:
+            reply = await self._command(Command.SERIAL)
+        except DeviceError as exc:
+            if exc.reason not in ("device_error", Reason.DECODE_ERROR):
+                raise
+            reply = ""
+        serial = (
+            identity_text(reply_body(Command.SERIAL, reply))
+            if reply.startswith(Command.SERIAL.reply)
+            else None
+        )
+        if serial is None:
+            self.ctx.stats.error(IDENTITY_UNAVAILABLE)
+            if not self._identity_logged:
+                self._identity_logged = True
+                log.warning("%s: no usable serial number from CSN (reply %r)", self.ctx.id, reply[:40])
+        return serial
 
     async def close(self) -> None:
         drain, self._drain = self._drain, None
@@ -252,7 +279,10 @@ class SerialCounterDriver(Driver):
     def _committed_state(self) -> Mapping[str, str]:
         """The committed watermark, if it belongs to the instrument now on the port."""
         state = self.ctx.state
-        return state if state.get("serial") in (None, self.serial_number) else {}
+        # An unknown serial (either side) matches: the digest covers the record's full text,
+        # serial number included, so another instrument's records never pass as committed.
+        known = state.get("serial") or None
+        return state if known is None or self.serial_number in (None, known) else {}
 
     def _committed(self) -> str | None:
         """Digest of the newest record the buffer has committed (see module docstring)."""
@@ -362,4 +392,4 @@ class SerialCounterDriver(Driver):
             block.state = {**state, "last_ts": str(self._newest_ts or "")}
             return block
         state["last_ts"] = str(max(record.ts_ns, self._newest_ts or 0))
-        return record_block(group, record, out_of_order, state)
+        return record_block(group, record, out_of_order, state, text if self.ctx.record_raw else None)

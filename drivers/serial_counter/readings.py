@@ -14,15 +14,23 @@ from collections.abc import Mapping
 from typing import cast
 
 from agent.core.driver import PollGroup
-from agent.core.records import Block, Quality, Reason
+from agent.core.records import Block, Quality, Reason, Value
 from cleanroom_common.serial_counter import M3_PER_UNIT, CounterRecord
 from drivers.serial_counter.config import Tag
 
 
-def record_block(group: PollGroup, record: CounterRecord, out_of_order: bool, state: dict[str, str]) -> Block:
-    """The group's tags from one record; ``state`` is the watermark committed with it."""
+def record_block(
+    group: PollGroup,
+    record: CounterRecord,
+    out_of_order: bool,
+    state: dict[str, str],
+    text: str | None = None,
+) -> Block:
+    """The group's tags from one record; ``state`` is the watermark committed with it. With the
+    record's ``text`` (the device's ``record_raw``), the block also keeps what the record said
+    for each tag (see :func:`raw_fields`)."""
     n = len(group.tags)
-    raw: list[float | int | None] = [None] * n
+    values: list[float | int | None] = [None] * n
     quality = [Quality.GOOD] * n
     reasons: list[str | None] = [None] * n
     sizes = {round(s, 6): c for s, c in record.channels}
@@ -30,8 +38,45 @@ def record_block(group: PollGroup, record: CounterRecord, out_of_order: bool, st
         q, why, value = _tag_value(cast(Tag, spec), record, sizes)
         if out_of_order and q is Quality.GOOD:
             q, why = Quality.UNCERTAIN, "timestamp_before_watermark"
-        raw[i], quality[i], reasons[i] = value, q, why
-    return group.finish(raw, quality=quality, reasons=reasons, source_ts_ns=record.ts_ns, state=state)
+        values[i], quality[i], reasons[i] = value, q, why
+    return group.finish(
+        values,
+        quality=quality,
+        reasons=reasons,
+        source_ts_ns=record.ts_ns,
+        state=state,
+        device_raw=None if text is None else raw_fields(group, record, text),
+    )
+
+
+_FIELD_AT = {
+    "laser_ok": 4,
+    "laser_fault": 4,
+    "flow_ok": 5,
+    "flow_fault": 5,
+    "sample_valid": 6,
+    "sample_time": 7,
+}
+"""Position of a tag's field in the record's CSV (docs/simulators.md, "Record format")."""
+
+
+def raw_fields(group: PollGroup, record: CounterRecord, text: str) -> list[Value]:
+    """Each tag's value as the record gives it: a channel's count (whatever the tag makes of
+    it, e.g. a concentration), a status flag's or the sample time's field text, the volume's
+    field text with its unit (``28.3 L``: the number alone would not say in what)."""
+    fields = text.split(",")  # parse_record accepted this text: every field is there
+    sizes = {round(s, 6): c for s, c in record.channels}
+    out: list[Value] = []
+    for spec in group.tag_specs:
+        tag = cast(Tag, spec)
+        if tag.field == "count":
+            assert tag.size_um is not None
+            out.append(sizes.get(round(tag.size_um, 6)))
+        elif tag.field == "volume":
+            out.append(f"{fields[8]} {fields[9]}")
+        else:
+            out.append(fields[_FIELD_AT[tag.field]])
+    return out
 
 
 def _tag_value(

@@ -50,6 +50,12 @@ log = logging.getLogger(__name__)
 NAMESPACE = "urn:cleanroom-edge:sim:bioreactor"
 APPLICATION_URI = "urn:cleanroom-edge:sim:bioreactor:server"
 DEFAULT_PROFILE = "bioreactor-sim-opcua"
+MANUFACTURER = "Cleanroom-Sim Bioprocess"
+MODEL_NAME = "CLEANROOM-SIM BIOREACTOR"
+FIRMWARE = "2.4.1"
+BUILD_NUMBER = "2041"
+"""What the simulated controller says about itself: in its Identification object (DI model)
+and in the server's BuildInfo, as an embedded OPC UA server does."""
 _NODE_RE = re.compile(r"^(?:nsu=(?P<uri>[^;]+)|ns=\d+);s=(?P<path>[A-Za-z0-9_.]+)$")
 
 UNECE_CODES = {"degC": "CEL", "%": "P1", "rpm": "RPM", "kg": "KGM", "L": "LTR", "mL": "MLT", "bar": "BAR"}
@@ -195,8 +201,8 @@ class OpcUaBioreactor:
         out = self.device.values()
         out["state"] = "Running" if out.get("running") else "Stopped"
         out["serial_number"] = self.serial
-        out["firmware_version"] = "2.4.1"
-        out["model_name"] = "CLEANROOM-SIM BIOREACTOR"
+        out["firmware_version"] = FIRMWARE
+        out["model_name"] = MODEL_NAME
         return out
 
     # ------------------------------------------------------------------ server
@@ -206,6 +212,14 @@ class OpcUaBioreactor:
             user_manager=_Users(self.user, self.password) if self.user and self.password else None
         )
         await server.init()
+        await server.set_build_info(
+            APPLICATION_URI,
+            MANUFACTURER,
+            MODEL_NAME,
+            FIRMWARE,
+            BUILD_NUMBER,
+            datetime(2026, 1, 15, tzinfo=UTC),
+        )
         server.set_endpoint(self.url)
         server.set_server_name("cleanroom-sim bioreactor")
         await server.set_application_uri(APPLICATION_URI)
