@@ -222,7 +222,7 @@ async def test_altered_model_disables_only_its_binding_while_acquisition_runs(tm
         events.append(event)
         submit(event)
 
-    agent.auditor = Auditor(capture)
+    agent.auditor = Auditor(capture, "gw")
     assert agent.inference is not None
     agent.inference.auditor = agent.auditor
     agent.inference.emit = capture
@@ -273,7 +273,7 @@ async def test_engine_start_does_not_wait_for_models(tmp_path: Path, slow_loadin
         [ModelBindingConfig(manifest=manifest, devices=["d1"])],
         {"d1": PROFILE},
         events.append,
-        Auditor(events.append),
+        Auditor(events.append, "gw"),
     )
     async with asyncio.timeout(2):
         await engine.start()

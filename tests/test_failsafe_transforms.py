@@ -36,7 +36,7 @@ def limits(events: list[Event]) -> LimitMonitor:
         LimitsConfig.model_validate({"tags": [{"tag": "temp", "action_high": 40.0}]}),
         {"d1": profile, "d2": profile},
         events.append,
-        Auditor(events.append),
+        Auditor(events.append, "gw"),
     )
     monitor._started = True
     return monitor
@@ -85,7 +85,7 @@ async def engine() -> AsyncIterator[InferenceEngine]:
         [ModelBindingConfig(manifest=manifest, devices=["d1", "d2"])],
         dict.fromkeys(("d1", "d2"), _bioreactor_profile()),
         events.append,
-        Auditor(events.append),
+        Auditor(events.append, "gw"),
     )
     await engine.start()
     await engine.idle()  # the models load in the background

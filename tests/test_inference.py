@@ -7,6 +7,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ ACQ_OFFSET_NS = 3_600_000_000_000
 class Harness:
     def __init__(self) -> None:
         self.events: list[Event] = []
-        self.auditor = Auditor(self.events.append, actor="test")
+        self.auditor = Auditor(self.events.append, "test")
 
     def engine(
         self, *bindings: ModelBindingConfig, devices: tuple[str, ...] = ("d1", "d2")
@@ -170,7 +171,7 @@ async def test_altered_model_is_refused_and_the_rest_keeps_running(
     assert refused and refused[0]["state"] == "refused"
     assert "sha256" in refused[0]["error"] and "refusing to load it" in refused[0]["error"]
     audit = h.of("audit", "model_refused")
-    assert len(audit) == 1 and audit[0].severity is Severity.ALARM and "altered" in audit[0].data["why"]
+    assert len(audit) == 1 and audit[0].severity is Severity.ALARM and "altered" in audit[0].data["reason"]
     assert status["syn-pca@d2"]["windows_scored"] > 0
 
 
@@ -202,7 +203,7 @@ async def test_mode_change_is_audited(syn_model: Path, h: Harness) -> None:
     await engine.start()
     await engine.idle()  # the models load in the background
     try:
-        engine.set_mode("syn-pca@d1", "active", why="validation protocol VP-12 passed", actor="qa.lead")
+        engine.set_mode("syn-pca@d1", "active", reason="validation protocol VP-12 passed", actor="qa.lead")
         assert engine.status()["syn-pca@d1"]["mode"] == "active"
     finally:
         await engine.stop()
@@ -213,7 +214,9 @@ async def test_mode_change_is_audited(syn_model: Path, h: Harness) -> None:
         "actor": "qa.lead",
         "old": "shadow",
         "new": "active",
-        "why": "validation protocol VP-12 passed",
+        "reason": "validation protocol VP-12 passed",
+        "os_user": ANY,
+        "device": "d1",
     }
 
 

@@ -48,7 +48,10 @@ class Run:
     def __init__(self, config: dict[str, Any], devices: dict[str, ProfileBase]) -> None:
         self.events: list[Event] = []
         self.monitor = LimitMonitor(
-            LimitsConfig.model_validate(config), devices, self.events.append, Auditor(self.events.append)
+            LimitsConfig.model_validate(config),
+            devices,
+            self.events.append,
+            Auditor(self.events.append, "gw"),
         )
         self.monitor._started = True
         self.seq = 0
@@ -238,7 +241,7 @@ async def test_start_is_audited_and_nothing_is_evaluated_before_it() -> None:
         LimitsConfig.model_validate({"tags": [{"tag": "T", "action_high": 1}]}),
         {"d": profile("T")},
         events.append,
-        Auditor(events.append),
+        Auditor(events.append, "gw"),
     )
     monitor.on_committed([Block("d", "g", T0_NS, ["T"], [None], [5.0], seq_first=0)], [])
     assert not events

@@ -73,6 +73,10 @@ def test_evaluate_score_and_verify(
         "--plots",
         str(tmp_path / "png"),
         "--record",
+        "--actor",
+        "qa",
+        "--reason",
+        "test",
     )
     assert code == 0, err
     metrics = json.loads(out)

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import sqlite3
+import stat
 import types
 import typing
 from collections.abc import Iterator
@@ -31,6 +33,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from agent.app.status import parse_listen
 from agent.buffer.config import BufferConfig
 from agent.buffer.schema import SCHEMA_VERSION
+from agent.core.chain import read_key
 from agent.core.device import DeviceConfig, ResolvedDevice
 from agent.core.driver import (
     ConnectionBase,
@@ -48,6 +51,8 @@ from agent.transforms.limits import LimitMonitor, LimitsConfig
 from cleanroom_common.fields import FILE_DIR, ConfigPath, Duration, Strict
 from cleanroom_common.profilefiles import ProfileFile, index_profiles
 from cleanroom_common.yamlfile import YamlDoc, YamlError, masked, read_yaml
+
+log = logging.getLogger("cleanroom.config")
 
 
 class ConfigError(Exception):
@@ -82,6 +87,20 @@ class AgentSection(Strict):
         return listen
 
 
+class IntegrityConfig(Strict):
+    """The ``integrity:`` section: how records are made tamper-evident (docs/integrity.md)."""
+
+    hmac_key_file: ConfigPath | None = None
+    """File holding this agent's HMAC key (at least 32 bytes; a final newline is not part of it).
+    With a key every segment also carries an HMAC-SHA256, so whoever holds the key downstream can
+    tell a forged message from the agent's own; without one the SHA-256 chain still shows any change
+    by someone who cannot rebuild the chain. Keep it readable by the agent's account only (a warning
+    is logged otherwise); it is never logged, shown in status or quoted in an error."""
+    clock_step_threshold: Duration = Field(default=1.0, gt=0)
+    """A change of the wall clock against the monotonic clock larger than this, between two checks a
+    second apart, is recorded as a ``clock_step`` event and an audit record."""
+
+
 class AgentConfig(Strict):
     """The whole agent configuration file."""
 
@@ -100,6 +119,8 @@ class AgentConfig(Strict):
     """Anomaly models bound to devices."""
     limits: LimitsConfig | None = None
     """Rule-based alert/action limits, independent of any model."""
+    integrity: IntegrityConfig = Field(default_factory=IntegrityConfig)
+    """The tamper-evident chain's key and the clock-step detection."""
 
 
 # --------------------------------------------------------------------------- loaded result
@@ -115,6 +136,16 @@ class LoadedConfig:
     every profile it uses: what ``status``, payloads and the ``config_changed`` audit report. Rotating a
     secret (a password in the file, in ``${ENV}`` or in a ``*_file``) does not change it."""
     profiles: dict[str, Path] = field(default_factory=dict)
+    masked_text: str = ""
+    """What :attr:`sha256` covers, as text: the file with the values of secrets masked, then a line per
+    profile it uses with that file's SHA-256. Kept by the agent from one start to the next so a
+    ``config_change`` audit record can show the change as a diff, which never shows a secret."""
+
+    def hmac_key(self) -> bytes | None:
+        """The HMAC key of ``integrity.hmac_key_file`` (None: none configured). ValueError saying what
+        is wrong with the file, never quoting what it holds."""
+        path = self.config.integrity.hmac_key_file
+        return None if path is None else read_hmac_key(path)
 
     def summary(self) -> str:
         c = self.config
@@ -132,6 +163,8 @@ class LoadedConfig:
             state = "" if d.config.enabled else " [disabled]"
             lines.append(f"  {d.id:<16} {d.profile.profile} ({d.driver.protocol}) {groups}{state}")
         lines.append(f"models   {len(c.models)}")
+        key = c.integrity.hmac_key_file
+        lines.append(f"chain    sha256{f' + hmac (key {key})' if key else ' (no hmac key)'}")
         return "\n".join(lines)
 
 
@@ -279,11 +312,41 @@ def hashed_bytes(doc: YamlDoc, keys: frozenset[str]) -> bytes:
     return masked(doc, keys)
 
 
-def config_hash(doc: YamlDoc, keys: frozenset[str], profile_paths: list[Path]) -> str:
-    h = hashlib.sha256(hashed_bytes(doc, keys))
+def _hash_and_text(doc: YamlDoc, keys: frozenset[str], profile_paths: list[Path]) -> tuple[str, str]:
+    """The configuration hash and its :attr:`LoadedConfig.masked_text`, from one reading of each file."""
+    body = hashed_bytes(doc, keys)
+    h = hashlib.sha256(body)
+    lines = [body.decode("utf-8")]
+    if lines[0] and not lines[0].endswith("\n"):
+        lines[0] += "\n"
     for p in sorted(set(profile_paths)):
-        h.update(b"\0" + p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
+        raw = p.read_bytes()
+        h.update(b"\0" + p.name.encode() + b"\0" + raw)
+        lines.append(f"# profile {p.name} sha256 {hashlib.sha256(raw).hexdigest()}\n")
+    return h.hexdigest(), "".join(lines)
+
+
+def read_hmac_key(path: Path) -> bytes:
+    """The key in ``path`` (see :func:`agent.core.chain.read_key`); ValueError naming the file and the
+    problem, never its content. A key others can read is used, with a warning: refusing it would
+    stop acquisition over a permission an installer can fix."""
+    try:
+        with path.open("rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(4096)
+    except OSError as exc:
+        raise ValueError(f"integrity.hmac_key_file {path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        key = read_key(raw)
+    except ValueError as exc:
+        raise ValueError(f"integrity.hmac_key_file {path}: {exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning(
+            "integrity.hmac_key_file %s can be read by other accounts (mode %o): chmod 600 it",
+            path,
+            stat.S_IMODE(mode),
+        )
+    return key
 
 
 def load_config(path: str | Path) -> LoadedConfig:
@@ -364,6 +427,11 @@ def _load(
             problems += [_place(src, p) for p in _missing_files(device.connection, (*loc, "connection"))]
     if cfg.mqtt is not None:
         problems += [_place(src, p) for p in _missing_files(cfg.mqtt, ("mqtt",))]
+    if (key_file := cfg.integrity.hmac_key_file) is not None:
+        try:
+            read_hmac_key(key_file)
+        except ValueError as exc:
+            problems.append(_problem(src, ("integrity", "hmac_key_file"), str(exc)))
     profiles_by_device = {d.id: d.profile for d in devices}
     problems += [_place(src, p) for p in InferenceEngine.check(cfg.models, profiles_by_device, load=False)]
     if cfg.limits is not None:
@@ -372,10 +440,10 @@ def _load(
         raise ConfigError(problems)
     used = [profiles[d.config.profile].path for d in devices]
     try:
-        sha256 = config_hash(src, keys, used)
+        sha256, text = _hash_and_text(src, keys, used)
     except YamlError as exc:
         raise ConfigError([_file_problem(exc)]) from None
-    return LoadedConfig(path, cfg, devices, sha256, {n: p.path for n, p in profiles.items()})
+    return LoadedConfig(path, cfg, devices, sha256, {n: p.path for n, p in profiles.items()}, text)
 
 
 def _missing_files(model: BaseModel, at: Loc) -> Iterator[Problem]:

@@ -24,6 +24,8 @@ COMMAND_MODULES = (
     "agent.cli.buffer",  # buffer stats|export|replay
     "agent.cli.models",  # models train|evaluate|score|verify
     "agent.cli.certs",  # certs create
+    "agent.cli.capture",  # capture -c CONFIG --out FILE
+    "agent.cli.verify",  # verify --capture FILE | --buffer PATH
 )
 
 

@@ -1,13 +1,16 @@
 """``cleanroom-agent models train|evaluate|score|verify``: model governance from the shell.
 
 Bad input (missing file, wrong column, altered model) is one clear line on stderr and
-exit code 2; ``verify`` exits 1 when any model does not match its manifest.
+exit code 2; ``verify`` exits 1 when any model does not match its manifest. ``evaluate --record``
+changes a model's validation evidence, so it requires ``--actor`` and ``--reason``, which the
+manifest keeps beside the metrics.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime as dt
 import json
 import sys
 from collections.abc import Callable
@@ -17,6 +20,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from agent.buffer.audit import AttributionMissing, add_attribution_args, attribution_of
 from agent.modeltools.csvdata import Dataset, FaultLabel, in_windows, iso, load_csv, load_labels, parse_time
 from agent.transforms.anomaly.manifest import ModelError, parse_condition, read_manifest, write_manifest
 from agent.transforms.anomaly.model import LoadedModel
@@ -80,6 +84,7 @@ def register(subparsers: Any) -> None:
     e.add_argument(
         "--limits", type=Path, help="YAML limits section (as in the agent config) for the rule baseline"
     )
+    add_attribution_args(e, required=False)
     e.set_defaults(func=_guard(cmd_evaluate))
 
     s = sub.add_parser("score", help="score a CSV: timestamp, score, alarm, top_signal")
@@ -110,7 +115,7 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except ModelError as exc:
+        except (ModelError, AttributionMissing) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
 
@@ -251,6 +256,7 @@ def _from_buffer(
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from agent.modeltools.evaluate import evaluate, plot
 
+    who = attribution_of(args, "evaluate --record") if args.record else None  # before minutes of work
     model = LoadedModel(args.model)
     data, labels = _inputs(args, model.manifest.data_names)
     limits, limit_data = None, None
@@ -263,7 +269,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plots is not None:
         metrics["plots"] = [str(p) for p in plot(model, results, args.plots, model.manifest.threshold)]
     print(json.dumps(metrics, indent=1))
-    if args.record:
+    if who is not None:
         keep = (
             "precision",
             "recall",
@@ -280,6 +286,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             eval_faults=metrics["faults"],
             eval_device_days=metrics["device_days"],
             eval_baseline_limit_delay_median_s=metrics["baseline_limit_delay_median_s"],
+            eval_recorded_by=who.actor,
+            eval_recorded_reason=who.reason,
+            eval_recorded_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
         m = model.manifest
         write_manifest(args.model, m.model_copy(update={"validation": {**m.validation, **extra}}))

@@ -50,6 +50,8 @@ def format_status(s: dict[str, Any]) -> str:
     buf = s.get("buffer", {})
     broker = s.get("broker", {})
     security = s.get("security", {})
+    integrity = s.get("integrity", {})
+    clock = integrity.get("clock", {})
     lines = [
         f"agent {s.get('agent')}  version {s.get('version')}  config {str(s.get('config_sha256'))[:12]}",
         f"broker connected: {broker.get('connected')}  published {broker.get('published')}  "
@@ -58,6 +60,9 @@ def format_status(s: dict[str, Any]) -> str:
         f"oldest undelivered {buf.get('oldest_undelivered_age_s')} s, size {buf.get('size_bytes')} bytes",
         f"security: mqtt tls {security.get('mqtt_tls') or '-'}  "
         f"status listener {security.get('status_listener')}",
+        f"integrity: chain sha256{' + hmac' if integrity.get('hmac') else ''}  "
+        f"clock synced {clock.get('synced')} offset {clock.get('offset_s')} s "
+        f"max error {clock.get('max_error_s')} s",
         *(f"WARNING {w}" for w in security.get("warnings", [])),
         "",
         f"{'device':<16} {'state':<11} {'last poll':<25} {'polls':>7} {'failed':>6} {'errors':<30} "

@@ -94,7 +94,7 @@ def limit_excursions(limits: LimitsConfig, device: str, data: Dataset) -> list[f
         if e.kind == "excursion" and e.data["phase"] == "start":
             starts.append(e.data["detected_ts"] / 1e9)  # when the rule could say so, not when the run began
 
-    monitor = LimitMonitor(limits, {device: profile}, collect, Auditor(lambda e: None))
+    monitor = LimitMonitor(limits, {device: profile}, collect, Auditor(lambda e: None, "evaluate"))
     monitor._started = True
     units = [None] * len(data.signals)
     for ts, row in zip(data.ts, data.values.tolist(), strict=True):

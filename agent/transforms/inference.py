@@ -348,7 +348,7 @@ class InferenceEngine:
                 key,
                 device=device,
                 new={**loaded.ident, "mode": cfg.mode, "tags": dict(zip(m.data_names, tags, strict=True))},
-                why=f"binding from configuration; overrides {overrides or 'none'}",
+                reason=f"binding from configuration; overrides {overrides or 'none'}",
             )
 
     @staticmethod
@@ -384,7 +384,7 @@ class InferenceEngine:
         log.error("model binding %s refused: %s", key, reason)
         self.refused[key] = reason
         self.emit(Event(device, "model_disabled", Severity.ALARM, {"binding": key, "reason": reason}))
-        self.auditor.record("model_refused", key, device=device, why=reason, severity=Severity.ALARM)
+        self.auditor.record("model_refused", key, device=device, reason=reason, severity=Severity.ALARM)
 
     async def stop(self) -> None:
         """Score what was already copied (bounded: 5 s), then stop the worker."""
@@ -399,18 +399,21 @@ class InferenceEngine:
             self._pool.shutdown(wait=self._loaded.is_set(), cancel_futures=True)
             self._pool = None
         for key, b in self.bindings.items():
-            self.auditor.record("model_unload", key, device=b.device, old=b.model.ident, why="agent stopping")
+            self.auditor.record(
+                "model_unload", key, device=b.device, old=b.model.ident, reason="agent stopping"
+            )
         self.bindings.clear()
         self._by_device.clear()
 
-    def set_mode(
-        self, key: str, mode: Literal["shadow", "active"], why: str, actor: str | None = None
-    ) -> None:
-        """Switch a binding between shadow and active (an audited change)."""
+    def set_mode(self, key: str, mode: Literal["shadow", "active"], *, actor: str, reason: str) -> None:
+        """Switch a binding between shadow and active: a change of what raises alarms, so it is
+        audited with who asked for it and why."""
         b = self.bindings[key]
         if b.mode == mode:
             return
-        self.auditor.record("model_mode", key, device=b.device, old=b.mode, new=mode, why=why, actor=actor)
+        self.auditor.record(
+            "model_mode", key, device=b.device, old=b.mode, new=mode, actor=actor, reason=reason
+        )
         b.mode = mode
 
     # ------------------------------------------------------------------ data path

@@ -430,7 +430,7 @@ class LimitMonitor:
             "limits_load",
             "limits",
             new=self.config.model_dump(mode="json"),
-            why="limits from configuration"
+            reason="limits from configuration"
             + (f"; problems: {'; '.join(self.problems)}" if self.problems else ""),
         )
 
