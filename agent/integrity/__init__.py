@@ -1,0 +1,1 @@
+"""Downstream integrity tools: capture what the agent publishes, verify it offline (docs/integrity.md)."""
