@@ -6,15 +6,23 @@ every register decoded into its own committed, acknowledged reading: N=1,000 giv
 ``cleanroom-agent run`` process; we sample its CPU time and RSS with psutil, and count
 acknowledged readings from its status endpoint.
 
-Baseline, same machine, same run, same server and broker: a straightforward poller
-(pymodbus client, per-tag decode in a Python loop, one SQLite row per reading, one
-publish per reading) at the 10k load, so the ratio says what the agent's design buys.
+Baselines, same machine, same run, same server and broker:
+
+* a straightforward poller (pymodbus client, per-tag decode in a Python loop, one SQLite
+  row per reading, one publish per reading) at the 10k load, so the ratio says what the
+  agent's design buys;
+* the agent as it was before the integrity chain (``--encoding-ref``, default
+  :data:`UNCHAINED_REF`: rows per block, re-spliced into messages at forwarding, no hashing),
+  extracted from git into a temporary directory and run from there at the 100k load, so the
+  cost of hashed segments is read against the encoding it replaced, not against a figure
+  from another day.
 
 Prints one JSON object.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -33,6 +41,9 @@ from tests.support import Mosquitto, wait_for
 DEVICES = 10
 WARMUP_S = 6.0
 MEASURE_S = float(os.environ.get("BENCH_MEASURE_S", "20"))
+UNCHAINED_REF = "849538e"
+"""The last commit whose buffer stored one row per block and whose forwarder spliced rows into
+messages without hashing (0.2.0)."""
 
 
 def _profile(dirpath: Path, registers: int) -> None:
@@ -104,7 +115,27 @@ def _register_servers(registers: int) -> tuple[list[int], subprocess.Popen[bytes
     return ports, server
 
 
-def run_agent_load(registers: int, broker: int) -> dict[str, float]:
+def _extract(ref: str, into: Path) -> str | None:
+    """The tree of ``ref`` from this checkout's git history in ``into``; None, or why not."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", "--format=tar", ref],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot extract {ref}: {exc}"
+    return None
+
+
+def run_agent_load(registers: int, broker: int, code: Path | None = None) -> dict[str, float]:
+    """The agent under load; ``code``: run the agent found there instead of this checkout's."""
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         d = Path(tmp)
         (d / "profiles").mkdir()
@@ -115,6 +146,8 @@ def run_agent_load(registers: int, broker: int) -> dict[str, float]:
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "--log-level", "WARNING", "run", "-c", str(cfg)],
             stderr=(d / "agent.log").open("wb"),
+            cwd=code,
+            env=env,
         )
         try:
             listen = f"127.0.0.1:{status_port}"
@@ -190,11 +223,24 @@ def run_baseline(registers: int, broker: int) -> dict[str, float]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--encoding-ref", default=UNCHAINED_REF, help="git ref of the unchained agent ('' to skip)"
+    )
+    args = ap.parse_args()
     broker = Mosquitto().start()
+    unchained: dict[str, Any]
     try:
         at_10k = run_agent_load(1000, broker.port)
         at_100k = run_agent_load(10000, broker.port)
         naive = run_baseline(1000, broker.port)
+        with tempfile.TemporaryDirectory(prefix="bench-unchained-") as old:
+            why_not = _extract(args.encoding_ref, Path(old)) if args.encoding_ref else "skipped"
+            unchained = (
+                {"ref": args.encoding_ref, "error": why_not}
+                if why_not
+                else {"ref": args.encoding_ref, **run_agent_load(10000, broker.port, Path(old))}
+            )
     finally:
         broker.close()
     ratio = (
@@ -210,6 +256,7 @@ def main() -> None:
                 "load_10k": at_10k,
                 "load_100k": at_100k,
                 "baseline_10k": naive,
+                "unchained_100k": unchained,
                 "cpu_ratio_baseline_over_agent_10k": round(ratio, 2) if ratio else None,
                 "measure_s": MEASURE_S,
             }

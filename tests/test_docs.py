@@ -41,7 +41,10 @@ SHELL_COMMENT = re.compile(r"(?:^|\s)#.*")
 SHELL = {"", "sh", "bash", "shell", "console"}
 PACKAGES = ("agent", "drivers", "simulators", "cleanroom_common", "bench")
 FOLDERS = (*PACKAGES, "tests", "deploy", "models", "docs")
-FILE_PATH = re.compile(rf"(?<![\w/.~$-])((?:{'|'.join(FOLDERS)})/[\w./*<>-]*)")
+FILE_PATH = re.compile(
+    rf"(?<![\w/.~$-])(?!agent/(?:events|audit|status)\b)((?:{'|'.join(FOLDERS)})/[\w./*<>-]*)"
+)
+"""A path into the tree; the agent's own MQTT streams (``agent/audit``...) are topics, not paths."""
 MODULE_PATH = re.compile(rf"(?<![\w/.$-])((?:{'|'.join(PACKAGES)})(?:\.[A-Za-z_]\w*)+)")
 DOTTED_KEY = re.compile(r"[a-z_]+(?:\[\d*\])?(?:\.[a-z_][a-z0-9_]*(?:\[\d*\])?)+")
 LINK = re.compile(r"\]\((?!https?:|mailto:|#)([^)#\s]+)")

@@ -43,7 +43,6 @@ buffer:
 mqtt:
   host: 127.0.0.1
   port: {broker_port}
-  flush_interval: 50ms
   reconnect_min: 100ms
   reconnect_max: 500ms
 devices:
@@ -92,7 +91,7 @@ def received(collector: Collector) -> tuple[list[dict[str, Any]], list[dict[str,
                             "group": b["group"],
                         }
                     )
-        elif topic.endswith("/events"):
+        elif topic.endswith(("/events", "/audit")):
             events.extend(msg["events"])
     return readings, events
 

@@ -63,7 +63,7 @@ def test_temperature_oscillation_raises_an_anomaly_naming_the_loop(
         f"""
 agent: {{id: gw-anomaly, status_listen: "{listen}"}}
 buffer: {{path: buffer.db, commit_interval: 50ms}}
-mqtt: {{host: 127.0.0.1, port: {mosquitto.port}, flush_interval: 50ms}}
+mqtt: {{host: 127.0.0.1, port: {mosquitto.port}}}
 devices:
   - id: br1
     profile: bioreactor-sim-opcua
