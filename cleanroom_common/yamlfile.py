@@ -143,6 +143,13 @@ _parsed: dict[Path, YamlDoc] = {}
 """The last content read from each file, by absolute path."""
 
 
+def forget_parsed() -> None:
+    """Drop every kept parse. A load reads a profile once however many devices use it; once the
+    load is done the parses (data and line maps: about 15 MB for a 10,000-tag profile) would only
+    sit in a long-running agent's memory, and the next load reads the files again anyway."""
+    _parsed.clear()
+
+
 def read_yaml(path: Path) -> YamlDoc:
     """Parse ``path`` keeping line numbers, or return the earlier parse of the same bytes.
 

@@ -152,7 +152,7 @@ def unencodable_row(
 
 def encode(item: Block | Event) -> str:
     try:
-        return dumps(item.body())
+        return item.body_text() if isinstance(item, Block) else dumps(item.body())
     except (TypeError, ValueError):
         pass
     if isinstance(item, Block):
