@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -929,3 +930,16 @@ async def test_an_unsigned_segment_after_signed_from_is_still_quarantined(tmp_pa
         ("d1/data", 0),
         ("d1/data", before["d1/data"] + 1),
     }
+
+
+def test_the_buffer_file_is_readable_by_its_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        core = Buffer(BufferConfig(path=tmp_path / "b.db"), "a1")
+        core.open()
+        core.commit([Block("d", "g", 1, ("t",), (None,), [1.0])])
+        core.close()
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["b.db"] == 0o600 and all(m == 0o600 for m in modes.values()), modes

@@ -271,6 +271,11 @@ class AsyncBuffer:
     def add_listener(self, cb: Listener) -> None:
         self._listeners.append(cb)
 
+    def remove_listener(self, cb: Listener) -> None:
+        """A stopped part (a forwarder replaced by a reload) stops being told of commits."""
+        if cb in self._listeners:
+            self._listeners.remove(cb)
+
     def submit(self, blocks: Sequence[Block] = (), events: Sequence[Event] = ()) -> None:
         """Queue records for the next commit; each gets its seq now (a block's readings ``first + i``)."""
         # While closing, the committer still drains the queue, so a listener reacting to the last

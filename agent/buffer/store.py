@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -140,6 +141,9 @@ class Buffer:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # The records are the plant's: readable by the agent's user only, whatever the umask
+            # (SQLite gives the -wal and -shm files the main file's mode).
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
             conn = sqlite3.connect(path, isolation_level=None)
         self._conn = conn
         try:
