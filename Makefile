@@ -39,3 +39,10 @@ wheel: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache
+
+# The offline install bundle: dist/cleanroom-edge-<version>-bundle/ and its .tar.gz, with the
+# wheels of every locked dependency for linux x86_64 + aarch64, CPython 3.11-3.13
+# (docs/operations.md). `make bundle HOST_ONLY=1`: this machine's platform and Python only.
+.PHONY: bundle
+bundle: $(STAMP)
+	$(BIN)/python deploy/bundle/build.py $(if $(HOST_ONLY),--host-only)
