@@ -45,6 +45,8 @@ mqtt:
   port: {broker_port}
   reconnect_min: 100ms
   reconnect_max: 500ms
+health:
+  clock_sync: false  # the test machine's clock is not NTP-synchronised: not what these tests check
 devices:
   - id: br1
     profile: bioreactor-sim
@@ -304,7 +306,9 @@ def test_sigterm_exits_zero_and_says_offline(
     cfg = write_config(tmp_path, mosquitto.port, frozen_sim.sim.port)
     agent = start_agent(cfg)
     wait_for(
-        lambda: any(t.endswith("agent/status") for t, _, _ in collector.messages), timeout=20, what="status"
+        lambda: any(t.endswith(f"agent/status/{AGENT}") for t, _, _ in collector.messages),
+        timeout=20,
+        what="status",
     )
     # status from the running agent, as an operator would ask for it
     status = wait_for(lambda: _status_json(cfg), timeout=20, what="status with a poll")
@@ -325,5 +329,5 @@ def test_sigterm_exits_zero_and_says_offline(
     agent.proc.send_signal(signal.SIGINT)
     assert agent.proc.wait(20) == 0
     agent.proc = None
-    statuses = [json.loads(p) for t, p, _ in collector.messages if t.endswith("agent/status") and p]
+    statuses = [json.loads(p) for t, p, _ in collector.messages if t.endswith(f"agent/status/{AGENT}") and p]
     assert statuses[0]["status"] == "online" and statuses[-1]["status"] == "offline"

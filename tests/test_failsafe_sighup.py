@@ -1,6 +1,6 @@
-"""Fail-safe: SIGHUP does not kill the agent (issue 11). Until reload exists, a real
-``cleanroom-agent run`` logs that it ignores the signal and keeps running: its MQTT
-session stays up and it still stops cleanly on SIGTERM."""
+"""Fail-safe: SIGHUP does not kill the agent (issue 11); since issue 13 it reloads the
+configuration. A real ``cleanroom-agent run`` given SIGHUP with an unchanged configuration
+reloads it, keeps running on the same MQTT session, and still stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,17 +12,19 @@ from pathlib import Path
 
 import pytest
 
+from agent.app.status import fetch_status
 from cleanroom_common.net import free_port
 from tests.support import AgentProcess, Collector, Mosquitto, wait_for
 
 AGENT = "gw-hup"
+LISTEN = f"127.0.0.1:{free_port()}"
 
 
 @pytest.fixture
 def agent(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[AgentProcess]:
     cfg = tmp_path / "agent.yaml"
     cfg.write_text(
-        f"agent: {{id: {AGENT}, status_listen: '127.0.0.1:{free_port()}'}}\n"
+        f"agent: {{id: {AGENT}, status_listen: '{LISTEN}'}}\n"
         "buffer: {path: buffer.db, commit_interval: 50ms}\n"
         f"mqtt: {{host: 127.0.0.1, port: {mosquitto.port}, reconnect_min: 100ms, reconnect_max: 500ms}}\n"
     )
@@ -34,18 +36,23 @@ def agent(tmp_path: Path, mosquitto: Mosquitto) -> Iterator[AgentProcess]:
 
 
 def statuses(collector: Collector) -> list[dict[str, str]]:
-    return [json.loads(p) for t, p, _ in list(collector.messages) if t.endswith("/agent/status") and p]
+    return [
+        json.loads(p) for t, p, _ in list(collector.messages) if t == f"cleanroom/agent/status/{AGENT}" and p
+    ]
 
 
-def test_sighup_is_logged_and_ignored(agent: AgentProcess, collector: Collector) -> None:
+def test_sighup_reloads_and_keeps_the_session(agent: AgentProcess, collector: Collector) -> None:
     agent.start()
     wait_for(lambda: agent.running() and "started" in agent.log.read_text(), 20, what="agent started")
     wait_for(lambda: any(s["status"] == "online" for s in statuses(collector)), 10, what="online status")
     assert agent.proc is not None
     agent.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "SIGHUP ignored" in agent.log.read_text(), 5, what="the SIGHUP log line")
+    wait_for(lambda: fetch_status(LISTEN)["reload"]["generation"] == 1, 10, what="the reload")
     time.sleep(0.5)
     assert agent.running()
-    assert "reload is not supported yet; SIGHUP ignored" in agent.log.read_text()
+    assert fetch_status(LISTEN)["reload"]["last_outcome"] == "applied"
+    assert "configuration reloaded (generation 1)" in agent.log.read_text()
     assert agent.terminate() == 0, agent.log.read_text()
-    assert statuses(collector)[-1]["reason"] == "clean_stop", "the session outlived the SIGHUP"
+    seen = statuses(collector)
+    assert seen[-1]["reason"] == "clean_stop", "the session outlived the SIGHUP"
+    assert {s["session"] for s in seen} == {seen[0]["session"]}, "SIGHUP reconnected to the broker"

@@ -138,7 +138,7 @@ def check_chains(messages: list[tuple[str, bytes, bool]], key: bytes | None = No
     there is a key. Returns the segments per stream."""
     streams: dict[str, list[bytes]] = {}
     for topic, payload, _ in messages:
-        if topic != "cleanroom/agent/status" and payload not in streams.setdefault(topic, []):
+        if topic != "cleanroom/agent/status/gw-test" and payload not in streams.setdefault(topic, []):
             streams[topic].append(payload)
     for topic, payloads in streams.items():
         prev = chain.GENESIS
@@ -436,7 +436,7 @@ async def test_status_retained_online_will_on_abrupt_loss_offline_on_stop(
         """Each status without its MAC; with a key, every one (the will too) is signed with it."""
         out = []
         for t, p, _ in collector.messages:
-            if t == "cleanroom/agent/status":
+            if t == "cleanroom/agent/status/gw-test":
                 unsigned, mac = chain.split_mac(p)
                 assert (mac is not None) == (key is not None) and (key is None or chain.mac_ok(p, key))
                 out.append(json.loads(unsigned))
@@ -461,7 +461,7 @@ async def test_status_retained_online_will_on_abrupt_loss_offline_on_stop(
     assert statuses()[-1]["reason"] == "clean_stop" and statuses()[-1]["session"] == statuses()[2]["session"]
     for s in statuses():
         check_schema(s)
-    late = Collector(mosquitto.port, topic="cleanroom/agent/status")
+    late = Collector(mosquitto.port, topic="cleanroom/agent/status/gw-test")
     try:
         retained = await until(lambda: late.messages, what="retained status")
         assert retained[0][2] is True and json.loads(retained[0][1])["status"] == "offline"
@@ -532,7 +532,7 @@ async def test_a_resent_duplicate_follows_the_new_sessions_online(
     relay = Relay(mosquitto.port)
     try:
         rig = await make_rig(relay.port)
-        await until(lambda: collector.json("/agent/status"), what="online")
+        await until(lambda: collector.json("/agent/status/gw-test"), what="online")
         relay.swallow_replies = True
         for i in range(12):  # 20 readings a block, 40 a segment: 6 segments, window 4
             rig.buf.submit([blocks_for("d1", i, n=20)])
@@ -545,13 +545,14 @@ async def test_a_resent_duplicate_follows_the_new_sessions_online(
         await until(lambda: _zero(rig.buf), what="delivered after the reconnect")
         await until(lambda: check_chains(collector.messages).get("d1/data") == 6, what="all segments")
         statuses = ["online", "offline", "online"]
-        await until(lambda: [s["status"] for s in collector.json("/agent/status")] == statuses,
+        await until(lambda: [s["status"] for s in collector.json("/agent/status/gw-test")] == statuses,
                     what="the will, the new session")  # fmt: skip
         received = list(collector.messages)
     finally:
         relay.close()
+    status_topic = "cleanroom/agent/status/gw-test"
     status_at = {json.loads(p)["session"] + json.loads(p)["status"]: k
-                 for k, (t, p, _) in enumerate(received) if t == "cleanroom/agent/status"}  # fmt: skip
+                 for k, (t, p, _) in enumerate(received) if t == status_topic}  # fmt: skip
     first, second = (f"{IDENTITY.started_ns}.{n}" for n in (1, 2))
     assert set(status_at) == {first + "online", first + "offline", second + "online"}
     copies: dict[bytes, list[int]] = {}

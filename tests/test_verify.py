@@ -66,7 +66,8 @@ class FakeAgent:
         """Signed with ``key``, by default the agent's own, as the forwarder does."""
         doc = {"schema": "cleanroom-edge/status/2", "status": status, "agent": AGENT, "session": session}
         text, key = dumps(doc).encode(), key or self.key
-        self.out.append((f"{PREFIX}/agent/status", text if key is None else chain.sign(text, key), retain))
+        signed = text if key is None else chain.sign(text, key)
+        self.out.append((f"{PREFIX}/agent/status/{AGENT}", signed, retain))
 
     def messages(self) -> list[Captured]:
         return [Captured(n, t, p, 1, r, 1.0 + n) for n, (t, p, r) in enumerate(self.out, start=1)]
@@ -344,7 +345,7 @@ def test_an_explicit_prefix_finds_segments_published_elsewhere() -> None:
     assert verify_capture(a.messages(), prefix=PREFIX).ok
     report = verify_capture(a.messages(), prefix="site/plant")
     assert {b.kind for b in report.breaks} == {"moved"}
-    assert len(report.breaks) == sum(1 for t, _, _ in a.out if not t.endswith("/status"))
+    assert len(report.breaks) == sum(1 for t, _, _ in a.out if "/agent/status/" not in t)
 
 
 def test_garbage_and_another_agents_segments_are_breaks() -> None:

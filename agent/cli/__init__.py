@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "agent.cli.init",  # init DIR
     "agent.cli.validate",  # validate CONFIG
     "agent.cli.run",  # run -c CONFIG
+    "agent.cli.reload",  # reload -c CONFIG
     "agent.cli.status",  # status
     "agent.cli.demo",  # demo
     "agent.cli.buffer",  # buffer stats|export|replay

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agent.core import chain
+from agent.core.records import AGENT_DEVICE
 from agent.integrity.capture import Captured
 
 BreakKind = Literal[
@@ -228,8 +229,9 @@ def verify_capture(
     agents = Counter(str(a.seg.doc.get("agent")) for a in arrivals)
     agent = agents.most_common(1)[0][0] if agents else None
 
-    status_topic = f"{prefix}/agent/status"
-    statuses = [s for s in statuses if messages[s.pos].topic == status_topic]
+    # The agent's own status topic; captures of agents before issue 13 have it without the agent id.
+    status_topics = {f"{prefix}/{AGENT_DEVICE}/status/{agent}", f"{prefix}/{AGENT_DEVICE}/status"}
+    statuses = [s for s in statuses if messages[s.pos].topic in status_topics]
     if key is not None:
         statuses = _signed_statuses(statuses, messages, key, st, _first_key_change(arrivals, key))
     for m, problem in others:
@@ -289,7 +291,7 @@ def verify_capture(
 
 
 def _status_of(pos: int, m: Captured) -> _Status | None:
-    if not m.topic.endswith("/agent/status"):
+    if not (m.topic.endswith("/agent/status") or "/agent/status/" in m.topic):
         return None
     try:
         doc = json.loads(m.payload)

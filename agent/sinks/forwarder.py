@@ -30,6 +30,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
+import socket
 import ssl
 import threading
 import time
@@ -71,6 +73,16 @@ verified), ``unverified`` (TLS without the check), ``off`` (plain MQTT leaving t
 ``loopback`` (plain MQTT to a broker on this machine)."""
 
 
+class _KeyPasswordMissing(Exception):
+    pass
+
+
+def _no_key_password() -> str:
+    """Asked for an encrypted key without ``key_password``: OpenSSL's default would prompt on the
+    terminal (``run`` or ``validate`` from a shell waits for it) or fail with a bare EINVAL."""
+    raise _KeyPasswordMissing
+
+
 class TlsConfig(Strict):
     """TLS to the broker."""
 
@@ -108,18 +120,57 @@ class TlsConfig(Strict):
         ``ValueError`` that never echoes the key password."""
         try:
             ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load certificates: tls.ca_file: {exc}") from None
+        try:
             if self.cert_file is not None:
                 ctx.load_cert_chain(
                     str(self.cert_file),
                     str(self.key_file) if self.key_file else None,
-                    self.key_password.get_secret_value() if self.key_password else None,
+                    self.key_password.get_secret_value() if self.key_password else _no_key_password,
                 )
+        except _KeyPasswordMissing:
+            raise ValueError(
+                "cannot load certificates: the private key is encrypted: set tls.key_password"
+            ) from None
         except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"cannot load certificates: {exc}") from None
+            why = "not a PEM certificate and key, or tls.key_password does not decrypt the key"
+            raise ValueError(
+                f"cannot load certificates: tls.cert_file/key_file: {why if 'PEM lib' in str(exc) else exc}"
+            ) from None
         if not self.verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
+
+
+TLS_REFUSALS = (
+    ("CERTIFICATE_REQUIRED", "the broker requires a client certificate (tls.cert_file, tls.key_file)"),
+    ("ALERT_CERTIFICATE_EXPIRED", "the broker refused the client certificate: it has expired"),
+    ("ALERT_UNKNOWN_CA", "the broker does not trust the CA that signed the client certificate"),
+    ("ALERT_CERTIFICATE_REVOKED", "the broker refused the client certificate: it was revoked"),
+    ("ALERT_BAD_CERTIFICATE", "the broker refused the client certificate"),
+    ("ALERT_UNSUPPORTED_CERTIFICATE", "the broker refused the client certificate"),
+    ("Hostname mismatch", "the broker certificate is not valid for mqtt.host"),
+    ("certificate has expired", "the broker certificate has expired"),
+    ("certificate is not yet valid", "the broker certificate is not valid yet"),
+    ("local issuer", "the broker certificate is not signed by a CA of tls.ca_file (or the system store)"),
+    ("self-signed certificate", "the broker certificate is not signed by a CA of tls.ca_file"),
+)
+"""OpenSSL's words for why a TLS handshake failed, and what they mean for the operator. The TLS 1.3
+refusals of our client certificate arrive as alerts after our side of the handshake completed,
+on paho's first read."""
+
+
+def tls_refusal(text: str) -> str | None:
+    """An OpenSSL error in the operator's words, with OpenSSL's own reason kept in brackets (minus
+    the ``[SSL: ...]`` code and ``(_ssl.c:NNN)`` source line, noise to an operator); None when it is
+    not a certificate refusal."""
+    detail = re.sub(r"^\[SSL: \w+\] |^\[\w+\] | \(_ssl\.c:\d+\)$", "", text.strip())
+    for marker, meaning in TLS_REFUSALS:
+        if marker in text:
+            return f"{meaning} ({detail})"
+    return None
 
 
 class MqttConfig(Strict):
@@ -137,7 +188,7 @@ class MqttConfig(Strict):
     """MQTT client id; default ``cleanroom-edge-{agent id}``. Must be unique on the broker."""
     topic_prefix: str = Field(default="cleanroom", pattern=r"^[^#+]+$")
     """First level(s) of every topic: ``{prefix}/{device}/data``, ``{prefix}/{device}/events``,
-    ``{prefix}/agent/events``, ``{prefix}/agent/audit``, ``{prefix}/agent/status``."""
+    ``{prefix}/agent/events``, ``{prefix}/agent/audit``, ``{prefix}/agent/status/{agent id}``."""
     keepalive: Duration = Field(default=30.0, ge=5)
     """MQTT keepalive: a dead connection is noticed after about 1.5 times this."""
     username: str | None = None
@@ -235,15 +286,27 @@ class AgentIdentity:
     """When the agent started: the first half of every connection's session."""
 
 
-class Forwarder:
-    """Committed segments -> MQTT, one paho client for the agent's lifetime."""
+def status_topic(prefix: str, agent_id: str) -> str:
+    """The retained status topic: it names the agent, so gateways sharing a broker never overwrite
+    each other's retained status."""
+    return f"{prefix}/{AGENT_DEVICE}/status/{agent_id}"
 
-    def __init__(self, cfg: MqttConfig, buffer: AsyncBuffer, identity: AgentIdentity) -> None:
+
+class Forwarder:
+    """Committed segments -> MQTT, one paho client per forwarder. A reload that changes the broker
+    section stops one forwarder and starts another on the same buffer: what the old one had in
+    flight is unclaimed at its stop and sent again by the new one (the in-flight window bounds
+    those duplicates), and ``attempts`` carries the connection count over so the new forwarder's
+    sessions are newer than the old one's."""
+
+    def __init__(
+        self, cfg: MqttConfig, buffer: AsyncBuffer, identity: AgentIdentity, attempts: int = 0
+    ) -> None:
         self.cfg = cfg
         self.buffer = buffer
         self.identity = identity
         self.client_id = cfg.client_id or f"cleanroom-edge-{identity.agent_id}"
-        self.status_topic = f"{cfg.topic_prefix}/{AGENT_DEVICE}/status"
+        self.status_topic = status_topic(cfg.topic_prefix, identity.agent_id)
         self._key = buffer.core.key
         """The key the buffer signs segments with: the status messages are signed with it too."""
         self._password = cfg.resolve_password()
@@ -254,7 +317,7 @@ class Forwarder:
         self.tasks = Supervisor("forwarder", log)
         """Owns the loops: one that raises is logged once, counted and restarted with backoff."""
         self._client_lock = threading.Lock()
-        self._attempts = 0
+        self._attempts = attempts
         self._session = ""
         """``{agent start ns}.{connection attempt}``: set (with the will) before each attempt, under
         the client lock; read by paho's thread when that connection is accepted."""
@@ -274,6 +337,11 @@ class Forwarder:
             ("published", "published_readings", "acked", "acked_readings", "rejected", "reconnects"), 0
         )
         self._last_error: str | None = None
+        self._closed_early: str | None = None
+        """paho's reason when the broker closed this attempt's connection before accepting it."""
+        self._tls_refusal: str | None = None
+        """The broker's refusal of our client certificate, in the operator's words, until it
+        accepts us (a probe costs a handshake: one per streak of refusals)."""
         self._connected_since: float | None = None
         self._rng = random.Random()  # unseeded: gateways restarted together must not jitter alike
 
@@ -363,6 +431,7 @@ class Forwarder:
             self._last_error = error
             return
         self._connected = True
+        self._tls_refusal = None
         self._connected_since = time.monotonic()
         log.info("connected to broker %s:%d (session %s)", self.cfg.host, self.cfg.port, self._session)
         self._wake.set()
@@ -380,7 +449,7 @@ class Forwarder:
         elif not self._refused:
             # Closed before a CONNACK, without a refusal: e.g. the broker rejected our client
             # certificate after the TLS 1.3 handshake had already completed on our side.
-            self._last_error = f"connection closed before the broker accepted it: {reason}"
+            self._closed_early = reason
 
     def _on_puback(self, mid: int, ok: bool, reason: str) -> None:
         status = self._status_acks.pop(mid, None)
@@ -405,7 +474,8 @@ class Forwarder:
         self._wake.set()
 
     def _on_commit(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
-        self._wake.set()
+        if not self._stopping:  # a stopped forwarder stays a listener of the buffer, idle
+            self._wake.set()
 
     # ------------------------------------------------------------------ tasks
 
@@ -426,16 +496,20 @@ class Forwarder:
         attempts = 0
         while not self._stopping:
             self._session_ended.clear()
+            self._closed_early = None
             try:
                 started = await asyncio.to_thread(self._connect_blocking)
             except Exception as exc:  # OSError, ssl.SSLError, ValueError...: never end the retry loop
-                self._last_error = f"connect to {self.cfg.host}:{self.cfg.port} failed: {exc}"
+                cause = tls_refusal(str(exc)) or exc
+                self._last_error = f"connect to {self.cfg.host}:{self.cfg.port} failed: {cause}"
                 if attempts == 0:
                     log.warning("%s; retrying with backoff", self._last_error)
             else:
                 if not started:
                     return
                 await self._session_ended.wait()
+                if self._closed_early is not None and not self._stopping:
+                    await self._explain_early_close(self._closed_early)
                 if self._connected_since is not None:  # the broker accepted us: start backoff afresh
                     attempts = 0
                 self._connected_since = None
@@ -446,6 +520,30 @@ class Forwarder:
             await asyncio.sleep(
                 backoff_delay(attempts, self.cfg.reconnect_min, self.cfg.reconnect_max, self._rng)
             )
+
+    async def _explain_early_close(self, reason: str) -> None:
+        """With TLS 1.3 a broker refuses our client certificate only after our side of the
+        handshake completed; its alert then races our CONNECT, and paho mostly reports a bare EOF.
+        A handshake that sends nothing afterwards always hears the alert."""
+        if self._tls_refusal is None and self._ssl is not None:
+            self._tls_refusal = await asyncio.to_thread(self._probe_tls)
+        error = f"connection closed before the broker accepted it: {self._tls_refusal or reason}"
+        if error != self._last_error:  # once per streak, not once per retry
+            log.error("broker %s:%d: %s", self.cfg.host, self.cfg.port, error)
+        self._last_error = error
+
+    def _probe_tls(self) -> str | None:
+        assert self._ssl is not None
+        timeout = min(self.cfg.connect_timeout, 2.0)
+        try:
+            with (
+                socket.create_connection((self.cfg.host, self.cfg.port), timeout) as raw,
+                self._ssl.wrap_socket(raw, server_hostname=self.cfg.host) as tls,
+            ):
+                tls.recv(1)
+        except OSError as exc:  # ssl.SSLError included; a timeout: the broker took the certificate
+            return tls_refusal(str(exc))
+        return None
 
     async def _pump(self) -> None:
         while True:
@@ -547,7 +645,24 @@ class Forwarder:
         self._tasks = []
         self._connected = False
         self.buffer.unclaim(seg.id for seg in self._inflight.values())  # not in flight now
+        self._inflight.clear()
+        self.buffer.remove_listener(self._on_commit)
         log.info("forwarder stopped: %s", self.stats())
+
+    @property
+    def attempts(self) -> int:
+        """Connection attempts so far: what a successor forwarder continues from."""
+        return self._attempts
+
+    def republish_online(self, identity: AgentIdentity) -> None:
+        """A reload kept this connection but changed the configuration hash: the retained
+        ``online`` says so at once, in the current session (not a newer one, so it explains no
+        re-send)."""
+        self.identity = identity
+        if self._connected:
+            online = self._status("online", version=identity.version, config_hash=identity.config_hash,
+                                  site=identity.site, ts=now_ns())  # fmt: skip
+            self._client.publish(self.status_topic, online, qos=1, retain=True)
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -35,7 +35,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,7 +224,7 @@ class DeviceRunner:
             self.ctx.stats.reconnects += 1
         self.last_error = None
         if was is not None:
-            log.info("%s: connected again", self.id)
+            log.info("%s: connected again", self.id, extra={"device": self.id})
         self._submit((), [DeviceConnected(previous_error=was).event(self.id)])
 
     def _failed(self, reason: str, detail: str) -> None:
@@ -237,7 +237,8 @@ class DeviceRunner:
         self.up.clear()
         self.last_error = reason
         if announce:
-            log.warning("%s: %s (%s); reconnecting with backoff", self.id, reason, detail)
+            log.warning("%s: %s (%s); reconnecting with backoff", self.id, reason, detail,
+                        extra={"device": self.id, "error_kind": reason})  # fmt: skip
             self._submit((), [DeviceDisconnected(reason, detail).event(self.id)])
 
     def _link_lost(self, reason: str, detail: str) -> None:
@@ -383,10 +384,21 @@ def _honour_cancel() -> None:
 
 
 class Scheduler:
-    """All device runners; started and stopped together."""
+    """All device runners; started and stopped together, or some replaced by a reload."""
 
     def __init__(self, devices: Sequence[ResolvedDevice], submit: Submit, state: Mapping[str, str]) -> None:
+        self._submit = submit
+        self._state = state
         self.runners = [DeviceRunner(d, submit, state) for d in devices if d.config.enabled]
+
+    async def replace(self, remove: Collection[str], add: Sequence[ResolvedDevice]) -> list[DeviceRunner]:
+        """Stop the runners of ``remove`` and make (not start) runners for ``add``: the other
+        runners keep their connections and poll ticks. The caller wires the new runners and
+        starts them, as for the first ones."""
+        await asyncio.gather(*(r.stop() for r in self.runners if r.id in remove))
+        new = [DeviceRunner(d, self._submit, self._state) for d in add if d.config.enabled]
+        self.runners = [r for r in self.runners if r.id not in remove] + new
+        return new
 
     def start(self) -> None:
         for r in self.runners:
