@@ -1,7 +1,8 @@
 """Secure by default, the status listener: ``validate`` accepts exactly the addresses ``run`` binds;
 loopback by default and a warning elsewhere; request size, time and connection count are bounded
-(a slowloris client cannot exhaust file descriptors); a request never runs on the buffer's commit
-thread; secrets never appear in status output."""
+(a slowloris client cannot exhaust file descriptors); read-only, one request per connection, and a
+loopback listener answers only to a loopback host name (DNS rebinding); a request never runs on the
+buffer's commit thread; secrets never appear in status output."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 
 from agent.app.config import ConfigError, load_config
 from agent.app.runtime import Agent
-from agent.app.status import HttpError, StatusServer, fetch_status, parse_listen, parse_request_head
+from agent.app.status import StatusServer, fetch_status, parse_listen
 from agent.buffer.async_buffer import AsyncBuffer
 from agent.buffer.config import BufferConfig
 from agent.buffer.store import Buffer
@@ -41,6 +42,17 @@ def write_config(tmp_path: Path, listen: str, extra: str = "") -> Path:
 
 async def fake_status() -> dict[str, Any]:
     return {"agent": "gw", "ok": True}
+
+
+class _AnyInt:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int)
+
+    __hash__ = object.__hash__
+
+
+ANY_INT: Any = _AnyInt()
+"""The time the listener adds to the status (``now``)."""
 
 
 @contextlib.asynccontextmanager
@@ -138,18 +150,20 @@ async def test_oversized_request_line_and_head_are_refused_and_the_listener_goes
                 raw_exchange, port, b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n"
             )
             long_head = await asyncio.to_thread(
-                raw_exchange, port, b"GET /status HTTP/1.1\r\n" + b"X-Pad: " + b"b" * 100_000 + b"\r\n\r\n"
+                raw_exchange,
+                port,
+                b"GET /api/status HTTP/1.1\r\n" + b"X-Pad: " + b"b" * 100_000 + b"\r\n\r\n",
             )
             many_fields = await asyncio.to_thread(
-                raw_exchange, port, b"GET /status HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n"
+                raw_exchange, port, b"GET /api/status HTTP/1.1\r\n" + b"X: y\r\n" * 500 + b"\r\n"
             )
-            ok = await asyncio.to_thread(raw_exchange, port, b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert long_line.startswith(b"HTTP/1.1 414 ")
-        assert long_head.startswith(b"HTTP/1.1 431 ") and many_fields.startswith(b"HTTP/1.1 431 ")
-        assert ok.startswith(b"HTTP/1.1 200 ") and json.loads(ok.split(b"\r\n\r\n", 1)[1]) == {
-            "agent": "gw",
-            "ok": True,
-        }
+            ok = await asyncio.to_thread(
+                raw_exchange, port, b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+        for refused in (long_line, long_head, many_fields):
+            assert refused.startswith((b"HTTP/1.0 400 ", b"HTTP/1.1 400 ")), refused[:200]
+        assert ok.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in ok.split(b"\r\n\r\n")[0]
+        assert json.loads(ok.split(b"\r\n\r\n", 1)[1]) == {"agent": "gw", "ok": True, "now": ANY_INT}
         assert not caplog.records, [r.getMessage() for r in caplog.records]
 
 
@@ -162,16 +176,19 @@ async def test_slowloris_clients_are_capped_and_timed_out_and_a_normal_request_i
         peak = 0
 
         def slow_client() -> None:
-            """A byte every second, never a complete request; note when the server hangs up."""
+            """A valid request head, then a byte of a header field every second, never the end of
+            the head; note when the server hangs up."""
             start = time.monotonic()
             next_byte = start
+            chunk = b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.settimeout(0.1)
                 while not stop.is_set():
                     if time.monotonic() >= next_byte:
                         next_byte += 1.0
                         with contextlib.suppress(OSError):
-                            s.sendall(b"G")
+                            s.sendall(chunk)
+                        chunk = b"a"
                     try:
                         if s.recv(1024) == b"":
                             break
@@ -198,54 +215,44 @@ async def test_slowloris_clients_are_capped_and_timed_out_and_a_normal_request_i
                 await asyncio.to_thread(t.join, 5)
         assert peak == cap  # held to the cap: the others were closed as newer ones came
         assert server.counts["evicted"] >= len(threads) - cap and server.counts["timed_out"] >= 1
-        assert answered == {"agent": "gw", "ok": True}
+        assert answered == {"agent": "gw", "ok": True, "now": ANY_INT}
         assert len(closed_after) == len(threads)
         assert max(closed_after) < timeout + 1.5, closed_after  # the server hung up on every one of them
         assert server.open_connections == 0
-
-
-def test_request_heads_fuzzed_never_raise_anything_but_http_errors() -> None:
-    rng = random.Random(11)
-    good = b"GET /status?x=1 HTTP/1.1\r\nHost: gw\r\nAccept: */*\r\n\r\n"
-    outcomes: set[str] = set()
-    for i in range(20_000):
-        head = bytearray(good)
-        for _ in range(rng.randint(1, 6)):
-            op = rng.random()
-            pos = rng.randrange(len(head) + 1)
-            if op < 0.4 and head:
-                head[pos % len(head)] = rng.randrange(256)
-            elif op < 0.7:
-                head[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
-            else:
-                del head[pos : pos + rng.randint(1, 8)]
-        if i % 1000 == 0:
-            head = bytearray(rng.randbytes(rng.randint(0, 200)))
-        try:
-            request = parse_request_head(bytes(head))
-        except HttpError as exc:
-            assert exc.status in {400, 405, 414, 431, 505}
-            outcomes.add(str(exc.status))
-        else:
-            assert request.method and request.path.startswith("/")
-            outcomes.add("ok")
-    assert {"ok", "400"} <= outcomes
 
 
 async def test_malformed_requests_over_a_socket_get_an_answer_or_a_close() -> None:
     rng = random.Random(7)
     async with serving(f"127.0.0.1:{free_port()}", head_timeout=0.5) as server:
         port = server.port
-        for _ in range(60):
-            junk = rng.randbytes(rng.randint(1, 300)) + b"\r\n\r\n"
+        good = b"GET /api/status?x=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n"
+        for i in range(300):
+            if i % 3 == 0:
+                junk = rng.randbytes(rng.randint(1, 300)) + b"\r\n\r\n"
+            else:  # a request with a few bytes changed, inserted or deleted
+                head = bytearray(good)
+                for _ in range(rng.randint(1, 6)):
+                    pos = rng.randrange(len(head))
+                    head[pos : pos + rng.randint(0, 4)] = rng.randbytes(rng.randint(0, 4))
+                junk = bytes(head) + b"\r\n\r\n"
             reply = await asyncio.to_thread(raw_exchange, port, junk)
-            assert reply == b"" or reply.startswith(b"HTTP/1.1 4")
-        assert (await asyncio.to_thread(fetch_status, f"127.0.0.1:{port}")) == {"agent": "gw", "ok": True}
+            assert reply == b"" or reply.startswith((b"HTTP/1.1 2", b"HTTP/1.1 4", b"HTTP/1.0 4")), reply[
+                :100
+            ]
+        assert server.open_connections == 0
+        assert (await asyncio.to_thread(fetch_status, f"127.0.0.1:{port}")) == {
+            "agent": "gw", "ok": True, "now": ANY_INT,
+        }  # fmt: skip
         replies = {
-            b"POST /status HTTP/1.1\r\n\r\n": b"HTTP/1.1 405 ",
-            b"GET /nope HTTP/1.1\r\n\r\n": b"HTTP/1.1 404 ",
-            b"GET /status HTTP/2.0\r\n\r\n": b"HTTP/1.1 505 ",
-            b"GET status HTTP/1.1\r\n\r\n": b"HTTP/1.1 400 ",
+            b"POST /api/status HTTP/1.1\r\nHost: localhost\r\n\r\n": b"HTTP/1.1 405 ",
+            b"DELETE / HTTP/1.1\r\nHost: localhost\r\n\r\n": b"HTTP/1.1 405 ",
+            b"GET /nope HTTP/1.1\r\nHost: localhost\r\n\r\n": b"HTTP/1.1 404 ",
+            b"GET /../../etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n": b"HTTP/1.1 404 ",
+            b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n": b"HTTP/1.1 404 ",  # none configured here
+            b"GET status HTTP/1.1\r\n\r\n": b"HTTP/1.0 400 ",
+            # a page elsewhere reaching the listener through a name that resolves to 127.0.0.1
+            b"GET /api/status HTTP/1.1\r\nHost: rebind.example:8765\r\n\r\n": b"HTTP/1.1 421 ",
+            b"HEAD /api/status HTTP/1.1\r\nHost: [::1]:8765\r\n\r\n": b"HTTP/1.1 200 ",
         }
         for request, expected in replies.items():
             assert (await asyncio.to_thread(raw_exchange, port, request)).startswith(expected), request
@@ -301,8 +308,8 @@ async def test_secrets_never_appear_in_status_output(
     try:
         await asyncio.sleep(0.3)  # a connection attempt has failed: last_error is filled in
         raw = json.dumps(await asyncio.to_thread(fetch_status, listen))
-        assert await asyncio.to_thread(main, ["status", "--listen", listen]) == 0
-        assert await asyncio.to_thread(main, ["status", "--listen", listen, "--json"]) == 0
+        assert await asyncio.to_thread(main, ["status", "--listen", listen]) in (0, 1)  # 1: unhealthy
+        assert await asyncio.to_thread(main, ["status", "--listen", listen, "--json"]) in (0, 1)
     finally:
         await agent.stop()
     out = capsys.readouterr()

@@ -26,10 +26,11 @@ import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
+from agent.app.health import HealthConfig
 from agent.app.status import parse_listen
 from agent.buffer.config import BufferConfig
 from agent.buffer.schema import SCHEMA_VERSION
@@ -50,7 +51,7 @@ from agent.transforms.inference import InferenceEngine, ModelBindingConfig
 from agent.transforms.limits import LimitMonitor, LimitsConfig
 from cleanroom_common.fields import FILE_DIR, ConfigPath, Duration, Strict
 from cleanroom_common.profilefiles import ProfileFile, index_profiles
-from cleanroom_common.yamlfile import YamlDoc, YamlError, masked, read_yaml
+from cleanroom_common.yamlfile import YamlDoc, YamlError, forget_parsed, masked, read_yaml
 
 log = logging.getLogger("cleanroom.config")
 
@@ -79,6 +80,9 @@ class AgentSection(Strict):
     keep it on loopback (anywhere else is logged as a warning at every start)."""
     shutdown_grace: Duration = 5.0
     """Time a clean stop (SIGTERM) may spend delivering committed data before disconnecting."""
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per log line (ts, level, logger, message, device), for journald and log
+    shippers; ``run --log-format`` overrides it."""
 
     @field_validator("status_listen")
     @classmethod
@@ -121,6 +125,8 @@ class AgentConfig(Strict):
     """Rule-based alert/action limits, independent of any model."""
     integrity: IntegrityConfig = Field(default_factory=IntegrityConfig)
     """The tamper-evident chain's key and the clock-step detection."""
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    """When ``status``, the status API and the metrics call the agent unhealthy."""
 
 
 # --------------------------------------------------------------------------- loaded result
@@ -351,7 +357,13 @@ def read_hmac_key(path: Path) -> bytes:
 
 def load_config(path: str | Path) -> LoadedConfig:
     """Load, validate and resolve a config file; raise :class:`ConfigError` listing every problem."""
-    path = Path(path).resolve()
+    try:
+        return _load_config(Path(path).resolve())
+    finally:
+        forget_parsed()
+
+
+def _load_config(path: Path) -> LoadedConfig:
     src = _load_yaml(path)
     if not isinstance(src.data, dict):
         raise ConfigError(

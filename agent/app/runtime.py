@@ -22,17 +22,26 @@ interval no record covers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import dataclasses
 import difflib
 import gc
 import hashlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent import __version__
-from agent.app.config import LoadedConfig
+from agent.app.config import ConfigError, LoadedConfig, load_config
+from agent.app.health import HealthWatch, assess, certificates_of
+from agent.app.metrics import render as render_metrics
+from agent.app.notify import Notifier, Watchdog, summary
+from agent.app.reload import ReloadOutcome, ReloadPlan, ReloadRefused, plan
 from agent.app.status import StatusServer, security_report
+from agent.app.trend import TrendRecorder
 from agent.buffer.async_buffer import AsyncBuffer
 from agent.buffer.audit import Auditor
 from agent.buffer.lock import BufferInUse
@@ -78,15 +87,24 @@ class Agent:
         )
         self.forwarder = Forwarder(cfg.mqtt, self.buffer, self.identity) if cfg.mqtt else None
         self.scheduler: Scheduler | None = None
-        self.status_server = StatusServer(cfg.agent.status_listen, self.status)
+        self.trend = TrendRecorder()
+        """The last hour per tag and the recent events, for the status page."""
+        self.status_server = StatusServer(
+            cfg.agent.status_listen, self.status, trend=self.trend, metrics=lambda: render_metrics(self)
+        )
         self.started_ns: int | None = None
         self.clock_monitor = ClockMonitor(threshold_s=cfg.integrity.clock_step_threshold)
         """Its own attribute so that a test drives a step through the real task on a fake clock."""
+        self.health_watch = HealthWatch(cfg.health, certificates_of(cfg.mqtt, loaded.devices))
         self.tasks = Supervisor("agent", log)
+        self.notifier = Notifier.from_environ()
+        """systemd's notify socket (READY, WATCHDOG, STOPPING, STATUS); a no-op outside systemd."""
         self._sources = {d.id: _device_source(d, loaded.sha256) for d in loaded.devices}
         """Each device's attribution from the configuration (profile, hashes)."""
         self._reported: dict[str, dict[str, Any]] = {}
         """Each device's attribution as last handed to the buffer, with what the device reported."""
+        self.reload_state = ReloadOutcome(generation=0, outcome="none", at_ns=None)
+        self._reload_lock = asyncio.Lock()
 
     def _submit(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
         self.buffer.submit(blocks, events)
@@ -96,6 +114,7 @@ class Agent:
 
     async def start(self) -> None:
         self.started_ns = now_ns()
+        self.notifier.status("starting: checking the buffer")
         self._set_sources()
         try:
             await self.buffer.open()
@@ -139,9 +158,12 @@ class Agent:
             state={CONFIG_HASH_KEY: self.loaded.sha256, CONFIG_TEXT_KEY: self.loaded.masked_text},
         )
         self.tasks.spawn("clock-monitor", self._watch_clock)
+        # One listener for the transforms, whichever are current: a reload replaces them, and a
+        # replaced one must not go on evaluating (it would raise its alarms twice).
+        self.buffer.add_listener(self._to_transforms)
+        self.buffer.add_listener(self.trend.on_committed)
         for transform in (self.limits, self.inference):
             if transform is not None:
-                self.buffer.add_listener(transform.on_committed)
                 await transform.start()
         if self.forwarder is not None:
             await self.forwarder.start()
@@ -154,8 +176,14 @@ class Agent:
         # a plant of 88 devices) lives as long as the agent: frozen out of the garbage collector,
         # a full collection walks only what was made since (a few ms) instead of stopping the
         # loop for 50-70 ms, which landed on the first poll ticks as jitter (bench.plant p99).
+        # Collected first, or the cycles the configuration load left behind would be frozen for
+        # good; then the freed heap goes back to the OS (a 10,000-tag profile peaks tens of MB
+        # above what it keeps).
+        gc.collect()
         gc.freeze()
+        _return_free_heap()
         self.scheduler.start()
+        self.tasks.spawn("health-watch", lambda: self.health_watch.run(self))
         await self.status_server.start()
         log.info(
             "agent %s started: %d devices, config sha256 %s",
@@ -163,6 +191,17 @@ class Agent:
             len(self.scheduler.runners),
             self.loaded.sha256[:12],
         )
+        self.notifier.ready(summary(self))
+        if (watchdog := Watchdog.for_agent(self.notifier, self)) is not None:
+            self.tasks.spawn("systemd-watchdog", watchdog.run)
+
+    def _to_transforms(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
+        for transform in (self.limits, self.inference):
+            if transform is not None:
+                try:
+                    transform.on_committed(blocks, events)
+                except Exception:  # as when each was a listener of its own: one failing spares the other
+                    log.exception("%s failed on committed records", type(transform).__name__)
 
     def _set_sources(self) -> None:
         """What every segment of each stream names as its source (attribution): set before the
@@ -183,15 +222,22 @@ class Agent:
 
         return on_identity
 
-    def _audit_config_change(self) -> None:
-        """Record how the configuration differs from the last start's, with the masked texts'
-        diff when the last start kept its text (agents before issue 12 kept only the hash)."""
-        state = self.buffer.state()
-        old_hash = state.get(CONFIG_HASH_KEY)
+    def _audit_config_change(
+        self,
+        old_hash: str | None = None,
+        old_text: str | None = None,
+        applied: dict[str, Any] | None = None,
+    ) -> None:
+        """Record how the configuration differs from the last start's (by default) or from the one
+        a reload replaces, with the masked texts' diff when the last start kept its text (agents
+        before issue 12 kept only the hash). A reload's record also moves the buffer state the next
+        start diffs against."""
+        if applied is None:
+            state = self.buffer.state()
+            old_hash, old_text = state.get(CONFIG_HASH_KEY), state.get(CONFIG_TEXT_KEY)
         if old_hash is None or old_hash == self.loaded.sha256:
             return
         extra: dict[str, Any] = {"hashes": {"old": old_hash, "new": self.loaded.sha256}}
-        old_text = state.get(CONFIG_TEXT_KEY)
         if old_text is not None:
             extra["diff"] = "".join(
                 difflib.unified_diff(
@@ -201,14 +247,154 @@ class Agent:
                     tofile=str(self.loaded.path),
                 )
             )
+        if applied is not None:
+            extra["applied"] = applied
         self.auditor.record(
             "config_change",
             str(self.loaded.path),
             old={"config_sha256": old_hash},
             new={"config_sha256": self.loaded.sha256},
             extra=extra,
-            reason="the configuration (file or a profile it uses) differs from the last run's",
+            reason="the configuration (file or a profile it uses) differs from the last run's"
+            if applied is None
+            else "configuration reloaded",
+            state=None
+            if applied is None
+            else {CONFIG_HASH_KEY: self.loaded.sha256, CONFIG_TEXT_KEY: self.loaded.masked_text},
         )
+
+    async def reload(self) -> ReloadOutcome:
+        """Load the configuration file again and apply what changed (:mod:`agent.app.reload`). An
+        invalid configuration, or one that needs a restart, is refused (logged, audited) and the
+        agent runs on with the one it has: everything that can fail is built before anything is
+        stopped. Requests are handled one at a time."""
+        async with self._reload_lock:
+            generation = self.reload_state.generation + 1
+            try:
+                new = await asyncio.to_thread(load_config, self.loaded.path)
+                changes = plan(self.loaded, new)
+                sources = {d.id: _device_source(d, new.sha256) for d in new.devices}
+                limits, inference = self._new_transforms(new, changes)
+                if changes.mqtt and new.config.mqtt is not None:  # what a new forwarder fails on
+                    new.config.mqtt.resolve_password()
+                    if new.config.mqtt.tls.enabled:
+                        new.config.mqtt.tls.context()
+            except ConfigError as exc:
+                return self._refuse(
+                    generation, "the configuration is invalid", [str(p) for p in exc.problems]
+                )
+            except ReloadRefused as exc:
+                return self._refuse(generation, f"needs a restart: {exc}", [])
+            except (OSError, ValueError) as exc:  # e.g. a file it names went away since validation
+                return self._refuse(generation, f"cannot apply: {exc}", [])
+            await self._apply(new, changes, sources, limits, inference)
+            self.reload_state = ReloadOutcome(
+                generation,
+                "applied",
+                now_ns(),
+                reason=f"config sha256 {new.sha256[:12]}",
+                applied=changes.summary(),
+            )
+            log.info("configuration reloaded (generation %d): %s", generation, changes.summary())
+            return self.reload_state
+
+    def _new_transforms(
+        self, new: LoadedConfig, changes: ReloadPlan
+    ) -> tuple[LimitMonitor | None, InferenceEngine | None]:
+        profiles = {d.id: d.profile for d in new.devices}
+        cfg = new.config
+        limits = self.limits
+        if changes.limits:
+            limits = (
+                LimitMonitor(cfg.limits, profiles, self._submit_event, self.auditor) if cfg.limits else None
+            )
+        inference = self.inference
+        if changes.models:
+            inference = (
+                InferenceEngine(cfg.models, profiles, self._submit_event, self.auditor)
+                if cfg.models
+                else None
+            )
+        return limits, inference
+
+    def _refuse(self, generation: int, reason: str, errors: list[str]) -> ReloadOutcome:
+        for error in errors:
+            log.error("reload: %s", error)
+        log.error("configuration reload refused: %s; running on with config sha256 %s",
+                  reason, self.loaded.sha256[:12])  # fmt: skip
+        self.auditor.record(
+            "config_reload_refused",
+            str(self.loaded.path),
+            old={"config_sha256": self.loaded.sha256},
+            extra={"errors": errors} if errors else None,
+            reason=reason,
+            severity=Severity.WARNING,
+        )
+        self.reload_state = ReloadOutcome(
+            generation, "refused", now_ns(), reason=reason, errors=tuple(errors)
+        )
+        return self.reload_state
+
+    async def _apply(
+        self,
+        new: LoadedConfig,
+        changes: ReloadPlan,
+        sources: dict[str, dict[str, Any]],
+        limits: LimitMonitor | None,
+        inference: InferenceEngine | None,
+    ) -> None:
+        old = self.loaded
+        self.loaded = new
+        self.identity = dataclasses.replace(self.identity, config_hash=new.sha256)
+        self._sources = sources
+        for device, reported in list(self._reported.items()):  # what a device said stays said
+            self._reported[device] = {**reported, **sources.get(device, {})}
+        self.buffer.set_source(AGENT_DEVICE, {"config_sha256": new.sha256, "version": __version__})
+        for device, source in sources.items():
+            self.buffer.set_source(device, dict(self._reported.get(device, source)))
+        self._audit_config_change(old.sha256, old.masked_text, changes.summary())
+        if new.config.integrity.clock_step_threshold != old.config.integrity.clock_step_threshold:
+            self.clock_monitor = ClockMonitor(threshold_s=new.config.integrity.clock_step_threshold)
+        # The watch keeps what it noted (since when each device and the broker are down).
+        self.health_watch.cfg = new.config.health
+        self.health_watch.certificates = certificates_of(new.config.mqtt, new.devices)
+        if self.scheduler is not None and (changes.stop or changes.start):
+            runners = await self.scheduler.replace(changes.stop, changes.start)
+            for runner in runners:
+                runner.ctx.on_identity = self._identity_listener(runner.id)
+                runner.start()
+        if limits is not self.limits:
+            old_limits, self.limits = self.limits, limits
+            if old_limits is not None:
+                await old_limits.stop()
+            if limits is not None:
+                await limits.start()
+        if inference is not self.inference:
+            old_inference, self.inference = self.inference, inference
+            if old_inference is not None:
+                await old_inference.stop()
+            if inference is not None:
+                await inference.start()
+        await self._reload_forwarder(changes)
+
+    async def _reload_forwarder(self, changes: ReloadPlan) -> None:
+        """A changed broker section: the old forwarder delivers what it has in flight for a moment,
+        says ``offline`` and disconnects; what it had not had acknowledged is sent again by the new
+        one, whose sessions are newer."""
+        cfg = self.loaded.config
+        if not changes.mqtt:
+            if self.forwarder is not None:
+                self.forwarder.republish_online(self.identity)
+            return
+        attempts = 0
+        if self.forwarder is not None:
+            attempts = self.forwarder.attempts
+            await self.forwarder.stop(grace_s=min(1.0, cfg.agent.shutdown_grace))
+        self.forwarder = Forwarder(cfg.mqtt, self.buffer, self.identity, attempts) if cfg.mqtt else None
+        if self.forwarder is not None:
+            await self.forwarder.start()
+        else:
+            log.warning("no mqtt section: readings are buffered only, nothing is forwarded")
 
     async def _watch_clock(self) -> None:
         """Compare the wall clock with the monotonic clock every :data:`CLOCK_CHECK_S`: a step
@@ -233,6 +419,7 @@ class Agent:
         """Clean stop: stop polling, let transforms finish, commit everything, deliver
         what can be delivered within the grace period, close. Nothing committed is lost
         whether or not the broker is reachable: undelivered rows stay in the buffer."""
+        self.notifier.stopping()
         if self.scheduler is not None:
             await self.scheduler.stop()
             gc.unfreeze()  # collectable again: a process embedding the agent lives on
@@ -253,13 +440,16 @@ class Agent:
 
     async def status(self) -> dict[str, Any]:
         devices = self.scheduler.status() if self.scheduler else {}
+        buffer = await self.buffer.stats()
         return {
             "agent": self.identity.agent_id,
+            "pid": os.getpid(),
             "version": __version__,
             "config_sha256": self.loaded.sha256,
             "started": self.started_ns,
             "devices": devices,
-            "buffer": await self.buffer.stats(),
+            "buffer": buffer,
+            "health": assess(self, buffer).as_dict(),
             "broker": self.forwarder.stats() if self.forwarder else {"configured": False},
             "limits": self.limits.status() if self.limits else None,
             "models": self.inference.status() if self.inference else None,
@@ -269,6 +459,7 @@ class Agent:
                 "clock": read_clock().as_dict(),
             },
             "tasks": self._tasks(),
+            "reload": self.reload_state.as_dict(),
         }
 
     def _tasks(self) -> dict[str, Any]:
@@ -298,13 +489,31 @@ def _device_source(device: ResolvedDevice, config_sha256: str) -> dict[str, Any]
     }
 
 
-async def run_agent(loaded: LoadedConfig, stop: asyncio.Event) -> None:
+def _return_free_heap() -> None:
+    """glibc keeps freed heap pages for reuse; hand them back once after startup. Elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+async def run_agent(loaded: LoadedConfig, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set; each time ``reload`` is set (SIGHUP), reload the configuration."""
     try:
         agent = Agent(loaded)
     except (OSError, ValueError) as exc:  # e.g. a password file that vanished since validation
         raise StartupError(str(exc)) from exc
     await agent.start()
+    reloads = reload or asyncio.Event()
     try:
-        await stop.wait()
+        while not stop.is_set():
+            stopping = asyncio.ensure_future(stop.wait())
+            reloading = asyncio.ensure_future(reloads.wait())
+            try:
+                await asyncio.wait((stopping, reloading), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopping.cancel()
+                reloading.cancel()
+            if reloads.is_set() and not stop.is_set():
+                reloads.clear()
+                await agent.reload()
     finally:
         await agent.stop()

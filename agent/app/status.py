@@ -1,24 +1,26 @@
-"""``cleanroom-agent status``: the running agent answers over HTTP.
+"""The status listener: the status API, the local status page and ``/metrics`` on one address.
 
-HTTP rather than a bespoke socket protocol so that ``curl 127.0.0.1:8765/status``
-works for an engineer at the gateway, and a Prometheus endpoint can be added on the
-same listener later. It binds whatever ``agent.status_listen`` names (loopback by
-default, since status is local information; anywhere else is logged as a warning at
-every start) and has no authentication.
+HTTP so that ``curl 127.0.0.1:8765/api/status`` works for an engineer at the gateway, a browser
+shows the page, and Prometheus scrapes the same listener. It binds whatever ``agent.status_listen``
+names (loopback by default, since status is local information; anywhere else is logged as a warning
+at every start), has no authentication and is read-only: ``GET`` and ``HEAD`` only, nothing it
+answers changes the agent.
 
-The server is a few lines over asyncio streams rather than a web framework: it answers
-one ``GET`` and closes, and what matters here is what a framework does not bound for us
-(aiohttp, the candidate, limits line and field sizes but has neither a deadline for
-receiving the request head nor a connection cap). Every request is bounded in size
-(request line, head, field count), in time (head, status, response) and in number
-(connections): a slow or hostile client costs a bounded number of file descriptors for a
-bounded time, and acquisition never notices it.
+aiohttp parses and answers (a well-kept server, not hand-written HTTP) and bounds the request head
+(line, field size, field count). What it does not bound, this module adds in front of its protocol:
+a cap on connections (a new one beyond it replaces the oldest still sending its head, so a client
+trickling bytes cannot lock out an engineer's ``curl``), a deadline for the request head
+(slowloris) and one for the answer, and one request per connection. A slow or hostile client costs
+a bounded number of file descriptors for a bounded time, and acquisition never notices it.
+
+On a loopback listener, a request must name a loopback host (``Host: 127.0.0.1:8765``,
+``localhost``...): a web page elsewhere cannot read the status through a name that it makes resolve
+to 127.0.0.1 (DNS rebinding).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
@@ -27,31 +29,56 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
+
+from agent.app.trend import BUCKET_S, WINDOW_S, TrendRecorder
 from agent.sinks.forwarder import MqttConfig
 from cleanroom_common.net import is_loopback_host
 
 log = logging.getLogger("cleanroom.status")
 
 StatusFn = Callable[[], Awaitable[dict[str, Any]]]
+MetricsFn = Callable[[], Awaitable[tuple[bytes, str]]]
+"""The Prometheus exposition and its content type (:func:`agent.app.metrics.render` over the agent)."""
 
 MAX_REQUEST_LINE = 2048
-"""Bytes of ``GET /status HTTP/1.1`` at most (414 beyond)."""
-MAX_HEAD_BYTES = 8192
-"""Bytes of request line and header fields at most (431 beyond), as most servers allow."""
+"""Bytes of ``GET /api/status HTTP/1.1`` at most (aiohttp answers 400 beyond)."""
+MAX_FIELD_BYTES = 4096
+"""Bytes of one header field at most (400 beyond)."""
 MAX_HEADER_FIELDS = 64
-"""Header fields at most (431 beyond); curl sends three."""
+"""Header fields at most (400 beyond); curl sends three, a browser about fifteen."""
 MAX_CONNECTIONS = 16
 """Connections served at once. A new one beyond it replaces the oldest still sending its request
-head, so a client trickling bytes cannot lock out an engineer's ``curl``."""
+head; when every one is being answered, the new one is refused."""
 HEAD_TIMEOUT_S = 5.0
 """Time to receive the whole request head, however it trickles in (slowloris)."""
 RESPONSE_TIMEOUT_S = 10.0
-"""Time to compute the status and to hand the response to a client that reads it."""
-DISCARD_BYTES = 256 * 1024
-"""After an error response, unread request bytes read and dropped at most (within a second): closing
-with unread input would reset the connection and the client would never see the error."""
+"""Time to compute the answer and to hand it to a client that reads it."""
+LINGER_S = 1.0
+"""After an answer, unread request bytes are read and dropped for this long at most: closing with
+unread input would reset the connection and the client would never see the answer."""
+
+STATIC_FILES = {
+    "/": ("index.html", "text/html"),
+    "/app.js": ("app.js", "text/javascript"),
+    "/style.css": ("style.css", "text/css"),
+}
+"""The page's files (in ``agent/app/static``, shipped in the wheel), by the path that serves them."""
+
+SECURITY_HEADERS = {
+    # The page loads nothing but its own files: no external assets, so it works air-gapped, and
+    # a value a device reports cannot pull anything in.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 
 
 # --------------------------------------------------------------------------- the address
@@ -142,80 +169,85 @@ def security_report(
 # --------------------------------------------------------------------------- HTTP
 
 
-class HttpError(Exception):
-    """A request answered with an error status."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status} {reason}")
-        self.status = status
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
+def _not_malformed(record: logging.LogRecord) -> bool:
+    """aiohttp logs a malformed request as an error with its traceback: that is the client's doing,
+    answered with a 400, not a log line per request for a hostile client to fill the journal with.
+    Anything else aiohttp logs goes through."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, HttpProcessingError)
 
 
-def parse_request_head(head: bytes) -> Request:
-    """The request line of ``head`` (request line and header fields, up to the blank line);
-    anything malformed or oversized is an :class:`HttpError`. Header fields are checked for form
-    and number only: none of them changes the answer."""
-    line, _, fields = head.partition(b"\r\n")
-    if len(line) > MAX_REQUEST_LINE:
-        raise HttpError(414, "URI Too Long")
-    field_lines = [f for f in fields.split(b"\r\n") if f]
-    if len(head) > MAX_HEAD_BYTES or len(field_lines) > MAX_HEADER_FIELDS:
-        raise HttpError(431, "Request Header Fields Too Large")
-    try:
-        method, target, version = line.decode("ascii").split(" ")
-    except (UnicodeDecodeError, ValueError):
-        raise HttpError(400, "Bad Request") from None
-    if not (method.isascii() and method.isalpha() and method.isupper()) or not target.startswith("/"):
-        raise HttpError(400, "Bad Request")
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        major, dot, minor = version.removeprefix("HTTP/").partition(".")
-        if version.startswith("HTTP/") and dot and major.isdigit() and minor.isdigit():
-            raise HttpError(505, "HTTP Version Not Supported")
-        raise HttpError(400, "Bad Request")
-    for f in field_lines:
-        name, colon, _ = f.partition(b":")
-        if not colon or not name or not name.isascii() or any(c in b" \t" for c in name):
-            raise HttpError(400, "Bad Request")
-    return Request(method, target.partition("?")[0])
+_http_log = logging.getLogger("cleanroom.status.http")
+_http_log.addFilter(_not_malformed)
 
 
-def _response(status: int, reason: str, body: bytes, content_type: str = "text/plain") -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
+class _Guarded(asyncio.Protocol):
+    """aiohttp's protocol for one connection, behind the listener's admission and deadlines."""
+
+    def __init__(self, server: StatusServer, inner: RequestHandler) -> None:
+        self._server = server
+        self._inner = inner
+        self._transport: asyncio.Transport | None = None
+        """Set once admitted."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)  # a stream server's
+        if not self._server._opened(transport):
+            transport.abort()
+            return
+        self._transport = transport
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._server._forget(self._transport)
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> None:
+        self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
 
 
 class StatusServer:
     """The status listener: :meth:`start` binds (a failure is logged, never raised: acquisition runs
     without status), :meth:`stop` closes it and every open connection. It runs no task of its own:
-    asyncio's server accepts, and each connection's handler catches everything it can raise."""
+    asyncio's server accepts, aiohttp answers, and a handler's failure is a 500 and a log line."""
 
     def __init__(
         self,
         listen: str,
         status: StatusFn,
         *,
+        trend: TrendRecorder | None = None,
+        metrics: MetricsFn | None = None,
+        clock: Callable[[], int] = time.time_ns,
         max_connections: int = MAX_CONNECTIONS,
         head_timeout: float = HEAD_TIMEOUT_S,
     ) -> None:
         self.address = parse_listen(listen)
         self.port = self.address.port
         self._status = status
+        self._trend = trend
+        self._metrics = metrics
+        self._clock = clock
         self._max_connections = max_connections
         self._head_timeout = head_timeout
         self._server: asyncio.Server | None = None
-        self._reading_head: dict[asyncio.StreamWriter, float] = {}
+        self._runner: web.AppRunner | None = None
+        self._files: dict[str, tuple[bytes, str]] = {}
+        self._reading_head: dict[asyncio.Transport, float] = {}
         """Open connections still sending their request head, with when they opened."""
-        self._busy: set[asyncio.StreamWriter] = set()
+        self._busy: set[asyncio.Transport] = set()
         """Open connections being answered."""
+        self._deadlines: dict[asyncio.Transport, asyncio.TimerHandle] = {}
         self.counts = dict.fromkeys(("served", "errors", "timed_out", "evicted", "refused"), 0)
 
     @property
@@ -229,106 +261,189 @@ class StatusServer:
     async def start(self) -> None:
         for warning in listener_warnings(self.address):
             log.warning("%s", warning)
+        self._files = _load_static()
+        app = web.Application(middlewares=[self._guard], handler_args={"lingering_time": LINGER_S})
+        app.on_response_prepare.append(_harden)
+        app.router.add_get("/api/status", self._api_status)
+        app.router.add_get("/status", self._api_status)  # the address the docs gave before the page
+        app.router.add_get("/api/trend", self._api_trend)
+        app.router.add_get("/metrics", self._api_metrics)
+        for path in STATIC_FILES:
+            app.router.add_get(path, self._static)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            logger=_http_log,
+            max_line_size=MAX_REQUEST_LINE,
+            max_field_size=MAX_FIELD_BYTES,
+            max_headers=MAX_HEADER_FIELDS,
+        )
+        await runner.setup()
+        factory = runner.server
+        assert factory is not None  # set by setup()
         try:
-            self._server = await asyncio.start_server(
-                self._handle, self.address.host, self.address.port, limit=MAX_HEAD_BYTES, backlog=32
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: _Guarded(self, factory()), self.address.host, self.address.port, backlog=32
             )
         except OSError as exc:
             # Status is a convenience; acquisition must run without it.
             log.warning("status listener %s unavailable: %s", self.address, exc)
+            await runner.cleanup()
             return
+        self._runner = runner
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
-        if self._server is None:
+        if self._server is None or self._runner is None:
             return
         self._server.close()
-        for writer in [*self._reading_head, *self._busy]:
-            writer.transport.abort()
-        self._reading_head.clear()
-        self._busy.clear()
+        for transport in [*self._reading_head, *self._busy]:
+            transport.abort()
         await self._server.wait_closed()
-        self._server = None
+        await self._runner.cleanup()
+        self._server = self._runner = None
 
-    def _admit(self, writer: asyncio.StreamWriter) -> bool:
-        """Make room for a new connection: the oldest one still sending its head goes; when every
-        slot is answering a request, the newcomer is refused."""
+    # ------------------------------------------------------------------ connections
+
+    def _opened(self, transport: asyncio.Transport) -> bool:
+        """Admit a new connection, making room for it: the oldest one still sending its head goes;
+        when every slot is answering a request, the newcomer is refused."""
         if self.open_connections >= self._max_connections:
             if not self._reading_head:
                 self.counts["refused"] += 1
                 return False
             oldest = min(self._reading_head, key=self._reading_head.__getitem__)
-            del self._reading_head[oldest]
-            oldest.transport.abort()
+            self._forget(oldest)
+            oldest.abort()
             self.counts["evicted"] += 1
-        self._reading_head[writer] = time.monotonic()
+        self._reading_head[transport] = time.monotonic()
+        self._deadline(transport, self._head_timeout)
         return True
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._admit(writer):
-            writer.transport.abort()
-            return
-        try:
-            try:
-                async with asyncio.timeout(self._head_timeout):
-                    head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.LimitOverrunError:
-                data = await reader.read(MAX_HEAD_BYTES)
-                raise HttpError(*((414, "URI Too Long") if b"\r\n" not in data[:MAX_REQUEST_LINE]
-                                  else (431, "Request Header Fields Too Large"))) from None  # fmt: skip
-            if self._reading_head.pop(writer, None) is None:
-                return  # evicted meanwhile
-            self._busy.add(writer)
-            await self._respond(writer, parse_request_head(head))
-        except HttpError as exc:
+    def _deadline(self, transport: asyncio.Transport, seconds: float) -> None:
+        if (old := self._deadlines.pop(transport, None)) is not None:
+            old.cancel()
+        self._deadlines[transport] = asyncio.get_running_loop().call_later(seconds, self._expire, transport)
+
+    def _expire(self, transport: asyncio.Transport) -> None:
+        self.counts["timed_out"] += 1
+        self._forget(transport)
+        transport.abort()
+
+    def _forget(self, transport: asyncio.Transport) -> None:
+        self._reading_head.pop(transport, None)
+        self._busy.discard(transport)
+        if (handle := self._deadlines.pop(transport, None)) is not None:
+            handle.cancel()
+
+    @web.middleware
+    async def _guard(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """The head is in: the connection is answered within :data:`RESPONSE_TIMEOUT_S`, by a
+        handler whose failure is a 500 and a log line, never a traceback to the client."""
+        transport = request.transport
+        if transport is None or self._reading_head.pop(transport, None) is None:
+            raise web.HTTPServiceUnavailable(text="connection closed\n")  # evicted meanwhile
+        self._busy.add(transport)
+        self._deadline(transport, RESPONSE_TIMEOUT_S)
+        if self.address.loopback and not _loopback_host_header(request.host):
             self.counts["errors"] += 1
-            await self._respond_error(reader, writer, exc)
+            raise web.HTTPMisdirectedRequest(text="this listener answers only to a loopback host name\n")
+        try:
+            async with asyncio.timeout(RESPONSE_TIMEOUT_S):
+                response = await handler(request)
+        except web.HTTPException:
+            self.counts["errors"] += 1
+            raise
         except TimeoutError:
             self.counts["timed_out"] += 1
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            raise web.HTTPServiceUnavailable(text="the status took too long to compute\n") from None
         except Exception:
             self.counts["errors"] += 1
-            log.exception("status request failed")
-        finally:
-            self._reading_head.pop(writer, None)
-            self._busy.discard(writer)
-            writer.close()
-
-    async def _respond(self, writer: asyncio.StreamWriter, request: Request) -> None:
-        if request.method not in ("GET", "HEAD"):
-            raise HttpError(405, "Method Not Allowed")
-        if request.path.rstrip("/") not in ("", "/status"):
-            raise HttpError(404, "Not Found")
-        async with asyncio.timeout(RESPONSE_TIMEOUT_S):
-            body = json.dumps(await self._status(), indent=2, default=str).encode()
-            response = _response(200, "OK", body, "application/json")
-            if request.method == "HEAD":
-                response = response[: len(response) - len(body)]
-            writer.write(response)
-            await writer.drain()
+            log.exception("status request %s failed", request.path)
+            raise web.HTTPInternalServerError(text="the status could not be computed\n") from None
         self.counts["served"] += 1
+        return response
 
-    async def _respond_error(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exc: HttpError
-    ) -> None:
-        """Answer, half-close, and read what the client still sends for a moment, so the answer is
-        not lost in a reset (closing with unread input resets the connection)."""
-        with contextlib.suppress(TimeoutError, ConnectionError, OSError):
-            async with asyncio.timeout(1.0):
-                writer.write(_response(exc.status, exc.reason, f"{exc}\n".encode()))
-                await writer.drain()
-                if writer.can_write_eof():
-                    writer.write_eof()
-                discarded = 0
-                while discarded < DISCARD_BYTES and (chunk := await reader.read(65536)):
-                    discarded += len(chunk)
+    # ------------------------------------------------------------------ routes
+
+    async def _api_status(self, request: web.Request) -> web.Response:
+        doc = await self._status()
+        doc["now"] = self._clock()
+        if self._trend is not None:
+            doc["recent_events"] = self._trend.events()
+        return _json(doc)
+
+    async def _api_trend(self, request: web.Request) -> web.Response:
+        if self._trend is None:
+            raise web.HTTPNotFound(text="no trend is recorded by this listener\n")
+        device, tag = request.query.get("device") or None, request.query.get("tag") or None
+        return _json(
+            {
+                "now": self._clock(),
+                "window_s": WINDOW_S,
+                "bucket_s": BUCKET_S,
+                "series": self._trend.series(device, tag),
+                "dropped_series": self._trend.dropped_series,
+            }
+        )
+
+    async def _api_metrics(self, request: web.Request) -> web.Response:
+        if self._metrics is None:
+            raise web.HTTPNotFound(text="no metrics on this listener\n")
+        body, content_type = await self._metrics()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _static(self, request: web.Request) -> web.Response:
+        found = self._files.get(request.path)
+        if found is None:
+            raise web.HTTPNotFound(text="the status page is not installed (agent/app/static)\n")
+        body, content_type = found
+        return web.Response(body=body, content_type=content_type, charset="utf-8")
+
+
+async def _harden(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer: one request per connection (a connection's life is the deadlines above), and
+    headers that keep a browser from doing more with it than showing it."""
+    response.force_close()
+    response.headers["Connection"] = "close"
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+def _json(doc: dict[str, Any]) -> web.Response:
+    return web.Response(text=json.dumps(doc, indent=2, default=str), content_type="application/json")
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    """The page's files, read once: served from memory, so no request names a path on disk."""
+    folder = resources.files("agent.app").joinpath("static")
+    files = {}
+    for path, (name, content_type) in STATIC_FILES.items():
+        try:
+            files[path] = (folder.joinpath(name).read_bytes(), content_type)
+        except OSError as exc:
+            log.warning("status page file %s unavailable: %s", name, exc)
+    return files
+
+
+def _loopback_host_header(host: str) -> bool:
+    """Whether a ``Host`` header (``name``, ``name:port``, ``[v6]:port``) names a loopback host."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")]
+    else:
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            name = host
+    return is_loopback_host(name)
 
 
 def fetch_status(listen: str, timeout: float = 5.0) -> dict[str, Any]:
     """Ask a running agent for its status; raises ``ConnectionError`` with a readable message
     (``ValueError`` for an address that is not ``HOST:PORT``)."""
-    url = f"http://{parse_listen(listen)}/status"
+    url = f"http://{parse_listen(listen)}/api/status"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             data: dict[str, Any] = json.loads(resp.read())

@@ -1,5 +1,6 @@
-"""``cleanroom-agent status``: the running agent's devices, buffer and broker, asked over its
-status listener."""
+"""``cleanroom-agent status``: the running agent's health, devices, buffer and broker, asked over its
+status listener. Exit 0 healthy, 1 unhealthy or not answering (a monitoring script needs no parsing:
+``cleanroom-agent status -c agent.yaml || page-someone``), 2 for a bad configuration or address."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from agent.cli.validate import load_or_report
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("status", help="state of the running agent: devices, buffer, broker")
+    p = sub.add_parser(
+        "status", help="state of the running agent: health, devices, buffer, broker (exit 1 when unhealthy)"
+    )
     p.add_argument("-c", "--config", help="configuration of the running agent (for its status address)")
     p.add_argument("--listen", help="status address HOST:PORT (instead of -c)")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -43,7 +46,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
     else:
         print(format_status(status))
-    return 0
+    return 0 if status.get("health", {}).get("ok") is True else 1
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -52,8 +55,16 @@ def format_status(s: dict[str, Any]) -> str:
     security = s.get("security", {})
     integrity = s.get("integrity", {})
     clock = integrity.get("clock", {})
+    health = s.get("health") or {}
+    problems = health.get("problems", [])
     lines = [
         f"agent {s.get('agent')}  version {s.get('version')}  config {str(s.get('config_sha256'))[:12]}",
+        "health: " + _verdict(health),
+        *(
+            f"PROBLEM {p.get('kind')} {p.get('subject')}: {p.get('detail')}"
+            + (f" (since {p['since']})" if p.get("since") else "")
+            for p in problems
+        ),
         f"broker connected: {broker.get('connected')}  published {broker.get('published')}  "
         f"acked {broker.get('acked')}  inflight {broker.get('inflight')}",
         f"buffer depth: {buf.get('depth_readings')} readings in {buf.get('depth_records')} records, "
@@ -80,3 +91,9 @@ def format_status(s: dict[str, Any]) -> str:
             f"{dev:<16} {d.get('state', ''):<11} {last:<25} {polls:>7} {failed:>6} {errors:<30} {rtt}"
         )
     return "\n".join(lines)
+
+
+def _verdict(health: dict[str, Any]) -> str:
+    if "ok" not in health:
+        return "unknown (the agent reports no health: a version before it had one)"
+    return "ok" if health["ok"] is True else f"UNHEALTHY ({len(health.get('problems', []))} problems)"

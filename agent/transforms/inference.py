@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -274,6 +275,10 @@ class InferenceEngine:
         self._wake = asyncio.Event()
         self._done = asyncio.Event()
         self._busy = False
+        self.score_seconds = 0.0
+        """Time spent in ``session.run`` (all models), for the metrics: written by the worker thread
+        only, read as a plain float."""
+        self.score_calls = 0
         self._faults = FailureLog(log)
         self.tasks = Supervisor("inference", log, failures=self._faults)
         self.loading: set[str] = set()
@@ -498,7 +503,10 @@ class InferenceEngine:
         for group in by_model.values():
             model = group[0][0].model
             windows = [r.windows for _, r in group]
+            t0 = time.perf_counter()
             scores, contribs = model.score(np.concatenate(windows))
+            self.score_seconds += time.perf_counter() - t0
+            self.score_calls += 1
             at = 0
             for b, ready in group:
                 n = len(ready.windows)
