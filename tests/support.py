@@ -7,6 +7,9 @@ tests share."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import functools
+import ipaddress
 import json
 import os
 import shutil
@@ -16,12 +19,17 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 import paho.mqtt.client as mqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pymodbus.framer import FramerRTU
 
 from cleanroom_common.net import free_port
@@ -114,6 +122,180 @@ class Mosquitto:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- TLS, mutual TLS
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key, both PEM files."""
+
+    cert: Path
+    key: Path
+
+
+class CertAuthority:
+    """A certificate authority made in the test (``cryptography``, EC P-256): it issues broker and
+    client certificates that are valid, expired or for other host names, so every refusal a
+    broker link can meet is produced by real files, not by mocks."""
+
+    def __init__(self, folder: Path, name: str = "test CA") -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self._key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        self.cert = folder / f"{name.replace(' ', '-')}.pem"
+        self.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(
+        self,
+        stem: str,
+        *,
+        hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+        client: bool = False,
+        expired: bool = False,
+        key_password: str | None = None,
+    ) -> Issued:
+        """A leaf certificate: for a server (``hosts`` as its subject alternative names) or a
+        client; ``expired`` ended yesterday; ``key_password`` encrypts the key file."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.UTC)
+        start, end = (now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired else (
+            now - dt.timedelta(minutes=5), now + dt.timedelta(days=1))  # fmt: skip
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = self.folder / f"{stem}.pem"
+        cert.write_bytes(builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        enc: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(key_password.encode())
+            if key_password
+            else serialization.NoEncryption()
+        )
+        key_file = self.folder / f"{stem}.key"
+        key_file.write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+        )
+        return Issued(cert, key_file)
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """One TLS listener of a :class:`TlsMosquitto`."""
+
+    port: int
+    server: Issued
+    require_certificate: bool = True
+    password_file: Path | None = None
+    """Clients must also log in with a user name and password from this mosquitto password file."""
+
+
+class TlsMosquitto(Mosquitto):
+    """A private mosquitto with its plain listener on 127.0.0.1 (for :class:`Collector`, anonymous)
+    and TLS listeners, each with its own broker certificate, optionally requiring a client
+    certificate signed by ``ca`` (mutual TLS) and a password. Settings are per listener, so the
+    plain one stays anonymous while the TLS ones authenticate."""
+
+    def __init__(self, ca: CertAuthority) -> None:
+        super().__init__()
+        self.ca = ca
+        self.listeners: dict[str, TlsListener] = {}
+
+    def add_listener(
+        self,
+        name: str,
+        server: Issued | None = None,
+        *,
+        require_certificate: bool = True,
+        users: dict[str, str] | None = None,
+    ) -> TlsListener:
+        """A TLS listener on a free port (call before :meth:`start`); ``server`` defaults to a
+        valid certificate for localhost and 127.0.0.1; ``users`` (name: password) are required."""
+        password_file = None
+        if users:
+            password_file = self.dir / f"{name}.passwd"
+            password_file.touch()
+            for user, password in users.items():
+                subprocess.run(
+                    ["mosquitto_passwd", "-b", str(password_file), user, password], check=True, timeout=10
+                )
+        listener = TlsListener(
+            free_port(), server or self.ca.issue(f"broker-{name}"), require_certificate, password_file
+        )
+        self.listeners[name] = listener
+        self._write_conf()
+        return listener
+
+    def _write_conf(self) -> None:
+        lines = [
+            "per_listener_settings true",
+            "persistence false",
+            "user root",  # as root, mosquitto would drop to its own user, which cannot read the keys
+            "max_inflight_messages 0",
+            "max_queued_messages 0",
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+        ]
+        for t in self.listeners.values():
+            lines += [
+                f"listener {t.port} 127.0.0.1",
+                f"cafile {self.ca.cert}",
+                f"certfile {t.server.cert}",
+                f"keyfile {t.server.key}",
+                f"require_certificate {'true' if t.require_certificate else 'false'}",
+            ]
+            if t.password_file is not None:
+                lines += ["allow_anonymous false", f"password_file {t.password_file}"]
+            else:
+                lines.append("allow_anonymous true")
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> TlsMosquitto:
+        super().start()
+        for name, t in self.listeners.items():
+            wait_for(functools.partial(_accepting, t.port), timeout=10, what=f"mosquitto TLS listener {name}")
+        return self
+
+
+def _accepting(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
 
 
 class Collector:
