@@ -29,12 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from agent.app.status import fetch_status
 from cleanroom_common.net import free_port
 from tests.support import Mosquitto, wait_for
 
@@ -113,6 +114,16 @@ def _register_servers(registers: int) -> tuple[list[int], subprocess.Popen[bytes
     assert server.stdout is not None
     server.stdout.readline()
     return ports, server
+
+
+def fetch_status(listen: str) -> dict[str, Any]:
+    """The agent's status at ``/status``, which this agent and the unchained one both answer."""
+    try:
+        with urllib.request.urlopen(f"http://{listen}/status", timeout=5) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionError(str(exc)) from None
 
 
 def _extract(ref: str, into: Path) -> str | None:

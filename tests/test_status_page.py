@@ -325,3 +325,16 @@ def test_the_trend_memory_is_bounded() -> None:
     events = trend.events()
     assert len(events) == 50 and events[0]["summary"].startswith("i=99 ")
     assert max(len(e["summary"]) for e in events) <= 80
+
+
+def test_a_fast_group_enters_the_trend_once_per_sample_period() -> None:
+    trend = TrendRecorder(clock=lambda: NOW)
+    tags, units = ("a", "b"), (None, None)
+    for k in range(50):  # 5 s of polls every 100 ms, values rising
+        block = Block(
+            "dev", "fast", NOW - 10 * S + k * S // 10, tags, units, [float(k), float(-k)], seq_first=k
+        )
+        trend.on_committed([block], [])
+    [a, b] = trend.series("dev")
+    assert a["last"]["value"] == 40.0 and b["last"]["value"] == -40.0  # polls 0, 10, 20, 30, 40 were taken
+    assert [round(p[3], 3) for p in a["points"]] == [20.0]  # the mean of the five samples

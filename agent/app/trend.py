@@ -6,14 +6,18 @@ history is on the broker. Memory is bounded whatever the plant: a fixed number o
 series, a cap on the number of series (a misconfigured device with thousands of tags cannot grow
 it), a fixed number of events, and strings cut short.
 
-The listener runs on every commit, so it does the least it can: a dictionary lookup and a few
-comparisons per reading; downsampling happens as it goes (one bucket of min/max/sum/count per
-:data:`BUCKET_S`), never at request time over raw readings.
+The listener runs on every commit, on the event loop, so it does the least it can: a poll group
+is sampled at most once per :data:`SAMPLE_S` (a group polled at 100 ms, or 10,000 registers a
+second, costs the page no more than one poll a second), the tags it follows are resolved once per
+group, and downsampling happens as it goes (one bucket of min/max/sum/count per
+:data:`BUCKET_S`), never at request time over raw readings. The trend is a glance, not a record:
+a spike shorter than the sample period may not show in it; the data on the broker has it.
 """
 
 from __future__ import annotations
 
 import math
+from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +29,9 @@ WINDOW_S = 3600
 """How far back the trend reaches."""
 BUCKET_S = 30
 """One point of the trend per this many seconds: 120 points an hour, finer than a sparkline shows."""
-MAX_SERIES = 4096
+SAMPLE_S = 1.0
+"""A poll group's readings enter the trend at most once per this many seconds."""
+MAX_SERIES = 2560
 """Tags followed at most; readings of further tags are counted in ``dropped_series`` and not kept."""
 MAX_EVENTS = 50
 """Recent events kept (the newest)."""
@@ -34,6 +40,7 @@ MAX_TEXT = 80
 
 _BUCKETS = WINDOW_S // BUCKET_S
 _BUCKET_NS = BUCKET_S * 1_000_000_000
+_SAMPLE_NS = int(SAMPLE_S * 1_000_000_000)
 
 
 @dataclass(frozen=True)
@@ -45,27 +52,58 @@ class LastValue:
 
 @dataclass
 class _Series:
+    """One tag: its last value and a ring of :data:`_BUCKETS` buckets in two flat arrays (about
+    3 KB a tag, allocated once: an hour of trend for :data:`MAX_SERIES` tags stays under 8 MB,
+    where a list per bucket grew to some 30 KB a tag)."""
+
     unit: str | None
     last: LastValue | None = None
-    buckets: deque[list[float]] = field(default_factory=lambda: deque(maxlen=_BUCKETS))
-    """``[bucket index, min, max, sum, count]``, oldest first; the index is ``ts // BUCKET_S``."""
+    held: array[int] = field(default_factory=lambda: array("q", [-1]) * _BUCKETS)
+    """The bucket index (``ts // BUCKET_S``) each slot holds; -1: none yet."""
+    agg: array[float] = field(default_factory=lambda: array("f", [0.0]) * (4 * _BUCKETS))
+    """Per slot: min, max, sum, count."""
 
     def add(self, ts_ns: int, value: float) -> None:
         idx = ts_ns // _BUCKET_NS
-        buckets = self.buckets
-        if not buckets or idx > buckets[-1][0]:
-            buckets.append([idx, value, value, value, 1.0])
+        slot = idx % _BUCKETS
+        held = self.held[slot]
+        agg, o = self.agg, slot * 4
+        if held != idx:
+            if held > idx:  # older than what the slot holds now: out of the window
+                return
+            self.held[slot] = idx
+            agg[o] = agg[o + 1] = agg[o + 2] = value
+            agg[o + 3] = 1.0
             return
-        # A reading for an earlier bucket (a late block): into its bucket while the bucket is kept.
-        for b in reversed(buckets):
-            if b[0] == idx:
-                b[1] = min(b[1], value)
-                b[2] = max(b[2], value)
-                b[3] += value
-                b[4] += 1
-                return
-            if b[0] < idx:
-                return
+        agg[o] = min(agg[o], value)
+        agg[o + 1] = max(agg[o + 1], value)
+        agg[o + 2] += value
+        agg[o + 3] += 1.0
+
+    def points(self, oldest: int) -> list[list[float]]:
+        """``[ts_ns, min, max, mean]`` of the buckets from index ``oldest`` on, oldest first. The
+        buckets are single precision (half the memory): values are given to 7 significant digits,
+        what single precision holds, and the mean is kept within min..max against its rounding."""
+        agg = self.agg
+        out: list[list[float]] = []
+        for idx, slot in sorted((idx, slot) for slot, idx in enumerate(self.held) if idx >= oldest):
+            lo, hi, total, n = agg[4 * slot : 4 * slot + 4]
+            out.append([idx * _BUCKET_NS, _f32(lo), _f32(hi), _f32(min(max(total / n, lo), hi))])
+        return out
+
+
+def _f32(v: float) -> float:
+    return float(f"{v:.7g}")
+
+
+@dataclass
+class _Group:
+    """A poll group as the trend follows it: its tags (the group's own tuple: a new tuple means
+    the group changed, e.g. on a reload), their series, and when it was last sampled."""
+
+    tags: Sequence[str]
+    followed: list[tuple[int, _Series]]
+    sampled_ns: int = -(2**63)
 
 
 @dataclass(frozen=True)
@@ -97,6 +135,7 @@ class TrendRecorder:
         self.dropped_series = 0
         """Tags not followed because :data:`MAX_SERIES` were followed already (each counted once)."""
         self._dropped: set[tuple[str, str]] = set()
+        self._groups: dict[tuple[str, str], _Group] = {}
 
     def on_committed(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
         for block in blocks:
@@ -109,19 +148,35 @@ class TrendRecorder:
 
     def _add_block(self, block: Block) -> None:
         ts = block.acq_ts_ns
+        group = self._groups.get((block.device, block.group))
+        if group is None or group.tags is not block.tags:
+            group = self._groups[(block.device, block.group)] = _Group(block.tags, self._follow(block))
+        elif ts - group.sampled_ns < _SAMPLE_NS:
+            return
+        group.sampled_ns = ts
         quality = block.quality
-        for i, (tag, value) in enumerate(zip(block.tags, block.values, strict=False)):
-            key = (block.device, tag)
-            series = self._series.get(key)
-            if series is None:
-                series = self._new_series(key, block.units[i] if i < len(block.units) else None)
-                if series is None:
-                    continue
+        values = block.values
+        for i, series in group.followed:
+            if i >= len(values):
+                continue
+            value = values[i]
             q = quality[i] if quality is not None else Quality.GOOD
             shown = value[:MAX_TEXT] + "…" if isinstance(value, str) and len(value) > MAX_TEXT else value
             series.last = LastValue(ts, shown, q)
             if q is not Quality.BAD and isinstance(value, int | float) and math.isfinite(value):
                 series.add(ts, float(value))
+
+    def _follow(self, block: Block) -> list[tuple[int, _Series]]:
+        """The series of a group's tags, by position (tags beyond :data:`MAX_SERIES` left out)."""
+        followed: list[tuple[int, _Series]] = []
+        for i, tag in enumerate(block.tags):
+            key = (block.device, tag)
+            series = self._series.get(key)
+            if series is None:
+                series = self._new_series(key, block.units[i] if i < len(block.units) else None)
+            if series is not None:
+                followed.append((i, series))
+        return followed
 
     def _new_series(self, key: tuple[str, str], unit: str | None) -> _Series | None:
         if len(self._series) >= MAX_SERIES:
@@ -161,9 +216,7 @@ class TrendRecorder:
                     "last": None
                     if last is None
                     else {"ts": last.ts_ns, "value": last.value, "quality": str(last.quality)},
-                    "points": [
-                        [int(b[0]) * _BUCKET_NS, b[1], b[2], b[3] / b[4]] for b in s.buckets if b[0] >= oldest
-                    ],
+                    "points": s.points(oldest),
                 }
             )
         return out
