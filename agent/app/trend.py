@@ -135,7 +135,9 @@ class TrendRecorder:
         self.dropped_series = 0
         """Tags not followed because :data:`MAX_SERIES` were followed already (each counted once)."""
         self._dropped: set[tuple[str, str]] = set()
-        self._groups: dict[tuple[str, str], _Group] = {}
+        self._groups: dict[tuple[str, str, int], _Group] = {}
+        """By device, group and its tag tuple's identity: a group read in several requests hands
+        over one block (one tuple) per request, each sampled on its own."""
 
     def on_committed(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
         for block in blocks:
@@ -148,9 +150,12 @@ class TrendRecorder:
 
     def _add_block(self, block: Block) -> None:
         ts = block.acq_ts_ns
-        group = self._groups.get((block.device, block.group))
+        key = (block.device, block.group, id(block.tags))
+        group = self._groups.get(key)
         if group is None or group.tags is not block.tags:
-            group = self._groups[(block.device, block.group)] = _Group(block.tags, self._follow(block))
+            if len(self._groups) >= MAX_SERIES:  # tuples made afresh per poll: start over, bounded
+                self._groups.clear()
+            group = self._groups[key] = _Group(block.tags, self._follow(block))
         elif ts - group.sampled_ns < _SAMPLE_NS:
             return
         group.sampled_ns = ts
