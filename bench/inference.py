@@ -75,7 +75,7 @@ async def engine_run(manifest: Path, bindings: int, seconds: int) -> dict[str, A
         [ModelBindingConfig(manifest=manifest, device_kind="bio", mode="active")],
         devices,
         events.append,
-        Auditor(events.append),
+        Auditor(events.append, "bench"),
     )
     await engine.start()
     data = {d: synthetic(WINDOW + seconds + 1, i + 10) for i, d in enumerate(devices)}
