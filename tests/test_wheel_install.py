@@ -29,6 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import tomllib
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,12 +209,13 @@ def test_run_forwards_readings_from_the_simulated_plant(installed: Installed, tm
     try:
         # the starter's fixed local ports, moved to free ones (tests run side by side)
         ports = {"5020": free_port(), "5021": free_port(), "5022": free_port()}
+        status_port = free_port()
         for name in ("agent.yaml", "plant.yaml"):
             text = (site / name).read_text()
             for fixed, free in ports.items():
                 text = re.sub(rf"\bport: {fixed}\b", f"port: {free}", text)
             text = text.replace("port: 1883", f"port: {broker.port}")
-            text = text.replace("127.0.0.1:8765", f"127.0.0.1:{free_port()}")
+            text = text.replace("127.0.0.1:8765", f"127.0.0.1:{status_port}")
             (site / name).write_text(text)
         endpoints = tmp_path / "endpoints.json"
         plant = installed.start(
@@ -240,6 +242,10 @@ def test_run_forwards_readings_from_the_simulated_plant(installed: Installed, tm
             return {p["device"] for p in collector.json("/data") if any(b["n"] for b in p.get("blocks", []))}
 
         wait_for(lambda: {"br-01", "inc-01"} <= devices_seen(), timeout=30, what="readings at the broker")
+        # the status page's files come from the installed package, not from a checkout
+        for path, marker in (("/", b"<html"), ("/app.js", b"fetch"), ("/style.css", b"{")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{status_port}{path}", timeout=10) as resp:
+                assert resp.status == 200 and marker in resp.read().lower(), path
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(30) == 0, (tmp_path / "agent.log").read_text()[-3000:]
     finally:
