@@ -187,7 +187,11 @@ async def test_any_exception_while_connecting_is_a_device_error(monkeypatch: pyt
 
 # --------------------------------------------------------------------------- 2. subscriptions lose nothing
 
-N_ITEMS = 1000
+N_ITEMS = 200
+"""Enough items that a publishing interval carries several changes per item (what the queue sizing
+is about), few enough that the test checks the sizing, not this machine's throughput: at 1,000
+items (10,000 changes/s) a loaded CI machine starved the client and the server alike, which is a
+benchmark's question (bench.opcua_subscription), not a test's."""
 UPDATES = 40
 PERIOD_S = 0.1
 
@@ -227,7 +231,7 @@ def _counting_server(port: int, ready: Any, go: Any, done: Any) -> None:
     aio.run(main())
 
 
-async def test_a_thousand_items_every_100ms_lose_no_change_by_default() -> None:
+async def test_items_changing_every_100ms_lose_no_change_by_default() -> None:
     ctx = multiprocessing.get_context("spawn")
     ready, go, done = ctx.Event(), ctx.Event(), ctx.Event()
     port = free_port()
