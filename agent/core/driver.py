@@ -33,6 +33,8 @@ from typing import Any, ClassVar, cast
 import numpy as np
 from pydantic import Field, model_validator
 
+from agent.core.compat import DeviceCompat
+from agent.core.precision import MAX_DECIMALS, Rounding, derived_precision
 from agent.core.records import Block, Quality, Reason, Value, now_ns
 from agent.core.stats import percentile
 from agent.core.supervise import Supervisor
@@ -56,6 +58,13 @@ class TagBase(Strict):
     """Engineering value = raw × scale + offset."""
     offset: float = 0.0
     """Engineering value = raw × scale + offset."""
+    precision: int | None = Field(default=None, ge=0, le=MAX_DECIMALS)
+    """Decimal places the engineering value is rounded to, so a payload carries ``95.1``, not the
+    binary noise of ``95.10000000000001``. Unset: the decimals of ``scale`` and ``offset`` (``0.1``
+    → 1, ``0.05`` → 2; none without them), applied where the device sent a whole number (an
+    integer register), where they are exact. Set it for a device that sends fractional values and
+    is scaled. A float32 value is published as its shortest decimal (``95.1``) by its driver
+    either way. ``raw`` keeps the device's value unrounded."""
     range: tuple[float, float] | None = None
     """Physically valid range of the engineering value; outside it a reading is bad (``out_of_range``)."""
 
@@ -116,6 +125,10 @@ class ProfileBase(Strict):
     identity: IdentityTags | None = None
     """Tags whose values identify the device (serial number, firmware, model, vendor), read on
     every connect (Modbus, OPC UA). A serial counter reports its serial number by itself."""
+    device: DeviceCompat | None = None
+    """The device models, vendor and firmware range this profile was written for, compared with
+    what the device reports on every connect: a device that differs raises a ``profile_mismatch``
+    event and a warning in ``status``, and is still read."""
 
     @model_validator(mode="after")
     def _tags_consistent(self) -> ProfileBase:
@@ -263,6 +276,9 @@ class PollGroup:
         self._lo = np.array([t.range[0] if t.range else -np.inf for t in tags], dtype=np.float64)
         self._hi = np.array([t.range[1] if t.range else np.inf for t in tags], dtype=np.float64)
         self._ranged = any(t.range is not None for t in tags)
+        self._rounding = Rounding.of(
+            [t.precision for t in tags], [derived_precision(t.scale, t.offset) for t in tags]
+        )
 
     def bad(self, reason: str, acq_ts_ns: int | None = None) -> Block:
         return Block.bad(self.device, self.name, self.tags, self.units, reason, acq_ts_ns)
@@ -303,6 +319,8 @@ class PollGroup:
             arr = readings if integral else readings.astype(np.float64, copy=False)
             if not self._identity:
                 arr = arr * self._scale + self._offset
+            if self._rounding is not None and not integral:
+                arr = self._rounding.apply(arr, readings)
             bad_nan = None if integral else ~np.isfinite(arr)
             bad_range = None
             if self._ranged:
@@ -346,6 +364,8 @@ class PollGroup:
         if isinstance(v, bool) or not isinstance(v, int | float):
             return v
         x = float(v) * float(self._scale[i]) + float(self._offset[i])
+        if self._rounding is not None:
+            x = self._rounding.one(i, x, float(v))
         reason: str | None = None
         if not math.isfinite(x):
             reason = Reason.DECODE_ERROR

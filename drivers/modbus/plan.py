@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.core.precision import shortest_float32
 from agent.core.records import Quality, Reason, Value
 from cleanroom_common.codec import (
     FLOAT_TYPES,
@@ -153,6 +154,15 @@ def build_plan(tags: Sequence[Tag], conn: Connection) -> Plan:
     )
 
 
+def _decode_numeric(
+    regs: npt.NDArray[np.uint16], pos: npt.NDArray[np.intp], dtype: DataType, order: WordOrder
+) -> npt.NDArray[Any]:
+    """One vectorised decode; float32 values as their shortest decimals (``95.1``, which the
+    device meant, not the ``95.0999984741211`` of the widened float32). ``raw`` keeps the words."""
+    values = decode_many(regs, pos, dtype, order)
+    return shortest_float32(values) if dtype is DataType.FLOAT32 else values
+
+
 def decode_plan(
     plan: Plan, regs: npt.NDArray[np.uint16], bits: npt.NDArray[np.bool_], failed: dict[int, str]
 ) -> tuple[list[Value] | npt.NDArray[Any], list[Quality] | None, list[str | None] | None]:
@@ -160,13 +170,13 @@ def decode_plan(
     if plan.fast is not None and not failed:
         out = np.empty(plan.n_tags, dtype=plan.fast)
         for idx, pos, dtype, order in plan.numeric:
-            out[idx] = decode_many(regs, pos, dtype, order)
+            out[idx] = _decode_numeric(regs, pos, dtype, order)
         return out, None, None
     values: list[Value] = [None] * plan.n_tags
     quality = [Quality.GOOD] * plan.n_tags
     reasons: list[str | None] = [None] * plan.n_tags
     for idx, pos, dtype, order in plan.numeric:
-        for i, v in zip(idx.tolist(), decode_many(regs, pos, dtype, order).tolist(), strict=True):
+        for i, v in zip(idx.tolist(), _decode_numeric(regs, pos, dtype, order).tolist(), strict=True):
             values[i] = v
     for i, tag, at in plan.other:
         if i in failed:
