@@ -474,6 +474,10 @@ class AsyncBuffer:
         result: list[StoredSegment] = await self._call(self.core.pending, after_id, limit)
         return result
 
+    async def last_segment_id(self) -> int:
+        result: int = await self._call(self.core.last_segment_id)
+        return result
+
     async def take_for_sending(self, after_id: int, limit: int) -> list[StoredSegment]:
         """:meth:`pending`, claimed as in flight: overflow keeps them until they are marked delivered
         or :meth:`unclaim` ed, so a loss count never includes what the broker may have. Each is

@@ -587,6 +587,11 @@ class Buffer:
                 self._claimed.update(r.id for r in rows)
         return rows
 
+    def last_segment_id(self) -> int:
+        """The id of the newest stored segment (0 for none): a sender that records it when its
+        session begins knows which segments waited in the buffer (Sparkplug's ``is_historical``)."""
+        return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM segments").fetchone()[0])
+
     def take_for_sending(self, after_id: int, limit: int) -> tuple[list[StoredSegment], Quarantine]:
         """:meth:`pending`, claimed, each segment checked (hash, and MAC with a key) right before it
         leaves: what fails is quarantined instead (the loss events are the caller's to commit)."""

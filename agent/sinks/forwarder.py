@@ -1,24 +1,24 @@
-"""The MQTT forwarder: publishes committed segments and releases them only on PUBACK.
+"""The MQTT forwarder: the MQTT session that publishes committed segments and releases them only
+on PUBACK, whatever the payload format.
 
-A segment's payload was built once, at commit, and is the unit the integrity chain hashes
-(agent/core/chain.py): it is published byte for byte on ``{prefix}/{stream}``, one segment per
-message, never merged or re-encoded, so what a verifier downstream hashes is what was stored.
+What a segment becomes on the wire is its encoder's business (agent/sinks/payload.py): ``json``
+publishes the stored segment byte for byte (agent/sinks/json_segments.py), ``flat`` one message
+per device sample (agent/sinks/flat.py), ``sparkplug_b`` a Sparkplug B edge node's messages
+(agent/sinks/sparkplug/session.py). The forwarder owns what every format shares: the connection,
+the in-flight window, acknowledgements and the delivery marks in the buffer.
 
 Delivery is at-least-once with a bounded duplicate window: a segment is marked delivered in the
-buffer only when the broker acknowledged (QoS 1) the message that carried it. Segments in flight
-when the connection drops stay in paho's session queue and are resent, in order, after the
-reconnect; segments not yet fetched stay in the buffer. Each connection has a *session*
-(``{agent start ns}.{connection attempt}``) that its retained ``online`` status and its last will
-carry; ``online`` is published before paho re-sends anything, so a re-sent duplicate always
-follows the ``online`` of a newer session in any capture, which is how a verifier tells a
-re-send from a replay. With a key, every status message (``online``, the will, the clean-stop
-``offline``) is signed like a segment: a forged ``online`` could otherwise pass off a replay as a
-re-send.
+buffer only when the broker acknowledged (QoS 1) every message that carried it; the window counts
+segments. When the connection drops, what is in flight is either re-sent by paho, in order, after
+the reconnect (``json``, ``flat``: paho's session queue keeps it), or, for a format whose
+messages carry per-session numbers (Sparkplug's ``seq``), given back to the buffer and encoded
+again in the next session, on a fresh paho client, so no old-session message follows the new
+session's first ones. Segments not yet fetched stay in the buffer.
 
 paho runs its network loop in its own thread; every callback is handed to the event
 loop with ``call_soon_threadsafe``, so all forwarder state lives on the loop (the one
-exception: ``online`` is published from paho's connect callback itself, the only place that
-comes before the re-sends). The
+exception: a re-sending encoder's first messages, e.g. ``online``, are published from paho's
+connect callback itself, the only place that comes before the re-sends). The
 forwarder owns reconnecting (exponential backoff with jitter): paho's own reconnect is
 off, because its delay has no jitter and a plant full of gateways would reconnect in
 lock-step after a broker restart.
@@ -36,7 +36,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
@@ -44,17 +44,21 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from agent.buffer.async_buffer import AsyncBuffer
+from agent.buffer.audit import Auditor
 from agent.buffer.rows import StoredSegment
-from agent.core import chain
 from agent.core.backoff import backoff_delay
-from agent.core.records import AGENT_DEVICE, Block, Event, dumps, now_ns
+from agent.core.records import Block, Event
 from agent.core.supervise import Supervisor
+from agent.sinks.flat import FlatConfig, FlatEncoder
+from agent.sinks.json_segments import JsonSegmentsEncoder
+from agent.sinks.payload import AgentIdentity as AgentIdentity  # noqa: PLC0414 (app, tests import it from here)
+from agent.sinks.payload import Catalog, Encoder, Message, Reaction
+from agent.sinks.sparkplug.session import SparkplugConfig, SparkplugEncoder
 from cleanroom_common.fields import ConfigPath, Duration, Strict, read_secret_file
 from cleanroom_common.net import is_loopback_host
 
 log = logging.getLogger("cleanroom.forwarder")
 
-STATUS_SCHEMA = "cleanroom-edge/status/2"
 RESCAN_INTERVAL_S = 10.0
 """When idle, look for undelivered segments behind the cursor this often (a broker-rejected message,
 or a ``buffer replay`` run while the agent is running)."""
@@ -209,6 +213,21 @@ class MqttConfig(Strict):
     """Upper bound of the reconnect delay, jitter included."""
     connect_timeout: Duration = Field(default=5.0, gt=0)
     """Time allowed for the TCP and TLS handshake of one connection attempt."""
+    payload: Literal["json", "flat", "sparkplug_b"] = "json"
+    """What goes on the wire: ``json`` the stored segments themselves, byte for byte (what the
+    integrity chain covers; docs/payloads.md); ``flat`` one message per device sample with one value
+    per tag name, for historians and a Unified Namespace (see ``flat``); ``sparkplug_b`` a Sparkplug B
+    3.0 edge node (see ``sparkplug``)."""
+    flat: FlatConfig = Field(default_factory=FlatConfig)
+    """Topics and UNS placement of the ``flat`` payload."""
+    sparkplug: SparkplugConfig = Field(default_factory=SparkplugConfig, validate_default=True)
+    """Group, edge node and primary host of the ``sparkplug_b`` payload."""
+    publish_segments: bool = True
+    """With ``flat`` or ``sparkplug_b``: also publish the chained JSON segments on
+    ``{prefix}/{stream}`` (and the retained status), exactly as ``json`` does, so a verifier
+    downstream can check every value against the integrity chain (each flat and Sparkplug message
+    names the segment it came from). On by default: integrity by default. Off halves the traffic,
+    and verification is then only possible against the gateway's own buffer (``verify --buffer``)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -227,6 +246,15 @@ class MqttConfig(Strict):
         if self.reconnect_min > self.reconnect_max:
             raise ValueError("reconnect_min must not exceed reconnect_max")
         return self
+
+    @field_validator("sparkplug")
+    @classmethod
+    def _sparkplug_complete(cls, sparkplug: SparkplugConfig, info: ValidationInfo) -> SparkplugConfig:
+        if info.data.get("payload") == "sparkplug_b" and sparkplug.group_id is None:
+            raise ValueError(
+                "group_id is required with payload: sparkplug_b (the Sparkplug group of this edge node)"
+            )
+        return sparkplug
 
     @field_validator("tls")
     @classmethod
@@ -273,23 +301,82 @@ class MqttConfig(Strict):
             raise ValueError(f"mqtt.password_file {self.password_file}: not UTF-8 text") from None
 
 
-@dataclass(frozen=True)
-class AgentIdentity:
-    """Who is publishing: carried in the retained status, so a consumer can tell which agent build
-    and configuration produced the data it receives."""
+class WithSegments(Encoder):
+    """A format that is not the stored segment (``flat``, ``sparkplug_b``), with the JSON segments
+    and status published beside it (``publish_segments``): each segment's JSON message goes first,
+    then the format's; the segment is delivered when the broker acknowledged them all. The
+    format's session rules (its will, re-sends, readiness) are the session's."""
 
-    agent_id: str
-    version: str
-    config_hash: str
-    site: str = ""
-    started_ns: int = field(default_factory=now_ns)
-    """When the agent started: the first half of every connection's session."""
+    def __init__(self, primary: Encoder, segments: JsonSegmentsEncoder) -> None:
+        self.primary = primary
+        self.segments = segments
+        self.name = primary.name
+        self.resend_after_reconnect = primary.resend_after_reconnect
+        self.messages_per_segment = None
+
+    def will(self, session: str) -> Message | None:
+        """One will per connection: the format's (Sparkplug's NDEATH) when it has one."""
+        json_will = self.segments.will(session)
+        return self.primary.will(session) or json_will
+
+    def subscriptions(self) -> list[str]:
+        return self.primary.subscriptions()
+
+    def on_connect(self, session: str) -> list[Message]:
+        return self.segments.on_connect(session) + self.primary.on_connect(session)
+
+    def on_disconnect(self) -> None:
+        self.primary.on_disconnect()
+
+    def ready(self) -> bool:
+        return self.primary.ready()
+
+    def on_message(self, topic: str, payload: bytes) -> Reaction:
+        return self.primary.on_message(topic, payload)
+
+    def encode(self, seg: StoredSegment, *, historical: bool) -> list[Message]:
+        return self.segments.encode(seg, historical=historical) + self.primary.encode(
+            seg, historical=historical
+        )
+
+    def on_clean_stop(self) -> list[Message]:
+        return self.primary.on_clean_stop() + self.segments.on_clean_stop()
+
+    def on_identity(self, identity: AgentIdentity) -> list[Message]:
+        return self.segments.on_identity(identity) + self.primary.on_identity(identity)
+
+    def stats(self) -> dict[str, Any]:
+        return self.primary.stats()
 
 
-def status_topic(prefix: str, agent_id: str) -> str:
-    """The retained status topic: it names the agent, so gateways sharing a broker never overwrite
-    each other's retained status."""
-    return f"{prefix}/{AGENT_DEVICE}/status/{agent_id}"
+def make_encoder(
+    cfg: MqttConfig,
+    identity: AgentIdentity,
+    key: bytes | None,
+    catalog: Catalog | None = None,
+    auditor: Auditor | None = None,
+) -> Encoder:
+    """The encoder ``cfg.payload`` names. ``catalog``: the configured devices' tags (what a
+    Sparkplug DBIRTH declares); ``auditor``: where refused Sparkplug commands are recorded."""
+    segments = JsonSegmentsEncoder(cfg.topic_prefix, identity, key)
+    primary: Encoder
+    if cfg.payload == "json":
+        return segments
+    if cfg.payload == "flat":
+        primary = FlatEncoder(cfg.flat, catalog or {}, cfg.topic_prefix)
+    else:
+        primary = SparkplugEncoder(cfg.sparkplug, catalog or {}, identity.agent_id, auditor)
+    return WithSegments(primary, segments) if cfg.publish_segments else primary
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A segment in flight: the mids of its messages not acknowledged yet."""
+
+    seg: StoredSegment
+    mids: set[int]
+    refusal: str | None = None
+    """The broker refused one of its messages (MQTT 5): the whole segment goes again later."""
 
 
 class Forwarder:
@@ -300,18 +387,28 @@ class Forwarder:
     sessions are newer than the old one's."""
 
     def __init__(
-        self, cfg: MqttConfig, buffer: AsyncBuffer, identity: AgentIdentity, attempts: int = 0
+        self,
+        cfg: MqttConfig,
+        buffer: AsyncBuffer,
+        identity: AgentIdentity,
+        attempts: int = 0,
+        *,
+        catalog: Catalog | None = None,
+        auditor: Auditor | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
+        """``encoder``: what segments become on the wire; by default the one ``cfg.payload`` names,
+        made with ``catalog`` and ``auditor`` (see :func:`make_encoder`)."""
         self.cfg = cfg
         self.buffer = buffer
         self.identity = identity
         self.client_id = cfg.client_id or f"cleanroom-edge-{identity.agent_id}"
-        self.status_topic = status_topic(cfg.topic_prefix, identity.agent_id)
-        self._key = buffer.core.key
-        """The key the buffer signs segments with: the status messages are signed with it too."""
+        self.encoder = encoder or make_encoder(cfg, identity, buffer.core.key, catalog, auditor)
         self._password = cfg.resolve_password()
         self._ssl = cfg.tls.context() if cfg.tls.enabled else None
         self._client = self._make_client()
+        self._client_used = False
+        """Whether ``_client`` has connected before: a format that never re-sends gets a fresh one."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.tasks = Supervisor("forwarder", log)
@@ -329,13 +426,24 @@ class Forwarder:
         self._mark_wake = asyncio.Event()
         self._marking = False
         self._cursor = 0
-        self._inflight: dict[int, StoredSegment] = {}
+        self._inflight: dict[int, _Flight] = {}
+        """Segments in flight by id."""
+        self._mids: dict[int, int] = {}
+        """paho message id -> the id of the segment the message carries."""
+        self._acked: set[int] = set()
+        """Acknowledged segments not marked delivered yet: never taken again meanwhile."""
+        self._live_from = 0
+        """Segments up to this id were committed before the current session could publish: they
+        are ``historical`` (they waited in the buffer)."""
+        self._flowing = False
+        """Whether this connection has published segments since it became ready (``_live_from`` set)."""
         self._to_mark: list[int] = []
         self._status_acks: dict[int, asyncio.Future[None]] = {}
         self._last_rescan = 0.0
         self._counts = dict.fromkeys(
-            ("published", "published_readings", "acked", "acked_readings", "rejected", "reconnects"), 0
-        )
+            ("published", "published_readings", "acked", "acked_readings", "rejected", "reconnects",
+             "messages", "encode_errors", "message_errors"), 0
+        )  # fmt: skip
         self._last_error: str | None = None
         self._closed_early: str | None = None
         """paho's reason when the broker closed this attempt's connection before accepting it."""
@@ -357,7 +465,11 @@ class Forwarder:
             reconnect_on_failure=False,
         )
         client.connect_timeout = self.cfg.connect_timeout
-        client.max_inflight_messages_set(self.cfg.inflight_window + 2)
+        # Room for the window's messages and two status messages (a reload's online, the stop's
+        # offline): a new session's first message must never wait in paho's queue behind re-sends.
+        # Without a fixed count per segment, no paho limit: the window bounds what is in flight.
+        per_segment = self.encoder.messages_per_segment
+        client.max_inflight_messages_set(self.cfg.inflight_window * per_segment + 2 if per_segment else 0)
         if self.cfg.username is not None:
             client.username_pw_set(self.cfg.username, self._password)
         if self._ssl is not None:
@@ -365,13 +477,8 @@ class Forwarder:
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_publish = self._paho_publish
+        client.on_message = self._paho_message
         return client
-
-    def _status(self, status: Literal["online", "offline"], **extra: Any) -> bytes:
-        doc = {"schema": STATUS_SCHEMA, "status": status, "agent": self.identity.agent_id,
-               "session": self._session, **extra}  # fmt: skip
-        text = dumps(doc).encode()
-        return text if self._key is None else chain.sign(text, self._key)
 
     def _to_loop(self, fn: Any, *args: Any) -> None:
         loop = self._loop
@@ -379,35 +486,38 @@ class Forwarder:
             loop.call_soon_threadsafe(fn, *args)
 
     def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        if not reason.is_failure:
+        if not reason.is_failure and self.encoder.resend_after_reconnect:
             # Here, on paho's thread, not on the loop: paho re-sends the unacknowledged publishes as
             # soon as this callback returns, and the new session's online must come before them.
-            online = self._status("online", version=self.identity.version,
-                                  config_hash=self.identity.config_hash, site=self.identity.site,
-                                  ts=now_ns())  # fmt: skip
-            client.publish(self.status_topic, online, qos=1, retain=True)
-        self._to_loop(self._on_connect, not reason.is_failure, str(reason))
+            for m in self.encoder.on_connect(self._session):
+                client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+        self._to_loop(self._on_connect, client, not reason.is_failure, str(reason))
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        self._to_loop(self._on_disconnect, str(reason))
+        self._to_loop(self._on_disconnect, client, str(reason))
 
     def _paho_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        self._to_loop(self._on_puback, mid, not reason.is_failure, str(reason))
+        self._to_loop(self._on_puback, client, mid, not reason.is_failure, str(reason))
 
-    def _connect_blocking(self) -> bool:
-        """One connection attempt (TCP, TLS, CONNECT) in a new session, then paho's network thread.
-        Under the client lock so :meth:`stop` never races a half-made connection."""
+    def _paho_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._to_loop(self._on_message, client, msg.topic, bytes(msg.payload))
+
+    def _connect_blocking(self, session: str, will: Message | None) -> bool:
+        """One connection attempt (TCP, TLS, CONNECT) in session ``session``, then paho's network
+        thread. Under the client lock so :meth:`stop` never races a half-made connection."""
         with self._client_lock:
             if self._stopping:
                 return False
             self._refused = False
+            self._client.loop_stop()
+            if self._client_used and not self.encoder.resend_after_reconnect:
+                self._client = self._make_client()  # nothing of the old session is ever sent
+            self._client_used = True
             client = self._client
-            client.loop_stop()
             self._attempts += 1
-            self._session = f"{self.identity.started_ns}.{self._attempts}"
-            # the broker publishes this if the connection dies: it names the session that ended
-            will = self._status("offline", reason="connection_lost")
-            client.will_set(self.status_topic, will, qos=1, retain=True)
+            self._session = session
+            if will is not None:
+                client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
             if self.cfg.protocol == "5":
                 client.connect(self.cfg.host, self.cfg.port, int(self.cfg.keepalive), clean_start=True)
             else:
@@ -422,7 +532,9 @@ class Forwarder:
 
     # ------------------------------------------------------------------ loop side
 
-    def _on_connect(self, ok: bool, reason: str) -> None:
+    def _on_connect(self, client: mqtt.Client, ok: bool, reason: str) -> None:
+        if client is not self._client:
+            return
         if not ok:
             self._refused = True
             error = f"broker refused connection: {reason}"
@@ -430,48 +542,109 @@ class Forwarder:
                 log.error("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
             self._last_error = error
             return
+        for topic in self.encoder.subscriptions():
+            client.subscribe(topic, qos=1)
+        if not self.encoder.resend_after_reconnect:
+            # on the loop: nothing of this connection is published before these (a fresh client
+            # has nothing to re-send)
+            for m in self.encoder.on_connect(self._session):
+                self._publish_message(m)
         self._connected = True
         self._tls_refusal = None
         self._connected_since = time.monotonic()
         log.info("connected to broker %s:%d (session %s)", self.cfg.host, self.cfg.port, self._session)
         self._wake.set()
 
-    def _on_disconnect(self, reason: str) -> None:
+    def _publish_message(self, m: Message) -> int:
+        """A message of the session itself (a birth, a status): acknowledged, but no segment's."""
+        return int(self._client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain).mid)
+
+    def _on_message(self, client: mqtt.Client, topic: str, payload: bytes) -> None:
+        """A message on a subscribed topic: whatever it holds, a refusal or a log line, never an
+        exception out of here."""
+        if client is not self._client or not self._connected:
+            return
+        try:
+            reaction = self.encoder.on_message(topic, payload)
+        except Exception:
+            self._counts["message_errors"] += 1
+            log.exception("handling a message on %s failed; ignored", topic)
+            return
+        for m in reaction.publish:
+            self._publish_message(m)
+        if reaction.reconnect:
+            log.info("ending MQTT session %s at the payload format's request", self._session)
+            client.disconnect()  # the disconnect callback starts a new session
+        self._wake.set()
+
+    def _on_disconnect(self, client: mqtt.Client, reason: str) -> None:
+        if client is not self._client:
+            return
         was = self._connected
         self._connected = False
+        self._flowing = False
         self._session_ended.set()
+        self.encoder.on_disconnect()
+        if not self.encoder.resend_after_reconnect:
+            self._give_back()
         if self._stopping:
             return
         if was:
             self._last_error = f"disconnected: {reason}"
-            log.warning("lost broker connection (%s); %d publishes in flight will be resent",
-                        reason, len(self._inflight))  # fmt: skip
+            again = "resent" if self.encoder.resend_after_reconnect else "encoded again in the next session"
+            log.warning("lost broker connection (%s); %d publishes in flight will be %s",
+                        reason, len(self._inflight), again)  # fmt: skip
         elif not self._refused:
             # Closed before a CONNACK, without a refusal: e.g. the broker rejected our client
             # certificate after the TLS 1.3 handshake had already completed on our side.
             self._closed_early = reason
 
-    def _on_puback(self, mid: int, ok: bool, reason: str) -> None:
+    def _give_back(self) -> None:
+        """A format that never re-sends: what the lost session had in flight goes back to the
+        buffer, and the cursor before it, so it is encoded again in the next session, in order."""
+        ids = list(self._inflight)
+        self._inflight.clear()
+        self._mids.clear()
+        if ids:
+            self.buffer.unclaim(ids)
+            self._cursor = min(self._cursor, min(ids) - 1)
+
+    def _on_puback(self, client: mqtt.Client, mid: int, ok: bool, reason: str) -> None:
+        if client is not self._client:
+            return  # a previous session's client: what it had in flight was given back
         status = self._status_acks.pop(mid, None)
         if status is not None:
             if not status.done():
                 status.set_result(None)
             return
-        seg = self._inflight.pop(mid, None)
-        if seg is None:
+        seg_id = self._mids.pop(mid, None)
+        flight = None if seg_id is None else self._inflight.get(seg_id)
+        if flight is None:
             return
-        if ok:
-            self._counts["acked"] += 1
-            self._counts["acked_readings"] += seg.n_readings
-            self._to_mark.append(seg.id)
-            self._mark_wake.set()
+        flight.mids.discard(mid)
+        if not ok and flight.refusal is None:
+            flight.refusal = reason
+        if flight.mids:
+            return  # the segment's other messages are not acknowledged yet
+        del self._inflight[flight.seg.id]
+        seg = flight.seg
+        if flight.refusal is None:
+            self._acked_segment(seg)
         else:
+            reason = flight.refusal
             # The segment stays undelivered; the idle rescan sends it again.
             self.buffer.unclaim([seg.id])
             self._counts["rejected"] += 1
             self._last_error = f"broker rejected a publish: {reason}"
             log.error("broker rejected segment %d of %s: %s", seg.i, seg.stream, reason)
         self._wake.set()
+
+    def _acked_segment(self, seg: StoredSegment) -> None:
+        self._counts["acked"] += 1
+        self._counts["acked_readings"] += seg.n_readings
+        self._acked.add(seg.id)
+        self._to_mark.append(seg.id)
+        self._mark_wake.set()
 
     def _on_commit(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
         if not self._stopping:  # a stopped forwarder stays a listener of the buffer, idle
@@ -497,8 +670,11 @@ class Forwarder:
         while not self._stopping:
             self._session_ended.clear()
             self._closed_early = None
+            session = f"{self.identity.started_ns}.{self._attempts + 1}"
             try:
-                started = await asyncio.to_thread(self._connect_blocking)
+                # the broker publishes the will if the connection dies: it names the session that ended
+                will = self.encoder.will(session)
+                started = await asyncio.to_thread(self._connect_blocking, session, will)
             except Exception as exc:  # OSError, ssl.SSLError, ValueError...: never end the retry loop
                 cause = tls_refusal(str(exc)) or exc
                 self._last_error = f"connect to {self.cfg.host}:{self.cfg.port} failed: {cause}"
@@ -552,8 +728,14 @@ class Forwarder:
             self._wake.clear()
             if not self._connected:
                 continue
+            if not self.encoder.ready():
+                self._flowing = False  # held in the buffer: historical once the session may publish
+                continue
             self._maybe_rewind()
             try:
+                if not self._flowing:
+                    self._live_from = await self.buffer.last_segment_id()
+                    self._flowing = True
                 await self._fill()
             except Exception as exc:
                 self._last_error = f"reading the buffer failed: {exc}"
@@ -574,21 +756,47 @@ class Forwarder:
         """Publish the next segments, exactly as many as the window has room for: what is taken is
         claimed as in flight (buffer overflow keeps it until the broker's answer, so a loss count
         never includes what the broker may have) and the cursor moves past it."""
+        client = self._client
         while self._connected and (room := self.cfg.inflight_window - len(self._inflight)) > 0:
+            if not self.encoder.ready():
+                return
             segments = await self.buffer.take_for_sending(self._cursor, room)
             if not segments:
                 return
+            if client is not self._client or not (self._connected or self.encoder.resend_after_reconnect):
+                # the session ended while they were read, and its messages are never re-sent
+                self.buffer.unclaim(s.id for s in segments if s.id not in self._acked)
+                return
             for seg in segments:
-                self._publish(seg)
+                if seg.id not in self._acked:  # (acknowledged, being marked: not again)
+                    self._publish(seg)
             self._cursor = segments[-1].id
 
     def _publish(self, seg: StoredSegment) -> None:
-        info = self._client.publish(f"{self.cfg.topic_prefix}/{seg.stream}", seg.payload, qos=1)
-        # Even when the connection just dropped, paho keeps a QoS 1 message queued and sends it on
-        # reconnect; only a full queue loses it (cannot happen: the window bounds it).
-        self._inflight[info.mid] = seg
+        try:
+            messages = self.encoder.encode(seg, historical=seg.id <= self._live_from)
+        except Exception as exc:
+            # Stays undelivered in the buffer (the idle rescan tries again): a stuck segment is
+            # reported, never dropped, and never holds up the others.
+            self.buffer.unclaim([seg.id])
+            self._counts["encode_errors"] += 1
+            self._last_error = f"cannot encode segment {seg.i} of {seg.stream}: {exc}"
+            log.exception("cannot encode segment %d of %s as %s", seg.i, seg.stream, self.encoder.name)
+            return
         self._counts["published"] += 1
         self._counts["published_readings"] += seg.n_readings
+        if not messages:  # nothing of it goes on the wire in this format: delivered as it is
+            self._acked_segment(seg)
+            return
+        flight = _Flight(seg, set())
+        for m in messages:
+            # Even when the connection just dropped, paho keeps a QoS 1 message queued and sends it
+            # on reconnect (or, for a format that never re-sends, it is given back to the buffer).
+            mid = self._publish_message(m)
+            flight.mids.add(mid)
+            self._mids[mid] = seg.id
+        self._inflight[seg.id] = flight
+        self._counts["messages"] += len(messages)
 
     async def _marker(self) -> None:
         while True:
@@ -605,6 +813,7 @@ class Forwarder:
                     log.exception("marking %d segments delivered failed", len(ids))
                 finally:
                     self._marking = False
+                    self._acked.difference_update(ids)
 
     async def _idle(self) -> bool:
         if self._inflight or self._to_mark or self._marking:
@@ -623,14 +832,15 @@ class Forwarder:
             await asyncio.sleep(0.02)
         self._tasks[1].cancel()  # the pump: nothing new is published from here on
         if self._connected:
-            offline = self._status("offline", reason="clean_stop", ts=now_ns())
-            info = self._client.publish(self.status_topic, offline, qos=1, retain=True)
-            ack = loop.create_future()
-            self._status_acks[info.mid] = ack
+            acks = []
+            for m in self.encoder.on_clean_stop():
+                ack = loop.create_future()
+                self._status_acks[self._publish_message(m)] = ack
+                acks.append(ack)
             try:
-                await asyncio.wait_for(ack, max(0.5, min(2.0, deadline - loop.time())))
+                await asyncio.wait_for(asyncio.gather(*acks), max(0.5, min(2.0, deadline - loop.time())))
             except TimeoutError:
-                log.warning("broker did not acknowledge the offline status")
+                log.warning("broker did not acknowledge the %s offline messages", self.encoder.name)
         self._stopping = True
         await asyncio.to_thread(self._shutdown_blocking)
         self._session_ended.set()
@@ -644,8 +854,9 @@ class Forwarder:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         self._connected = False
-        self.buffer.unclaim(seg.id for seg in self._inflight.values())  # not in flight now
+        self.buffer.unclaim(self._inflight)  # not in flight now
         self._inflight.clear()
+        self._mids.clear()
         self.buffer.remove_listener(self._on_commit)
         log.info("forwarder stopped: %s", self.stats())
 
@@ -659,17 +870,19 @@ class Forwarder:
         ``online`` says so at once, in the current session (not a newer one, so it explains no
         re-send)."""
         self.identity = identity
+        messages = self.encoder.on_identity(identity)
         if self._connected:
-            online = self._status("online", version=identity.version, config_hash=identity.config_hash,
-                                  site=identity.site, ts=now_ns())  # fmt: skip
-            self._client.publish(self.status_topic, online, qos=1, retain=True)
+            for m in messages:
+                self._publish_message(m)
 
     def stats(self) -> dict[str, Any]:
         return {
             "connected": self._connected,
             "broker": f"{self.cfg.host}:{self.cfg.port}",
             "client_id": self.client_id,
+            "payload": self.encoder.name,
             **self._counts,
+            **self.encoder.stats(),
             "inflight": len(self._inflight),
             "last_error": self._last_error,
         }

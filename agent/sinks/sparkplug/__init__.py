@@ -1,0 +1,1 @@
+"""Sparkplug B 3.0: the payload codec (``codec``) and its protobuf schema (``generated``)."""
