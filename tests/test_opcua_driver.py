@@ -639,8 +639,13 @@ def served(history: Any, block: Block) -> list[tuple[Any, Any]]:
         assert abs(t * 1e9 - ns) < 2_000, f"no snapshot served at {ns}"
         return values  # type: ignore[no-any-return]
 
+    def value(values: dict[str, Any], tag: str) -> Any:
+        """The served value of a tag; of an expanded array's tag ``name.i``, the array's item i."""
+        name, _, index = tag.rpartition(".")
+        return values[tag] if tag in values else values[name][int(index)]
+
     return [
-        (v, at(ts[i])[t])
+        (v, value(at(ts[i]), t))
         for i, (t, v) in enumerate(zip(block.tags, block.values, strict=True))
         if block.quality_of(i) is Quality.GOOD
     ]

@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent import __version__
+from agent.app.catalog import build_catalog
+from agent.app.compat import ProfileWatch
 from agent.app.config import ConfigError, LoadedConfig, load_config
 from agent.app.health import HealthWatch, assess, certificates_of
 from agent.app.metrics import render as render_metrics
@@ -47,7 +49,7 @@ from agent.buffer.audit import Auditor
 from agent.buffer.lock import BufferInUse
 from agent.core.clock import ClockMonitor, read_clock
 from agent.core.device import ResolvedDevice
-from agent.core.driver import DeviceIdentity
+from agent.core.driver import DeviceContext, DeviceIdentity
 from agent.core.records import AGENT_DEVICE, Block, Event, Severity, now_ns
 from agent.core.supervise import Supervisor
 from agent.sinks.forwarder import AgentIdentity, Forwarder
@@ -85,7 +87,7 @@ class Agent:
         self.inference = (
             InferenceEngine(cfg.models, profiles, self._submit_event, self.auditor) if cfg.models else None
         )
-        self.forwarder = Forwarder(cfg.mqtt, self.buffer, self.identity) if cfg.mqtt else None
+        self.forwarder = self._make_forwarder()
         self.scheduler: Scheduler | None = None
         self.trend = TrendRecorder()
         """The last hour per tag and the recent events, for the status page."""
@@ -105,6 +107,15 @@ class Agent:
         """Each device's attribution as last handed to the buffer, with what the device reported."""
         self.reload_state = ReloadOutcome(generation=0, outcome="none", at_ns=None)
         self._reload_lock = asyncio.Lock()
+
+    def _make_forwarder(self, attempts: int = 0) -> Forwarder | None:
+        """The sink of the configured payload format, told the devices' tags (what a Sparkplug
+        DBIRTH declares) and the auditor (where refused commands are recorded)."""
+        cfg = self.loaded.config.mqtt
+        if cfg is None:
+            return None
+        catalog = build_catalog(self.loaded.devices)
+        return Forwarder(cfg, self.buffer, self.identity, attempts, catalog=catalog, auditor=self.auditor)
 
     def _submit(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
         self.buffer.submit(blocks, events)
@@ -171,7 +182,7 @@ class Agent:
             log.warning("no mqtt section: readings are buffered only, nothing is forwarded")
         self.scheduler = Scheduler(self.loaded.devices, self._submit, self.buffer.state())
         for runner in self.scheduler.runners:
-            runner.ctx.on_identity = self._identity_listener(runner.id)
+            runner.ctx.on_identity = self._identity_listener(runner.ctx)
         # What exists by now (modules, configuration, profiles, drivers: some 85,000 objects for
         # a plant of 88 devices) lives as long as the agent: frozen out of the garbage collector,
         # a full collection walks only what was made since (a few ms) instead of stopping the
@@ -210,15 +221,22 @@ class Agent:
         for device, source in self._sources.items():
             self.buffer.set_source(device, dict(source))
 
-    def _identity_listener(self, device: str) -> Callable[[DeviceIdentity], None]:
+    def _identity_listener(self, ctx: DeviceContext) -> Callable[[DeviceIdentity], None]:
+        device = ctx.id
+        watch = ProfileWatch(ctx)
+
         def on_identity(identity: DeviceIdentity) -> None:
             """The device said what it is (on every connect): its next segments name it. What it
             said replaces what an earlier connection said, so an instrument swapped for another
-            never inherits its predecessor's serial number."""
+            never inherits its predecessor's serial number. Compared with the profile's
+            ``device:`` block, a change in how it fits is committed as an event (in the device's
+            stream, through the buffer like every record)."""
             source = {**self._sources[device], **identity.as_dict()}
             if source != self._reported.get(device):
                 self._reported[device] = source
                 self.buffer.set_source(device, dict(source))
+            if (event := watch.report(identity)) is not None:
+                self._submit_event(event)
 
         return on_identity
 
@@ -361,7 +379,7 @@ class Agent:
         if self.scheduler is not None and (changes.stop or changes.start):
             runners = await self.scheduler.replace(changes.stop, changes.start)
             for runner in runners:
-                runner.ctx.on_identity = self._identity_listener(runner.id)
+                runner.ctx.on_identity = self._identity_listener(runner.ctx)
                 runner.start()
         if limits is not self.limits:
             old_limits, self.limits = self.limits, limits
@@ -390,7 +408,7 @@ class Agent:
         if self.forwarder is not None:
             attempts = self.forwarder.attempts
             await self.forwarder.stop(grace_s=min(1.0, cfg.agent.shutdown_grace))
-        self.forwarder = Forwarder(cfg.mqtt, self.buffer, self.identity, attempts) if cfg.mqtt else None
+        self.forwarder = self._make_forwarder(attempts)
         if self.forwarder is not None:
             await self.forwarder.start()
         else:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from agent.core.chain import Kind
 from agent.core.events import DataLoss, LossReason
-from agent.core.records import Block, Event, Quality, Reason, Value, dumps
+from agent.core.records import Block, Event, Quality, Reason, Scalar, Value, dumps
 
 log = logging.getLogger("cleanroom.buffer")
 
@@ -71,6 +71,16 @@ def _plain(v: Any) -> Value | ValueError:
     ``int64``: not JSON) become their Python value."""
     if v is None or isinstance(v, bool | int | str):
         return v
+    if isinstance(v, list):  # an array read as one value: plain only if every element is
+        items: list[Scalar] = []
+        for x in v:
+            plain = _plain(x)
+            if isinstance(plain, list):
+                return ValueError("nested array")
+            if isinstance(plain, ValueError):
+                return plain
+            items.append(plain)
+        return items
     item = getattr(v, "item", None)
     if not isinstance(v, float) and callable(item):
         v = item()

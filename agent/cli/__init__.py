@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "agent.cli.certs",  # certs create
     "agent.cli.capture",  # capture -c CONFIG --out FILE
     "agent.cli.verify",  # verify --capture FILE | --buffer PATH
+    "agent.cli.discover",  # discover PROTOCOL ... --out PROFILE.yaml
 )
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from agent.core.compat import FIELDS, Compat, DeviceCompat, Outcome, Reported
 from agent.core.records import AGENT_DEVICE, Event, Severity
 
 
@@ -306,6 +307,46 @@ class DeviceDisconnected:
     def event(self, device: str) -> Event:
         data = {"state": "disconnected", "reason": self.reason, "detail": self.detail}
         return Event(device, self.KIND, Severity.WARNING, data)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileMismatch:
+    """How a device compares with the ``device:`` block of its profile (``profile_mismatch``), said
+    when that changes: a device the profile was not written for (severity warning), one whose
+    identity cannot tell (info), and one that matches again after either (info). Its readings go on
+    being acquired either way; the event lets a reviewer see which were read with a map that may
+    not fit the instrument."""
+
+    KIND: ClassVar[str] = "profile_mismatch"
+
+    profile: str
+    compat: Compat
+    expected: Mapping[str, list[str] | None]
+    """What the profile names per field (:meth:`DeviceCompat.expected`)."""
+    reported: Mapping[str, str | None]
+    """What the device reported per field, None where it reported nothing readable."""
+
+    @classmethod
+    def of(cls, profile: str, device: DeviceCompat, reported: Reported) -> ProfileMismatch:
+        """Compare ``reported`` with the profile's ``device:`` block."""
+        return cls(
+            profile, device.check(reported), device.expected(), {f: getattr(reported, f) for f in FIELDS}
+        )
+
+    def data(self) -> dict[str, Any]:
+        """The event's ``data``: every key always present."""
+        return {
+            "outcome": str(self.compat.outcome),
+            "profile": self.profile,
+            "fields": {k: str(v) for k, v in self.compat.fields.items()},
+            "expected": dict(self.expected),
+            "reported": dict(self.reported),
+            "detail": self.compat.detail,
+        }
+
+    def event(self, device: str) -> Event:
+        severity = Severity.WARNING if self.compat.outcome is Outcome.MISMATCH else Severity.INFO
+        return Event(device, self.KIND, severity, self.data())
 
 
 @dataclass(frozen=True, slots=True)

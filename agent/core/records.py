@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-Value = float | int | bool | str | None
+Scalar = float | int | bool | str | None
+Value = Scalar | list[Scalar]
+"""A reading: a scalar, or the elements of an array variable read as one value (OPC UA
+``array: {mode: value}``)."""
 
 AGENT_DEVICE = "agent"
 """The device id of agent-level events (audit records, and their loss): not a device's, the agent's own."""

@@ -7,28 +7,89 @@ docstrings (``python -m agent.app.docgen --write``).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from agent.core.driver import ConnectionBase, GroupSpec, IdentityTags, ProfileBase, TagBase
-from cleanroom_common.fields import ConfigPath, Duration
+from cleanroom_common.fields import ConfigPath, Duration, Strict
 from drivers.opcua.nodes import NodeRef
+
+ARRAY_SIZE_MAX = 4096
+"""Largest array a tag may declare: an expanded array is that many readings per sample."""
+
+
+class ArraySpec(Strict):
+    """How a tag reads a one-dimensional array variable (ValueRank 1), e.g. per-channel counts."""
+
+    mode: Literal["value", "expand"]
+    """``expand``: one reading per element, named ``<tag>.0``, ``<tag>.1``…, each with the
+    tag's unit, scale, offset and range (limits and models bind to the element's name).
+    ``value``: one reading whose value is the whole array, published as a JSON array, as
+    the server sent it (no scale, offset or range)."""
+    size: int = Field(ge=1, le=ARRAY_SIZE_MAX)
+    """Number of elements the variable must have: an array of another length, or with an
+    element that is not a number, a boolean or a string, is a bad reading
+    (``array_length`` / ``array_element``), counted in the device's errors."""
 
 
 class Tag(TagBase):
-    """An OPC UA variable read as one tag."""
+    """An OPC UA variable read as one tag (or, with ``array: {mode: expand}``, one tag per element)."""
 
     node_id: str = Field(min_length=1)
     """``ns=2;s=BR1.Temperature`` / ``ns=2;i=1001``, ``nsu=urn:…;s=…`` (namespace URI,
     stable across server restarts), or an absolute browse path from Root such as
     ``/Objects/2:Bioreactor/2:pH`` (elements may name their namespace as ``{urn:…}Name``)."""
+    array: ArraySpec | None = None
+    """The node is an array variable: read it whole (``mode: value``) or as one tag per
+    element (``mode: expand``); unset, the node must hold a scalar (an array is then a bad
+    reading, ``unsupported_type``)."""
+    datatype: str | None = None
+    """The node's OPC UA DataType, as discovered: a built-in type name (``Double``, ``Int32``,
+    ``String``, ``DateTime``…) or, for a structured or vendor type, its browse name. Recorded
+    by ``cleanroom-agent discover opcua`` for people and tools; values are read as the server
+    sends them."""
+    access: Literal["read", "read_write"] | None = None
+    """The node's access level for the agent's session when discovered (``read`` or
+    ``read_write``); the agent only reads."""
+    unit_code: str | None = None
+    """UNECE Rec. 20 common code of ``unit`` (e.g. ``CEL`` for degC), from the node's EngineeringUnits."""
+
+    _element: int | None = PrivateAttr(None)
+    """Which element of the array this tag reads, on the tags an ``expand`` array became."""
 
     @field_validator("node_id")
     @classmethod
     def _parses(cls, value: str) -> str:
         NodeRef.parse(value)
         return value
+
+    @model_validator(mode="after")
+    def _array_consistent(self) -> Tag:
+        transformed = self.scale != 1.0 or self.offset != 0.0 or self.range is not None
+        if self.array is not None and self.array.mode == "value" and transformed:
+            raise ValueError(
+                "scale, offset and range apply to one number: with array mode 'value' the "
+                "reading is the whole array; use mode 'expand' to scale or range each element"
+            )
+        return self
+
+    @property
+    def element(self) -> int | None:
+        """The array element this tag reads (an expanded array's tag), else ``None``."""
+        return self._element
+
+    def expanded(self) -> list[Tag]:
+        """The tags this one stands for: itself, or one per element of an ``expand`` array."""
+        if self.array is None or self.array.mode != "expand":
+            return [self]
+        out: list[Tag] = []
+        for i in range(self.array.size):
+            tag = self.model_copy(update={"name": f"{self.name}.{i}"})
+            tag._element = i
+            out.append(tag)
+        return out
 
 
 class Group(GroupSpec):
@@ -149,9 +210,65 @@ class Identity(IdentityTags):
     instrument behind it."""
 
 
+class Alarms(Strict):
+    """Alarms & Conditions events to subscribe to; each becomes an ``alarm`` event, buffered like readings."""
+
+    sources: list[str] = Field(min_length=1)
+    """Objects whose event notifier is subscribed (their EventNotifier has SubscribeToEvents):
+    node ids or browse paths as in a tag's ``node_id``, e.g. the device object, or
+    ``i=2253`` for the Server object, which on most servers reports every alarm."""
+    warning_from: int = Field(default=400, ge=1, le=1000)
+    """Lowest OPC UA severity (1–1000) published with severity ``warning``; below it ``info``."""
+    alarm_from: int = Field(default=700, ge=1, le=1000)
+    """Lowest OPC UA severity (1–1000) published with severity ``alarm``. The defaults follow
+    the bands of OPC 10000-9 (Medium 401–600, Medium High 601–800, High 801–1000), with
+    601–699 kept at ``warning``."""
+    refresh: bool = True
+    """After every (re)connect, ask the server for the conditions still active or
+    unacknowledged (ConditionRefresh), so alarms raised while the link was down are not
+    missed; a server without ConditionRefresh is logged once and counted
+    (``condition_refresh_failed``)."""
+    queue_size: int = Field(default=1000, ge=1, le=100_000)
+    """Events the server keeps per source between two publishes (the oldest go first)."""
+    publishing_interval: Duration = 1.0
+    """How often the server sends collected events (the alarm latency)."""
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_parse(cls, value: list[str]) -> list[str]:
+        for text in value:
+            NodeRef.parse(text)
+        if len(set(value)) != len(value):
+            raise ValueError("an alarm source is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _bands_ordered(self) -> Alarms:
+        if self.warning_from > self.alarm_from:
+            raise ValueError("warning_from must not be above alarm_from")
+        return self
+
+
 class Profile(ProfileBase):
-    """An OPC UA device profile: the generic profile, with the OPC UA :class:`Identity`."""
+    """An OPC UA device profile: the generic profile with the OPC UA identity, alarms and arrays."""
 
     identity: Identity | None = None
     """Tags whose values identify the device, and whether the server's BuildInfo fills the
     rest (see :class:`Identity`); without it the BuildInfo alone identifies the device."""
+    alarms: Alarms | None = None
+    """Alarms & Conditions events to subscribe to (see :class:`Alarms`); none when unset."""
+
+    @model_validator(mode="after")
+    def _expand_arrays(self) -> Profile:
+        """An ``expand`` array becomes its element tags here, so groups, limits, models and
+        payloads see ordinary tags named ``<tag>.<i>``."""
+        if not any(isinstance(t, Tag) and t.array is not None for t in self.tags):
+            return self
+        expanded = [e for t in self.tags for e in (t.expanded() if isinstance(t, Tag) else [t])]
+        twice = sorted(n for n, k in Counter(t.name for t in expanded).items() if k > 1)
+        if twice:
+            raise ValueError(
+                f"tag {twice[0]!r} is defined twice (an expanded array names its elements <tag>.<i>)"
+            )
+        self.tags[:] = expanded
+        return self

@@ -3,8 +3,17 @@
 The parts, one job each: :mod:`.config` (the tag, group and connection models),
 :mod:`.security` (identity and secure channel), :mod:`.nodes` (node ids and their
 resolution on the connected server), :mod:`.values` (DataValues as readings, quality
-rules), :mod:`.subscription` (monitored items and notifications as blocks). This module
-owns the session: connecting, reading, and knowing when the link is dead.
+rules), :mod:`.subscription` (monitored items and notifications as blocks), :mod:`.alarms`
+(Alarms & Conditions events as ``alarm`` events). This module owns the session:
+connecting, reading, and knowing when the link is dead.
+
+Alarm events and the buffer. A driver hands the agent blocks; an event reaches the buffer
+attached to one (``Block.events``, committed in the block's transaction). So alarm events
+wait in the driver for the device's next block: a poll, or a subscribed group's next
+notification. A device whose groups are all subscribed reads its group once on a liveness
+tick with events waiting, so no alarm waits longer than a group interval for a block.
+Events still waiting when the agent stops are not committed; the ConditionRefresh at the
+next connect brings back every condition still active or unacknowledged.
 
 Re-resolution. Every URI and browse path is resolved on each :meth:`OpcUaDriver.connect`
 (the scheduler reconnects after any link loss), and a Read that answers
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any, ClassVar, cast
 
@@ -49,13 +59,14 @@ from agent.core.driver import (
     ProfileBase,
     TagBase,
 )
-from agent.core.records import Block, Reason, now_ns
-from drivers.opcua.config import Connection, Group, Identity, Profile, Tag
+from agent.core.records import Block, Event, Reason, now_ns
+from drivers.opcua.alarms import AlarmSubscription, event_filter
+from drivers.opcua.config import Alarms, Connection, Group, Identity, Profile, Tag
 from drivers.opcua.logs import tame_asyncua_logs
 from drivers.opcua.nodes import NodeRef, resolve_nodes
 from drivers.opcua.security import ServerCheck, configure_identity
 from drivers.opcua.subscription import GroupSubscription, Timing, monitored_items
-from drivers.opcua.values import Converted, identity_value
+from drivers.opcua.values import Converted, identity_value, shape
 
 log = logging.getLogger("cleanroom.drivers.opcua")
 
@@ -70,6 +81,13 @@ _BUILD_INFO = {
 }
 """Identity field → the Server object's BuildInfo variable that reports it (the build number
 is appended to the software version)."""
+PENDING_EVENTS_MAX = 10_000
+"""Alarm events kept while no block has come to carry them; beyond, the oldest are dropped
+(counted as ``alarm_dropped``, logged once): a flood of events must not exhaust memory."""
+ALARM_SOURCE_UNAVAILABLE = "alarm_source_unavailable"
+"""Error kind counted when an alarm source cannot be resolved or subscribed on a connect."""
+CONDITION_REFRESH_FAILED = "condition_refresh_failed"
+"""Error kind counted when the server refused ConditionRefresh."""
 
 
 class OpcUaDriver(Driver):
@@ -97,6 +115,14 @@ class OpcUaDriver(Driver):
         self._subs: dict[str, GroupSubscription] = {}
         self._unresolved_logged: set[str] = set()
         self._identity_logged = False
+        alarms = ctx.profile.alarms if isinstance(ctx.profile, Profile) else None
+        self._alarm_spec: Alarms | None = alarms
+        self._alarm_refs = {s: NodeRef.parse(s) for s in alarms.sources} if alarms is not None else {}
+        self._alarms: AlarmSubscription | None = None
+        self._pending: list[Event] = []
+        """Alarm events waiting for a block to carry them into the buffer (kept across reconnects)."""
+        self._polled = any(getattr(g.spec, "mode", "poll") != "subscribe" for g in ctx.groups.values())
+        self._logged_once: set[str] = set()
         if self.conn.security_policy == "None":
             warning = (
                 f"security_policy None: the session to {self.conn.url} is unsigned and unencrypted "
@@ -132,6 +158,8 @@ class OpcUaDriver(Driver):
             await self.close()
             raise DeviceError(_reason(exc), f"resolving node ids: {_describe(exc)}") from exc
         self.ctx.identify(await self._read_identity(client))
+        if self._alarm_spec is not None:
+            await self._subscribe_alarms(client, self._alarm_spec)
         log.info(
             "%s: connected to %s (%s, %s)",
             self.ctx.id,
@@ -152,6 +180,7 @@ class OpcUaDriver(Driver):
     async def close(self) -> None:
         client, self._client = self._client, None
         self._subs.clear()
+        self._alarms = None
         if client is not None:
             await self._close_client(client)
 
@@ -240,9 +269,18 @@ class OpcUaDriver(Driver):
 
     def _check_link(self) -> Client:
         client = self._require_client()
+        if self._alarms is not None and self._alarms.stale():
+            self.link_lost(
+                Reason.TIMEOUT, f"event subscription silent for {self._alarms.keepalive_s * 2:.1f}s"
+            )
         if self._lost is not None:
             raise self._lost
         return client
+
+    def _log_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._logged_once:
+            self._logged_once.add(key)
+            log.warning(message, *args)
 
     # ------------------------------------------------------------------ polling
 
@@ -255,7 +293,9 @@ class OpcUaDriver(Driver):
                     Reason.TIMEOUT, f"subscription {group.name} silent for {sub.keepalive_s * 2:.1f}s"
                 )
                 self._check_link()
-            return []
+            if not self._pending or self._polled:
+                return []
+            # Alarm events wait and no poll group will carry them: read the group once.
         acq = now_ns()
         conv = await self._read_values(client, group)
         stale_map = time.monotonic() - self._resolved_at > _RERESOLVE_S
@@ -265,17 +305,21 @@ class OpcUaDriver(Driver):
             self.ctx.stats.retries += 1
             await self._guard(self._resolve(), "resolve")
             conv = await self._read_values(client, group)
-        return [conv.finish(group, acq, self.ctx.record_raw)]
+        conv.count_shape_errors(self.ctx.stats)
+        block = conv.finish(group, acq, self.ctx.record_raw)
+        block.events = self._take_events()
+        return [block]
 
     async def _read_values(self, client: Client, group: PollGroup) -> Converted:
         conv = Converted(len(group.tags))
-        wanted: list[tuple[int, ua.NodeId]] = []
+        by_node: dict[ua.NodeId, list[int]] = {}
         for i, tag in enumerate(group.tags):
             node = self._nodes.get(tag)
             if isinstance(node, ua.NodeId):
-                wanted.append((i, node))
+                by_node.setdefault(node, []).append(i)  # an expanded array's elements: one node
             else:
                 conv.bad(i, node or "BadNodeIdUnknown")
+        wanted = [(indices, node) for node, indices in by_node.items()]
         step = self.conn.max_nodes_per_request
         for start in range(0, len(wanted), step):
             chunk = wanted[start : start + step]
@@ -289,11 +333,13 @@ class OpcUaDriver(Driver):
             self.ctx.stats.request_done(time.perf_counter() - t)
             if len(values) != len(chunk):
                 self.ctx.stats.error(Reason.DECODE_ERROR)
-                for i, _ in chunk:
-                    conv.bad(i, Reason.DECODE_ERROR)
+                for indices, _ in chunk:
+                    for i in indices:
+                        conv.bad(i, Reason.DECODE_ERROR)
                 continue
-            for (i, _), dv in zip(chunk, values, strict=True):
-                conv.set(i, dv)
+            for (indices, _), dv in zip(chunk, values, strict=True):
+                for i in indices:
+                    conv.set(i, dv, *shape(group.tag_specs[i]))
         return conv
 
     async def _guard(self, call: Any, what: str) -> Any:
@@ -320,6 +366,7 @@ class OpcUaDriver(Driver):
             stats=self.ctx.stats,
             timeout_s=self.conn.timeout,
             record_raw=self.ctx.record_raw,
+            take_events=self._take_events,
         )
         result = await self._guard(
             client.uaclient.create_subscription(timing.parameters(), sub.on_publish), "create subscription"
@@ -327,7 +374,7 @@ class OpcUaDriver(Driver):
         sub.subscription_id = result.SubscriptionId
         sub.keepalive_s = result.RevisedMaxKeepAliveCount * result.RevisedPublishingInterval / 1000
         self._subs[group.name] = sub
-        requests, bad = monitored_items(group, spec, self._nodes, timing)
+        requests, bad, sub.targets = monitored_items(group, spec, self._nodes, timing)
         step = self.conn.max_nodes_per_request
         for start in range(0, len(requests), step):
             chunk = requests[start : start + step]
@@ -343,7 +390,8 @@ class OpcUaDriver(Driver):
             self.ctx.stats.request_done(time.perf_counter() - t)
             for req, res in zip(chunk, results, strict=True):
                 if not res.StatusCode.is_good():
-                    bad[int(req.RequestedParameters.ClientHandle)] = res.StatusCode.name
+                    for i in sub.targets[int(req.RequestedParameters.ClientHandle)]:
+                        bad[i] = res.StatusCode.name
         if bad:
             # Tags the server refused to monitor would otherwise just never report:
             # say so once, in the data, for each of them.
@@ -354,6 +402,121 @@ class OpcUaDriver(Driver):
             for j, i in enumerate(order):
                 conv.bad(j, bad[i])
             emit(conv.finish(sub.subset(tuple(order)), now_ns()))
+
+    # ------------------------------------------------------------------ alarms
+
+    async def _subscribe_alarms(self, client: Client, spec: Alarms) -> None:
+        """The event subscription of this session, then ConditionRefresh. A source that cannot
+        be resolved or subscribed is logged once and counted (``alarm_source_unavailable``);
+        the device still measures and the other sources still report."""
+        namespaces = await self._guard(client.get_namespace_array(), "read the namespace table")
+        nodes = await self._guard(
+            resolve_nodes(
+                client,
+                self._alarm_refs,
+                self.conn.max_nodes_per_request,
+                self._source_unavailable,
+                namespaces,
+            ),
+            "resolve alarm sources",
+        )
+        sources = [(text, node) for text, node in nodes.items() if isinstance(node, ua.NodeId)]
+        if not sources:
+            return
+        keepalive = max(
+            1, math.ceil(max(self.conn.keepalive, spec.publishing_interval) / spec.publishing_interval)
+        )
+        timing = Timing(0.0, spec.publishing_interval, keepalive, spec.queue_size)
+        alarms = AlarmSubscription(
+            self.ctx.id,
+            spec,
+            self._deliver,
+            timing.keepalive_s,
+            link_lost=self.link_lost,
+            stats=self.ctx.stats,
+            timeout_s=self.conn.timeout,
+            namespaces=namespaces,
+        )
+        result = await self._guard(
+            client.uaclient.create_subscription(timing.parameters(), alarms.on_publish),
+            "create event subscription",
+        )
+        alarms.subscription_id = result.SubscriptionId
+        alarms.keepalive_s = result.RevisedMaxKeepAliveCount * result.RevisedPublishingInterval / 1000
+        self._alarms = alarms
+        flt = event_filter()
+        items = [
+            ua.MonitoredItemCreateRequest(
+                ItemToMonitor=ua.ReadValueId(NodeId=node, AttributeId=AttributeIds.EventNotifier),
+                MonitoringMode=ua.MonitoringMode.Reporting,
+                RequestedParameters=ua.MonitoringParameters(
+                    ClientHandle=j,
+                    SamplingInterval=0,
+                    QueueSize=spec.queue_size,
+                    DiscardOldest=True,
+                    Filter=flt,
+                ),
+            )
+            for j, (_, node) in enumerate(sources)
+        ]
+        results = await self._guard(
+            client.uaclient.create_monitored_items(
+                ua.CreateMonitoredItemsParameters(
+                    SubscriptionId=alarms.subscription_id,
+                    TimestampsToReturn=ua.TimestampsToReturn.Neither,
+                    ItemsToCreate=items,
+                )
+            ),
+            "create event monitored items",
+        )
+        for (text, _), res in zip(sources, results, strict=True):
+            if not res.StatusCode.is_good():
+                self._source_unavailable(text, res.StatusCode.name)
+        if spec.refresh:
+            await self._condition_refresh(client, alarms.subscription_id)
+
+    async def _condition_refresh(self, client: Client, subscription_id: int) -> None:
+        request = ua.CallMethodRequest(
+            ObjectId=ua.NodeId(ua.Int32(ObjectIds.ConditionType)),
+            MethodId=ua.NodeId(ua.Int32(ObjectIds.ConditionType_ConditionRefresh)),
+            InputArguments=[ua.Variant(subscription_id, ua.VariantType.UInt32)],
+        )
+        results = await self._guard(_refresh_call(client, request), "ConditionRefresh")
+        if isinstance(results, str):
+            self._refresh_failed(results)
+            return
+        status = results[0].StatusCode if results else None
+        if not isinstance(status, ua.StatusCode) or not status.is_good():
+            self._refresh_failed(status.name if isinstance(status, ua.StatusCode) else "no result")
+
+    def _refresh_failed(self, why: str) -> None:
+        self.ctx.stats.error(CONDITION_REFRESH_FAILED)
+        self._log_once(
+            "refresh",
+            "%s: ConditionRefresh refused (%s): alarms raised while disconnected arrive when they change",
+            self.ctx.id,
+            why,
+        )
+
+    def _source_unavailable(self, source: str, why: str) -> None:
+        self.ctx.stats.error(ALARM_SOURCE_UNAVAILABLE)
+        self._log_once(f"source:{source}", "%s: alarm source %s not subscribed: %s", self.ctx.id, source, why)
+
+    def _deliver(self, event: Event) -> None:
+        self._pending.append(event)
+        if len(self._pending) > PENDING_EVENTS_MAX:
+            del self._pending[0]
+            self.ctx.stats.error("alarm_dropped")
+            self._log_once(
+                "dropped", "%s: more alarm events than blocks can carry: the oldest dropped", self.ctx.id
+            )
+
+    def _take_events(self) -> list[Event] | None:
+        """The alarm events waiting, for the block about to be handed over (none: ``None``)."""
+        if not self._pending:
+            return None
+        events, self._pending = self._pending, []
+        return events
 
 
 CERTIFICATE_REJECTED = "certificate_rejected"
@@ -389,6 +552,15 @@ def connect_failure(exc: Exception, conn: Connection, check: ServerCheck | None)
     if refused_channel:
         return DeviceError(Reason.COMM_ERROR, f"{where}: the server refused the secure channel")
     return DeviceError(_reason(exc), f"{where}: {_describe(exc)}")
+
+
+async def _refresh_call(client: Client, request: ua.CallMethodRequest) -> list[ua.CallMethodResult] | str:
+    """ConditionRefresh's results, or why the server refused the call itself (a server without
+    the Call service answers with a service fault): a refusal is not a dead link, alarms still flow."""
+    try:
+        return await client.uaclient.call([request])
+    except UaStatusCodeError as exc:
+        return _describe(exc)
 
 
 def _is_certificate_status(name: str) -> bool:

@@ -95,10 +95,13 @@ async def resolve_nodes(
     refs: Mapping[str, NodeRef],
     max_nodes_per_request: int,
     on_unresolved: Callable[[str, str], None],
+    namespaces: Sequence[str] | None = None,
 ) -> dict[str, ua.NodeId | str]:
     """Each tag's NodeId on the connected server, or the status saying why it has none
-    (``on_unresolved`` hears about each of those)."""
-    namespaces = await client.get_namespace_array()
+    (``on_unresolved`` hears about each of those); ``namespaces`` is the server's namespace
+    table when the caller has read it already."""
+    if namespaces is None:
+        namespaces = await client.get_namespace_array()
     nodes: dict[str, ua.NodeId | str] = {}
     paths: list[tuple[str, ua.RelativePath]] = []
     for name, ref in refs.items():

@@ -11,7 +11,11 @@ server never sent, with a fresh acquisition time: not Original in the ALCOA+ sen
 a message holds several samples of a tag (queue size > 1), the k-th samples of all tags
 form the k-th block, so no block holds a tag twice and each tag's samples stay in time
 order. The per-subset :class:`PollGroup` (which carries scale/offset/range) is built
-once per distinct subset and cached.
+once per distinct subset and cached. A node several tags read (the elements of an expanded
+array) is monitored once; each of its notifications fills all of them.
+
+Alarm events waiting in the driver (see :mod:`.alarms`) ride on the next block emitted, so
+they are committed in its transaction.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from asyncua import ua
 from asyncua.ua.attribute_ids import AttributeIds
 
 from agent.core.driver import DriverStats, Emit, PollGroup
-from agent.core.records import Reason, now_ns
+from agent.core.records import Event, Reason, now_ns
 from agent.core.supervise import FailureLog
 from drivers.opcua.config import Group
-from drivers.opcua.values import Converted
+from drivers.opcua.values import Converted, shape
 
 log = logging.getLogger("cleanroom.drivers.opcua")
 
@@ -98,9 +102,10 @@ class Timing:
 
 def monitored_items(
     group: PollGroup, spec: Group, nodes: Mapping[str, ua.NodeId | str], timing: Timing
-) -> tuple[list[ua.MonitoredItemCreateRequest], dict[int, str]]:
-    """One monitored item per resolved tag (its client handle is the tag's index in the
-    group), and the tags that could not be resolved, with why."""
+) -> tuple[list[ua.MonitoredItemCreateRequest], dict[int, str], dict[int, tuple[int, ...]]]:
+    """One monitored item per resolved node (its client handle is the index in the group of
+    the first tag reading it), the tags that could not be resolved, with why, and the tags
+    each handle fills."""
     flt = None
     if spec.trigger != "status_value" or spec.deadband != "none":
         flt = ua.DataChangeFilter(
@@ -110,11 +115,15 @@ def monitored_items(
         )
     requests: list[ua.MonitoredItemCreateRequest] = []
     bad: dict[int, str] = {}
+    by_node: dict[ua.NodeId, list[int]] = {}
     for i, tag in enumerate(group.tags):
         node = nodes.get(tag)
         if not isinstance(node, ua.NodeId):
             bad[i] = node or "BadNodeIdUnknown"
             continue
+        by_node.setdefault(node, []).append(i)
+    for node, indices in by_node.items():
+        i = indices[0]
         mp = ua.MonitoringParameters(
             ClientHandle=i,
             SamplingInterval=timing.sampling * 1000,
@@ -130,7 +139,7 @@ def monitored_items(
                 RequestedParameters=mp,
             )
         )
-    return requests, bad
+    return requests, bad, {ix[0]: tuple(ix) for ix in by_node.values()}
 
 
 def _overflowed(code: int) -> bool:
@@ -150,11 +159,16 @@ class GroupSubscription:
         stats: DriverStats,
         timeout_s: float,
         record_raw: bool = False,
+        take_events: Callable[[], list[Event] | None] = lambda: None,
     ) -> None:
         self.group = group
         self.emit = emit
         self.keepalive_s = keepalive_s
         self.subscription_id: int | None = None
+        self.targets: dict[int, tuple[int, ...]] = {i: (i,) for i in range(len(group.tags))}
+        """Client handle → the indices of the tags its node fills: each tag its own until
+        :func:`monitored_items` says which tags share a node."""
+        self._take_events = take_events
         self.last_publish = time.monotonic()
         self._failures = FailureLog(log)
         """A handler bug repeats with every notification: logged once, then counted."""
@@ -187,12 +201,12 @@ class GroupSubscription:
     def _emit_changes(self, items: Sequence[ua.MonitoredItemNotification], acq: int) -> None:
         """Layer k holds each tag's k-th sample of this message (a server lists an item's
         queued samples together), so every block has each tag at most once, in time order."""
-        n = len(self.group.tags)
         layers: list[dict[int, ua.DataValue]] = []
         seen: dict[int, int] = {}
         for item in items:
             handle = int(item.ClientHandle)
-            if not 0 <= handle < n:
+            targets = self.targets.get(handle)
+            if targets is None:
                 self._stats.error("unknown_handle")
                 continue
             status = item.Value.StatusCode if isinstance(item.Value, ua.DataValue) else None
@@ -206,16 +220,21 @@ class GroupSubscription:
             seen[handle] = k + 1
             if k == len(layers):
                 layers.append({})
-            layers[k][handle] = item.Value
+            for i in targets:
+                layers[k][i] = item.Value
         for layer in layers:
             self._emit_layer(layer, acq)
 
     def _emit_layer(self, layer: dict[int, ua.DataValue], acq: int) -> None:
         indices = tuple(sorted(layer))
         conv = Converted(len(indices))
+        specs = self.group.tag_specs
         for j, i in enumerate(indices):
-            conv.set(j, layer[i])
-        self.emit(conv.finish(self.subset(indices), acq, self._record_raw))
+            conv.set(j, layer[i], *shape(specs[i]))
+        conv.count_shape_errors(self._stats)
+        block = conv.finish(self.subset(indices), acq, self._record_raw)
+        block.events = self._take_events()
+        self.emit(block)
 
     def subset(self, indices: tuple[int, ...]) -> PollGroup:
         """The group of just these tags, cached: a group's changes fall into few distinct subsets."""

@@ -14,6 +14,12 @@ the year 9999. Whatever cannot be a reading becomes a bad one saying why (the va
 never forced into another type); nothing raises. Integers stay exact within Int64/UInt64
 (the wire's widest); a source time that does not fit the buffer's 64-bit nanoseconds
 (before 1970, after 2262) is dropped, and the reading keeps its acquisition time.
+
+Arrays. A tag with ``array:`` reads a one-dimensional array variable: as one reading holding
+the whole array (``value``) or as one reading per element (``expand``, each element a tag of
+its own). An array of another length than the profile says is a bad reading
+(``array_length``), as is an element that cannot be a reading (``array_element``): a device
+that changed its channel count must not shift values onto the wrong channel names.
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from typing import Any
 
 from asyncua import ua
 
-from agent.core.driver import PollGroup, identity_text
-from agent.core.records import Block, Quality, Reason, Value
+from agent.core.driver import DriverStats, PollGroup, TagBase, identity_text
+from agent.core.precision import shortest_float32_one
+from agent.core.records import Block, Quality, Reason, Scalar, Value
+from drivers.opcua.config import ArraySpec, Tag
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 """Int64 and UInt64, the widest integers OPC UA encodes."""
@@ -34,9 +42,13 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _STATUS_CODE_MASK = 0xFFFF0000
 """Severity, sub-code and structure-changed bits: the part of a StatusCode that has a name."""
 UNSUPPORTED = "unsupported_type"
+ARRAY_LENGTH = "array_length"
+"""Reason of an array tag whose node sent no array, or one of another length than the profile's."""
+ARRAY_ELEMENT = "array_element"
+"""Reason of an array tag whose element cannot be a reading (a structure, NaN, an Int64 too wide)."""
 
 
-def _ts_ns(dt: Any) -> int | None:
+def ts_ns(dt: Any) -> int | None:
     if not isinstance(dt, datetime):
         return None
     try:
@@ -48,7 +60,7 @@ def _ts_ns(dt: Any) -> int | None:
     return ns if 0 <= ns <= _TS_MAX_NS else None
 
 
-def _scalar(v: Any) -> tuple[Value, str | None]:
+def _scalar(v: Any) -> tuple[Scalar, str | None]:
     """An OPC UA variant value as a payload value, or the reason it cannot be one."""
     if v is None or isinstance(v, bool):
         return v, None
@@ -93,18 +105,26 @@ class Converted:
         self.reasons: list[str | None] = [None] * n
         self.src: list[int | None] = [None] * n
 
-    def set(self, i: int, dv: ua.DataValue) -> None:
+    def set(
+        self, i: int, dv: ua.DataValue, array: ArraySpec | None = None, element: int | None = None
+    ) -> None:
+        """Reading ``i`` from a DataValue: a scalar, or with ``array`` the whole array
+        (``element`` unset) or one element of it."""
         if not isinstance(dv, ua.DataValue):
             self.bad(i, UNSUPPORTED)
             return
-        self.src[i] = _ts_ns(dv.SourceTimestamp) or _ts_ns(dv.ServerTimestamp)
+        self.src[i] = ts_ns(dv.SourceTimestamp) or ts_ns(dv.ServerTimestamp)
         variant = dv.Value
         if variant is not None and not isinstance(variant, ua.Variant):
             self.bad(i, UNSUPPORTED)
             return
         sent = variant.Value if variant is not None else None
-        value, why = _scalar(sent)
-        self.raw[i] = value if why is None else _original(sent)
+        value: Value
+        if array is None:
+            value, why = _scalar(sent)
+            self.raw[i] = value if why is None else _original(sent)
+        else:
+            value, why, self.raw[i] = _array(sent, array.size, element)
         status = dv.StatusCode
         if status is not None:
             code = status.value if isinstance(status, ua.StatusCode) else None
@@ -121,11 +141,20 @@ class Converted:
         if why is not None:
             self.bad(i, why)
             return
+        if variant is not None and variant.VariantType is ua.VariantType.Float and isinstance(value, float):
+            value = shortest_float32_one(value)  # 95.1, not the widened float32's 95.0999984741211
         self.values[i] = value
 
     def bad(self, i: int, reason: str) -> None:
         """The reading is bad; what the server sent, if anything, stays in ``raw``."""
         self.quality[i], self.reasons[i], self.values[i] = Quality.BAD, reason, None
+
+    def count_shape_errors(self, stats: DriverStats) -> None:
+        """Count the array readings that did not have the profile's shape: a device whose
+        channel count changed shows in its error counts, not only in its data."""
+        for reason in self.reasons:
+            if reason in (ARRAY_LENGTH, ARRAY_ELEMENT):
+                stats.error(reason)
 
     def finish(self, group: PollGroup, acq_ts_ns: int, record_raw: bool = False) -> Block:
         """The block; with ``record_raw`` it also keeps each value as the server sent it, before
@@ -143,6 +172,30 @@ class Converted:
 
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 """A payload is strict JSON (no NaN): a non-finite double the server sent is kept as its name."""
+
+
+def shape(tag: TagBase) -> tuple[ArraySpec | None, int | None]:
+    """How a tag reads its node: (the array spec, the element) or ``(None, None)`` for a scalar."""
+    return (tag.array, tag.element) if isinstance(tag, Tag) else (None, None)
+
+
+def _array(sent: Any, size: int, element: int | None) -> tuple[Value, str | None, Value]:
+    """An array variable's value as (reading, reason it cannot be one, raw): the whole array,
+    or with ``element`` that element. A null value (a bad status) passes as null."""
+    if sent is None:
+        return None, None, None
+    if not isinstance(sent, list) or len(sent) != size:
+        return None, ARRAY_LENGTH, None
+    if element is not None:
+        value, why = _scalar(sent[element])
+        return (value, None, value) if why is None else (None, ARRAY_ELEMENT, _original(sent[element]))
+    values: list[Scalar] = []
+    for item in sent:
+        value, why = _scalar(item)
+        if why is not None:
+            return None, ARRAY_ELEMENT, None
+        values.append(value)
+    return values, None, None
 
 
 def _original(v: Any) -> Value:

@@ -12,6 +12,18 @@ UA-.NET and open62541 servers do, and answers an untrusted one ``BadSecurityChec
 Comm faults: timeout / garbled / exception become bad status codes on every value (the
 device behind the server stopped answering, sent garbage, reported a failure);
 disconnect takes the whole server off the network for the fault window.
+
+Alarms: the controller's alarm flags (temperature excursion, pH, DO low, agitation fault,
+CO2 supply low: :data:`ALARMS`) are also Alarms & Conditions events (OffNormalAlarmType)
+notified on the device object (the first element of the tags' paths, ``Bioreactor``): raised
+(active, unacknowledged, retained) when the flag sets and cleared when it resets. The
+simulated controller has no operator panel, so it acknowledges an alarm itself as it
+clears (inactive, acknowledged, no longer retained). The server answers ConditionRefresh
+with the alarms still active. Process faults of a scenario (``temperature_oscillation``,
+``co2_supply_failure``…) raise them as they move the process past the flags' thresholds.
+
+Arrays: ``zone_temperature_c`` is a Double array (ValueRank 1) of the bag temperature over
+the rocker plate's :data:`ZONES` heating zones, for profiles that read arrays.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.truststore import TrustStore
 from asyncua.server.address_space import NodeData
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
+from asyncua.server.event_generator import EventGenerator
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.ua.ua_binary import struct_from_binary
 from cryptography import x509
@@ -62,6 +75,23 @@ UNECE_CODES = {"degC": "CEL", "%": "P1", "rpm": "RPM", "kg": "KGM", "L": "LTR", 
 UNECE_CODES |= {"d": "DAY", "slpm": "L2", "1/d": "E91"}
 """UNECE Rec. 20 common codes for the units the profile uses (EUInformation.UnitId)."""
 
+ALARMS: dict[str, tuple[str, int, str]] = {
+    "temp_high": ("TemperatureHigh", 700, "Temperature above setpoint + 0.5 °C"),
+    "temp_low": ("TemperatureLow", 700, "Temperature below setpoint - 0.5 °C"),
+    "ph_high": ("PhHigh", 600, "pH above setpoint + 0.2"),
+    "ph_low": ("PhLow", 600, "pH below setpoint - 0.2"),
+    "do_low": ("DoLow", 600, "Dissolved oxygen below 20 % air saturation"),
+    "agitation_fault": ("AgitationFault", 800, "Rocking stopped"),
+    "gas_supply_low": ("Co2SupplyLow", 500, "CO2 supply pressure below 0.5 bar"),
+}
+"""Status flag → (condition name, OPC UA severity, message) of the alarm it raises."""
+ZONES = (-0.15, -0.05, 0.05, 0.15)
+"""Offset of each heating zone from the bag temperature (°C) at full heater output: the zones
+over the heating element run warmer the harder it heats."""
+
+ServedValue = Value | list[float]
+"""What a variable serves: a scalar, or an array (``zone_temperature_c``)."""
+
 FAULT_STATUS = {
     CommFault.TIMEOUT: ua.StatusCodes.BadTimeout,
     CommFault.GARBLED: ua.StatusCodes.BadDataEncodingInvalid,
@@ -79,7 +109,9 @@ def eu_information(unit: str) -> ua.EUInformation:
     )
 
 
-def _variant(value: Value) -> ua.Variant:
+def _variant(value: ServedValue) -> ua.Variant:
+    if isinstance(value, list):
+        return ua.Variant([float(v) for v in value], ua.VariantType.Double)
     if isinstance(value, bool):
         return ua.Variant(value, ua.VariantType.Boolean)
     if isinstance(value, str):
@@ -185,20 +217,26 @@ class OpcUaBioreactor:
         missing = sorted({name for name, *_ in self.tags} - set(self.values()))
         if missing:
             raise ValueError(f"{profile.get('profile')}: tags with no simulated value: {', '.join(missing)}")
-        self.history: OrderedDict[float, dict[str, Value]] = OrderedDict()
+        self.history: OrderedDict[float, dict[str, ServedValue]] = OrderedDict()
         """Recent snapshots by simulated time: what was served with that source timestamp."""
         self._server: Server | None = None
         self._nodes: dict[str, ua.NodeId] = {}
         self._task: asyncio.Task[None] | None = None
         self.offline = False
         self._refused: set[ua.NodeId] = set()
+        self._alarms: dict[str, EventGenerator] = {}
+        self._raised: dict[str, bool] = {}
+        """Each alarm flag as last notified (absent: never raised)."""
 
     @property
     def url(self) -> str:
         return f"opc.tcp://{self.host}:{self.port}/cleanroom-sim/"
 
-    def values(self) -> dict[str, Value]:
-        out = self.device.values()
+    def values(self) -> dict[str, ServedValue]:
+        out: dict[str, ServedValue] = dict(self.device.values())
+        temperature, heater = out.get("temperature_c"), out.get("heater_pct")
+        if isinstance(temperature, float) and isinstance(heater, float):
+            out["zone_temperature_c"] = [temperature + dz * heater / 100 for dz in ZONES]
         out["state"] = "Running" if out.get("running") else "Stopped"
         out["serial_number"] = self.serial
         out["firmware_version"] = FIRMWARE
@@ -211,6 +249,7 @@ class OpcUaBioreactor:
         server = Server(
             user_manager=_Users(self.user, self.password) if self.user and self.password else None
         )
+        server.iserver.bind_condition_methods = True  # ConditionRefresh, as A&C servers answer it
         await server.init()
         await server.set_build_info(
             APPLICATION_URI,
@@ -258,10 +297,11 @@ class OpcUaBioreactor:
                         ua.NodeId(key, idx), ua.QualifiedName(parts[depth - 1], idx)
                     )
                 parent = objects[key]
-            node = await parent.add_variable(
-                ua.NodeId(path, idx), ua.QualifiedName(parts[-1], idx), _variant(values[name])
-            )
-            if isinstance(values[name], float | int) and not isinstance(values[name], bool):
+            variant = _variant(values[name])
+            if isinstance(variant.Value, list):
+                variant.Dimensions = [len(variant.Value)]  # ValueRank 1, ArrayDimensions [n]
+            node = await parent.add_variable(ua.NodeId(path, idx), ua.QualifiedName(parts[-1], idx), variant)
+            if variant.VariantType is ua.VariantType.Double:
                 if rng is not None:
                     await node.add_property(
                         ua.NodeId(f"{path}.EURange", idx), "EURange", ua.Range(Low=rng[0], High=rng[1])
@@ -274,6 +314,29 @@ class OpcUaBioreactor:
                 await node.set_writable()
                 server.set_attribute_value_setter(node.nodeid, self._setter(name))
             self._nodes[name] = node.nodeid
+        await self._alarm_generators(server, idx, objects)
+
+    async def _alarm_generators(self, server: Server, idx: int, objects: Mapping[str, Any]) -> None:
+        """One OffNormalAlarm condition per alarm flag the device has, notified on the device object."""
+        if not self.tags:
+            return
+        root = self.tags[0][1].split(".")[0]
+        source = objects.get(root)
+        if source is None:
+            return
+        flags = self.device.values()
+        self._alarms = {}
+        for flag, (condition, severity, _) in ALARMS.items():
+            if flag not in flags:
+                continue
+            gen = await server.get_event_generator(ua.ObjectIds.OffNormalAlarmType, source)
+            ev = gen.event
+            ev.ConditionName = condition
+            ev.Severity = severity
+            ev.NodeId = ua.NodeId(f"{root}.Conditions.{condition}", idx)
+            ev.EnabledState = ua.LocalizedText("Enabled")
+            setattr(ev, "EnabledState/Id", True)
+            self._alarms[flag] = gen
 
     def _setter(self, name: str) -> Any:
         """Client writes reach the model; a value the device refuses is not stored and is
@@ -368,9 +431,26 @@ class OpcUaBioreactor:
                 ServerTimestamp=server_ts,
             )
             await server.write_attribute_value(nodeid, dv)
+        await self._notify_alarms(values, source_ts)
         self.history[t] = values
         while len(self.history) > 200:
             self.history.popitem(last=False)
+
+    async def _notify_alarms(self, values: Mapping[str, ServedValue], source_ts: datetime) -> None:
+        """Raise the alarms whose flag set since the last update, clear those that reset."""
+        for flag, gen in self._alarms.items():
+            active = bool(values.get(flag))
+            if self._raised.get(flag, False) == active:
+                continue
+            self._raised[flag] = active
+            _, _, message = ALARMS[flag]
+            ev = gen.event
+            ev.Retain = active
+            ev.ActiveState = ua.LocalizedText("Active" if active else "Inactive")
+            setattr(ev, "ActiveState/Id", active)
+            ev.AckedState = ua.LocalizedText("Unacknowledged" if active else "Acknowledged")
+            setattr(ev, "AckedState/Id", not active)
+            await gen.trigger(source_ts, message if active else f"Back to normal: {message}")
 
 
 def _parse_tag(tag: Mapping[str, Any]) -> tuple[str, str, str | None, tuple[float, float] | None]:
