@@ -138,6 +138,15 @@ def command_problems(parser: argparse.ArgumentParser, words: list[str], shown: s
     """What in ``words`` (the doc's words after ``shown``) the parser does not have: a
     subcommand (``a|b`` names alternatives) or an option. Other words are arguments."""
     sub = _subcommands(parser)
+    if shown == "cleanroom-agent discover" and words:
+        # discover's protocols are parsers built on demand from the installed discoverers
+        from agent.cli.discover import discoverer_class, discoverers, protocol_parser
+
+        protocol = words[0].strip("[](),")
+        if protocol in discoverers():
+            parser = protocol_parser(protocol, discoverer_class(protocol))
+            yield from command_problems(parser, words[1:], f"{shown} {protocol}")
+            return
     i = 0
     while i < len(words):
         word = words[i].strip("[](),")
