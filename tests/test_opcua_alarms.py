@@ -1,19 +1,21 @@
 """Issue 15, OPC UA events: Alarms & Conditions events of the profile's ``alarms.sources``
-become ``alarm`` events committed through the buffer with the device's blocks.
+become ``alarm`` events committed through the buffer at once, not with the device's next block.
 
 Against the bundled simulator (a real asyncua server over TCP): an alarm raised by the
 process arrives with its states (active, unacknowledged), comes back by ConditionRefresh
-after a reconnect, and clears (inactive, acknowledged); through the whole agent the same
-reaches a real mosquitto. Against a plain asyncua server: a server without ConditionRefresh
-and a source that does not exist are counted and logged, never a failed device. The event
-decoding is fuzzed: whatever a server sends, an event comes out, with what could not be read
-named and counted.
+after a reconnect, and clears (inactive, acknowledged); in the in-process agent it is committed
+while 30 s groups are still waiting for their second poll, and a device with no tags at all
+(alarms only) runs, and reconnects when its link dies; through the whole agent the same reaches
+a real mosquitto. Against a plain asyncua server: a server without ConditionRefresh and a source
+that does not exist are counted and logged, never a failed device. The event decoding is
+fuzzed: whatever a server sends, an event comes out, with what could not be read named and
+counted; a storm in one publish response is one hand-over to the buffer.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,10 +24,13 @@ from typing import Any
 import pytest
 import yaml
 from asyncua import Server, ua
+from asyncua.ua.object_ids import ObjectIds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from agent.app.config import load_config
+from agent.app.runtime import Agent
 from agent.core.driver import DeviceContext, DriverStats, build_groups
 from agent.core.records import Block, Event, Severity, dumps
 from cleanroom_common.net import free_port
@@ -39,11 +44,19 @@ PROFILE = Path(__file__).resolve().parent.parent / "deploy" / "profiles" / "bior
 SOURCE = f"nsu={NAMESPACE};s=Bioreactor"
 
 
-def driver_for(profile: dict[str, Any], url: str) -> tuple[OpcUaDriver, DeviceContext]:
+def driver_for(profile: dict[str, Any], url: str) -> tuple[OpcUaDriver, DeviceContext, list[Event]]:
+    """The driver, its context, and the events it hands to the agent (``ctx.submit_events``)."""
     prof = OpcUaDriver.profile_model().model_validate(profile)
     conn = OpcUaDriver.Connection.model_validate({"url": url, "security_policy": "None", "timeout": 2})
-    ctx = DeviceContext(id="br", profile=prof, connection=conn, groups=build_groups("br", prof, conn, {}))
-    return OpcUaDriver(ctx), ctx
+    submitted: list[Event] = []
+    ctx = DeviceContext(
+        id="br",
+        profile=prof,
+        connection=conn,
+        groups=build_groups("br", prof, conn, {}),
+        submit_events=submitted.extend,
+    )
+    return OpcUaDriver(ctx), ctx, submitted
 
 
 def sim_profile() -> dict[str, Any]:
@@ -52,15 +65,11 @@ def sim_profile() -> dict[str, Any]:
     return profile
 
 
-async def alarms_until(driver: OpcUaDriver, ctx: DeviceContext, seen: list[Event], cond: Any) -> Event:
-    """Poll the status group (whose blocks carry the alarm events) until an event matches."""
-
-    async def found() -> Event | None:
-        for block in await driver.read(ctx.groups["status"]):
-            seen.extend(block.events or [])
-        return next((e for e in seen if cond(e.data)), None)
-
-    result: Event = await until(found, within_s=10, what="an alarm event")
+async def alarms_until(seen: list[Event], cond: Any) -> Event:
+    """The first event the driver submitted that matches, waiting for it (no poll needed)."""
+    result: Event = await until(
+        lambda: next((e for e in seen if cond(e.data)), None), within_s=10, what="an alarm event"
+    )
     return result
 
 
@@ -80,14 +89,12 @@ def setpoint(sim: ThreadedSim, value: float) -> None:
 
 
 async def test_an_alarm_is_raised_refreshed_after_a_reconnect_and_cleared(sim: ThreadedSim) -> None:
-    driver, ctx = driver_for(sim_profile(), sim.sim.url)
+    driver, ctx, seen = driver_for(sim_profile(), sim.sim.url)
     await driver.connect()
     try:
-        seen: list[Event] = []
         setpoint(sim, 39.0)  # 37 °C is now 2 °C low
-        raised = await alarms_until(
-            driver, ctx, seen, lambda d: d["condition"] == "TemperatureLow" and d["active"]
-        )
+        raised = await alarms_until(seen, lambda d: d["condition"] == "TemperatureLow" and d["active"])
+        assert all(not b.events for b in await driver.read(ctx.groups["status"]))  # none ride on blocks
         data = raised.data
         assert raised.kind == "alarm" and raised.severity is Severity.ALARM and raised.device == "br"
         assert data["acked"] is False and data["retain"] is True and data["refresh"] is False
@@ -103,15 +110,11 @@ async def test_an_alarm_is_raised_refreshed_after_a_reconnect_and_cleared(sim: T
         await driver.close()
         await driver.connect()
         seen.clear()
-        again = await alarms_until(
-            driver, ctx, seen, lambda d: d["condition"] == "TemperatureLow" and d["active"]
-        )
+        again = await alarms_until(seen, lambda d: d["condition"] == "TemperatureLow" and d["active"])
         assert again.data["event_id"] == data["event_id"]
 
         setpoint(sim, 37.0)
-        cleared = await alarms_until(
-            driver, ctx, seen, lambda d: d["condition"] == "TemperatureLow" and not d["active"]
-        )
+        cleared = await alarms_until(seen, lambda d: d["condition"] == "TemperatureLow" and not d["active"])
         assert cleared.data["acked"] is True and cleared.data["retain"] is False
         assert cleared.data["message"].startswith("Back to normal")
         assert cleared.data["event_id"] != data["event_id"]
@@ -120,31 +123,86 @@ async def test_an_alarm_is_raised_refreshed_after_a_reconnect_and_cleared(sim: T
         await driver.close()
 
 
-async def test_a_device_with_only_subscribed_groups_still_commits_its_alarms(sim: ThreadedSim) -> None:
-    """No poll would carry the events: the subscribed group's liveness tick reads it once for them."""
-    profile = sim_profile()
-    profile["groups"] = {"process": {"interval": 0.2, "mode": "subscribe", "deadband": "absolute",
-                                     "deadband_value": 1000}}  # fmt: skip
-    profile["tags"] = [t for t in profile["tags"] if t.get("group") == "process"]
-    profile.pop("identity")
-    driver, ctx = driver_for(profile, sim.sim.url)
-    await driver.connect()
+# --------------------------------------------------------------------------- at once, in the agent
+
+
+def write_alarm_agent(tmp: Path, url: str) -> Path:
+    """Two devices on the simulator: the bundled map with every group polled every 30 s, and a
+    profile with no tags, read only for its alarms; both publish events every 100 ms."""
+    profiles = tmp / "profiles"
+    profiles.mkdir()
+    slow = sim_profile()
+    slow["profile"] = "bioreactor-slow"
+    slow["groups"] = {name: {"interval": "30s"} for name in slow["groups"]}  # polled, not subscribed
+    (profiles / "slow.yaml").write_text(yaml.safe_dump(slow))
+    only = {
+        "profile": "bioreactor-alarms-only",
+        "protocol": "opcua",
+        "tags": [],
+        "alarms": {"sources": [SOURCE], "publishing_interval": "100ms"},
+    }
+    (profiles / "only.yaml").write_text(yaml.safe_dump(only))
+    link = (
+        f"{{url: '{url}', timeout: 1s, keepalive: 500ms, security_policy: None,"
+        " backoff_min: 100ms, backoff_max: 200ms}"
+    )
+    cfg = tmp / "agent.yaml"
+    cfg.write_text(
+        f"agent: {{id: gw, status_listen: '127.0.0.1:{free_port()}', shutdown_grace: 0.1}}\n"
+        "buffer: {path: buffer.db, commit_interval: 50ms}\n"
+        "profiles_dirs: [profiles]\n"
+        "devices:\n"
+        f"  - {{id: slow, profile: bioreactor-slow, connection: {link}}}\n"
+        f"  - {{id: only, profile: bioreactor-alarms-only, connection: {link}}}\n"
+    )
+    return cfg
+
+
+async def test_an_alarm_is_committed_at_once_and_a_device_may_be_read_for_alarms_only(
+    tmp_path: Path, sim: ThreadedSim
+) -> None:
+    agent = Agent(load_config(write_alarm_agent(tmp_path, sim.sim.url)))
+    committed: list[Event] = []
+
+    def on_commit(blocks: Sequence[Block], events: Sequence[Event]) -> None:
+        committed.extend(events)
+
+    def low(device: str) -> list[Event]:
+        return [
+            e
+            for e in committed
+            if e.device == device and e.kind == "alarm" and e.data["condition"] == "TemperatureLow"
+        ]
+
+    agent.buffer.add_listener(on_commit)
+    await agent.start()
     try:
-        group = ctx.groups["process"]
-        await driver.subscribe(group, lambda block: None)  # nothing changes past the deadband
-        assert await driver.read(group) == []  # a liveness tick with nothing waiting
-        setpoint(sim, 40.0)
+        assert agent.scheduler is not None
+        slow, only = agent.scheduler.runners
+        await until(lambda: slow.connected and only.connected, within_s=20, what="both connected")
+        assert only.group_stats == {}  # nothing to poll: the connection alone is the device's work
+        setpoint(sim, 39.0)
+        await until(lambda: low("slow") and low("only"), within_s=10, what="the alarm committed")
+        # committed between the first poll of each 30 s group and its second: no block carried it
+        assert {name: s.polls for name, s in slow.group_stats.items()} == dict.fromkeys(slow.group_stats, 1)
+        raised = low("only")[0]
+        assert raised.severity is Severity.ALARM and raised.data["active"] and raised.seq is not None
 
-        async def carried() -> Block | None:
-            blocks = await driver.read(group)
-            return next((b for b in blocks if b.events), None)
-
-        block = await until(carried, within_s=10, what="a block carrying the alarm")
-        assert block.tags == group.tags and block.events
-        assert any(e.data["condition"] == "TemperatureLow" and e.data["active"] for e in block.events)
+        # the alarms-only device's dead link is noticed without any poll, and it reconnects:
+        # ConditionRefresh commits the still active alarm again, with its EventId
+        driver = only.driver
+        assert isinstance(driver, OpcUaDriver)
+        driver.link_lost("comm_error", "the test cut the link")
+        await until(
+            lambda: only.ctx.stats.reconnects >= 1 and len(low("only")) >= 2, within_s=10, what="refreshed"
+        )
+        assert low("only")[-1].data["event_id"] == raised.data["event_id"]
+        status = await agent.status()
+        assert status["devices"]["only"]["state"] == "connected"
+        assert status["devices"]["only"]["groups"] == {}
     finally:
         setpoint(sim, 37.0)
-        await driver.close()
+        await agent.stop()
 
 
 @asynccontextmanager
@@ -174,7 +232,7 @@ async def test_no_condition_refresh_and_a_missing_source_are_counted_not_fatal(
             "tags": [{"name": "state", "node_id": "i=2259"}],  # Server_ServerStatus_State
             "alarms": {"sources": ["i=2253", "nsu=urn:nowhere;s=Device"], "publishing_interval": 0.1},
         }
-        driver, ctx = driver_for(profile, url)
+        driver, ctx, seen = driver_for(profile, url)
         await driver.connect()
         try:
             assert ctx.stats.errors[CONDITION_REFRESH_FAILED] == 1
@@ -183,14 +241,7 @@ async def test_no_condition_refresh_and_a_missing_source_are_counted_not_fatal(
             gen = await server.get_event_generator()  # BaseEventType on the Server object
             gen.event.Severity = 450
             await gen.trigger(message="door opened")
-            seen: list[Event] = []
-
-            async def found() -> Event | None:
-                for block in await driver.read(ctx.groups["default"]):
-                    seen.extend(block.events or [])
-                return seen[0] if seen else None
-
-            event = await until(found, within_s=10, what="the base event")
+            event = await until(lambda: seen[0] if seen else None, within_s=10, what="the base event")
             assert event.severity is Severity.WARNING and event.data["message"] == "door opened"
             assert event.data["source"] == "Server" and event.data["event_type"] == "BaseEventType"
             # not a condition: its condition fields are null, and that is no decode error
@@ -278,7 +329,7 @@ def test_any_event_a_server_sends_becomes_an_alarm_event_or_a_counted_decode_err
     sub = AlarmSubscription(
         "d",
         Alarms(sources=[SOURCE]),
-        events.append,
+        events.extend,
         5.0,
         link_lost=lambda r, d: lost.append(d),
         stats=stats,
@@ -311,6 +362,46 @@ def test_a_malformed_event_keeps_what_could_be_read() -> None:
     assert data["event_id"] == "0102" and data["message"] == "CO2 low"
     assert data["severity_ua"] is None and data["active"] is None
     assert problems == ["event_type", "time", "severity_ua", "active", "acked"]
+
+
+def publish(*event_types: int) -> ua.PublishResult:
+    """One publish response holding one event of each type (EventId and EventType only)."""
+    events = [
+        ua.EventFieldList(
+            ClientHandle=0,
+            EventFields=[ua.Variant(i.to_bytes(4, "big")), ua.Variant(ua.NodeId(ua.Int32(t)))],
+        )
+        for i, t in enumerate(event_types)
+    ]
+    message = ua.NotificationMessage(NotificationData=[ua.EventNotificationList(Events=events)])
+    return ua.PublishResult(NotificationMessage=message)
+
+
+def test_a_storm_in_one_publish_response_is_one_hand_over_and_a_refused_one_a_driver_error() -> None:
+    handed: list[list[Event]] = []
+    lost: list[tuple[str, str]] = []
+
+    def subscription(deliver: Any) -> AlarmSubscription:
+        return AlarmSubscription(
+            "d",
+            Alarms(sources=[SOURCE]),
+            deliver,
+            5.0,
+            link_lost=lambda r, d: lost.append((r, d)),
+            stats=DriverStats(),
+            timeout_s=1.0,
+        )
+
+    start, end, base = ObjectIds.RefreshStartEventType, ObjectIds.RefreshEndEventType, ObjectIds.BaseEventType
+    subscription(handed.append).on_publish(publish(start, *[base] * 500, end))
+    assert [len(events) for events in handed] == [500] and not lost  # the markers are not published
+    assert all(e.data["refresh"] for e in handed[0])
+
+    def refuse(events: list[Event]) -> None:
+        raise RuntimeError("buffer is not open")
+
+    subscription(refuse).on_publish(publish(base))  # never raises into asyncua's publish loop
+    assert lost == [("driver_error", "RuntimeError('buffer is not open')")]
 
 
 # --------------------------------------------------------------------------- through the agent

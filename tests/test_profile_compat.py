@@ -188,20 +188,62 @@ PROFILE_TAIL = "tags:\n  - {name: a, table: holding, address: 40001, type: int16
 def test_a_bad_device_block_is_a_config_error_on_its_line(
     tmp_path: Path, block: str, line: int, where: str, message: str
 ) -> None:
-    profiles = tmp_path / "profiles"
+    problems = profile_problems(tmp_path, PROFILE_HEAD + block + PROFILE_TAIL)
+    path = tmp_path / "profiles" / "thing.yaml"
+    assert any(p.startswith(f"{path}:{line}: {where}: {message}") for p in problems), problems
+
+
+def profile_problems(tmp: Path, profile: str) -> list[str]:
+    """The configuration problems of an agent with one device of the profile ``thing`` (none: [])."""
+    profiles = tmp / "profiles"
     profiles.mkdir()
-    (profiles / "thing.yaml").write_text(PROFILE_HEAD + block + PROFILE_TAIL)
-    cfg = tmp_path / "agent.yaml"
+    (profiles / "thing.yaml").write_text(profile)
+    cfg = tmp / "agent.yaml"
     cfg.write_text(
         "agent: {id: gw}\nprofiles_dirs: [profiles]\n"
         "devices:\n  - {id: d1, profile: thing, connection: {host: 127.0.0.1}}\n"
     )
-    with pytest.raises(ConfigError) as exc:
+    try:
         load_config(cfg)
-    problems = [str(p) for p in exc.value.problems]
-    assert any(p.startswith(f"{profiles / 'thing.yaml'}:{line}: {where}: {message}") for p in problems), (
-        problems
-    )
+    except ConfigError as exc:
+        return [str(p) for p in exc.problems]
+    return []
+
+
+NEVER_COMPARED = (
+    "never compared: a Modbus device reports its {0} only through a tag; name that tag in identity.{0}"
+)
+
+
+@pytest.mark.parametrize(
+    ("identity", "device", "unread"),
+    [
+        ("", "device:\n  model: 'PC-*'\n", {4: "model"}),
+        (
+            "identity: {serial: a}\n",
+            "device:\n  vendor: Acme\n  model: 'PC-*'\n  firmware: '>=2'\n",
+            {5: "vendor", 6: "model", 7: "firmware"},
+        ),
+        ("identity:\n  model: a\n", "device: {model: 'PC-*', firmware: '>=2'}\n", {5: "firmware"}),
+    ],
+)
+def test_a_modbus_device_block_naming_what_no_identity_tag_reads_is_an_error_on_its_line(
+    tmp_path: Path, identity: str, device: str, unread: dict[int, str]
+) -> None:
+    """A Modbus device says who it is only through identity tags: a field no tag reads would
+    never be compared, and nothing would say so."""
+    problems = profile_problems(tmp_path, PROFILE_HEAD + identity + device + PROFILE_TAIL)
+    path = tmp_path / "profiles" / "thing.yaml"
+    for line, field in unread.items():
+        said = f"{path}:{line}: device.{field}: {NEVER_COMPARED.format(field)} (or leave device.{field} out)"
+        assert said in problems, problems
+    assert len(problems) == len(unread) + 1, problems  # and the device names the invalid profile
+
+
+def test_a_modbus_device_block_whose_fields_identity_tags_read_is_valid(tmp_path: Path) -> None:
+    identity = "identity: {model: a, firmware: a, vendor: a}\n"
+    device = "device: {model: 'PC-*', firmware: '>=2', vendor: Acme}\n"
+    assert profile_problems(tmp_path, PROFILE_HEAD + identity + device + PROFILE_TAIL) == []
 
 
 def test_every_bundled_device_block_fits_the_simulator_behind_it() -> None:
@@ -349,3 +391,15 @@ async def test_a_firmware_outside_the_range_is_one_event_and_a_status_warning_ma
 
     assert [e for e in events_in(right / "buffer.db") if e["kind"] == "profile_mismatch"] == []
     assert not any(w.startswith(WARNING_PREFIX) for w in fine["devices"]["br1"]["driver"]["warnings"])
+
+
+def test_a_serial_counter_profile_has_no_device_block(tmp_path: Path) -> None:
+    """The counter reports only its serial number: a model, vendor or firmware is never compared."""
+    profile = (
+        "profile: thing\nprotocol: serial_counter\ngroups: {records: {}}\ndevice:\n  model: 'L2*'\n"
+        "tags:\n  - {name: c, group: records, field: count, size_um: 0.5}\n"
+    )
+    problems = profile_problems(tmp_path, profile)
+    path = tmp_path / "profiles" / "thing.yaml"
+    said = f"{path}:4: device: never compared: a serial counter reports only its serial number (CSN)"
+    assert any(p.startswith(said) for p in problems), problems

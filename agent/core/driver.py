@@ -13,7 +13,8 @@ The scheduler owns timing, timeouts and reconnects; a driver only connects, read
 poll group (or subscribes to one) and closes. On every connect it reports who the device
 says it is (:meth:`DeviceContext.identify`), and with the connection's ``record_raw`` its
 blocks keep each value as the device sent it (``Block.raw``). A driver that needs a task of its own (a
-drain, a keep-alive) starts it with ``ctx.tasks.spawn`` (see :class:`DeviceContext`).
+drain, a keep-alive) starts it with ``ctx.tasks.spawn`` (see :class:`DeviceContext`). Events the device
+pushes that must not wait for a block (an alarm) go to the buffer at once through ``ctx.submit_events``.
 Device problems are data, not crashes: a reply that cannot be decoded becomes bad-quality readings (see
 :meth:`PollGroup.finish`), and a lost connection is a :class:`DeviceError`, which the
 scheduler turns into bad-quality readings for the group and a reconnect with backoff.
@@ -35,7 +36,7 @@ from pydantic import Field, model_validator
 
 from agent.core.compat import DeviceCompat
 from agent.core.precision import MAX_DECIMALS, Rounding, derived_precision
-from agent.core.records import Block, Quality, Reason, Value, now_ns
+from agent.core.records import Block, Event, Quality, Reason, Value, now_ns
 from agent.core.stats import percentile
 from agent.core.supervise import Supervisor
 from cleanroom_common.fields import Duration, Strict
@@ -107,6 +108,28 @@ class IdentityTags(Strict):
         return {k: v for k, v in self.model_dump().items() if isinstance(v, str)}
 
 
+class BatchTags(Strict):
+    """Which tags of the profile say the batch the device itself runs: a device-declared batch.
+
+    An OPC UA LADS program's batch id and step nodes, a PLC's batch register: the agent follows
+    them on what it commits, and a change of the batch id starts (or ends) the device's batch with
+    source ``device``. An empty text or ``0`` says "no batch". Where the batch was assigned by the
+    CLI or the MES, a device saying otherwise is recorded as a ``batch_conflict``, never obeyed."""
+
+    batch_id: str
+    """Tag holding the batch (lot) id."""
+    step: str | None = None
+    """Tag holding the ISA-88 procedure step."""
+    product: str | None = None
+    """Tag holding the product."""
+    coi_id: str | None = None
+    """Tag holding the chain-of-identity id."""
+
+    def named(self) -> dict[str, str]:
+        """Batch field → tag name, for the fields the profile names."""
+        return {k: v for k, v in self.model_dump().items() if isinstance(v, str)}
+
+
 class ProfileBase(Strict):
     """A device profile: the register/node map of one device model, as data."""
 
@@ -121,10 +144,15 @@ class ProfileBase(Strict):
     groups: dict[str, GroupSpec] = Field(default_factory=lambda: {"default": GroupSpec()})
     """Poll groups by name."""
     tags: list[TagBase]
-    """The tags, in payload order."""
+    """The tags, in payload order. ``tags: []`` for a device read only for its events (an OPC UA
+    profile with ``alarms`` and nothing to poll); the key itself is required, so a profile that
+    lost its tags is an error, not a device that silently reads nothing."""
     identity: IdentityTags | None = None
     """Tags whose values identify the device (serial number, firmware, model, vendor), read on
     every connect (Modbus, OPC UA). A serial counter reports its serial number by itself."""
+    batch: BatchTags | None = None
+    """Tags through which the device reports the batch it runs (batch id, step, product,
+    chain-of-identity id): a device-declared batch assignment (docs/operations.md, "Batches")."""
     device: DeviceCompat | None = None
     """The device models, vendor and firmware range this profile was written for, compared with
     what the device reports on every connect: a device that differs raises a ``profile_mismatch``
@@ -143,6 +171,10 @@ class ProfileBase(Strict):
             for field_name, tag_name in self.identity.named().items():
                 if tag_name not in seen:
                     raise ValueError(f"identity.{field_name} names tag {tag_name!r}, which is not in tags")
+        if self.batch is not None:
+            for field_name, tag_name in self.batch.named().items():
+                if tag_name not in seen:
+                    raise ValueError(f"batch.{field_name} names tag {tag_name!r}, which is not in tags")
         return self
 
 
@@ -219,6 +251,12 @@ def identity_text(value: object) -> str | None:
 
 def _no_identity_listener(identity: DeviceIdentity) -> None:
     """Default :attr:`DeviceContext.on_identity`: a driver run without a runtime (tests, bench)."""
+
+
+def _no_event_sink(events: Sequence[Event]) -> None:
+    """Default :attr:`DeviceContext.submit_events`: a driver run without a runtime (tests, bench)
+    has no buffer to commit to; said at debug level so a harness can see what it did not keep."""
+    logging.getLogger("cleanroom.drivers").debug("no runtime: %d events not kept", len(events))
 
 
 @dataclass
@@ -402,6 +440,13 @@ class DeviceContext:
     also cancels these tasks whenever it closes the driver, so none outlives its connection."""
     on_identity: Callable[[DeviceIdentity], None] = _no_identity_listener
     """Set by the runtime: hears the device's identity whenever a driver reports it (:meth:`identify`)."""
+    submit_events: Callable[[Sequence[Event]], None] = _no_event_sink
+    """Set by the scheduler: hands events to the buffer at once, on the path blocks take (committed
+    in the buffer's next group commit, then forwarded), for events that must not wait for the
+    device's next block (an OPC UA alarm: a 60 s group would hold it 60 s). Call it on the event
+    loop, with the events that arrived together (one protocol message), not one call per event.
+    Events about a block (a counter's buffer wrap) ride on that block instead (``Block.events``),
+    in its transaction."""
     identity: DeviceIdentity | None = None
     """The identity reported on the current connection; ``None`` before the first report."""
 

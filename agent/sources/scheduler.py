@@ -12,6 +12,10 @@ backoff and jitter, and while the device is away every tick of every group still
 yields a block of bad-quality readings, so the gap is visible downstream in the data
 itself, with ``device_state`` events marking its start and end.
 
+Events a driver receives between blocks (OPC UA alarms) reach the buffer at once through
+``ctx.submit_events``, on the same submit as blocks: an alarm never waits for a poll tick, and a
+device read only for its events (no groups) still runs its connection loop.
+
 Subscription groups (a driver with ``supports_subscribe`` and a group with
 ``mode: subscribe``) are subscribed after each connect; their tick calls ``read``,
 which for such a group is the driver's liveness check (it returns nothing, or raises
@@ -120,6 +124,7 @@ class DeviceRunner:
                 expected=(DeviceError,),
                 failures=self.faults,
             ),
+            submit_events=self._submit_events,
         )
         self.driver: Driver = device.driver(self.ctx)
         self.connected = False
@@ -318,6 +323,12 @@ class DeviceRunner:
         if blocks:
             self._hand_over(blocks)
         stats.last_ok_ns = acq
+
+    def _submit_events(self, events: Sequence[Event]) -> None:
+        """Events the driver hands over at once (``ctx.submit_events``, e.g. an OPC UA alarm): they
+        take the path of blocks, into the buffer's next group commit, whether or not a poll is due."""
+        if events:
+            self._submit((), events)
 
     def _hand_over(self, blocks: Sequence[Block]) -> None:
         """Submit what the driver produced: blocks with their state keys namespaced by

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from agent.core.compat import FIELDS as COMPARED
 from agent.core.driver import ConnectionBase, GroupSpec, ProfileBase, TagBase
 from cleanroom_common.codec import DataType, WordOrder
 from cleanroom_common.fields import Duration, Strict
@@ -268,6 +270,34 @@ class Profile(ProfileBase):
     @classmethod
     def _defaults(cls, data: Any) -> Any:
         return apply_defaults(data)
+
+    @model_validator(mode="after")
+    def _device_fields_read(self) -> Profile:
+        """A Modbus device says who it is only through the profile's ``identity`` tags: a field of
+        ``device:`` that no tag reads would never be compared, and nothing would say so. Each such
+        field is an error on its own line, naming the tag it needs."""
+        if self.device is None:
+            return self
+        named = self.identity.named() if self.identity is not None else {}
+        unread = [f for f in COMPARED if getattr(self.device, f) is not None and f not in named]
+        if unread:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "value_error",
+                            "never compared: a Modbus device reports its {field} only through a tag; "
+                            "name that tag in identity.{field} (or leave device.{field} out)",
+                            {"field": f},
+                        ),
+                        loc=("device", f),
+                        input=getattr(self.device, f),
+                    )
+                    for f in unread
+                ],
+            )
+        return self
 
     @model_validator(mode="after")
     def _record_tags_in_group(self) -> Profile:

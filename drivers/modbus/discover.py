@@ -46,7 +46,7 @@ from cleanroom_common.modbus import (
 )
 from drivers.modbus.bus import BadReply, Bus, Garbled, acquire_bus, release_bus
 from drivers.modbus.config import Connection
-from drivers.modbus.driver import _READ_FUNCTIONS, EXCEPTION_NAMES
+from drivers.modbus.driver import EXCEPTION_NAMES, READ_FUNCTIONS
 from drivers.modbus.frames import Request
 from drivers.modbus.scan import Budget, Stop, TableScan, Unsupported, scan_tables
 
@@ -272,7 +272,7 @@ class _Prober:
     async def read(self, table: Table, start: int, count: int) -> bool:
         """Whether the device reads ``count`` from ``start``. No reply (or an unreadable one) is
         asked once more, then taken as a refusal; a busy device is asked again after a pause."""
-        request = Request(self.conn.unit_id, _READ_FUNCTIONS[table], start, count)
+        request = Request(self.conn.unit_id, READ_FUNCTIONS[table], start, count)
         for _ in range(2):
             self.budget.spend()
             try:

@@ -74,12 +74,13 @@ EXCEPTION_NAMES = {
 DEGRADED = "degraded"
 """Quality reason while a failing device is skipped (``degrade_after``/``degrade_for``)."""
 
-_READ_FUNCTIONS: dict[Table, int] = {
+READ_FUNCTIONS: dict[Table, int] = {
     "holding": READ_HOLDING,
     "input": READ_INPUT,
     "coil": READ_COILS,
     "discrete": READ_DISCRETE,
 }
+"""The function code that reads each table (the driver's polls and ``discover modbus``'s probes)."""
 
 BAD_REPLY = "bad_reply"
 """Quality reason of a read whose reply answered something else (unit id, function code,
@@ -219,7 +220,7 @@ class ModbusDriver(Driver):
         """
         out = Outcome(np.zeros(plan.n_regs, dtype=np.uint16), np.zeros(plan.n_bits, dtype=np.bool_))
         for rd in plan.reads:
-            reply = await self._call(_READ_FUNCTIONS[rd.table], rd.start, rd.count)
+            reply = await self._call(READ_FUNCTIONS[rd.table], rd.start, rd.count)
             if isinstance(reply, str):
                 out.failed.update(dict.fromkeys(rd.tags, reply))
             elif rd.table in BIT_TABLES:

@@ -4,9 +4,15 @@ One subscription per session holds one event monitored item per source object (i
 EventNotifier attribute), with a fixed select list: the BaseEventType fields every server
 sends (EventId, EventType, SourceName, SourceNode, Time, Message, Severity) and the
 condition fields an alarm adds (ConditionName, the ConditionId, Retain, ActiveState/Id,
-AckedState/Id). Each event becomes one :class:`~agent.core.records.Event` of kind ``alarm``;
-the driver commits it with the device's next block, so it travels the buffer like a
-reading (committed, chained, then forwarded), never beside it.
+AckedState/Id). Each event becomes one :class:`~agent.core.records.Event` of kind ``alarm``.
+
+Latency. The server collects the events of a publishing interval and sends them in one publish
+response; the events of each response are handed to the buffer together, at once
+(``ctx.submit_events``), whatever the device's poll intervals. So an alarm is committed within
+``alarms.publishing_interval`` plus the buffer's ``commit_interval`` (1 s + 100 ms by default)
+and the commit's own time of being raised, and a storm costs one submit per publishing
+interval, of at most ``queue_size`` events per source (the server drops the oldest beyond).
+The events travel the buffer like readings (committed, chained, then forwarded), never beside it.
 
 Severity. OPC UA severities run 1–1000; the profile's ``warning_from`` and ``alarm_from``
 (default 400 and 700) cut them into ``info``, ``warning`` and ``alarm``. An event whose
@@ -206,7 +212,7 @@ class AlarmSubscription:
         self,
         device: str,
         spec: Alarms,
-        deliver: Callable[[Event], None],
+        deliver: Callable[[list[Event]], None],
         keepalive_s: float,
         *,
         link_lost: Callable[[str, str], None],
@@ -229,34 +235,42 @@ class AlarmSubscription:
         self._failures = FailureLog(log)
 
     def on_publish(self, result: ua.PublishResult) -> None:
-        """Publish-loop callback: must not block, and a failure must reach the scheduler."""
+        """Publish-loop callback: the response's events delivered in one call; must not block,
+        and a failure must reach the scheduler."""
         self.last_publish = time.monotonic()
         data = result.NotificationMessage.NotificationData
         if not data:
             return
+        events: list[Event] = []
         try:
-            for notification in data:
-                if isinstance(notification, ua.EventNotificationList):
-                    for fields in notification.Events:
-                        self.on_event(fields.EventFields if isinstance(fields, ua.EventFieldList) else None)
-                elif isinstance(notification, ua.StatusChangeNotification):
-                    status = notification.Status
-                    if not status.is_good():
-                        self._link_lost(Reason.COMM_ERROR, f"event subscription status {status.name}")
+            try:
+                for notification in data:
+                    if isinstance(notification, ua.EventNotificationList):
+                        for fields in notification.Events:
+                            efl = fields.EventFields if isinstance(fields, ua.EventFieldList) else None
+                            if (event := self.on_event(efl)) is not None:
+                                events.append(event)
+                    elif isinstance(notification, ua.StatusChangeNotification):
+                        status = notification.Status
+                        if not status.is_good():
+                            self._link_lost(Reason.COMM_ERROR, f"event subscription status {status.name}")
+            finally:
+                if events:  # what was read before a failure is still committed
+                    self._deliver(events)
         except Exception as exc:
             self._failures.record(f"{self.device} alarm handling", exc)
             self._link_lost("driver_error", repr(exc))
 
-    def on_event(self, fields: Sequence[Any] | None) -> None:
-        """One event: an ``alarm`` event delivered, or a refresh marker noted."""
+    def on_event(self, fields: Sequence[Any] | None) -> Event | None:
+        """One event as an ``alarm`` event, or ``None`` for a refresh marker (noted, not published)."""
         raw_type = (
             fields[1].Value if fields and len(fields) > 1 and isinstance(fields[1], ua.Variant) else None
         )
         marker = is_refresh_marker(raw_type)
         if marker is not None:
             self._refreshing = marker == _REFRESH_START
-            return
-        self._deliver(self.event(fields))
+            return None
+        return self.event(fields)
 
     def event(self, fields: Sequence[Any] | None) -> Event:
         data, problems = decode_fields(fields, self.namespaces)

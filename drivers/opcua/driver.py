@@ -7,13 +7,11 @@ rules), :mod:`.subscription` (monitored items and notifications as blocks), :mod
 (Alarms & Conditions events as ``alarm`` events). This module owns the session:
 connecting, reading, and knowing when the link is dead.
 
-Alarm events and the buffer. A driver hands the agent blocks; an event reaches the buffer
-attached to one (``Block.events``, committed in the block's transaction). So alarm events
-wait in the driver for the device's next block: a poll, or a subscribed group's next
-notification. A device whose groups are all subscribed reads its group once on a liveness
-tick with events waiting, so no alarm waits longer than a group interval for a block.
-Events still waiting when the agent stops are not committed; the ConditionRefresh at the
-next connect brings back every condition still active or unacknowledged.
+Alarm events and the buffer. The events of each publish response go to the buffer at once
+(``ctx.submit_events``), not with the device's next block, so a 60 s group does not hold an
+alarm 60 s, and a profile may subscribe to alarms only (``tags: []``). The event subscription's
+pulse is watched by a task of its own (every ``keepalive``), so a dead link is noticed as soon
+for an alarms-only device, or one with slow groups, as for a fast one.
 
 Re-resolution. Every URI and browse path is resolved on each :meth:`OpcUaDriver.connect`
 (the scheduler reconnects after any link loss), and a Read that answers
@@ -35,6 +33,7 @@ owner of reconnects (the scheduler) keeps the gap accounting in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -59,7 +58,8 @@ from agent.core.driver import (
     ProfileBase,
     TagBase,
 )
-from agent.core.records import Block, Event, Reason, now_ns
+from agent.core.records import Block, Reason, now_ns
+from agent.core.supervise import Supervised
 from drivers.opcua.alarms import AlarmSubscription, event_filter
 from drivers.opcua.config import Alarms, Connection, Group, Identity, Profile, Tag
 from drivers.opcua.logs import tame_asyncua_logs
@@ -81,9 +81,6 @@ _BUILD_INFO = {
 }
 """Identity field → the Server object's BuildInfo variable that reports it (the build number
 is appended to the software version)."""
-PENDING_EVENTS_MAX = 10_000
-"""Alarm events kept while no block has come to carry them; beyond, the oldest are dropped
-(counted as ``alarm_dropped``, logged once): a flood of events must not exhaust memory."""
 ALARM_SOURCE_UNAVAILABLE = "alarm_source_unavailable"
 """Error kind counted when an alarm source cannot be resolved or subscribed on a connect."""
 CONDITION_REFRESH_FAILED = "condition_refresh_failed"
@@ -119,9 +116,7 @@ class OpcUaDriver(Driver):
         self._alarm_spec: Alarms | None = alarms
         self._alarm_refs = {s: NodeRef.parse(s) for s in alarms.sources} if alarms is not None else {}
         self._alarms: AlarmSubscription | None = None
-        self._pending: list[Event] = []
-        """Alarm events waiting for a block to carry them into the buffer (kept across reconnects)."""
-        self._polled = any(getattr(g.spec, "mode", "poll") != "subscribe" for g in ctx.groups.values())
+        self._alarm_watch: Supervised | None = None
         self._logged_once: set[str] = set()
         if self.conn.security_policy == "None":
             warning = (
@@ -181,6 +176,11 @@ class OpcUaDriver(Driver):
         client, self._client = self._client, None
         self._subs.clear()
         self._alarms = None
+        watch, self._alarm_watch = self._alarm_watch, None
+        if watch is not None:
+            watch.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch.task
         if client is not None:
             await self._close_client(client)
 
@@ -293,9 +293,7 @@ class OpcUaDriver(Driver):
                     Reason.TIMEOUT, f"subscription {group.name} silent for {sub.keepalive_s * 2:.1f}s"
                 )
                 self._check_link()
-            if not self._pending or self._polled:
-                return []
-            # Alarm events wait and no poll group will carry them: read the group once.
+            return []
         acq = now_ns()
         conv = await self._read_values(client, group)
         stale_map = time.monotonic() - self._resolved_at > _RERESOLVE_S
@@ -306,9 +304,7 @@ class OpcUaDriver(Driver):
             await self._guard(self._resolve(), "resolve")
             conv = await self._read_values(client, group)
         conv.count_shape_errors(self.ctx.stats)
-        block = conv.finish(group, acq, self.ctx.record_raw)
-        block.events = self._take_events()
-        return [block]
+        return [conv.finish(group, acq, self.ctx.record_raw)]
 
     async def _read_values(self, client: Client, group: PollGroup) -> Converted:
         conv = Converted(len(group.tags))
@@ -366,7 +362,6 @@ class OpcUaDriver(Driver):
             stats=self.ctx.stats,
             timeout_s=self.conn.timeout,
             record_raw=self.ctx.record_raw,
-            take_events=self._take_events,
         )
         result = await self._guard(
             client.uaclient.create_subscription(timing.parameters(), sub.on_publish), "create subscription"
@@ -430,7 +425,7 @@ class OpcUaDriver(Driver):
         alarms = AlarmSubscription(
             self.ctx.id,
             spec,
-            self._deliver,
+            self.ctx.submit_events,
             timing.keepalive_s,
             link_lost=self.link_lost,
             stats=self.ctx.stats,
@@ -444,6 +439,7 @@ class OpcUaDriver(Driver):
         alarms.subscription_id = result.SubscriptionId
         alarms.keepalive_s = result.RevisedMaxKeepAliveCount * result.RevisedPublishingInterval / 1000
         self._alarms = alarms
+        self._alarm_watch = self.ctx.tasks.spawn(f"alarms:{self.ctx.id}", self._watch_alarms, restart=False)
         flt = event_filter()
         items = [
             ua.MonitoredItemCreateRequest(
@@ -475,6 +471,13 @@ class OpcUaDriver(Driver):
         if spec.refresh:
             await self._condition_refresh(client, alarms.subscription_id)
 
+    async def _watch_alarms(self) -> None:
+        """Raise (through ``ctx.tasks``, to the scheduler) once the link or the event subscription
+        is dead: no group's poll may come to notice it for a long time, or ever (alarms only)."""
+        while True:
+            await asyncio.sleep(self.conn.keepalive)
+            self._check_link()
+
     async def _condition_refresh(self, client: Client, subscription_id: int) -> None:
         request = ua.CallMethodRequest(
             ObjectId=ua.NodeId(ua.Int32(ObjectIds.ConditionType)),
@@ -501,22 +504,6 @@ class OpcUaDriver(Driver):
     def _source_unavailable(self, source: str, why: str) -> None:
         self.ctx.stats.error(ALARM_SOURCE_UNAVAILABLE)
         self._log_once(f"source:{source}", "%s: alarm source %s not subscribed: %s", self.ctx.id, source, why)
-
-    def _deliver(self, event: Event) -> None:
-        self._pending.append(event)
-        if len(self._pending) > PENDING_EVENTS_MAX:
-            del self._pending[0]
-            self.ctx.stats.error("alarm_dropped")
-            self._log_once(
-                "dropped", "%s: more alarm events than blocks can carry: the oldest dropped", self.ctx.id
-            )
-
-    def _take_events(self) -> list[Event] | None:
-        """The alarm events waiting, for the block about to be handed over (none: ``None``)."""
-        if not self._pending:
-            return None
-        events, self._pending = self._pending, []
-        return events
 
 
 CERTIFICATE_REJECTED = "certificate_rejected"

@@ -13,9 +13,6 @@ form the k-th block, so no block holds a tag twice and each tag's samples stay i
 order. The per-subset :class:`PollGroup` (which carries scale/offset/range) is built
 once per distinct subset and cached. A node several tags read (the elements of an expanded
 array) is monitored once; each of its notifications fills all of them.
-
-Alarm events waiting in the driver (see :mod:`.alarms`) ride on the next block emitted, so
-they are committed in its transaction.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from asyncua import ua
 from asyncua.ua.attribute_ids import AttributeIds
 
 from agent.core.driver import DriverStats, Emit, PollGroup
-from agent.core.records import Event, Reason, now_ns
+from agent.core.records import Reason, now_ns
 from agent.core.supervise import FailureLog
 from drivers.opcua.config import Group
 from drivers.opcua.values import Converted, shape
@@ -159,7 +156,6 @@ class GroupSubscription:
         stats: DriverStats,
         timeout_s: float,
         record_raw: bool = False,
-        take_events: Callable[[], list[Event] | None] = lambda: None,
     ) -> None:
         self.group = group
         self.emit = emit
@@ -168,7 +164,6 @@ class GroupSubscription:
         self.targets: dict[int, tuple[int, ...]] = {i: (i,) for i in range(len(group.tags))}
         """Client handle → the indices of the tags its node fills: each tag its own until
         :func:`monitored_items` says which tags share a node."""
-        self._take_events = take_events
         self.last_publish = time.monotonic()
         self._failures = FailureLog(log)
         """A handler bug repeats with every notification: logged once, then counted."""
@@ -232,9 +227,7 @@ class GroupSubscription:
         for j, i in enumerate(indices):
             conv.set(j, layer[i], *shape(specs[i]))
         conv.count_shape_errors(self._stats)
-        block = conv.finish(self.subset(indices), acq, self._record_raw)
-        block.events = self._take_events()
-        self.emit(block)
+        self.emit(conv.finish(self.subset(indices), acq, self._record_raw))
 
     def subset(self, indices: tuple[int, ...]) -> PollGroup:
         """The group of just these tags, cached: a group's changes fall into few distinct subsets."""

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from agent.core.compat import DeviceCompat
 from agent.core.driver import ConnectionBase, GroupSpec, ProfileBase, TagBase
 from cleanroom_common.fields import Duration
 
@@ -73,6 +74,18 @@ class Connection(ConnectionBase):
 
 class Profile(ProfileBase):
     """A serial counter profile: exactly one group (two would race to pop the same records)."""
+
+    @field_validator("device")
+    @classmethod
+    def _device_not_reported(cls, device: DeviceCompat | None) -> DeviceCompat | None:
+        """The counter reports only its serial number: a model, vendor or firmware named here
+        would never be compared, and every connect would only say ``unknown``."""
+        if device is not None:
+            raise ValueError(
+                "never compared: a serial counter reports only its serial number (CSN), not its "
+                "model, vendor or firmware; leave device out"
+            )
+        return device
 
     @model_validator(mode="after")
     def _one_group(self) -> Profile:
