@@ -27,8 +27,10 @@ imports: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two workers (the gateway-class CI machine has two cores); a test module stays on one worker, so
+# its module-scoped fixtures (a built bundle, a spawned server) are made once.
 pytest: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -622,6 +622,22 @@ def _forge(path: Path, stream: str, i: int, head_too: bool) -> None:
             conn.execute("UPDATE chain SET head = ? WHERE stream = ?", (digest, stream))
 
 
+def test_a_payload_edited_into_text_is_a_hash_mismatch_not_a_crash(tmp_path: Path) -> None:
+    """The sqlite3 shell's ``replace(payload, ...)`` stores TEXT: the check reports the edit."""
+    from agent.buffer.verify import BreakKind, check_buffer
+
+    path = tmp_path / "buf.db"
+    core = Buffer(cfg(tmp_path), "a1")
+    core.open()
+    for _ in range(3):
+        core.commit([block(n=2)])
+    core.close()
+    _sqlite3(path, "UPDATE segments SET payload = replace(payload, '[0.0,1.0]', '[0.0,1.5]') "
+                   "WHERE stream = 'd1/data' AND i = 1")  # fmt: skip
+    found = check_buffer(path)
+    assert {(b.stream, b.first_i, b.kind) for b in found.breaks} == {("d1/data", 1, BreakKind.HASH_MISMATCH)}
+
+
 async def test_rows_edited_deleted_or_forged_are_found_and_quarantined(tmp_path: Path) -> None:
     from agent.buffer.verify import BreakKind, check_buffer
 

@@ -93,6 +93,7 @@ def test_identity_drops_unknown_fields_and_raw_follows_values_in_the_body() -> N
         "raw",
         "quality",
         "reasons",
+        "batch",
     ]
 
 

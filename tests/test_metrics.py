@@ -98,9 +98,9 @@ async def test_a_running_agent_reports_its_polls_publishes_buffer_models_and_pro
                     value(fams, "cleanroom_device_polls_total", device="br1", group=g) >= 3
                     for g in ("process", "status")
                 )
-                return loaded and polled and value(fams, "cleanroom_mqtt_acked_messages_total") >= 5
+                return loaded and polled and value(fams, "cleanroom_mqtt_acked_segments_total") >= 5
 
-            await until(acked, 15, "three polls per group, five messages acknowledged, the model loaded")
+            await until(acked, 15, "three polls per group, five segments acknowledged, the model loaded")
             body, _ = await render(agent)
         finally:
             await agent.stop()
@@ -121,7 +121,7 @@ async def test_a_running_agent_reports_its_polls_publishes_buffer_models_and_pro
     assert 0 < quantiles[0] <= quantiles[1] <= quantiles[2] < 1.0
     assert value(fams, "cleanroom_mqtt_connected") == 1
     published = value(fams, "cleanroom_mqtt_published_messages_total")
-    assert published >= value(fams, "cleanroom_mqtt_acked_messages_total") >= 5
+    assert published >= value(fams, "cleanroom_mqtt_acked_segments_total") >= 5
     assert value(fams, "cleanroom_mqtt_published_readings_total") > published
     assert value(fams, "cleanroom_buffer_max_bytes") == 2 * 1024**3
     assert value(fams, "cleanroom_buffer_size_bytes") > 0

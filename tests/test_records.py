@@ -32,6 +32,7 @@ def blocks(draw: st.DrawFn) -> Block:
         units=units,
         values=draw(st.lists(values, min_size=n, max_size=n)),
         seq_first=draw(st.integers(0, 2**62)),
+        batch=draw(st.one_of(st.none(), names)),
     )
     if draw(st.booleans()):
         block.quality = draw(st.lists(st.sampled_from(list(Quality)), min_size=n, max_size=n))

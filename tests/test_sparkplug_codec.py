@@ -18,6 +18,7 @@ from agent.sinks.payload import TagInfo
 from agent.sinks.sparkplug import codec
 from agent.sinks.sparkplug.codec import (
     AUDIT,
+    BATCH,
     BDSEQ,
     EVENTS,
     INTEGRITY,
@@ -98,7 +99,7 @@ def test_aliases_are_unique_across_the_node_and_follow_profile_order(
     aliases = [s.alias for s in every]
     assert aliases == list(range(1, len(every) + 1))
     assert [s.name for s in codec.node_metrics()] == [BDSEQ, REBIRTH, EVENTS, AUDIT, INTEGRITY]
-    assert [s.name for s in specs["br-1"]] == ["temp", "count", "door", "state", EVENTS, INTEGRITY]
+    assert [s.name for s in specs["br-1"]] == ["temp", "count", "door", "state", EVENTS, INTEGRITY, BATCH]
     assert [s.datatype for s in specs["br-1"][:4]] == [
         DataType.DOUBLE,
         DataType.INT64,
@@ -137,7 +138,7 @@ def test_dbirth_declares_every_metric_with_name_alias_type_unit_and_last_value(
     assert [(m.name, m.alias, m.datatype) for m in d.metrics] == [
         (s.name, s.alias, s.datatype) for s in device
     ]
-    temp, count, door, state, events, integrity = d.metrics
+    temp, count, door, state, events, integrity, batch = d.metrics
     assert (temp.value, temp.timestamp, temp.properties, temp.description) == (
         37.1,
         T0_MS - 5,
@@ -149,6 +150,7 @@ def test_dbirth_declares_every_metric_with_name_alias_type_unit_and_last_value(
     assert state.is_null
     # events and the integrity reference are messages, not states: never repeated by a birth
     assert events.is_null and integrity.is_null
+    assert batch.is_null  # no batch sent yet (test_batch_context: a birth repeats the last ref)
 
 
 def test_nbirth_ndeath_ddeath() -> None:

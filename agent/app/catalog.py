@@ -61,11 +61,14 @@ def _bit_table(tag: Any) -> bool:
 
 
 def build_catalog(devices: Iterable[ResolvedDevice]) -> Catalog:
-    """Device id -> its tags in profile order (the order Sparkplug aliases follow)."""
+    """Enabled device id -> its tags in profile order (the order Sparkplug aliases follow). A
+    disabled device is not polled, so nothing is declared for it (no Sparkplug DBIRTH): what it left
+    in the buffer is still published, as a device the sinks were not told of."""
     return {
         device.id: [
             TagInfo(name=tag.name, unit=tag.unit, description=tag.description, kind=kind_of(tag))
             for tag in device.profile.tags
         ]
         for device in devices
+        if device.config.enabled
     }

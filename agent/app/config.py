@@ -30,8 +30,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 
+from agent.app.batchconfig import BatchConfig
 from agent.app.health import HealthConfig
 from agent.app.status import parse_listen
+from agent.app.topics import payload_problems
 from agent.buffer.config import BufferConfig
 from agent.buffer.schema import SCHEMA_VERSION
 from agent.core.chain import read_key
@@ -127,6 +129,8 @@ class AgentConfig(Strict):
     """The tamper-evident chain's key and the clock-step detection."""
     health: HealthConfig = Field(default_factory=HealthConfig)
     """When ``status``, the status API and the metrics call the agent unhealthy."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Batch assignment: device groups and the MES command topic."""
 
 
 # --------------------------------------------------------------------------- loaded result
@@ -448,6 +452,13 @@ def _load(
     problems += [_place(src, p) for p in InferenceEngine.check(cfg.models, profiles_by_device, load=False)]
     if cfg.limits is not None:
         problems += [_place(src, p) for p in LimitMonitor.check(cfg.limits, profiles_by_device)]
+    if cfg.mqtt is not None:  # what the forwarder's encoder would refuse at start, found by validate
+        entries: dict[str, Loc] = {d: ("devices", i) for d, i in seen_ids.items()}
+        commands = cfg.batch.topic(cfg.mqtt.topic_prefix, cfg.agent.id) if cfg.batch.mqtt_commands else None
+        problems += [
+            _place(src, p) for p in payload_problems(cfg.mqtt, cfg.agent.id, devices, entries, commands)
+        ]
+    problems += [_place(src, p) for p in cfg.batch.check(seen_ids, cfg.mqtt is not None)]
     if problems:
         raise ConfigError(problems)
     used = [profiles[d.config.profile].path for d in devices]

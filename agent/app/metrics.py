@@ -160,7 +160,7 @@ class AgentCollector:
             (
                 "undelivered_segments",
                 "depth_segments",
-                "Segments (one MQTT message each) not yet acknowledged.",
+                "Segments (each one or more MQTT messages) not yet acknowledged.",
             ),
             (
                 "oldest_undelivered_age_seconds",
@@ -184,11 +184,20 @@ class AgentCollector:
     def _broker(self) -> Iterator[Metric]:
         fw = self.s.agent.forwarder
         counts = fw.stats() if fw is not None else {}
+        # The forwarder counts segments, its unit of delivery; each is one MQTT message with json,
+        # one or more with flat and sparkplug_b (births and the status not counted).
         counters = (
-            ("published_messages", "published", "MQTT messages (segments) published."),
+            ("published_segments", "published", "Segments published (a re-send counts again)."),
+            ("published_messages", "messages", "MQTT messages published that carry segments."),
             ("published_readings", "published_readings", "Readings published."),
-            ("acked_messages", "acked", "Messages the broker acknowledged (delivered)."),
-            ("rejected_messages", "rejected", "Publishes the broker refused (MQTT 5 reason code)."),
+            ("acked_segments", "acked", "Segments the broker acknowledged every message of (delivered)."),
+            ("acked_readings", "acked_readings", "Readings delivered."),
+            (
+                "rejected_segments",
+                "rejected",
+                "Segments the broker refused a message of (MQTT 5); sent again.",
+            ),
+            ("encode_errors", "encode_errors", "Segments the payload format could not encode; tried again."),
             ("reconnects", "reconnects", "Connections to the broker made again after a loss."),
         )
         for name, key, doc in counters:
@@ -198,7 +207,7 @@ class AgentCollector:
             yield c
         connected = GaugeMetricFamily(f"{PREFIX}_mqtt_connected", "1 while connected to the broker.")
         inflight = GaugeMetricFamily(
-            f"{PREFIX}_mqtt_inflight_messages", "Publishes awaiting the broker's ack."
+            f"{PREFIX}_mqtt_inflight_segments", "Segments published and awaiting the broker's ack."
         )
         if fw is not None:
             connected.add_metric([], 1 if counts["connected"] else 0)

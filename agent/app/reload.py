@@ -3,7 +3,9 @@
 A reload (SIGHUP, ``cleanroom-agent reload``) applies only what can change under a running agent
 without touching the rest: a device whose effective configuration (its entry, its resolved
 connection and its profile's content) is unchanged keeps its connection and its poll ticks; the
-broker section, the limits and the models are replaced when they differ. What the agent opened
+broker section, the limits and the models are replaced when they differ, and so is the forwarder
+of a payload format that declares the devices' tags (``flat``, ``sparkplug_b``: a new session, whose
+Sparkplug births declare the devices as they are now) when those changed. What the agent opened
 once for its whole run (the buffer file and its owner id, the HMAC key the buffer signs with,
 the status listener) cannot change under it: such a reload is refused with the reason, and the
 agent runs on with the configuration it has.
@@ -14,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.app.catalog import build_catalog
 from agent.app.config import LoadedConfig
 from agent.core.device import ResolvedDevice
 
@@ -35,6 +38,10 @@ class ReloadPlan:
     mqtt: bool
     limits: bool
     models: bool
+    catalog: bool = False
+    """The devices' tags a payload other than ``json`` declares (:func:`agent.app.catalog.build_catalog`)
+    changed, or their order (which numbers the Sparkplug aliases): the forwarder is made again, as
+    for a changed broker section."""
 
     def summary(self) -> dict[str, Any]:
         """What the ``config_change`` audit record and the status say was applied."""
@@ -44,7 +51,7 @@ class ReloadPlan:
             "devices_restarted": sorted(started.intersection(self.stop)),
             "devices_added": sorted(started.difference(self.stop)),
             "devices_removed": sorted(set(self.stop).difference(started)),
-            "mqtt_reconnected": self.mqtt,
+            "mqtt_reconnected": self.mqtt or self.catalog,
             "limits_reloaded": self.limits,
             "models_reloaded": self.models,
         }
@@ -110,11 +117,18 @@ def plan(old: LoadedConfig, new: LoadedConfig) -> ReloadPlan:
     stop = tuple(i for i in running if i not in unchanged)
     start = tuple(d for i, d in wanted.items() if i not in unchanged)
     profiles_changed = {d.id: d.profile for d in old.devices} != {d.id: d.profile for d in new.devices}
+    mqtt = new.config.mqtt
     return ReloadPlan(
         unchanged=unchanged,
         stop=stop,
         start=start,
-        mqtt=old.config.mqtt != new.config.mqtt,
+        # the batch command subscription lives in the MQTT session: a change of it is a new session
+        mqtt=old.config.mqtt != new.config.mqtt
+        or (old.config.batch.mqtt_commands, old.config.batch.command_topic)
+        != (new.config.batch.mqtt_commands, new.config.batch.command_topic),
         limits=old.config.limits != new.config.limits or (profiles_changed and new.config.limits is not None),
         models=old.config.models != new.config.models or (profiles_changed and bool(new.config.models)),
+        catalog=mqtt is not None
+        and mqtt.payload != "json"
+        and list(build_catalog(old.devices).items()) != list(build_catalog(new.devices).items()),
     )

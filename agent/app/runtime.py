@@ -35,9 +35,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from agent import __version__
+from agent.app.batchcommands import BatchCommand, CommandRefusals, MqttBatchCommands, Outcome, apply_command
+from agent.app.batches import BatchRegistry
 from agent.app.catalog import build_catalog
 from agent.app.compat import ProfileWatch
 from agent.app.config import ConfigError, LoadedConfig, load_config
+from agent.app.control import ControlEndpoint, token_path
+from agent.app.devicebatch import DeviceBatches, declared_batches
 from agent.app.health import HealthWatch, assess, certificates_of
 from agent.app.metrics import render as render_metrics
 from agent.app.notify import Notifier, Watchdog, summary
@@ -47,9 +51,10 @@ from agent.app.trend import TrendRecorder
 from agent.buffer.async_buffer import AsyncBuffer
 from agent.buffer.audit import Auditor
 from agent.buffer.lock import BufferInUse
+from agent.core.batch import BatchSource
 from agent.core.clock import ClockMonitor, read_clock
 from agent.core.device import ResolvedDevice
-from agent.core.driver import DeviceContext, DeviceIdentity
+from agent.core.driver import BatchTags, DeviceContext, DeviceIdentity
 from agent.core.records import AGENT_DEVICE, Block, Event, Severity, now_ns
 from agent.core.supervise import Supervisor
 from agent.sinks.forwarder import AgentIdentity, Forwarder
@@ -80,6 +85,12 @@ class Agent:
         self.buffer = AsyncBuffer(cfg.buffer, cfg.agent.id, key=loaded.hmac_key())
         self.buffer.clock = _clock_state
         self.auditor = Auditor(self._submit_event, cfg.agent.id)
+        self.batches = BatchRegistry(
+            [d.id for d in loaded.devices], cfg.batch.groups, self._submit_event, self.auditor
+        )
+        """Which batch each device holds: every assignment source changes it here, and the buffer
+        stamps every record with its device's ref at acquisition (restored from the buffer at start)."""
+        self.buffer.set_batch_resolver(self.batches.resolve)
         profiles = {d.id: d.profile for d in loaded.devices}
         self.limits = (
             LimitMonitor(cfg.limits, profiles, self._submit_event, self.auditor) if cfg.limits else None
@@ -87,12 +98,29 @@ class Agent:
         self.inference = (
             InferenceEngine(cfg.models, profiles, self._submit_event, self.auditor) if cfg.models else None
         )
+        self.batch_commands = MqttBatchCommands(
+            self.batches, self.auditor, lambda: self.loaded.config.batch.groups
+        )
+        """The MES's batch commands on the MQTT command topic (with ``batch.mqtt_commands``)."""
+        self.device_batches = DeviceBatches(self.batches, _declared(loaded))
+        """Batches the devices report themselves (profile ``batch:``), followed on committed blocks."""
+        self.control = ControlEndpoint(
+            token_path(cfg.buffer.path),
+            self._cli_command,
+            self.batches.snapshot,
+            CommandRefusals(self.auditor),
+        )
+        """``cleanroom-agent batch``'s endpoint on the status listener, behind its token."""
         self.forwarder = self._make_forwarder()
         self.scheduler: Scheduler | None = None
         self.trend = TrendRecorder()
         """The last hour per tag and the recent events, for the status page."""
         self.status_server = StatusServer(
-            cfg.agent.status_listen, self.status, trend=self.trend, metrics=lambda: render_metrics(self)
+            cfg.agent.status_listen,
+            self.status,
+            trend=self.trend,
+            metrics=lambda: render_metrics(self),
+            control=self.control,
         )
         self.started_ns: int | None = None
         self.clock_monitor = ClockMonitor(threshold_s=cfg.integrity.clock_step_threshold)
@@ -108,14 +136,37 @@ class Agent:
         self.reload_state = ReloadOutcome(generation=0, outcome="none", at_ns=None)
         self._reload_lock = asyncio.Lock()
 
-    def _make_forwarder(self, attempts: int = 0) -> Forwarder | None:
+    def _make_forwarder(self, attempts: int = 0, previous: Forwarder | None = None) -> Forwarder | None:
         """The sink of the configured payload format, told the devices' tags (what a Sparkplug
-        DBIRTH declares) and the auditor (where refused commands are recorded)."""
+        DBIRTH declares) and the auditor (where refused commands are recorded). ``attempts`` and
+        ``previous`` (the stopped forwarder it replaces) carry the numbering of sessions over."""
         cfg = self.loaded.config.mqtt
         if cfg is None:
             return None
         catalog = build_catalog(self.loaded.devices)
-        return Forwarder(cfg, self.buffer, self.identity, attempts, catalog=catalog, auditor=self.auditor)
+        forwarder = Forwarder(
+            cfg,
+            self.buffer,
+            self.identity,
+            attempts,
+            catalog=catalog,
+            auditor=self.auditor,
+            previous=None if previous is None else previous.encoder,
+        )
+        batch = self.loaded.config.batch
+        if batch.mqtt_commands:
+            forwarder.add_command_handler(
+                batch.topic(cfg.topic_prefix, self.identity.agent_id), self.batch_commands
+            )
+        return forwarder
+
+    def _cli_command(self, command: BatchCommand) -> Outcome:
+        return apply_command(self.batches, command, BatchSource.CLI, self.loaded.config.batch.groups)
+
+    def _security_warnings(self) -> list[str]:
+        """The agent's own warnings beyond the broker's and the listener's."""
+        mqtt, agent_id = self.loaded.config.mqtt, self.identity.agent_id
+        return self.loaded.config.batch.security_warnings(mqtt.topic_prefix, agent_id) if mqtt else []
 
     def _submit(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
         self.buffer.submit(blocks, events)
@@ -128,7 +179,7 @@ class Agent:
         self.notifier.status("starting: checking the buffer")
         self._set_sources()
         try:
-            await self.buffer.open()
+            await self.buffer.open(on_state=self.batches.restore)
         except BufferInUse as exc:
             raise StartupError(str(exc)) from exc
         except (OSError, sqlite3.Error, RuntimeError, ValueError) as exc:
@@ -173,6 +224,7 @@ class Agent:
         # replaced one must not go on evaluating (it would raise its alarms twice).
         self.buffer.add_listener(self._to_transforms)
         self.buffer.add_listener(self.trend.on_committed)
+        self.buffer.add_listener(self.device_batches.on_committed)
         for transform in (self.limits, self.inference):
             if transform is not None:
                 await transform.start()
@@ -195,6 +247,9 @@ class Agent:
         _return_free_heap()
         self.scheduler.start()
         self.tasks.spawn("health-watch", lambda: self.health_watch.run(self))
+        for warning in self._security_warnings():
+            log.warning("%s", warning)
+        await self.control.start()
         await self.status_server.start()
         log.info(
             "agent %s started: %d devices, config sha256 %s",
@@ -293,7 +348,8 @@ class Agent:
                 changes = plan(self.loaded, new)
                 sources = {d.id: _device_source(d, new.sha256) for d in new.devices}
                 limits, inference = self._new_transforms(new, changes)
-                if changes.mqtt and new.config.mqtt is not None:  # what a new forwarder fails on
+                # what a new forwarder fails on
+                if (changes.mqtt or changes.catalog) and new.config.mqtt is not None:
                     new.config.mqtt.resolve_password()
                     if new.config.mqtt.tls.enabled:
                         new.config.mqtt.tls.context()
@@ -365,6 +421,8 @@ class Agent:
         self.loaded = new
         self.identity = dataclasses.replace(self.identity, config_hash=new.sha256)
         self._sources = sources
+        self.batches.configure([d.id for d in new.devices], new.config.batch.groups)
+        self.device_batches.configure(_declared(new))
         for device, reported in list(self._reported.items()):  # what a device said stays said
             self._reported[device] = {**reported, **sources.get(device, {})}
         self.buffer.set_source(AGENT_DEVICE, {"config_sha256": new.sha256, "version": __version__})
@@ -396,19 +454,21 @@ class Agent:
         await self._reload_forwarder(changes)
 
     async def _reload_forwarder(self, changes: ReloadPlan) -> None:
-        """A changed broker section: the old forwarder delivers what it has in flight for a moment,
-        says ``offline`` and disconnects; what it had not had acknowledged is sent again by the new
-        one, whose sessions are newer."""
+        """A changed broker section, or changed devices a payload format declares (Sparkplug births):
+        the old forwarder delivers what it has in flight for a moment, says ``offline`` (and
+        Sparkplug's NDEATH) and disconnects; what it had not had acknowledged is sent again by the new
+        one, whose sessions are newer and whose births declare the devices as they are now."""
         cfg = self.loaded.config
-        if not changes.mqtt:
+        if not (changes.mqtt or changes.catalog):
             if self.forwarder is not None:
                 self.forwarder.republish_online(self.identity)
             return
         attempts = 0
-        if self.forwarder is not None:
-            attempts = self.forwarder.attempts
-            await self.forwarder.stop(grace_s=min(1.0, cfg.agent.shutdown_grace))
-        self.forwarder = self._make_forwarder(attempts)
+        previous = self.forwarder
+        if previous is not None:
+            attempts = previous.attempts
+            await previous.stop(grace_s=min(1.0, cfg.agent.shutdown_grace))
+        self.forwarder = self._make_forwarder(attempts, previous)
         if self.forwarder is not None:
             await self.forwarder.start()
         else:
@@ -454,6 +514,7 @@ class Agent:
             await self.forwarder.stop(grace_s=self.loaded.config.agent.shutdown_grace)
         await self.buffer.close(within_s=max(0.0, close_by - asyncio.get_running_loop().time()))
         await self.status_server.stop()
+        await self.control.stop()
         log.info("agent %s stopped", self.identity.agent_id)
 
     async def status(self) -> dict[str, Any]:
@@ -471,13 +532,21 @@ class Agent:
             "broker": self.forwarder.stats() if self.forwarder else {"configured": False},
             "limits": self.limits.status() if self.limits else None,
             "models": self.inference.status() if self.inference else None,
-            "security": security_report(self.loaded.config.mqtt, self.status_server.address, devices),
+            "security": security_report(
+                self.loaded.config.mqtt, self.status_server.address, devices, self._security_warnings()
+            ),
             "integrity": {
                 "hmac": self.loaded.config.integrity.hmac_key_file is not None,
                 "clock": read_clock().as_dict(),
             },
             "tasks": self._tasks(),
             "reload": self.reload_state.as_dict(),
+            "batches": self.batches.snapshot(),
+            "batch_sources": {
+                "mqtt": self.batch_commands.stats() if self.loaded.config.batch.mqtt_commands else None,
+                "cli": dict(self.control.counts),
+                "device_conflicts": self.device_batches.conflicts,
+            },
         }
 
     def _tasks(self) -> dict[str, Any]:
@@ -490,6 +559,11 @@ class Agent:
             out.update(self.inference.tasks.status())
             out.setdefault("inference", {})["failed_records"] = self.inference.failed_records
         return out
+
+
+def _declared(loaded: LoadedConfig) -> dict[str, BatchTags]:
+    """The devices whose profile names the tags through which they report their batch."""
+    return declared_batches((d.id, d.profile.batch) for d in loaded.devices)
 
 
 def _clock_state() -> dict[str, Any]:

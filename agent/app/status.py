@@ -4,7 +4,8 @@ HTTP so that ``curl 127.0.0.1:8765/api/status`` works for an engineer at the gat
 shows the page, and Prometheus scrapes the same listener. It binds whatever ``agent.status_listen``
 names (loopback by default, since status is local information; anywhere else is logged as a warning
 at every start), has no authentication and is read-only: ``GET`` and ``HEAD`` only, nothing it
-answers changes the agent.
+answers changes the agent. The one exception is the batch control endpoint (:mod:`agent.app.control`),
+which answers only to the bearer token the agent writes next to its buffer.
 
 aiohttp parses and answers (a well-kept server, not hand-written HTTP) and bounds the request head
 (line, field size, field count). What it does not bound, this module adds in front of its protocol:
@@ -27,7 +28,7 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -36,6 +37,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
+from agent.app.control import ControlEndpoint
 from agent.app.trend import BUCKET_S, WINDOW_S, TrendRecorder
 from agent.sinks.forwarder import MqttConfig
 from cleanroom_common.net import is_loopback_host
@@ -146,7 +148,10 @@ def listener_warnings(address: ListenAddress) -> list[str]:
 
 
 def security_report(
-    mqtt: MqttConfig | None, address: ListenAddress, devices: dict[str, Any] | None = None
+    mqtt: MqttConfig | None,
+    address: ListenAddress,
+    devices: dict[str, Any] | None = None,
+    agent_warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The ``security`` section of the status: the settings an auditor asks about, and the warnings
     every start logs (the agent's own and each device driver's, e.g. OPC UA without security)."""
@@ -161,6 +166,7 @@ def security_report(
         "warnings": [
             *(mqtt.security_warnings() if mqtt is not None else []),
             *listener_warnings(address),
+            *agent_warnings,
             *device_warnings,
         ],
     }
@@ -228,6 +234,7 @@ class StatusServer:
         *,
         trend: TrendRecorder | None = None,
         metrics: MetricsFn | None = None,
+        control: ControlEndpoint | None = None,
         clock: Callable[[], int] = time.time_ns,
         max_connections: int = MAX_CONNECTIONS,
         head_timeout: float = HEAD_TIMEOUT_S,
@@ -237,6 +244,7 @@ class StatusServer:
         self._status = status
         self._trend = trend
         self._metrics = metrics
+        self._control = control
         self._clock = clock
         self._max_connections = max_connections
         self._head_timeout = head_timeout
@@ -268,6 +276,8 @@ class StatusServer:
         app.router.add_get("/status", self._api_status)  # the address the docs gave before the page
         app.router.add_get("/api/trend", self._api_trend)
         app.router.add_get("/metrics", self._api_metrics)
+        if self._control is not None:
+            self._control.register(app.router)
         for path in STATIC_FILES:
             app.router.add_get(path, self._static)
         runner = web.AppRunner(

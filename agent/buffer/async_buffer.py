@@ -44,6 +44,8 @@ CLOSE_SLACK_S = 2.0
 (a commit is never abandoned halfway if it can be helped: its outcome decides what is lost)."""
 
 Listener = Callable[[Sequence[Block], Sequence[Event]], None]
+BatchResolver = Callable[[str, int], str | None]
+"""``(device, acquisition ts_ns) -> ref``: the batch context a device held at a time, or None."""
 
 
 def _loss_of(item: Block | Event) -> DataLoss:
@@ -108,6 +110,7 @@ class AsyncBuffer:
         self.key_change: KeyChange | None = None
         """Set by :meth:`open` when the agent's key is not the one its streams were signed with
         (committed and audited there)."""
+        self._batch_of: BatchResolver | None = None
 
     @property
     def clock(self) -> Callable[[], Mapping[str, Any]]:
@@ -121,6 +124,12 @@ class AsyncBuffer:
     def set_source(self, stream_device: str, source: Mapping[str, Any]) -> None:
         """Attribution put in that device's next segments (``agent`` for the agent's streams)."""
         self.core.set_source(stream_device, source)
+
+    def set_batch_resolver(self, resolve: BatchResolver | None) -> None:
+        """Where every record's ``batch`` comes from (:meth:`_stamp`); also used by the store for
+        the loss events it makes itself, so ``resolve`` must be safe to call from the buffer thread."""
+        self._batch_of = resolve
+        self.core.batch_of = resolve
 
     @property
     def previous_run(self) -> PreviousRun | None:
@@ -136,10 +145,12 @@ class AsyncBuffer:
         """Run ``fn`` on the buffer thread, the connection's only thread (tests make the disk full)."""
         return await self._call(fn)
 
-    async def open(self) -> None:
+    async def open(self, on_state: Callable[[Mapping[str, str]], None] | None = None) -> None:
         """Lock the buffer (:class:`~agent.buffer.lock.BufferInUse` if another agent has it), check and
         open it, reserve seqs. The lock comes first: a second agent must not even look at the file,
-        let alone move it aside."""
+        let alone move it aside. ``on_state`` gets the stored state before the loss events found at
+        open are submitted (the batch registry restores from it, so they are stamped with the
+        batches their devices held)."""
         self._lock.acquire()
         self._carried = self._read_carried()
         floor = max(
@@ -162,6 +173,8 @@ class AsyncBuffer:
         self._closing = False
         self._close_requested.clear()
         self._task = self.tasks.spawn("buffer-committer", self._committer).task
+        if on_state is not None:
+            on_state(self._state)
         if self.replaced is not None:
             self._enqueue([self._corrupt_loss(self.replaced, self._seqs.next)])
         if self._carried:
@@ -292,6 +305,8 @@ class AsyncBuffer:
             raise RuntimeError("buffer is not open: nothing can be submitted")
         if not self._queue:
             self._first_queued = time.monotonic()
+        if self._batch_of is not None:
+            self._stamp(items, self._batch_of)
         seqs.assign(items)
         self._queue.extend(items)
         self._submitted += len(items)
@@ -299,6 +314,24 @@ class AsyncBuffer:
         if seqs.skipped:
             skipped, seqs.skipped = seqs.skipped, []
             self._enqueue([SeqSkip(first, last).event() for first, last in skipped])
+
+    @staticmethod
+    def _stamp(items: Sequence[Block | Event], batch_of: BatchResolver) -> None:
+        """Every record entering the buffer gets the batch its device held at its acquisition time
+        (not at submit: a counter's backfilled records, or a limit event about an earlier reading,
+        get the context of their own time). An agent-level event concerns a device only when its
+        data names one."""
+        for item in items:
+            if isinstance(item, Block):
+                item.batch = batch_of(item.device, item.acq_ts_ns)
+                continue
+            device = item.device
+            if device == AGENT_DEVICE:
+                named = item.data.get("device")
+                if not isinstance(named, str):
+                    continue
+                device = named
+            item.batch = batch_of(device, item.ts_ns)
 
     def _shed(self) -> None:
         """Give up the oldest held blocks beyond ``hold_max_records`` (never the batch being committed)."""

@@ -156,6 +156,7 @@ def unencodable_row(
         last_ts=ts,
         detail=f"{type(exc).__name__}: {exc}"[:300],
     ).event(item.device, seq=loss_seq)
+    loss.batch = item.batch  # the loss stands in for the record: it keeps the record's batch
     result.events.append(loss)
     return ("events", item.device, loss_seq, 1, loss.ts_ns, dumps(loss.body()))
 

@@ -113,6 +113,9 @@ class Buffer:
         """Set by :meth:`begin_run` when the last run did not stop cleanly."""
         self._signed_from: dict[str, int] = {}
         """Per stream, the first ``i`` signed with the current key (:meth:`adopt_key`; absent: 0)."""
+        self.batch_of: Callable[[str, int], str | None] | None = None
+        """The agent's batch resolver (:meth:`AsyncBuffer.set_batch_resolver`), for the loss events
+        a commit makes itself; the agent's own records are stamped at submit."""
 
     def set_source(self, device: str, source: Mapping[str, Any]) -> None:
         """Attribution put in ``device``'s next segments (``agent`` for the agent's streams)."""
@@ -562,6 +565,8 @@ class Buffer:
         for device, loss in sorted(lost.items()):
             seq = take(1)
             event = loss.event(device, seq=seq)
+            if self.batch_of is not None:
+                event.batch = self.batch_of(device, event.ts_ns)
             rows.append(("events", device, seq, 1, event.ts_ns, dumps(event.body())))
             events.append(event)
             log.error(

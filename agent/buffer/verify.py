@@ -242,7 +242,9 @@ def _check_stream(
     unchecked = 0
     for row in rows:
         seg_id, i, prev, stored_hash, payload, _, _ = row
-        payload = bytes(payload)
+        # An edit made with the sqlite3 shell (``replace(payload, ...)``) stores text, not bytes:
+        # the hash check below must report it, not crash on it.
+        payload = payload.encode() if isinstance(payload, str) else bytes(payload)
         actual = chain.digest(payload)
         if last is not None and last[0][1] == i - 1:
             if prev != last[1]:

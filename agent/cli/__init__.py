@@ -28,6 +28,8 @@ COMMAND_MODULES = (
     "agent.cli.capture",  # capture -c CONFIG --out FILE
     "agent.cli.verify",  # verify --capture FILE | --buffer PATH
     "agent.cli.discover",  # discover PROTOCOL ... --out PROFILE.yaml
+    "agent.cli.batch",  # batch start|step|end|show -c CONFIG
+    "agent.cli.report",  # report batch ID
 )
 
 

@@ -123,6 +123,9 @@ class Block:
     list for a value spanning several registers; a node's value before scale and offset; a
     record's field text), null where nothing was received; ``None`` unless the device's
     ``record_raw`` is on."""
+    batch: str | None = None
+    """The ``ref`` of the batch context the device held at ``acq_ts_ns`` (:mod:`agent.core.batch`),
+    None for none; stamped by the buffer at submit, always in the body (``null`` says "no batch")."""
 
     def __len__(self) -> int:
         return len(self.values)
@@ -173,6 +176,7 @@ class Block:
             out["reasons"] = self.reasons
         if self.source_ts_ns is not None:
             out["src_ts"] = self.source_ts_ns
+        out["batch"] = self.batch
         return out
 
     def body_text(self) -> str:
@@ -191,7 +195,7 @@ class Block:
             text += f',"quality":{_dumps(self.quality)},"reasons":{_dumps(self.reasons)}'
         if self.source_ts_ns is not None:
             text += f',"src_ts":{_dumps(self.source_ts_ns)}'
-        return text + "}"
+        return text + (',"batch":null}' if self.batch is None else f',"batch":{_dumps(self.batch)}}}')
 
 
 @dataclass(slots=True)
@@ -212,6 +216,8 @@ class Event:
     """Agent state committed in the same transaction as the event (not part of the body):
     e.g. the config hash an ``agent_start`` audit record reports, so the next start can
     tell whether the configuration changed."""
+    batch: str | None = None
+    """The ``ref`` of the batch context its device held at ``ts_ns`` (as for :attr:`Block.batch`)."""
 
     def body(self) -> dict[str, Any]:
         """Canonical JSON-able form; see docs/payloads.md ("event")."""
@@ -223,4 +229,5 @@ class Event:
             "kind": self.kind,
             "severity": str(self.severity),
             "data": self.data,
+            "batch": self.batch,
         }

@@ -1,4 +1,5 @@
-"""Capture: everything the agent publishes, as one JSON line per message (docs/integrity.md).
+"""Capture: what the agent publishes that ``verify --capture`` checks (its JSON segments and its
+status), as one JSON line per message (docs/integrity.md).
 
 The line holds only what any MQTT client sees (topic, payload, qos, retain, time received), so a
 capture made with another tool and converted to this form verifies the same way: the proof lives
@@ -41,6 +42,22 @@ SESSION_EXPIRY_S = 3600
 """How long an MQTT 5 broker keeps the capture's session while it is disconnected."""
 RECENT_MAX = 10_000
 """Messages remembered to recognise the broker's own re-delivery to the capture."""
+
+
+def capture_topics(prefix: str) -> tuple[str, ...]:
+    """The topic filters of a capture: the JSON segments' topics (``{prefix}/{stream}``: a device's
+    or the agent's data and events, the audit trail) and the agent's status (also the status topic
+    of agents up to 0.2), exactly what verify checks. Anything else under the prefix is no segment
+    (the ``flat`` messages published beside the segments, the batch commands sent to the agent):
+    captured, each would be a ``malformed`` finding. The filters do not overlap, so a broker
+    delivers each message once."""
+    return (
+        f"{prefix}/+/data",
+        f"{prefix}/+/events",
+        f"{prefix}/agent/audit",
+        f"{prefix}/agent/status/+",
+        f"{prefix}/agent/status",
+    )
 
 
 class CaptureError(Exception):
@@ -131,14 +148,14 @@ class CaptureResult:
 
 
 class Recorder:
-    """Subscribes to ``{prefix}/#`` with the agent's broker settings and appends each message to
-    ``out``. paho runs its network loop in its own thread; each line is written and flushed there,
-    before the message is acknowledged, so an acknowledged message is in the file."""
+    """Subscribes to :func:`capture_topics` with the agent's broker settings and appends each
+    message to ``out``. paho runs its network loop in its own thread; each line is written and
+    flushed there, before the message is acknowledged, so an acknowledged message is in the file."""
 
     def __init__(self, cfg: MqttConfig, out: IO[str]) -> None:
         self.cfg = cfg
         self.out = out
-        self.topic = f"{cfg.topic_prefix}/#"
+        self.topics = capture_topics(cfg.topic_prefix)
         self.messages = 0
         self.disconnects = 0
         self.error: str | None = None
@@ -182,6 +199,10 @@ class Recorder:
     def broker(self) -> str:
         return f"{self.cfg.host}:{self.cfg.port}"
 
+    @property
+    def _named(self) -> str:
+        return ", ".join(self.topics)
+
     def start(self) -> None:
         """Connect and subscribe; :class:`CaptureError` when the broker cannot be reached, refuses
         the connection or the subscription (nothing would be captured)."""
@@ -206,9 +227,9 @@ class Recorder:
         if not self._subscribed.wait(wait_s) or self.error is not None:
             self.stop()
             raise CaptureError(
-                self.error or f"broker {self.broker} did not confirm the subscription to {self.topic}"
+                self.error or f"broker {self.broker} did not confirm the subscription to {self._named}"
             )
-        log.info("capturing %s from %s", self.topic, self.broker)
+        log.info("capturing %s from %s", self._named, self.broker)
 
     def stop(self) -> None:
         """Disconnect and leave no session behind on the broker (it would queue messages forever)."""
@@ -239,14 +260,15 @@ class Recorder:
                 log.error("broker %s refused the reconnection: %s", self.broker, reason)
             return
         if not flags.session_present:  # a kept session keeps its subscription (and its queue)
-            client.subscribe(self.topic, qos=1)
+            client.subscribe([(topic, 1) for topic in self.topics])
         if self._connack.is_set():
             log.warning("reconnected to broker %s (session kept: %s)", self.broker, flags.session_present)
         self._connack.set()
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
-        if any(r.is_failure for r in reasons):
-            self.error = f"broker {self.broker} refused the subscription to {self.topic}: {reasons[0]}"
+        refused = [f"{t} ({r})" for t, r in zip(self.topics, reasons, strict=False) if r.is_failure]
+        if refused:
+            self.error = f"broker {self.broker} refused the subscription to {', '.join(refused)}"
         self._subscribed.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:

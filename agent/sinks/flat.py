@@ -76,14 +76,17 @@ class UnsPlace(Strict):
 class FlatConfig(Strict):
     """The ``mqtt.flat:`` section: topics and UNS placement of ``payload: flat`` (one value per name)."""
 
-    topic: str = Field(default="{prefix}/{device}/data", min_length=1)
+    topic: str = Field(default="{prefix}/flat/{device}/data", min_length=1)
     """Topic template of a device sample. Placeholders: ``{prefix}`` (``mqtt.topic_prefix``),
     ``{site}``, ``{area}``, ``{line}`` (see ``site`` and ``uns``), ``{device}`` (the device id),
-    ``{group}`` (the poll group). A UNS path: ``"{site}/{area}/{line}/{device}"``."""
-    events_topic: str = Field(default="{prefix}/{device}/events", min_length=1)
+    ``{group}`` (the poll group). A UNS path: ``"{site}/{area}/{line}/{device}"``. The default keeps
+    the flat messages in a subtree of their own (``{prefix}/flat/#``), apart from the JSON
+    segments' ``{prefix}/{device}/data`` that ``publish_segments`` publishes beside them: a topic
+    that would carry both payloads is a configuration error naming the key."""
+    events_topic: str = Field(default="{prefix}/flat/{device}/events", min_length=1)
     """Topic template of a device's events, one message per event; the same placeholders but
-    ``{group}``. The agent's own events and the audit trail stay on ``{prefix}/agent/events`` and
-    ``{prefix}/agent/audit``."""
+    ``{group}``. The agent's own events and the audit trail go to ``{prefix}/flat/agent/events`` and
+    ``{prefix}/flat/agent/audit``."""
     site: str | None = Field(default=None, pattern=_LEVEL)
     """The site (the ISA-95 level above areas): fills ``{site}`` for every device. Required when
     a template names ``{site}``."""
@@ -107,23 +110,30 @@ class FlatConfig(Strict):
             self.events_topic, EVENT_PLACEHOLDERS, "events_topic"
         )
 
-    def check_devices(self, devices: Iterable[str]) -> None:
-        """``ValueError`` naming the first device the ``uns`` map and the templates disagree on: a
-        device placed in ``uns`` that is not configured, or a configured one without an ``area`` or
-        ``line`` a template names."""
-        devices = list(devices)
-        for device in self.uns:
-            if device not in devices:
-                raise ValueError(f"mqtt.flat.uns names device {device!r}, which is not configured")
+    def missing_levels(self, device: str) -> list[str]:
+        """The ``area``/``line`` the templates name that ``device`` has no ``uns`` entry for."""
         need = self.placeholders()
+        place = self.uns.get(device, UnsPlace())
+        return [level for level in PLACE_PLACEHOLDERS if level in need and getattr(place, level) is None]
+
+    def check_devices(self, devices: Iterable[str]) -> None:
+        """``ValueError`` naming the first of ``devices`` (those published for) without an ``area``
+        or ``line`` a template names. A ``uns`` entry may name a device that is not among them (a
+        disabled one: its buffered data still needs its place); ``validate`` reports one that names
+        no configured device (:mod:`agent.app.topics`)."""
         for device in devices:
-            place = self.uns.get(device, UnsPlace())
-            for level in PLACE_PLACEHOLDERS:
-                if level in need and getattr(place, level) is None:
-                    raise ValueError(
-                        f"mqtt.flat.uns.{device}.{level} is not set, and the topic template names "
-                        f"{{{level}}}: every device needs its {level}"
-                    )
+            if missing := self.missing_levels(device):
+                level = missing[0]
+                raise ValueError(
+                    f"mqtt.flat.uns.{device}.{level} is not set, and the topic template names "
+                    f"{{{level}}}: every device needs its {level}"
+                )
+
+    @staticmethod
+    def agent_topic(prefix: str, stream: str) -> str:
+        """Where the agent's own events (``stream`` ``agent/events``) and the audit trail
+        (``agent/audit``) go: beside the devices' default topics, apart from the JSON segments'."""
+        return f"{prefix}/flat/{stream}"
 
 
 class FlatEncoder(Encoder):
@@ -149,7 +159,7 @@ class FlatEncoder(Encoder):
             template = self.cfg.topic if kind == "data" else self.cfg.events_topic
             fields = {"prefix": self.prefix, "site": self.cfg.site, "area": place.area,
                       "line": place.line, "device": device, "group": group}  # fmt: skip
-            missing = sorted(k for k in self.cfg.placeholders() if fields[k] is None)
+            missing = sorted(k for k in placeholders(template, DATA_PLACEHOLDERS, kind) if fields[k] is None)
             if missing:  # a device not in the catalog the encoder was built with
                 raise ValueError(f"device {device!r} has no {', '.join(missing)} for mqtt.flat topics")
             topic = template.format(**fields)
@@ -165,7 +175,11 @@ class FlatEncoder(Encoder):
         agent = doc.get("agent")
         if seg.kind == "data":
             return self._samples(doc.get("blocks") or [], device, agent, link, historical)
-        topic = f"{self.prefix}/{seg.stream}" if device == AGENT_DEVICE else self.topic("events", device)
+        topic = (
+            self.cfg.agent_topic(self.prefix, seg.stream)
+            if device == AGENT_DEVICE
+            else self.topic("events", device)
+        )
         out = []
         for event in doc.get("events") or []:
             msg = {"ts": event.get("ts"), "agent": agent, "device": device, **event, "segment": link}
@@ -227,6 +241,7 @@ def _sample(
     src = _source_times(tags, block.get("src_ts"))
     if src is not None:
         msg["src_ts"] = src
+    msg["batch"] = block.get("batch")  # always present: null is "no batch at acquisition"
     msg["segment"] = link
     if historical:
         msg["historical"] = True

@@ -35,7 +35,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,6 +69,11 @@ REMOVED_KEYS = {
     "(readings per segment, which is one message)",
 }
 """Keys older configurations have, and what replaced them."""
+
+CommandHandler = Callable[[str, bytes, bool], None]
+"""What handles messages on a command topic (:meth:`Forwarder.add_command_handler`): called on the
+event loop with the topic, the payload and whether the broker delivered it as a retained message
+(a stale command, replayed at every subscription)."""
 
 
 TlsMode = Literal["on", "unverified", "off", "loopback"]
@@ -355,9 +360,12 @@ def make_encoder(
     key: bytes | None,
     catalog: Catalog | None = None,
     auditor: Auditor | None = None,
+    previous: Encoder | None = None,
 ) -> Encoder:
     """The encoder ``cfg.payload`` names. ``catalog``: the configured devices' tags (what a
-    Sparkplug DBIRTH declares); ``auditor``: where refused Sparkplug commands are recorded."""
+    Sparkplug DBIRTH declares); ``auditor``: where refused Sparkplug commands are recorded;
+    ``previous``: the encoder of the forwarder this one replaces, whose Sparkplug bdSeq goes on
+    (Sparkplug numbers the connects of the process, not of one forwarder)."""
     segments = JsonSegmentsEncoder(cfg.topic_prefix, identity, key)
     primary: Encoder
     if cfg.payload == "json":
@@ -365,7 +373,10 @@ def make_encoder(
     if cfg.payload == "flat":
         primary = FlatEncoder(cfg.flat, catalog or {}, cfg.topic_prefix)
     else:
-        primary = SparkplugEncoder(cfg.sparkplug, catalog or {}, identity.agent_id, auditor)
+        if isinstance(previous, WithSegments):
+            previous = previous.primary
+        bd_seq = previous.next_bd_seq if isinstance(previous, SparkplugEncoder) else 0
+        primary = SparkplugEncoder(cfg.sparkplug, catalog or {}, identity.agent_id, auditor, bd_seq=bd_seq)
     return WithSegments(primary, segments) if cfg.publish_segments else primary
 
 
@@ -384,7 +395,8 @@ class Forwarder:
     section stops one forwarder and starts another on the same buffer: what the old one had in
     flight is unclaimed at its stop and sent again by the new one (the in-flight window bounds
     those duplicates), and ``attempts`` carries the connection count over so the new forwarder's
-    sessions are newer than the old one's."""
+    sessions are newer than the old one's (``previous``, the old one's encoder, does the same for
+    Sparkplug's bdSeq)."""
 
     def __init__(
         self,
@@ -396,14 +408,15 @@ class Forwarder:
         catalog: Catalog | None = None,
         auditor: Auditor | None = None,
         encoder: Encoder | None = None,
+        previous: Encoder | None = None,
     ) -> None:
         """``encoder``: what segments become on the wire; by default the one ``cfg.payload`` names,
-        made with ``catalog`` and ``auditor`` (see :func:`make_encoder`)."""
+        made with ``catalog``, ``auditor`` and ``previous`` (see :func:`make_encoder`)."""
         self.cfg = cfg
         self.buffer = buffer
         self.identity = identity
         self.client_id = cfg.client_id or f"cleanroom-edge-{identity.agent_id}"
-        self.encoder = encoder or make_encoder(cfg, identity, buffer.core.key, catalog, auditor)
+        self.encoder = encoder or make_encoder(cfg, identity, buffer.core.key, catalog, auditor, previous)
         self._password = cfg.resolve_password()
         self._ssl = cfg.tls.context() if cfg.tls.enabled else None
         self._client = self._make_client()
@@ -442,8 +455,12 @@ class Forwarder:
         self._last_rescan = 0.0
         self._counts = dict.fromkeys(
             ("published", "published_readings", "acked", "acked_readings", "rejected", "reconnects",
-             "messages", "encode_errors", "message_errors"), 0
+             "messages", "encode_errors", "message_errors", "commands", "command_errors"), 0
         )  # fmt: skip
+        self._commands: list[tuple[str, CommandHandler]] = []
+        """Command topic filters and their handlers, subscribed on every connection."""
+        self._failing: set[str] = set()
+        """Command topic filters whose handler failed: the first failure is logged with its traceback."""
         self._last_error: str | None = None
         self._closed_early: str | None = None
         """paho's reason when the broker closed this attempt's connection before accepting it."""
@@ -500,7 +517,7 @@ class Forwarder:
         self._to_loop(self._on_puback, client, mid, not reason.is_failure, str(reason))
 
     def _paho_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._to_loop(self._on_message, client, msg.topic, bytes(msg.payload))
+        self._to_loop(self._on_message, client, msg.topic, bytes(msg.payload), bool(msg.retain))
 
     def _connect_blocking(self, session: str, will: Message | None) -> bool:
         """One connection attempt (TCP, TLS, CONNECT) in session ``session``, then paho's network
@@ -542,7 +559,7 @@ class Forwarder:
                 log.error("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason)
             self._last_error = error
             return
-        for topic in self.encoder.subscriptions():
+        for topic in [*self.encoder.subscriptions(), *(f for f, _ in self._commands)]:
             client.subscribe(topic, qos=1)
         if not self.encoder.resend_after_reconnect:
             # on the loop: nothing of this connection is published before these (a fresh client
@@ -559,11 +576,39 @@ class Forwarder:
         """A message of the session itself (a birth, a status): acknowledged, but no segment's."""
         return int(self._client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain).mid)
 
-    def _on_message(self, client: mqtt.Client, topic: str, payload: bytes) -> None:
+    def add_command_handler(self, topic_filter: str, handler: CommandHandler) -> None:
+        """Subscribe to ``topic_filter`` (QoS 1) on every connection, beside the payload format's own
+        subscriptions, and hand each message on it to ``handler`` on the event loop. A handler that
+        raises is logged and counted (``command_errors``), never fatal to the session: what a
+        message holds is the handler's to refuse."""
+        self._commands.append((topic_filter, handler))
+        if self._connected:
+            self._client.subscribe(topic_filter, qos=1)
+
+    def _on_command(
+        self, topic_filter: str, handler: CommandHandler, topic: str, payload: bytes, retained: bool
+    ) -> None:
+        self._counts["commands"] += 1
+        try:
+            handler(topic, payload, retained)
+        except Exception:
+            self._counts["command_errors"] += 1
+            self._last_error = f"handling a command on {topic} failed"
+            if topic_filter in self._failing:
+                log.error("handling a command on %s failed again; ignored", topic)
+            else:
+                self._failing.add(topic_filter)
+                log.exception("handling a command on %s failed; ignored", topic)
+
+    def _on_message(self, client: mqtt.Client, topic: str, payload: bytes, retained: bool = False) -> None:
         """A message on a subscribed topic: whatever it holds, a refusal or a log line, never an
         exception out of here."""
         if client is not self._client or not self._connected:
             return
+        for topic_filter, handler in self._commands:
+            if mqtt.topic_matches_sub(topic_filter, topic):
+                self._on_command(topic_filter, handler, topic, payload, retained)
+                return
         try:
             reaction = self.encoder.on_message(topic, payload)
         except Exception:

@@ -7,6 +7,10 @@ to one MQTT session. Every data payload made from a segment carries the ``Integr
 metric naming that segment and its hash, so a verifier can tie each Sparkplug message back to the
 chained record it came from.
 
+Each data payload also carries ``Batch/ref``, the batch context its readings were acquired in
+(the block's ``batch``), null when there was none: Sparkplug metrics are states a host keeps until
+they change, so the end of a batch must be said, not left out.
+
 Readings keep what the JSON segment says about them: a value that is not good carries the
 ``Quality`` property (the specification's codes: 0 bad, 500 stale, which is the nearest it has to
 uncertain) and a ``QualityReason``; a value whose Python type does not fit the metric's declared
@@ -87,6 +91,7 @@ REBIRTH = "Node Control/Rebirth"
 EVENTS = "Events/event"
 AUDIT = "Audit/record"
 INTEGRITY = "Integrity/segment"
+BATCH = "Batch/ref"
 
 QUALITY = "Quality"
 QUALITY_REASON = "QualityReason"
@@ -181,7 +186,9 @@ NODE_METRICS: tuple[MetricSpec, ...] = (
 )
 
 
-_RESERVED = frozenset(spec.name for spec in NODE_METRICS)
+BATCH_DESCRIPTION = "The batch context (ref) the readings were acquired in; null: no batch"
+
+_RESERVED = frozenset(spec.name for spec in NODE_METRICS) | {BATCH}
 """Names no tag may have: a metric name must mean one metric, wherever it is read."""
 
 
@@ -191,8 +198,8 @@ def node_metrics() -> list[MetricSpec]:
 
 
 def device_metrics(tags: Sequence[TagInfo], *, first_alias: int) -> list[MetricSpec]:
-    """A device's metrics: its tags in profile order, then ``Events/event`` and
-    ``Integrity/segment``, aliased from ``first_alias`` on. Raises ValueError for a tag name that
+    """A device's metrics: its tags in profile order, then ``Events/event``, ``Integrity/segment``
+    and ``Batch/ref``, aliased from ``first_alias`` on. Raises ValueError for a tag name that
     appears twice or is one of the node's metric names."""
     specs: list[MetricSpec] = []
     seen: set[str] = set()
@@ -214,6 +221,7 @@ def device_metrics(tags: Sequence[TagInfo], *, first_alias: int) -> list[MetricS
             INTEGRITY, first_alias + len(specs), DataType.STRING, description=NODE_METRICS[4].description
         )
     )
+    specs.append(MetricSpec(BATCH, first_alias + len(specs), DataType.STRING, description=BATCH_DESCRIPTION))
     return specs
 
 
@@ -446,6 +454,13 @@ def data_from_segment(
                     historical=historical,
                     quality=str(qualities[i]) if qualities is not None else "good",
                     reason=reasons[i] if reasons is not None else None,
+                )
+            if "batch" in block and (batch := by_name.get(BATCH)) is not None:  # (older segments: unknown)
+                ref = block["batch"]
+                if ref is not None and not isinstance(ref, str):
+                    raise SparkplugEncodeError(f"{where}: batch is not a string or null")
+                out.last[BATCH] = _metric(
+                    payload, batch, value=ref, ts_ms=block_ms, named=False, historical=historical
                 )
             _metric(payload, integrity, value=segment_ref, ts_ms=block_ms, named=False, historical=historical)
             built.append(payload)

@@ -3,10 +3,11 @@
 The agent is one edge node (``spBv1.0/<group>/<TYPE>/<edge node>``), each configured device one
 of its devices (``.../<device>``). What the specification asks of a session, and where it is done:
 
-* ``bdSeq``: 0 on the first MQTT connect of the process, +1 on every connect after, wrapping at
-  256; the NDEATH set as the connection's will and the NBIRTH of that connection carry the same
-  one, so a host matches a death to its birth. An attempt the broker never accepted (it was down)
-  takes no number: the host sees the next session's bdSeq one above the death it saw.
+* ``bdSeq``: 0 on the first MQTT connect of the process, +1 on every connect after (also the
+  first of the edge node a reload rebuilt the forwarder with), wrapping at 256; the NDEATH set as
+  the connection's will and the NBIRTH of that connection carry the same one, so a host matches a
+  death to its birth. An attempt the broker never accepted (it was down) takes no number: the host
+  sees the next session's bdSeq one above the death it saw.
 * ``seq``: one counter for NBIRTH, NDATA, DBIRTH, DDATA and DDEATH, 0 to 255 and round again;
   every NBIRTH (also a rebirth) starts it at 0.
 * Births before data: NBIRTH and a DBIRTH per device that is up, on connect (or when the primary
@@ -103,8 +104,16 @@ class SparkplugEncoder(Encoder):
     resend_after_reconnect = False
 
     def __init__(
-        self, cfg: SparkplugConfig, catalog: Catalog, agent_id: str, auditor: Auditor | None = None
+        self,
+        cfg: SparkplugConfig,
+        catalog: Catalog,
+        agent_id: str,
+        auditor: Auditor | None = None,
+        *,
+        bd_seq: int = 0,
     ) -> None:
+        """``bd_seq``: the bdSeq of the first connect, the :attr:`next_bd_seq` of the edge node this
+        one replaces (a reload rebuilt the forwarder): the numbers count the process's connects."""
         if cfg.group_id is None:
             raise ValueError("mqtt.sparkplug.group_id is required with payload: sparkplug_b")
         self.group = cfg.group_id
@@ -116,9 +125,9 @@ class SparkplugEncoder(Encoder):
         self._tags = {device: list(tags) for device, tags in catalog.items()}
         """Each device's tags, with the value types learned from their readings."""
         self._relearned: set[tuple[str, str]] = set()
-        self._bd_seq = 0
+        self._bd_seq = bd_seq % 256
         """The bdSeq of the current (or last) connection attempt's will and birth."""
-        self._bd_next = 0
+        self._bd_next = self._bd_seq
         """The bdSeq of the next attempt: one more once a connection was accepted. An attempt that
         never got a session (broker down) leaves no birth behind, so it takes no number."""
         self._seq = 0
@@ -153,6 +162,11 @@ class SparkplugEncoder(Encoder):
     @property
     def bd_seq(self) -> int:
         return self._bd_seq
+
+    @property
+    def next_bd_seq(self) -> int:
+        """The bdSeq the next connect takes: where a successor edge node goes on from."""
+        return self._bd_next
 
     # ------------------------------------------------------------------ session
 
