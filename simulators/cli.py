@@ -4,8 +4,10 @@
     cleanroom-sim incubator --protocol modbus-rtu --unit-id 1,2,3 --pty-link /tmp/incubators
     cleanroom-sim particle-counter --protocol serial --pty-link /tmp/counter
     cleanroom-sim bioreactor --protocol opcua --port 4840
+    cleanroom-sim incubator --protocol opcua --port 4841
     cleanroom-sim plant --config simulators/scenarios/plant.yaml --endpoints endpoints.json
     cleanroom-sim generate --scenario simulators/scenarios/plant.yaml --hours 24 --seed 1 --out out/
+    cleanroom-sim mes --config plant --agent gw-01 --broker 127.0.0.1:1883
 
 Exit codes: 0 ok (also after SIGINT/SIGTERM), 1 runtime failure, 2 bad input.
 """
@@ -88,7 +90,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--period", type=_positive, default=None, help="output resolution in seconds")
     p.set_defaults(func=_run_generate)
+    p = sub.add_parser("mes", help="publish the plant's batch assignment commands to the agent over MQTT")
+    p.add_argument(
+        "--config", type=Path, required=True, help="plant or scenario YAML with a batches: section"
+    )
+    p.add_argument("--agent", required=True, help="agent id (agent.id in its configuration)")
+    p.add_argument(
+        "--broker", type=_host_port, default=("127.0.0.1", 1883), help="HOST:PORT (127.0.0.1:1883)"
+    )
+    p.add_argument("--prefix", default="cleanroom", help="the agent's mqtt.topic_prefix")
+    p.add_argument(
+        "--topic", default=None, help="command topic template (default {prefix}/agent/batch/{agent})"
+    )
+    p.add_argument("--speed", type=_positive, help="simulated seconds per wall second (default: the file's)")
+    p.add_argument("--tls-ca", type=Path, help="CA of the broker's certificate: connect with TLS")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (mutual TLS), with --tls-key")
+    p.add_argument("--tls-key", type=Path, help="client private key (PEM)")
+    p.add_argument("--username", help="MQTT user name")
+    p.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    p.add_argument("--ack-timeout", type=_positive, default=30.0, help="seconds to wait for each PUBACK")
+    p.set_defaults(func=_run_mes)
     return parser
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not host or not 0 < number < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: write HOST:PORT, e.g. 127.0.0.1:1883")
+    return host, number
 
 
 async def _until_stopped() -> None:
@@ -168,6 +201,57 @@ def _run_generate(args: argparse.Namespace) -> int:
     for path in written or []:
         print(path)
     return 0
+
+
+def _run_mes(args: argparse.Namespace) -> int:
+    from simulators.mes import DEFAULT_TOPIC, Broker, MesError, MesPublisher, command_line, run_mes
+    from simulators.process.base import Clock
+    from simulators.process.scenario import load_scenario
+
+    scenario = load_scenario(args.config)
+    if not scenario.batches:
+        raise ValueError(f"{args.config}: no batches: section, so no commands to publish")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("give both --tls-cert and --tls-key, or neither")
+    password = None
+    if args.password_file is not None:
+        password = args.password_file.read_text().strip()
+    try:
+        topic = (args.topic or DEFAULT_TOPIC).format(prefix=args.prefix, agent=args.agent)
+    except (KeyError, IndexError):
+        raise ValueError(f"--topic {args.topic!r}: placeholders are {{prefix}} and {{agent}}") from None
+    broker = Broker(
+        args.broker[0], args.broker[1], args.tls_ca, args.tls_cert, args.tls_key, args.username, password
+    )
+    clock = Clock(args.speed or scenario.speed or 1.0)
+    schedule = scenario.batch_schedule(clock.now())
+
+    async def run() -> int:
+        publisher = MesPublisher(broker, topic, ack_timeout_s=args.ack_timeout)
+        await publisher.connect()
+        try:
+            sender = asyncio.create_task(
+                run_mes(schedule, publisher, clock, lambda c: print(command_line(c), flush=True))
+            )
+            stopper = asyncio.create_task(_until_stopped())
+            done, _ = await asyncio.wait({sender, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (sender, stopper):
+                if task not in done:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            if sender in done:
+                sender.result()
+        finally:
+            await publisher.close()
+        return 0
+
+    print(f"mes: {len(schedule.commands())} commands to {topic} on {broker.host}:{broker.port}", flush=True)
+    try:
+        return asyncio.run(run())
+    except MesError as exc:
+        print(f"cleanroom-sim: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

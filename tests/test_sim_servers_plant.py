@@ -81,7 +81,7 @@ async def test_plant_serves_each_device_where_its_endpoint_says(tmp_path: Path) 
 
 def test_bad_plant_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "plant.yaml"
-    path.write_text("devices:\n  - {id: x, kind: incubator, protocol: opcua}\n")
+    path.write_text("devices:\n  - {id: x, kind: particle_counter, protocol: opcua}\n")
     out = subprocess.run(
         [sys.executable, "-m", "simulators.cli", "plant", "--config", str(path)],
         capture_output=True,
@@ -90,7 +90,7 @@ def test_bad_plant_file_is_a_clear_error(tmp_path: Path) -> None:
         check=False,
         cwd=ROOT,
     )
-    assert out.returncode == 2 and "OPC UA front end serves bioreactors only" in out.stderr
+    assert out.returncode == 2 and "OPC UA front end serves bioreactors and incubators only" in out.stderr
     assert "Traceback" not in out.stderr
 
 

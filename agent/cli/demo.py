@@ -5,6 +5,9 @@ equipment would be), an embedded MQTT broker (amqtt) unless ``--broker`` names o
 the agent with a configuration built from the plant's endpoint list; then shows what
 arrives *at the broker* — not what the agent thinks it sent — until Ctrl-C or
 ``--duration``, and ends with the account: readings polled, committed, delivered, lost.
+The plant runs batches: one bioreactor declares its own, and a simulated MES (``cleanroom-sim
+mes``, another process) assigns the others over the agent's MQTT command topic, so every record
+on the broker names the batch it belongs to.
 """
 
 from __future__ import annotations
@@ -222,10 +225,27 @@ def _write_config(
         "devices": devices,
         "limits": limits,
         "models": bindings,
+        # the simulated MES assigns batches over MQTT: on a loopback broker only the demo publishes
+        "batch": {"mqtt_commands": True},
     }
     path = workdir / "agent.yaml"
     path.write_text("# written by cleanroom-agent demo\n" + yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _start_mes(
+    workdir: Path, broker: tuple[str, int], agent_id: str, speed: float
+) -> subprocess.Popen[bytes]:
+    """The simulated MES, publishing the plant's batch commands as they fall due (its log:
+    ``mes.log``, one line per command the broker acknowledged)."""
+    log_file = (workdir / "mes.log").open("wb")
+    with log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "simulators.cli", "mes", "--config", PLANT, "--agent", agent_id,
+             "--broker", f"{broker[0]}:{broker[1]}", "--speed", str(speed)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
 
 
 class LiveView:
@@ -238,6 +258,8 @@ class LiveView:
 
         self.readings = 0
         self.events = 0
+        self.batches: set[str] = set()
+        """Batch refs the records at the broker named."""
         self.seqs: set[int] = set()
         self._lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-view-{os.getpid()}")
@@ -256,6 +278,8 @@ class LiveView:
                 for b in payload.get("blocks", []):
                     self.readings += b["n"]
                     self.seqs.update(range(b["seq"], b["seq"] + b["n"]))
+                    if b.get("batch"):
+                        self.batches.add(b["batch"])
                     print(_block_line(payload["device"], b), flush=True)
             elif msg.topic.endswith("/events"):
                 for e in payload.get("events", []):
@@ -288,7 +312,9 @@ def _block_line(device: str, b: dict[str, Any]) -> str:
     more = f"  (+{b['n'] - 5} more)" if b["n"] > 5 else ""
     bad = "" if quality is None else f"  {sum(q != 'good' for q in quality)} not good"
     seq = f"#{b['seq']}-{b['seq'] + b['n'] - 1}"
-    return f"{_clock(b['ts'])}  {device:<8} {b['group']:<10} {seq:<14} " + "  ".join(shown) + more + bad
+    batch = f"  batch {b['batch']}" if b.get("batch") else ""
+    line = f"{_clock(b['ts'])}  {device:<8} {b['group']:<10} {seq:<14} " + "  ".join(shown)
+    return line + more + bad + batch
 
 
 def _event_line(device: str, e: dict[str, Any]) -> str:
@@ -373,11 +399,25 @@ async def _run(
     view = LiveView(broker[0], broker[1], "cleanroom")
     agent = Agent(loaded)
     t0 = time.monotonic()
+    mes: subprocess.Popen[bytes] | None = None
     try:
         await agent.start()
+        mes = await asyncio.to_thread(_start_mes, workdir, broker, loaded.config.agent.id, speed)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=duration)
     finally:
+        if mes is not None and mes.poll() is None:
+            mes.terminate()
+            try:
+                await asyncio.to_thread(mes.wait, 10)
+            except subprocess.TimeoutExpired:
+                mes.kill()
+                await asyncio.to_thread(mes.wait, 10)
+        if mes is not None and mes.returncode not in (0, -signal.SIGTERM):
+            tail = (workdir / "mes.log").read_text(errors="replace").strip().splitlines()[-3:]
+            print(
+                f"the simulated MES failed (exit {mes.returncode}):\n  " + "\n  ".join(tail), file=sys.stderr
+            )
         polls = sum(
             g["polls"]
             for d in (agent.scheduler.status() if agent.scheduler else {}).values()
@@ -404,6 +444,7 @@ async def _run(
         f"readings delivered     {stats['delivered_readings_total']}  (acknowledged by the broker)\n"
         f"readings seen at view  {view.readings}\n"
         f"events seen at view    {view.events}\n"
+        f"batches on records     {', '.join(sorted(view.batches)) or 'none'}\n"
         f"still buffered         {stats['depth_readings']}\n"
         f"lost                   {stats['lost_readings_total']}\n"
         f"models                 {_model_states(model_status)}\n"

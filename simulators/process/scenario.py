@@ -34,6 +34,7 @@ from cleanroom_common.bundled import package_dir
 from cleanroom_common.fields import Duration, Strict, resolve_path
 from cleanroom_common.yamlfile import YamlError, read_yaml
 from simulators.process.base import MODELS, ProcessModel, create_model
+from simulators.process.batch import BatchSchedule, BatchSpec, check_schedule
 from simulators.process.faults import COMM_FAULTS, FAULT_PARAMS, Fault
 
 SERVE_KEYS = frozenset(
@@ -215,6 +216,8 @@ class Scenario(Strict):
     """Plant files: a scenario file merged in by device id (its params override, its faults add)."""
     devices: list[DeviceSpec]
     """The devices."""
+    batches: list[BatchSpec] = Field(default_factory=list)
+    """Batches the devices hold, with their procedure steps (simulators/process/batch.py)."""
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Scenario:
@@ -223,7 +226,12 @@ class Scenario(Strict):
             if d.id in seen:
                 raise ValueError(f"device id {d.id!r} appears twice")
             seen.add(d.id)
+        check_schedule(self.batches, seen)
         return self
+
+    def batch_schedule(self, start_time_s: float | None = None) -> BatchSchedule:
+        """The batches anchored at ``start_time_s`` (default: the scenario start)."""
+        return BatchSchedule(self.batches, self.start if start_time_s is None else start_time_s)
 
     def device(self, device_id: str) -> DeviceSpec:
         for d in self.devices:
@@ -270,10 +278,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _merge(plant: dict[str, Any], scenario: dict[str, Any]) -> dict[str, Any]:
-    """Overlay a scenario on a plant: per id, params override and faults append; new ids are added."""
+    """Overlay a scenario on a plant: per id, params override and faults append; new ids are added;
+    batches of both run."""
     merged = {k: v for k, v in scenario.items() if k != "devices"} | {
         k: v for k, v in plant.items() if k not in ("devices", "scenario")
     }
+    if scenario.get("batches") or plant.get("batches"):
+        merged["batches"] = [*(plant.get("batches") or []), *(scenario.get("batches") or [])]
     devices = [dict(d) if isinstance(d, dict) else d for d in plant.get("devices") or []]
     by_id = {d.get("id"): d for d in devices if isinstance(d, dict)}
     for extra in scenario.get("devices") or []:

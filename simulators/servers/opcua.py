@@ -1,29 +1,39 @@
-"""OPC UA front end: a bioreactor with a LADS-like (OPC 30500) address space.
+"""OPC UA front end: a bioreactor or a CO2 incubator with a LADS-like (OPC 30500) address space.
 
-The address space is built from the profile (``deploy/profiles/bioreactor-sim-opcua.yaml``):
-each tag's node id ``nsu=<uri>;s=A.B.C`` becomes the variable ``C`` below the objects
-``A`` / ``B`` under ``Objects``, so the map the agent reads and the server it reads from
-come from one file. Values are pushed from the model on a short timer with the device
-clock (simulated time) as source timestamp; subscriptions see them change like on a
-real device. Security policies and user login are optional, as on a real server. With
-``client_trust`` the server checks the client's certificate when the secure channel opens, as
-UA-.NET and open62541 servers do, and answers an untrusted one ``BadSecurityChecksFailed``.
+One server implementation serves every kind in :data:`KINDS`; an :class:`OpcUaKind` holds what
+differs (namespace, what the controller says about itself, its alarms, derived values). The
+address space is built from the kind's profile (``deploy/profiles/bioreactor-sim-opcua.yaml``,
+``incubator-sim-opcua.yaml``): each tag's node id ``nsu=<uri>;s=A.B.C`` becomes the variable
+``C`` below the objects ``A`` / ``B`` under ``Objects``, so the map the agent reads and the
+server it reads from come from one file. Values are pushed from the model on a short timer
+with the device clock (simulated time) as source timestamp; subscriptions see them change
+like on a real device. Security policies and user login are optional, as on a real server.
+With ``client_trust`` the server checks the client's certificate when the secure channel
+opens, as UA-.NET and open62541 servers do, and answers an untrusted one
+``BadSecurityChecksFailed``.
 
 Comm faults: timeout / garbled / exception become bad status codes on every value (the
 device behind the server stopped answering, sent garbage, reported a failure);
 disconnect takes the whole server off the network for the fault window.
 
-Alarms: the controller's alarm flags (temperature excursion, pH, DO low, agitation fault,
-CO2 supply low: :data:`ALARMS`) are also Alarms & Conditions events (OffNormalAlarmType)
-notified on the device object (the first element of the tags' paths, ``Bioreactor``): raised
-(active, unacknowledged, retained) when the flag sets and cleared when it resets. The
-simulated controller has no operator panel, so it acknowledges an alarm itself as it
-clears (inactive, acknowledged, no longer retained). The server answers ConditionRefresh
-with the alarms still active. Process faults of a scenario (``temperature_oscillation``,
-``co2_supply_failure``…) raise them as they move the process past the flags' thresholds.
+Alarms: the controller's alarm flags (the bioreactor's temperature excursion, pH, DO low,
+agitation fault, CO2 supply low: :data:`ALARMS`; the incubator's door open, CO2 low or high,
+temperature excursion…: :data:`INCUBATOR_ALARMS`) are also Alarms & Conditions events
+(OffNormalAlarmType) notified on the device object (the first element of the tags' paths,
+``Bioreactor``, ``Incubator``): raised (active, unacknowledged, retained) when the flag sets
+and cleared when it resets. The simulated controller has no operator panel, so it
+acknowledges an alarm itself as it clears (inactive, acknowledged, no longer retained). The
+server answers ConditionRefresh with the alarms still active. Process faults of a scenario
+(``temperature_oscillation``, ``co2_supply_failure``, ``door_open``…) raise them as they move
+the process past the flags' thresholds.
 
-Arrays: ``zone_temperature_c`` is a Double array (ValueRank 1) of the bag temperature over
-the rocker plate's :data:`ZONES` heating zones, for profiles that read arrays.
+Batches: with a batch schedule (a scenario's ``batches:``), the ``ActiveProgram`` nodes show the
+batch the device holds (``batch_id``, ``batch_step``, ``batch_product``, ``batch_coi_id``; empty
+strings between batches), as a LADS device shows its running program, so a profile can declare
+them the device's own batch assignment.
+
+Arrays: the bioreactor's ``zone_temperature_c`` is a Double array (ValueRank 1) of the bag
+temperature over the rocker plate's :data:`ZONES` heating zones, for profiles that read arrays.
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ import contextlib
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +64,7 @@ from cryptography import x509
 from cleanroom_common.net import free_port
 from cleanroom_common.profilefiles import load_profile
 from simulators.process.base import Clock
+from simulators.process.batch import BatchSchedule
 from simulators.servers.counter import serial_number
 from simulators.servers.device import SimulatedDevice, Value
 from simulators.servers.faults import CommFault, FaultSchedule
@@ -67,8 +78,9 @@ MANUFACTURER = "Cleanroom-Sim Bioprocess"
 MODEL_NAME = "CLEANROOM-SIM BIOREACTOR"
 FIRMWARE = "2.4.1"
 BUILD_NUMBER = "2041"
-"""What the simulated controller says about itself: in its Identification object (DI model)
-and in the server's BuildInfo, as an embedded OPC UA server does."""
+"""What the simulated bioreactor controller says about itself: in its Identification object
+(DI model) and in the server's BuildInfo, as an embedded OPC UA server does."""
+BUILD_DATE = datetime(2026, 1, 15, tzinfo=UTC)
 _NODE_RE = re.compile(r"^(?:nsu=(?P<uri>[^;]+)|ns=\d+);s=(?P<path>[A-Za-z0-9_.]+)$")
 
 UNECE_CODES = {"degC": "CEL", "%": "P1", "rpm": "RPM", "kg": "KGM", "L": "LTR", "mL": "MLT", "bar": "BAR"}
@@ -84,13 +96,101 @@ ALARMS: dict[str, tuple[str, int, str]] = {
     "agitation_fault": ("AgitationFault", 800, "Rocking stopped"),
     "gas_supply_low": ("Co2SupplyLow", 500, "CO2 supply pressure below 0.5 bar"),
 }
-"""Status flag → (condition name, OPC UA severity, message) of the alarm it raises."""
+"""Status flag → (condition name, OPC UA severity, message) of the alarm it raises (bioreactor)."""
+INCUBATOR_ALARMS: dict[str, tuple[str, int, str]] = {
+    "door_alarm": ("DoorOpen", 600, "Door open longer than the alarm delay"),
+    "temp_high": ("TemperatureHigh", 700, "Temperature above setpoint + 0.5 °C"),
+    "temp_low": ("TemperatureLow", 700, "Temperature below setpoint - 0.5 °C"),
+    "over_temp": ("OverTemperature", 900, "Over-temperature cut-out tripped, heating off"),
+    "co2_high": ("Co2High", 600, "CO2 more than 1 % above setpoint"),
+    "co2_low": ("Co2Low", 600, "CO2 more than 1 % below setpoint"),
+    "co2_supply_low": ("Co2SupplyLow", 500, "CO2 supply pressure below 0.5 bar"),
+    "o2_alarm": ("O2Deviation", 600, "O2 more than 1 % from setpoint"),
+}
+"""The incubator's alarms. The door raises ``DoorOpen`` from ``door_alarm`` (open longer than
+``door_alarm_delay_s``), not from ``door_open``: a door opened to load plates is no alarm."""
 ZONES = (-0.15, -0.05, 0.05, 0.15)
 """Offset of each heating zone from the bag temperature (°C) at full heater output: the zones
 over the heating element run warmer the harder it heats."""
 
+BATCH_TAGS = ("batch_id", "batch_step", "batch_product", "batch_coi_id")
+"""String values of the ``ActiveProgram`` nodes: the batch the device holds."""
+
 ServedValue = Value | list[float]
 """What a variable serves: a scalar, or an array (``zone_temperature_c``)."""
+
+
+@dataclass(frozen=True)
+class OpcUaKind:
+    """What makes one device kind's OPC UA server its own; everything else is shared."""
+
+    namespace: str
+    """Namespace URI of the device's nodes (the profile's ``nsu=``)."""
+    application_uri: str
+    """The server's ApplicationUri (a server certificate's subjectAltName must equal it)."""
+    profile: str
+    """Bundled profile the address space is built from unless another is given."""
+    manufacturer: str
+    model_name: str
+    firmware: str
+    build_number: str
+    serial_prefix: str
+    """Serial numbers are ``<prefix>-<6 digits>``, stable per device id."""
+    alarms: Mapping[str, tuple[str, int, str]]
+    """Status flag → (condition name, OPC UA severity, message) of the alarm it raises."""
+    derived: Callable[[Mapping[str, ServedValue]], dict[str, ServedValue]]
+    """Values the controller computes from the model's (state, arrays) on top of them."""
+
+
+def _bioreactor_values(values: Mapping[str, ServedValue]) -> dict[str, ServedValue]:
+    out: dict[str, ServedValue] = {"state": "Running" if values.get("running") else "Stopped"}
+    temperature, heater = values.get("temperature_c"), values.get("heater_pct")
+    if isinstance(temperature, float) and isinstance(heater, float):
+        out["zone_temperature_c"] = [temperature + dz * heater / 100 for dz in ZONES]
+    return out
+
+
+def _no_values(values: Mapping[str, ServedValue]) -> dict[str, ServedValue]:
+    return {}
+
+
+KINDS: dict[str, OpcUaKind] = {
+    "bioreactor": OpcUaKind(
+        namespace=NAMESPACE,
+        application_uri=APPLICATION_URI,
+        profile=DEFAULT_PROFILE,
+        manufacturer=MANUFACTURER,
+        model_name=MODEL_NAME,
+        firmware=FIRMWARE,
+        build_number=BUILD_NUMBER,
+        serial_prefix="BR-SIM",
+        alarms=ALARMS,
+        derived=_bioreactor_values,
+    ),
+    "incubator": OpcUaKind(
+        namespace="urn:cleanroom-edge:sim:incubator",
+        application_uri="urn:cleanroom-edge:sim:incubator:server",
+        profile="incubator-sim-opcua",
+        manufacturer="Cleanroom-Sim Cell Culture",
+        model_name="CLEANROOM-SIM CO2 INCUBATOR",
+        firmware="3.2.0",
+        build_number="3200",
+        serial_prefix="INC-SIM",
+        alarms=INCUBATOR_ALARMS,
+        derived=_no_values,
+    ),
+}
+"""The device kinds served over OPC UA, by process model kind."""
+
+
+def opcua_kind(kind: str) -> OpcUaKind:
+    """The OPC UA description of a device kind, or a clear error naming the kinds served."""
+    try:
+        return KINDS[kind]
+    except KeyError:
+        served = " and ".join(f"{k}s" for k in KINDS)
+        raise ValueError(f"the OPC UA front end serves {served} only, not {kind!r}") from None
+
 
 FAULT_STATUS = {
     CommFault.TIMEOUT: ua.StatusCodes.BadTimeout,
@@ -187,8 +287,8 @@ class _CheckingBinaryServer(BinaryServer):
         return protocol
 
 
-class OpcUaBioreactor:
-    """One bioreactor, one OPC UA server."""
+class OpcUaDevice:
+    """One device (a kind of :data:`KINDS`), one OPC UA server."""
 
     def __init__(
         self,
@@ -203,17 +303,20 @@ class OpcUaBioreactor:
         password: str | None = None,
         client_trust: Path | None = None,
         update_interval_s: float = 0.2,
+        batches: BatchSchedule | None = None,
     ) -> None:
         if (user is None) != (password is None):
             raise ValueError("give both user and password, or neither")
         self.device = device
-        self.tags = [_parse_tag(t) for t in profile["tags"]]
+        self.kind = opcua_kind(device.kind)
+        self.tags = [_parse_tag(t, self.kind.namespace) for t in profile["tags"]]
         self.host, self.port = host, port
         self.cert, self.key = cert, key
         self.user, self.password = user, password
         self.client_trust = client_trust
         self.update_interval_s = update_interval_s
-        self.serial = f"BR-SIM-{serial_number(device.device_id):06d}"
+        self.batches = batches
+        self.serial = f"{self.kind.serial_prefix}-{serial_number(device.device_id):06d}"
         missing = sorted({name for name, *_ in self.tags} - set(self.values()))
         if missing:
             raise ValueError(f"{profile.get('profile')}: tags with no simulated value: {', '.join(missing)}")
@@ -234,14 +337,26 @@ class OpcUaBioreactor:
 
     def values(self) -> dict[str, ServedValue]:
         out: dict[str, ServedValue] = dict(self.device.values())
-        temperature, heater = out.get("temperature_c"), out.get("heater_pct")
-        if isinstance(temperature, float) and isinstance(heater, float):
-            out["zone_temperature_c"] = [temperature + dz * heater / 100 for dz in ZONES]
-        out["state"] = "Running" if out.get("running") else "Stopped"
+        out |= self.kind.derived(out)
         out["serial_number"] = self.serial
-        out["firmware_version"] = FIRMWARE
-        out["model_name"] = MODEL_NAME
+        out["firmware_version"] = self.kind.firmware
+        out["model_name"] = self.kind.model_name
+        out |= self._batch_values()
         return out
+
+    def _batch_values(self) -> dict[str, ServedValue]:
+        """The batch held at the device clock's now; empty strings when none (the nodes exist
+        either way, so one profile serves a device with and without a schedule)."""
+        held = self.batches.held(self.device.device_id, self.device.clock.now()) if self.batches else None
+        if held is None:
+            return dict.fromkeys(BATCH_TAGS, "")
+        b = held.batch
+        return {
+            "batch_id": b.id,
+            "batch_step": held.step,
+            "batch_product": b.product or "",
+            "batch_coi_id": b.coi_id or "",
+        }
 
     # ------------------------------------------------------------------ server
 
@@ -251,17 +366,13 @@ class OpcUaBioreactor:
         )
         server.iserver.bind_condition_methods = True  # ConditionRefresh, as A&C servers answer it
         await server.init()
+        k = self.kind
         await server.set_build_info(
-            APPLICATION_URI,
-            MANUFACTURER,
-            MODEL_NAME,
-            FIRMWARE,
-            BUILD_NUMBER,
-            datetime(2026, 1, 15, tzinfo=UTC),
+            k.application_uri, k.manufacturer, k.model_name, k.firmware, k.build_number, BUILD_DATE
         )
         server.set_endpoint(self.url)
-        server.set_server_name("cleanroom-sim bioreactor")
-        await server.set_application_uri(APPLICATION_URI)
+        server.set_server_name(f"cleanroom-sim {self.device.kind}")
+        await server.set_application_uri(k.application_uri)
         policies = [ua.SecurityPolicyType.NoSecurity]
         if self.cert is not None and self.key is not None:
             await server.load_certificate(str(self.cert))
@@ -277,7 +388,7 @@ class OpcUaBioreactor:
         server.set_security_policy(policies)
         if self.user:
             server.set_identity_tokens([ua.UserNameIdentityToken])
-        idx = await server.register_namespace(NAMESPACE)
+        idx = await server.register_namespace(k.namespace)
         await self._address_space(server, idx)
         server.subscribe_server_callback(CallbackType.PostWrite, self._post_write)
         return server
@@ -326,7 +437,7 @@ class OpcUaBioreactor:
             return
         flags = self.device.values()
         self._alarms = {}
-        for flag, (condition, severity, _) in ALARMS.items():
+        for flag, (condition, severity, _) in self.kind.alarms.items():
             if flag not in flags:
                 continue
             gen = await server.get_event_generator(ua.ObjectIds.OffNormalAlarmType, source)
@@ -443,7 +554,7 @@ class OpcUaBioreactor:
             if self._raised.get(flag, False) == active:
                 continue
             self._raised[flag] = active
-            _, _, message = ALARMS[flag]
+            _, _, message = self.kind.alarms[flag]
             ev = gen.event
             ev.Retain = active
             ev.ActiveState = ua.LocalizedText("Active" if active else "Inactive")
@@ -453,21 +564,23 @@ class OpcUaBioreactor:
             await gen.trigger(source_ts, message if active else f"Back to normal: {message}")
 
 
-def _parse_tag(tag: Mapping[str, Any]) -> tuple[str, str, str | None, tuple[float, float] | None]:
+def _parse_tag(
+    tag: Mapping[str, Any], namespace: str
+) -> tuple[str, str, str | None, tuple[float, float] | None]:
     m = _NODE_RE.match(str(tag.get("node_id", "")))
     if not m:
         raise ValueError(
             f"tag {tag.get('name')!r}: the simulator serves string node ids (ns=…;s=… or nsu=…;s=…)"
         )
-    if m["uri"] is not None and m["uri"] != NAMESPACE:
-        raise ValueError(f"tag {tag['name']!r}: namespace {m['uri']!r} is not {NAMESPACE!r}")
+    if m["uri"] is not None and m["uri"] != namespace:
+        raise ValueError(f"tag {tag['name']!r}: namespace {m['uri']!r} is not {namespace!r}")
     rng = tag.get("range")
     return str(tag["name"]), m["path"], tag.get("unit"), (float(rng[0]), float(rng[1])) if rng else None
 
 
 @dataclass
 class OpcUaSim:
-    server: OpcUaBioreactor
+    server: OpcUaDevice
     device: SimulatedDevice
     clock: Clock
 
@@ -481,13 +594,14 @@ class OpcUaSim:
 
 
 @asynccontextmanager
-async def serve_bioreactor_opcua(
+async def serve_opcua(
+    kind: str,
     *,
     port: int = 0,
     host: str = "127.0.0.1",
     speed: float = 1.0,
     seed: int = 0,
-    device_id: str = "bioreactor-1",
+    device_id: str | None = None,
     profile: str | Path | None = None,
     params: Mapping[str, Any] | None = None,
     faults: list[str] | None = None,
@@ -498,15 +612,23 @@ async def serve_bioreactor_opcua(
     password: str | None = None,
     client_trust: Path | None = None,
     update_interval_s: float = 0.2,
+    batches: BatchSchedule | None = None,
 ) -> AsyncIterator[OpcUaSim]:
-    """``async with serve_bioreactor_opcua(port=0, speed=60) as sim:`` → ``sim.url``, ``sim.model``."""
+    """One device of ``kind`` (id ``<kind>-1`` unless given) on its own OPC UA server for the
+    duration of the ``async with`` block: ``sim.url``, ``sim.model``, ``sim.device.faults``."""
+    spec = opcua_kind(kind)
     clock = clock or Clock(speed)
     device = SimulatedDevice.create(
-        "bioreactor", device_id, clock=clock, seed=seed, params=params, faults=FaultSchedule.parse(faults)
+        kind,
+        device_id or f"{kind}-1",
+        clock=clock,
+        seed=seed,
+        params=params,
+        faults=FaultSchedule.parse(faults),
     )
-    server = OpcUaBioreactor(
+    server = OpcUaDevice(
         device,
-        load_profile(profile or DEFAULT_PROFILE),
+        load_profile(profile or spec.profile),
         host=host,
         port=port or free_port(host),
         cert=cert,
@@ -515,9 +637,20 @@ async def serve_bioreactor_opcua(
         password=password,
         client_trust=client_trust,
         update_interval_s=update_interval_s,
+        batches=batches,
     )
     await server.start()
     try:
         yield OpcUaSim(server, device, clock)
     finally:
         await server.close()
+
+
+def serve_bioreactor_opcua(**kwargs: Any) -> AbstractAsyncContextManager[OpcUaSim]:
+    """``async with serve_bioreactor_opcua(port=0, speed=60) as sim:`` → ``sim.url``, ``sim.model``."""
+    return serve_opcua("bioreactor", **kwargs)
+
+
+def serve_incubator_opcua(**kwargs: Any) -> AbstractAsyncContextManager[OpcUaSim]:
+    """``async with serve_incubator_opcua(port=0, speed=60) as sim:`` → ``sim.url``, ``sim.model``."""
+    return serve_opcua("incubator", **kwargs)

@@ -6,6 +6,7 @@ faults per device) whose devices also say how they are served: ``protocol``, ``p
 same ``endpoint`` share one server: several Modbus unit ids behind one TCP gateway, or
 several units on one RTU bus (one pty). ``endpoints()`` is what the agent's demo builds
 its configuration from (``cleanroom-sim plant --endpoints FILE`` writes it as JSON).
+A plant file's ``batches:`` run on the plant clock: the devices show the batch they hold.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from cleanroom_common.fields import FILE_DIR, ConfigPath, Strict
 from cleanroom_common.net import free_port
 from cleanroom_common.profilefiles import load_profile
 from simulators.process.base import Clock
+from simulators.process.batch import BatchSchedule, BatchSpec
 from simulators.process.scenario import DeviceSpec, Scenario, load_scenario, scenario_path
 from simulators.servers.device import SimulatedDevice
 from simulators.servers.faults import FaultSchedule
 from simulators.servers.modbus import DEFAULT_PROFILES, ModbusServer, unit_for
 from simulators.servers.modbus_unit import ModbusUnit
-from simulators.servers.opcua import DEFAULT_PROFILE as OPCUA_PROFILE
-from simulators.servers.opcua import OpcUaBioreactor
+from simulators.servers.opcua import OpcUaDevice, opcua_kind
 from simulators.servers.serial_ascii import SERIAL_PROFILE, SerialCounterServer
 
 Protocol = Literal["modbus-tcp", "modbus-rtu", "opcua", "serial"]
@@ -38,7 +39,7 @@ class ServeSpec(Strict):
     """How one device is served (the serving keys of a plant file's device entry)."""
 
     protocol: Protocol = "modbus-tcp"
-    """Front end: ``modbus-tcp``, ``modbus-rtu`` (pty), ``opcua`` (bioreactors), ``serial`` (counters)."""
+    """Front end: ``modbus-tcp``, ``modbus-rtu`` (pty), ``opcua`` (bioreactors, incubators), ``serial``."""
     endpoint: str | None = None
     """Devices naming the same endpoint share one server (Modbus TCP gateway, RTU bus); empty = own."""
     host: str = "127.0.0.1"
@@ -71,8 +72,11 @@ class ServeSpec(Strict):
         return self
 
     def check_kind(self, device: str, kind: str) -> None:
-        if self.protocol == "opcua" and kind != "bioreactor":
-            raise ValueError(f"{device}: the OPC UA front end serves bioreactors only")
+        if self.protocol == "opcua":
+            try:
+                opcua_kind(kind)
+            except ValueError as exc:
+                raise ValueError(f"{device}: {exc}") from None
         if self.protocol == "serial" and kind != "particle_counter":
             raise ValueError(f"{device}: the serial ASCII front end serves particle counters only")
 
@@ -80,7 +84,7 @@ class ServeSpec(Strict):
         if self.profile:
             return self.profile
         if self.protocol == "opcua":
-            return OPCUA_PROFILE
+            return opcua_kind(kind).profile
         if self.protocol == "serial":
             return SERIAL_PROFILE
         return DEFAULT_PROFILES[(kind, self.protocol.removeprefix("modbus-"))]
@@ -89,9 +93,12 @@ class ServeSpec(Strict):
 class _Endpoint:
     """One server and the devices behind it."""
 
-    def __init__(self, serves: list[ServeSpec], devices: list[SimulatedDevice]) -> None:
+    def __init__(
+        self, serves: list[ServeSpec], devices: list[SimulatedDevice], batches: BatchSchedule
+    ) -> None:
         self.serves = serves
         self.devices = devices
+        self.batches = batches
         self.protocol = serves[0].protocol
         self.server: Any = None
         if self.protocol in ("opcua", "serial") and len(devices) > 1:
@@ -112,7 +119,7 @@ class _Endpoint:
             else:
                 await self.server.start_rtu(s.pty_link)
         elif self.protocol == "opcua":
-            self.server = OpcUaBioreactor(
+            self.server = OpcUaDevice(
                 dev,
                 load_profile(s.profile_name(dev.kind)),
                 host=s.host,
@@ -121,6 +128,7 @@ class _Endpoint:
                 key=s.key,
                 user=s.user,
                 password=s.password,
+                batches=self.batches,
             )
             await self.server.start()
         else:
@@ -173,8 +181,11 @@ class Plant:
         speed: float = 1.0,
         seed: int = 0,
         clock: Clock | None = None,
+        batches: Sequence[BatchSpec] = (),
     ) -> None:
         self.clock = clock or Clock(speed)
+        self.batches = BatchSchedule(batches, self.clock.now())
+        """The batches on the plant clock (offsets count from the plant start, like faults)."""
         self.devices: dict[str, SimulatedDevice] = {}
         groups: dict[tuple[str, str], tuple[list[ServeSpec], list[SimulatedDevice]]] = {}
         for i, (spec, serve) in enumerate(devices):
@@ -186,7 +197,7 @@ class Plant:
             group = groups.setdefault(key, ([], []))
             group[0].append(serve)
             group[1].append(device)
-        self._endpoints = [_Endpoint(serves, devs) for serves, devs in groups.values()]
+        self._endpoints = [_Endpoint(serves, devs, self.batches) for serves, devs in groups.values()]
 
     @classmethod
     def from_scenario(
@@ -211,6 +222,7 @@ class Plant:
             pairs,
             speed=speed if speed is not None else (scenario.speed or 1.0),
             seed=seed if seed is not None else scenario.seed,
+            batches=scenario.batches,
         )
 
     @classmethod
