@@ -424,8 +424,12 @@ class BufferMachine(RuleBasedStateMachine):
             assert e.kind == "data_loss" and e.seq == self.next_seq
             self.next_seq += 1
             loss = DataLoss.from_event(e)
-            if loss.first_seq is not None and loss.last_seq is not None:  # None: only empty blocks were lost
-                self.loss_ranges.setdefault(e.device, []).append(range(loss.first_seq, loss.last_seq + 1))
+            # the exact ranges: first_seq..last_seq of one device may span a segment that was delivered
+            if loss.seqs is not None:
+                ranges = [range(first, last + 1) for first, last in loss.seqs]
+                self.loss_ranges.setdefault(e.device, []).extend(ranges)
+            else:
+                assert loss.first_seq is None and loss.last_seq is None  # only empty blocks were lost
         if result.events:  # undelivered rows go only once no delivered row is left
             conn = self.core.conn
             assert not conn.execute("SELECT 1 FROM delivered").fetchone()
