@@ -14,6 +14,7 @@ import time
 
 BENCHES = (
     "bench.pipeline",
+    "bench.payload_formats",
     "bench.loop_lag",
     "bench.modbus_requests",
     "bench.modbus_load",
