@@ -181,3 +181,13 @@ def test_opcua_float_values_publish_the_shortest_decimal_and_raw_keeps_the_serve
     assert block.values == [95.1, widened]  # a Double is the server's exact value
     assert block.raw == [widened, widened]
     assert block.quality is None or all(q is Quality.GOOD for q in block.quality)
+
+
+def test_a_double_beyond_float32_stays_itself_not_infinity() -> None:
+    """A server may hand over a Float variant holding a double no float32 can hold."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning either
+        assert shortest_float32_one(1e300) == 1e300
+        assert shortest_float32_one(-3.5e38) == -3.5e38

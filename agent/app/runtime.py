@@ -587,8 +587,26 @@ def _return_free_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+_M_ARENA_MAX = -8
+"""glibc's ``mallopt`` parameter number for the most malloc arenas (``malloc.h``)."""
+
+
+def _one_malloc_arena() -> None:
+    """glibc gives each thread that allocates (the buffer's, paho's, the executors') a heap of its
+    own, and each keeps the high mark of what its thread freed: at 100k points/s the buffer
+    thread's held some 7 MB, half of it free. The threads hold the GIL, or wait on SQLite and the
+    disk, far longer than they contend for malloc: one heap for all measured 2 MB less and no more
+    CPU. Set before the agent starts its threads (arenas already made stay); an operator's
+    ``MALLOC_ARENA_MAX`` wins. Elsewhere than glibc a no-op."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
+
+
 async def run_agent(loaded: LoadedConfig, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set; each time ``reload`` is set (SIGHUP), reload the configuration."""
+    _one_malloc_arena()
     try:
         agent = Agent(loaded)
     except (OSError, ValueError) as exc:  # e.g. a password file that vanished since validation

@@ -151,5 +151,8 @@ def shortest_float32(values: npt.ArrayLike) -> Floats:
 
 def shortest_float32_one(x: float) -> float:
     """One value of :func:`shortest_float32`, by numpy's shortest repr of the float32 (about 1 µs:
-    for values that arrive one by one, such as an OPC UA ``Float``)."""
-    return float(str(np.float32(x)))
+    for values that arrive one by one, such as an OPC UA ``Float``). A value no float32 can hold
+    (a double beyond its range handed over as a Float) is returned as it is, not as infinity."""
+    with np.errstate(over="ignore"):
+        x32 = np.float32(x)
+    return float(str(x32)) if np.isfinite(x32) else x
