@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fcntl
 import functools
 import ipaddress
 import json
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import paho.mqtt.client as mqtt
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -530,3 +532,31 @@ class PtyPeer:
             loop.remove_reader(self.master)
             os.close(self.master)
             os.close(self._slave)
+
+
+NPM_DIR = Path(os.environ.get("CLEANROOM_NPM_CACHE", Path.home() / ".cache" / "cleanroom-edge" / "npm"))
+"""Where the tests install the npm packages they run (Eclipse Tahu's), outside the repository."""
+
+
+def npm_package(name: str, version: str, purpose: str) -> tuple[str, Path]:
+    """node, and ``name@version`` installed under :data:`NPM_DIR`/``name`` (once per machine: later
+    runs find it there; a folder per package, so two test workers never install into one). Without
+    node or npm the test fails with what to install (``purpose`` says what for); it never skips."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail(f"{purpose} needs node and npm on PATH (Debian: apt-get install nodejs npm)")
+    prefix = NPM_DIR / name
+    module = prefix / "node_modules" / name
+    manifest = module / "package.json"
+    prefix.mkdir(parents=True, exist_ok=True)
+    with (prefix / ".install.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest run may be installing it right now
+        if not manifest.exists() or json.loads(manifest.read_text())["version"] != version:
+            done = subprocess.run(
+                [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--ignore-scripts",
+                 "--save-exact", f"{name}@{version}"],
+                capture_output=True, text=True, timeout=240, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                pytest.fail(f"npm install {name}@{version} failed:\n{done.stderr[-3000:]}")
+    return node, module

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,8 +25,7 @@ from agent.sinks.payload import TagInfo
 from agent.sinks.sparkplug import codec
 from agent.sinks.sparkplug.generated import sparkplug_b_pb2 as pb
 from agent.sinks.sparkplug.session import SparkplugEncoder
-from tests.support import Collector, Mosquitto, until
-from tests.test_sparkplug_interop import NPM_DIR
+from tests.support import Collector, Mosquitto, npm_package, until
 
 pytestmark = pytest.mark.timeout(300)  # a first run installs the npm package
 
@@ -38,10 +34,6 @@ CLIENT_VERSION = "3.2.4"
 one built on sparkplug-payload 1.0.3 (the Sparkplug 3.0 schema) and mqtt.js 4; 3.2.1 and 3.2.2
 are the older code on sparkplug-payload 1.0.1. Its session is pre-3.0 all the same: bdSeq stays 0
 on every connect and its NDEATH will is QoS 0 (3.0 asks for 1), which this test tolerates."""
-
-CLIENT_PREFIX = NPM_DIR / "sparkplug-client"
-"""A prefix of its own beside the codec's: the suite runs test files in two workers, and two npm
-installs into one prefix at once corrupt it."""
 
 GROUP = "G"
 CATALOG = {"sim-1": [TagInfo("temp", "degC"), TagInfo("count", kind="int")]}
@@ -83,34 +75,11 @@ require("readline").createInterface({input: process.stdin}).on("line", (line) =>
 """
 
 
-def npm_package(prefix: Path, name: str, version: str) -> tuple[str, Path]:
-    """node, and ``name@version`` installed under ``prefix`` (once per machine: later runs find it
-    there). Without node or npm the test fails with what to install; it never skips."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail(
-            f"the Sparkplug coexistence test needs node and npm on PATH (Debian: apt-get install "
-            f"nodejs npm) to run Eclipse Tahu's edge node client ({name})"
-        )
-    module = prefix / "node_modules" / name
-    manifest = module / "package.json"
-    prefix.mkdir(parents=True, exist_ok=True)
-    with (prefix / ".install.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another pytest run may be installing it right now
-        if not manifest.exists() or json.loads(manifest.read_text())["version"] != version:
-            done = subprocess.run(
-                [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund", "--ignore-scripts",
-                 "--save-exact", f"{name}@{version}"],
-                capture_output=True, text=True, timeout=240, check=False,
-            )  # fmt: skip
-            if done.returncode != 0:
-                pytest.fail(f"npm install {name}@{version} failed:\n{done.stderr[-3000:]}")
-    return node, module
-
-
 @pytest.fixture(scope="module")
 def tahu_client() -> tuple[str, Path]:
-    return npm_package(CLIENT_PREFIX, "sparkplug-client", CLIENT_VERSION)
+    return npm_package(
+        "sparkplug-client", CLIENT_VERSION, "the Sparkplug coexistence test (Tahu's edge node client)"
+    )
 
 
 class EdgeNodeB:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,14 +18,13 @@ from agent.core.records import dumps
 from agent.sinks.payload import TagInfo
 from agent.sinks.sparkplug import codec
 from agent.sinks.sparkplug.codec import BDSEQ, REBIRTH, DataType, Last, MetricSpec
+from tests.support import npm_package
 
 pytestmark = pytest.mark.timeout(300)  # a first run installs the npm package
 
 TAHU_VERSION = "1.0.3"
 """sparkplug-payload, Eclipse Tahu's JavaScript codec: 1.0.x carries the Sparkplug 3.0 schema
 (the top-level DataType enum with the array types); 1.0.3 is the newest release."""
-
-NPM_DIR = Path(os.environ.get("CLEANROOM_NPM_CACHE", Path.home() / ".cache" / "cleanroom-edge" / "npm"))
 
 T0_MS = 1_767_225_600_123
 
@@ -53,35 +50,9 @@ function plain(v) {
 def tahu() -> tuple[str, Path]:
     """node, and the installed sparkplug-payload package (installed once into a cache outside the
     repository)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail(
-            "the Sparkplug interoperability test needs node and npm on PATH "
-            "(Debian: apt-get install nodejs npm) to run Eclipse Tahu's codec"
-        )
-    module = NPM_DIR / "node_modules" / "sparkplug-payload"
-    manifest = module / "package.json"
-    if not manifest.exists() or json.loads(manifest.read_text())["version"] != TAHU_VERSION:
-        NPM_DIR.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(
-            [
-                npm,
-                "install",
-                "--prefix",
-                str(NPM_DIR),
-                "--no-audit",
-                "--no-fund",
-                "--ignore-scripts",
-                f"sparkplug-payload@{TAHU_VERSION}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
-        if done.returncode != 0:
-            pytest.fail(f"npm install sparkplug-payload@{TAHU_VERSION} failed:\n{done.stderr[-3000:]}")
-    return node, module
+    return npm_package(
+        "sparkplug-payload", TAHU_VERSION, "the Sparkplug interoperability test (Tahu's codec)"
+    )
 
 
 def run_node(tahu: tuple[str, Path], body: str, data: Any) -> Any:

@@ -104,11 +104,9 @@ def _key(path: str) -> bytes:
     from agent.core import chain
 
     try:
-        return chain.read_key(Path(path).read_bytes())
-    except OSError as exc:
-        raise _BadInput(f"--key {path}: {exc.strerror or exc}") from None
+        return chain.read_key_file(path)
     except ValueError as exc:
-        raise _BadInput(f"--key {path}: {exc}") from None
+        raise _BadInput(f"--key {exc}") from None
 
 
 def _from_config(config: str) -> tuple[str, bytes | None, dict[str, Any]]:

@@ -52,11 +52,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _read_key(path: str) -> bytes:
     try:
-        return chain.read_key(Path(path).read_bytes())
-    except OSError as exc:
-        raise _BadInput(f"--key {path}: {exc.strerror or exc}") from None
+        return chain.read_key_file(path)
     except ValueError as exc:
-        raise _BadInput(f"--key {path}: {exc}") from None
+        raise _BadInput(f"--key {exc}") from None
 
 
 def _verify_capture(args: argparse.Namespace, key: bytes | None) -> int:

@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from agent.core.records import dumps
@@ -166,6 +167,19 @@ def parse(payload: bytes) -> Segment:
         raise ChainFormatError("chain.prev is not 64 lower-case hex digits")
     _, mac = split_mac(payload)
     return Segment(Link(stream, i, prev), digest(payload), doc, mac)
+
+
+def read_key_file(path: str | Path) -> bytes:
+    """:func:`read_key` of a file (``--key`` of the offline tools); a file that cannot be read or a
+    short key is a ValueError naming the file, never quoting the key."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    try:
+        return read_key(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
 
 
 def read_key(raw: bytes) -> bytes:
