@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from agent.core.certs import CertError, create_certificate
-
 
 def _cmd_create(args: argparse.Namespace) -> int:
+    # Here, not at the top: the parser imports every command module, and `run` need not pay for
+    # cryptography (7.5 MB of RSS on a gateway) to offer this command.
+    from agent.core.certs import CertError, create_certificate
+
     try:
         paths = create_certificate(
             Path(args.out), args.uri, args.hostname, days=args.days, server=args.server, force=args.force
