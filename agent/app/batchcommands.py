@@ -92,12 +92,12 @@ def parse_command(payload: bytes | str) -> BatchCommand:
     try:
         return BatchCommand.model_validate_json(payload)
     except ValidationError as exc:
-        raise CommandError(_errors(exc)) from None
+        raise CommandError(validation_errors(exc)) from None
     except ValueError as exc:  # e.g. bytes that are not UTF-8
         raise CommandError(f"not a JSON object: {exc}"[:300]) from None
 
 
-def _errors(exc: ValidationError) -> str:
+def validation_errors(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False, include_input=False, include_context=False):
         loc = ".".join(str(p) for p in err["loc"])
@@ -208,7 +208,7 @@ def _mismatch(
 
 
 @dataclass
-class _RefusalBudget:
+class RefusalBudget:
     """How many refusals may be audited one by one now (see :data:`REFUSALS_AUDITED`)."""
 
     clock: Callable[[], float] = time.monotonic
@@ -235,7 +235,7 @@ class CommandRefusals:
     """Audits commands refused before the registry saw them, within a budget."""
 
     auditor: Auditor
-    budget: _RefusalBudget = field(default_factory=_RefusalBudget)
+    budget: RefusalBudget = field(default_factory=RefusalBudget)
     count: int = 0
 
     def refuse(self, source: BatchSource, target: str, payload: bytes, error: str) -> None:

@@ -52,17 +52,7 @@ class BatchConfig(Strict):
 
     @model_validator(mode="after")
     def _topic_valid(self) -> BatchConfig:
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(self.command_topic) if f is not None}
-        except ValueError as exc:
-            raise ValueError(f"command_topic {self.command_topic!r}: {exc}") from None
-        if unknown := fields - TOPIC_FIELDS:
-            raise ValueError(
-                f"command_topic: unknown placeholder(s) {', '.join(sorted(unknown))} "
-                f"(known: {{prefix}}, {{agent}})"
-            )
-        if "+" in self.command_topic or "#" in self.command_topic or not self.command_topic.strip("/"):
-            raise ValueError("command_topic must be one topic name, without the wildcards + and #")
+        check_command_topic(self.command_topic)
         return self
 
     def topic(self, prefix: str, agent_id: str) -> str:
@@ -95,3 +85,19 @@ class BatchConfig(Strict):
         return [f"batch: MQTT batch commands are on: any client allowed to publish on "
                 f"{self.topic(prefix, agent_id)} assigns batches; restrict it to the MES with a "
                 "broker ACL (batch.mqtt_commands)"]  # fmt: skip
+
+
+def check_command_topic(template: str) -> None:
+    """A command topic template (``batch.command_topic``, ``reference.command_topic``): one topic
+    name with only the ``{prefix}`` and ``{agent}`` placeholders; ValueError naming what is wrong."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise ValueError(f"command_topic {template!r}: {exc}") from None
+    if unknown := fields - TOPIC_FIELDS:
+        raise ValueError(
+            f"command_topic: unknown placeholder(s) {', '.join(sorted(unknown))} "
+            f"(known: {{prefix}}, {{agent}})"
+        )
+    if "+" in template or "#" in template or not template.strip("/"):
+        raise ValueError("command_topic must be one topic name, without the wildcards + and #")

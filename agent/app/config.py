@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 
 from agent.app.batchconfig import BatchConfig
 from agent.app.health import HealthConfig
+from agent.app.referenceconfig import ReferenceConfig
 from agent.app.status import parse_listen
 from agent.app.topics import payload_problems
 from agent.buffer.config import BufferConfig
@@ -131,6 +132,8 @@ class AgentConfig(Strict):
     """When ``status``, the status API and the metrics call the agent unhealthy."""
     batch: BatchConfig = Field(default_factory=BatchConfig)
     """Batch assignment: device groups and the MES command topic."""
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    """Offline reference samples compared with the online probes, and the LIMS command topic."""
 
 
 # --------------------------------------------------------------------------- loaded result
@@ -454,11 +457,20 @@ def _load(
         problems += [_place(src, p) for p in LimitMonitor.check(cfg.limits, profiles_by_device)]
     if cfg.mqtt is not None:  # what the forwarder's encoder would refuse at start, found by validate
         entries: dict[str, Loc] = {d: ("devices", i) for d, i in seen_ids.items()}
-        commands = cfg.batch.topic(cfg.mqtt.topic_prefix, cfg.agent.id) if cfg.batch.mqtt_commands else None
+        prefix, me = cfg.mqtt.topic_prefix, cfg.agent.id
+        commands = [
+            (section.topic(prefix, me), what, (name, "command_topic"))
+            for name, section, what in (
+                ("batch", cfg.batch, "the batch commands"),
+                ("reference", cfg.reference, "the reference samples"),
+            )
+            if section.mqtt_commands
+        ]
         problems += [
             _place(src, p) for p in payload_problems(cfg.mqtt, cfg.agent.id, devices, entries, commands)
         ]
     problems += [_place(src, p) for p in cfg.batch.check(seen_ids, cfg.mqtt is not None)]
+    problems += [_place(src, p) for p in cfg.reference.check(cfg.mqtt is not None)]
     if problems:
         raise ConfigError(problems)
     used = [profiles[d.config.profile].path for d in devices]

@@ -1,5 +1,7 @@
 """The control endpoint: ``POST /api/batch`` (a batch command) and ``GET /api/batch`` (what each
-device holds) on the status listener, for ``cleanroom-agent batch``.
+device holds) on the status listener, for ``cleanroom-agent batch``; and, behind the same token,
+the commands other parts add (:meth:`ControlEndpoint.add_post`: ``POST /api/reference``, a
+reference sample for ``cleanroom-agent sample``).
 
 Everything else on that listener reads; this changes assignments, so it is the one part that
 asks who is calling. At every start the agent writes a fresh random token (32 bytes, hex) to
@@ -20,7 +22,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,12 @@ class ControlEndpoint:
         self._refusals = refusals
         self._token: str | None = None
         self.counts = dict.fromkeys(("applied", "refused", "unauthorized"), 0)
+        self._posts: dict[str, Callable[[bytes], Awaitable[tuple[dict[str, Any], int]]]] = {}
+
+    def add_post(self, path: str, handle: Callable[[bytes], Awaitable[tuple[dict[str, Any], int]]]) -> None:
+        """Another command behind the same token (``cleanroom-agent sample``): ``handle`` takes the
+        request body and answers a JSON document and its HTTP status. Added before the listener starts."""
+        self._posts[path] = handle
 
     async def start(self) -> None:
         """Write a fresh token. A folder it cannot be written to leaves the endpoint answering 503
@@ -117,6 +125,8 @@ class ControlEndpoint:
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_post(PATH, self._post)
         router.add_get(PATH, self._get)
+        for path in self._posts:
+            router.add_post(path, self._other_post)
 
     def _authorized(self, request: web.Request) -> None:
         if self._token is None:
@@ -127,7 +137,7 @@ class ControlEndpoint:
         if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), self._token.encode()):
             self.counts["unauthorized"] += 1
             if self.counts["unauthorized"] % 100 == 1:  # the first, then every 100th: no log flood
-                log.warning("batch control request without a valid token refused (%d so far)",
+                log.warning("control request without a valid token refused (%d so far)",
                             self.counts["unauthorized"])  # fmt: skip
             raise web.HTTPUnauthorized(
                 text=f"a valid control token is required (Authorization: Bearer, from {TOKEN_FILE} "
@@ -152,6 +162,11 @@ class ControlEndpoint:
         outcome = self._apply(command)
         self.counts["applied" if outcome.ok else "refused"] += 1
         return _json(outcome.as_dict(), status=200 if outcome.ok else 409)
+
+    async def _other_post(self, request: web.Request) -> web.Response:
+        self._authorized(request)
+        doc, status = await self._posts[request.path](await request.read())
+        return _json(doc, status=status)
 
 
 def _json(doc: dict[str, Any], status: int = 200) -> web.Response:

@@ -122,13 +122,22 @@ def plan(old: LoadedConfig, new: LoadedConfig) -> ReloadPlan:
         unchanged=unchanged,
         stop=stop,
         start=start,
-        # the batch command subscription lives in the MQTT session: a change of it is a new session
-        mqtt=old.config.mqtt != new.config.mqtt
-        or (old.config.batch.mqtt_commands, old.config.batch.command_topic)
-        != (new.config.batch.mqtt_commands, new.config.batch.command_topic),
+        # the command subscriptions live in the MQTT session: a change of them is a new session
+        mqtt=old.config.mqtt != new.config.mqtt or _subscriptions(old) != _subscriptions(new),
         limits=old.config.limits != new.config.limits or (profiles_changed and new.config.limits is not None),
         models=old.config.models != new.config.models or (profiles_changed and bool(new.config.models)),
         catalog=mqtt is not None
         and mqtt.payload != "json"
         and list(build_catalog(old.devices).items()) != list(build_catalog(new.devices).items()),
+    )
+
+
+def _subscriptions(loaded: LoadedConfig) -> tuple[object, ...]:
+    """What the agent subscribes to besides its payload format's topics."""
+    cfg = loaded.config
+    return (
+        cfg.batch.mqtt_commands,
+        cfg.batch.command_topic,
+        cfg.reference.mqtt_commands,
+        cfg.reference.command_topic,
     )

@@ -45,6 +45,7 @@ from agent.app.devicebatch import DeviceBatches, declared_batches
 from agent.app.health import HealthWatch, assess, certificates_of
 from agent.app.metrics import render as render_metrics
 from agent.app.notify import Notifier, Watchdog, summary
+from agent.app.referencecommands import REFERENCE_PATH, ReferenceChecks
 from agent.app.reload import ReloadOutcome, ReloadPlan, ReloadRefused, plan
 from agent.app.status import StatusServer, security_report
 from agent.app.trend import TrendRecorder
@@ -111,6 +112,15 @@ class Agent:
             CommandRefusals(self.auditor),
         )
         """``cleanroom-agent batch``'s endpoint on the status listener, behind its token."""
+        self.reference = ReferenceChecks(
+            self.buffer,
+            self.auditor,
+            self._submit_event,
+            lambda: {d.id: d for d in self.loaded.devices},
+            lambda: self.loaded.config.reference,
+        )
+        """Offline reference samples against the online probes (``cleanroom-agent sample``, the LIMS)."""
+        self.control.add_post(REFERENCE_PATH, self._cli_sample)
         self.forwarder = self._make_forwarder()
         self.scheduler: Scheduler | None = None
         self.trend = TrendRecorder()
@@ -158,7 +168,16 @@ class Agent:
             forwarder.add_command_handler(
                 batch.topic(cfg.topic_prefix, self.identity.agent_id), self.batch_commands
             )
+        reference = self.loaded.config.reference
+        if reference.mqtt_commands:
+            forwarder.add_command_handler(
+                reference.topic(cfg.topic_prefix, self.identity.agent_id), self.reference.on_mqtt
+            )
         return forwarder
+
+    async def _cli_sample(self, body: bytes) -> tuple[dict[str, Any], int]:
+        entered = await self.reference.enter_payload(body, "cli", REFERENCE_PATH)
+        return entered.as_dict(), 200 if entered.ok else 400
 
     def _cli_command(self, command: BatchCommand) -> Outcome:
         return apply_command(self.batches, command, BatchSource.CLI, self.loaded.config.batch.groups)
@@ -166,7 +185,13 @@ class Agent:
     def _security_warnings(self) -> list[str]:
         """The agent's own warnings beyond the broker's and the listener's."""
         mqtt, agent_id = self.loaded.config.mqtt, self.identity.agent_id
-        return self.loaded.config.batch.security_warnings(mqtt.topic_prefix, agent_id) if mqtt else []
+        if mqtt is None:
+            return []
+        cfg = self.loaded.config
+        return [
+            *cfg.batch.security_warnings(mqtt.topic_prefix, agent_id),
+            *cfg.reference.security_warnings(mqtt.topic_prefix, agent_id),
+        ]
 
     def _submit(self, blocks: Sequence[Block], events: Sequence[Event]) -> None:
         self.buffer.submit(blocks, events)
@@ -505,6 +530,7 @@ class Agent:
             if transform is not None:
                 await transform.stop()
         await self.tasks.stop()
+        await self.reference.drain()
         self.auditor.record("agent_stop", "agent", reason="clean shutdown")
         # Bounded however the disk behaves: what it refuses past close_timeout is recorded as lost.
         close_by = asyncio.get_running_loop().time() + self.loaded.config.buffer.close_timeout
@@ -547,6 +573,7 @@ class Agent:
                 "cli": dict(self.control.counts),
                 "device_conflicts": self.device_batches.conflicts,
             },
+            "reference_samples": self.reference.stats(),
         }
 
     def _tasks(self) -> dict[str, Any]:
@@ -587,26 +614,8 @@ def _return_free_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-_M_ARENA_MAX = -8
-"""glibc's ``mallopt`` parameter number for the most malloc arenas (``malloc.h``)."""
-
-
-def _one_malloc_arena() -> None:
-    """glibc gives each thread that allocates (the buffer's, paho's, the executors') a heap of its
-    own, and each keeps the high mark of what its thread freed: at 100k points/s the buffer
-    thread's held some 7 MB, half of it free. The threads hold the GIL, or wait on SQLite and the
-    disk, far longer than they contend for malloc: one heap for all measured 2 MB less and no more
-    CPU. Set before the agent starts its threads (arenas already made stay); an operator's
-    ``MALLOC_ARENA_MAX`` wins. Elsewhere than glibc a no-op."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1)
-
-
 async def run_agent(loaded: LoadedConfig, stop: asyncio.Event, reload: asyncio.Event | None = None) -> None:
     """Run until ``stop`` is set; each time ``reload`` is set (SIGHUP), reload the configuration."""
-    _one_malloc_arena()
     try:
         agent = Agent(loaded)
     except (OSError, ValueError) as exc:  # e.g. a password file that vanished since validation

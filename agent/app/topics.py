@@ -40,19 +40,18 @@ def payload_problems(
     agent_id: str,
     devices: Sequence[ResolvedDevice],
     where: Mapping[str, Loc],
-    command_topic: str | None = None,
+    commands: Sequence[tuple[str, str, Loc]] = (),
 ) -> list[Problem]:
     """The problems of ``mqtt``'s payload against ``devices`` (those that resolved); ``where`` is
     every configured device's entry (``("devices", i)``), where a problem of its profile is reported.
-    ``command_topic``: the batch command topic the agent subscribes to, if it does (the agent would
-    read its own messages published there as commands)."""
+    ``commands``: the command topics the agent subscribes to, as (topic, what, config key): the agent
+    would read its own messages published there as commands."""
     if mqtt.payload == "sparkplug_b":
-        return list(_sparkplug_metrics(devices, where)) + _shared_topics(
-            mqtt, agent_id, devices, command_topic
-        )
+        metrics = list(_sparkplug_metrics(devices, where))
+        return metrics + _shared_topics(mqtt, agent_id, devices, commands)
     if mqtt.payload == "flat" and (places := list(_flat_places(mqtt.flat, list(where)))):
         return places  # a device without its place has no topic to compare
-    return _shared_topics(mqtt, agent_id, devices, command_topic)
+    return _shared_topics(mqtt, agent_id, devices, commands)
 
 
 def _flat_places(flat: FlatConfig, configured: list[str]) -> Iterator[Problem]:
@@ -124,11 +123,14 @@ class _Topics:
 
 
 def _shared_topics(
-    mqtt: MqttConfig, agent_id: str, devices: Sequence[ResolvedDevice], command_topic: str | None
+    mqtt: MqttConfig,
+    agent_id: str,
+    devices: Sequence[ResolvedDevice],
+    commands: Sequence[tuple[str, str, Loc]],
 ) -> list[Problem]:
     topics = _Topics(mqtt.publish_segments)
-    if command_topic is not None:
-        topics.add(command_topic, "command", "the batch commands", ("batch", "command_topic"), exclusive=True)
+    for topic, what, key in commands:
+        topics.add(topic, "command", what, key, exclusive=True)
     prefix = mqtt.topic_prefix
     prefix_key = (*MQTT, "topic_prefix")
     if mqtt.payload == "json" or mqtt.publish_segments:

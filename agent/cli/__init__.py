@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "agent.cli.verify",  # verify --capture FILE | --buffer PATH
     "agent.cli.discover",  # discover PROTOCOL ... --out PROFILE.yaml
     "agent.cli.batch",  # batch start|step|end|show -c CONFIG
+    "agent.cli.sample",  # sample add -c CONFIG --device D --tag T --value V --at TIME
     "agent.cli.report",  # report batch ID
 )
 

@@ -92,9 +92,12 @@ class Unreachable(Exception):
     """No agent answers, or it cannot be asked (its token cannot be read); the message says why."""
 
 
-def request(listen: str, token_file: Path, method: str, body: dict[str, Any] | None) -> dict[str, Any]:
-    """Send one request to the agent's control endpoint; its JSON answer (an answer saying why
-    a command was refused included)."""
+def request(
+    listen: str, token_file: Path, method: str, body: dict[str, Any] | None, path: str | None = None
+) -> dict[str, Any]:
+    """Send one request to the agent's control endpoint (``path``: one of its paths, by default the
+    batch path); its JSON answer (an answer saying why a command was refused included). Every
+    command that talks to the running agent goes through here (``batch``, ``sample``)."""
     from agent.app.control import PATH, read_token
     from agent.app.status import parse_listen
 
@@ -110,7 +113,7 @@ def request(listen: str, token_file: Path, method: str, body: dict[str, Any] | N
         ) from None
     except (OSError, ValueError) as exc:
         raise Unreachable(f"cannot read the control token {token_file}: {exc}") from None
-    url = f"http://{parse_listen(listen)}{PATH}"
+    url = f"http://{parse_listen(listen)}{path or PATH}"
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Authorization", f"Bearer {token}")

@@ -157,6 +157,12 @@ class ProfileBase(Strict):
     """The device models, vendor and firmware range this profile was written for, compared with
     what the device reports on every connect: a device that differs raises a ``profile_mismatch``
     event and a warning in ``status``, and is still read."""
+    reference_limits: dict[str, float] = Field(default_factory=dict)
+    """Largest allowed difference between a tag's online reading and an offline reference sample
+    of it (the lab's pH, dissolved oxygen, viable cell density), in the tag's unit, by tag name:
+    ``{ph: 0.1}``. A ``reference_sample`` event whose difference exceeds it is an alarm (the probe
+    drifted: a fault no model trained on the probe can see); a tag without one is compared and
+    recorded with no limit (docs/operations.md, "Reference samples")."""
 
     @model_validator(mode="after")
     def _tags_consistent(self) -> ProfileBase:
@@ -175,6 +181,11 @@ class ProfileBase(Strict):
             for field_name, tag_name in self.batch.named().items():
                 if tag_name not in seen:
                     raise ValueError(f"batch.{field_name} names tag {tag_name!r}, which is not in tags")
+        for tag_name, limit in self.reference_limits.items():
+            if tag_name not in seen:
+                raise ValueError(f"reference_limits names tag {tag_name!r}, which is not in tags")
+            if not (limit > 0 and math.isfinite(limit)):
+                raise ValueError(f"reference_limits.{tag_name} must be a positive number, not {limit!r}")
         return self
 
 

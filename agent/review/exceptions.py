@@ -37,7 +37,7 @@ CHANGE_EVENTS = frozenset({"profile_mismatch", "model_disabled", "drift"})
 """Device events that say the instrument or a model is not what it was validated as."""
 BATCH_ACTIONS = frozenset({"batch_start", "batch_step", "batch_end"})
 """The batch's own assignment changes: in the header, not among the exceptions."""
-REFERENCE_NOTE = "not recorded by this version of the agent: none recorded"
+REFERENCE_NOTE = "no reference sample of the batch's devices entered: none recorded"
 
 
 class BatchNotFound(LookupError):
@@ -159,9 +159,32 @@ class Anomaly:
 
 
 @dataclass(frozen=True, slots=True)
+class ReferenceSample:
+    """An offline sample compared with the online probe (a ``reference_sample`` event)."""
+
+    device: str
+    tag: str
+    sample_ts: int
+    offline: float | None
+    online: float | None
+    """None: no good online reading near the sample time (not compared)."""
+    unit: str | None
+    difference: float | None
+    limit: float | None
+    within: bool | None
+    """False: the difference exceeds the profile's limit (the probe drifted)."""
+    severity: str | None
+    sample_id: str | None
+    actor: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ReferenceSamples:
     recorded: bool
+    """Any sample of the batch's devices was entered."""
     note: str
+    samples: tuple[ReferenceSample, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +490,29 @@ def _alarms(batch: Batch, events: Sequence[Rec]) -> tuple[Alarm, ...]:
     return tuple(out)
 
 
+def _reference_samples(batch: Batch, events: Sequence[Rec]) -> ReferenceSamples:
+    """Samples of the batch's devices drawn during their time in it (entered maybe after its end,
+    when the lab's result came back), or entered while the device held it."""
+    out = []
+    for e in events:
+        if e.kind != "reference_sample":
+            continue
+        d = e.data
+        at = _int(d.get("sample_ts"))
+        if not (batch.stamped(e) or (at is not None and batch.overlaps(e.device, at, at))):
+            continue
+        out.append(
+            ReferenceSample(
+                e.device, _str(d.get("tag")) or "", e.ts if at is None else at, _num(d.get("offline")),
+                _num(d.get("online")), _str(d.get("unit")), _num(d.get("difference")), _num(d.get("limit")),
+                _bool(d.get("within")), _str(e.body.get("severity")), _str(d.get("sample_id")),
+                _str(d.get("actor")), _str(d.get("reason")),
+            )
+        )  # fmt: skip
+    out.sort(key=lambda r: (r.sample_ts, r.device, r.tag))
+    return ReferenceSamples(bool(out), "" if out else REFERENCE_NOTE, tuple(out))
+
+
 def _top(value: Any) -> tuple[TopSignal, ...]:
     out = []
     for s in value if isinstance(value, list) else ():
@@ -770,7 +816,7 @@ def build_report(
         excursions=excursions,
         alarms=_alarms(batch, events),
         anomalies=_anomalies(batch, events),
-        reference_samples=ReferenceSamples(False, REFERENCE_NOTE),
+        reference_samples=_reference_samples(batch, events),
         gaps=_gaps(batch, events, integrity.findings),
         changes=changes,
         operator_actions=actions,

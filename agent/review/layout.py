@@ -140,7 +140,39 @@ def sections(r: BatchReport) -> list[Section]:
                 for a in r.anomalies
             ),
         ),
-        Section("Reference-sample differences", (), (), r.reference_samples.note),
+        Section(
+            "Reference-sample differences",
+            (
+                "sample time",
+                "device",
+                "tag",
+                "offline",
+                "online",
+                "difference",
+                "limit",
+                "verdict",
+                "sample",
+                "actor",
+                "reason",
+            ),
+            tuple(
+                (
+                    iso(x.sample_ts),
+                    x.device,
+                    x.tag,
+                    _s(x.offline) + (f" {x.unit}" if x.unit else ""),
+                    _s(x.online),
+                    _s(x.difference),
+                    _s(x.limit),
+                    _verdict(x.within, x.online),
+                    _s(x.sample_id),
+                    _s(x.actor),
+                    _s(x.reason),
+                )
+                for x in r.reference_samples.samples
+            ),
+            r.reference_samples.note or None,
+        ),
         Section(
             "Data gaps",
             ("kind", "device / where", "from", "to", "cause", "detail", "readings lost"),
@@ -183,6 +215,12 @@ def sections(r: BatchReport) -> list[Section]:
         _integrity(r),
     ]
     return out
+
+
+def _verdict(within: bool | None, online: float | None) -> str:
+    if online is None:
+        return "not compared: no online reading near the sample time"
+    return {True: "within limit", False: "BEYOND LIMIT", None: "no limit set"}[within]
 
 
 def _time_or_n(kind: str, v: int | None) -> str:

@@ -196,6 +196,12 @@ class ProcessModel(ABC):
     def status(self) -> dict[str, bool]:
         """Current status and alarm bits."""
 
+    def offline_sample(self) -> dict[str, float]:
+        """What an offline analysis of a sample drawn now would give, by signal name: the process's
+        true values where the model knows them apart from its sensors' (a reference sample that
+        shows a probe's drift), else the readings themselves."""
+        return self.signals()
+
     def comm_fault(self) -> str | None:
         """Communication fault to act out now (``comm_timeout`` …), or None."""
         return self.faults.comm_fault(self.t)

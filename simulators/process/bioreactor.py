@@ -378,6 +378,18 @@ class Bioreactor(ProcessModel):
             "gas_supply_bar": self.supply_bar,
         }
 
+    def offline_sample(self) -> dict[str, float]:
+        """The lab's values of a sample drawn now: the true pH, dissolved oxygen, temperature and
+        viable cell density, without the probes' lag, noise, drift (``ph_drift``) or freeze
+        (``do_stuck``): what a blood-gas analyser and a cell counter would report."""
+        return {
+            **self.signals(),
+            "temperature_c": self.temp_true,
+            "ph": self.ph_true,
+            "do_pct": self.do_true,
+            "vcd_e6_per_ml": self.xv,
+        }
+
     def status(self) -> dict[str, bool]:
         sp_t = self._setpoints["temperature_setpoint_c"]
         sp_ph = self._setpoints["ph_setpoint"]
