@@ -170,7 +170,9 @@ def test_a_tag_sparkplug_cannot_declare_is_found_by_validate(
     profiles.mkdir()
     shipped = (profiles_dir() / "bioreactor-sim.yaml").read_text()
     reserved = shipped.replace("profile: bioreactor-sim", "profile: reserved-names", 1)
-    (profiles / "reserved.yaml").write_text(reserved.replace("{name: temperature_c,", "{name: Events/event,", 1))
+    (profiles / "reserved.yaml").write_text(
+        reserved.replace("{name: temperature_c,", "{name: Events/event,", 1)
+    )
     sparkplug = "mqtt: {host: 127.0.0.1, payload: sparkplug_b, sparkplug: {group_id: g1}}\n"
     text = config_text(
         sparkplug, [("br1", "")], profile="reserved-names", profiles_dirs="profiles_dirs: [profiles]\n"
