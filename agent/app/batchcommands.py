@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -81,20 +81,31 @@ class BatchCommand(BaseModel):
         return list(self.devices) if self.devices is not None else [self.group or ""]
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
 class CommandError(ValueError):
     """A command that does not parse; the message says what is wrong and never quotes the payload."""
 
 
 def parse_command(payload: bytes | str) -> BatchCommand:
     """The command in ``payload``, or :class:`CommandError` naming every mistake."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise CommandError(f"the command is {len(payload)} bytes, more than {MAX_COMMAND_BYTES}")
+    return parse_json(payload, BatchCommand, MAX_COMMAND_BYTES, "command", CommandError)
+
+
+def parse_json(
+    payload: bytes | str, model: type[_M], max_bytes: int, what: str, error: type[ValueError]
+) -> _M:
+    """One JSON command of ``model`` from an MQTT payload (batch commands, reference samples), or
+    ``error`` naming every mistake without quoting the payload."""
+    if len(payload) > max_bytes:
+        raise error(f"the {what} is {len(payload)} bytes, more than {max_bytes}")
     try:
-        return BatchCommand.model_validate_json(payload)
+        return model.model_validate_json(payload)
     except ValidationError as exc:
-        raise CommandError(validation_errors(exc)) from None
+        raise error(validation_errors(exc)) from None
     except ValueError as exc:  # e.g. bytes that are not UTF-8
-        raise CommandError(f"not a JSON object: {exc}"[:300]) from None
+        raise error(f"not a JSON object: {exc}"[:300]) from None
 
 
 def validation_errors(exc: ValidationError) -> str:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.app.batchcommands import RefusalBudget, validation_errors
+from agent.app.batchcommands import RefusalBudget, parse_json
 from agent.app.batches import TEXT_MAX
 from agent.app.referenceconfig import ReferenceConfig
 from agent.buffer.async_buffer import AsyncBuffer
@@ -103,14 +103,7 @@ class SampleError(ValueError):
 
 def parse_sample(payload: bytes | str) -> ReferenceCommand:
     """The sample in ``payload``, or :class:`SampleError` naming every mistake."""
-    if len(payload) > MAX_SAMPLE_BYTES:
-        raise SampleError(f"the sample is {len(payload)} bytes, more than {MAX_SAMPLE_BYTES}")
-    try:
-        return ReferenceCommand.model_validate_json(payload)
-    except ValidationError as exc:
-        raise SampleError(validation_errors(exc)) from None
-    except ValueError as exc:  # e.g. bytes that are not UTF-8
-        raise SampleError(f"not a JSON object: {exc}"[:300]) from None
+    return parse_json(payload, ReferenceCommand, MAX_SAMPLE_BYTES, "sample", SampleError)
 
 
 @dataclass(frozen=True)
