@@ -15,7 +15,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -204,15 +204,19 @@ def junk_server(piece: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
 
 
 async def like_the_scheduler(
-    driver: ModbusDriver, seconds: float, backoff: float, at_least: int = 0, at_most_s: float = 15.0
+    driver: ModbusDriver,
+    seconds: float,
+    backoff: float,
+    until: Callable[[], bool] = lambda: True,
+    at_most_s: float = 15.0,
 ) -> list[Any]:
     """Poll every 100 ms; on a DeviceError close the driver and back off, as the scheduler does.
-    Runs ``seconds``, and on past them until ``at_least`` outcomes (a loaded machine reconnects
-    fewer times per second), but never beyond ``at_most_s``."""
+    Runs ``seconds``, and on past them until ``until()`` holds (a loaded machine reconnects fewer
+    times per second), but never beyond ``at_most_s``."""
     outcomes: list[Any] = []
     start = time.monotonic()
     end = start + seconds
-    while time.monotonic() < end or (len(outcomes) < at_least and time.monotonic() < start + at_most_s):
+    while time.monotonic() < end or (not until() and time.monotonic() < start + at_most_s):
         try:
             if driver._bus is None:
                 await driver.connect()
@@ -238,7 +242,9 @@ async def test_a_device_streaming_junk_is_dropped_quickly_and_costs_bounded_cpu(
             assert driver._bus is not None and not driver._bus.connected  # no reading while it streams
             await driver.close()
             cpu0, wall0 = time.process_time(), time.monotonic()
-            outcomes = await like_the_scheduler(driver, 3.0, backoff=0.5, at_least=6)
+            outcomes = await like_the_scheduler(
+                driver, 3.0, backoff=0.5, until=lambda: driver.ctx.stats.errors["bad_frame"] >= 5
+            )
             cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
             assert proc.stdin is not None
             proc.stdin.write("behave\n")
