@@ -10,6 +10,13 @@ stopped, near the flush interval when the rate is sustainable) and the baseline.
 the same durability (``synchronous=full``) and the same broker, so the ratio is what batching
 buys, not a difference in guarantees. The baseline is bound by fsync latency, which varies
 with the disk and its load: compare ratios from the same run only.
+
+``plant_shaped`` is the plant suite's load on the buffer and forwarder alone (88 devices, one
+10-reading block each per second, their polls spread over the second): submit to arrival at a
+subscriber p50/p99/max, the process's CPU as a fraction of a core, and the write transactions
+(fsyncs, with ``synchronous=full``) per second, each in a process of its own, for this checkout
+at its default ``commit_interval`` and at ``--plant-intervals``, and for ``--latency-ref`` (the
+data path before delivery marks rode along with commits), extracted from git, side by side.
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ import argparse
 import asyncio
 import cProfile
 import json
+import os
 import pstats
 import resource
 import sqlite3
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +52,7 @@ def make_block(device: str, tags: list[str], units: list[str | None], i: int) ->
 
 
 async def _drained(buf: AsyncBuffer) -> bool:
-    return (await buf.stats())["depth_records"] == 0
+    return bool((await buf.stats())["depth_records"] == 0)
 
 
 async def pipeline(
@@ -115,6 +125,168 @@ def baseline(port: int, workdir: Path, seconds: float) -> dict[str, Any]:
     return {"readings": n, "seconds": round(elapsed, 3), "readings_per_s": round(n / elapsed)}
 
 
+LATENCY_REF = "dd003d1"
+"""The last commit whose forwarder marked acknowledgements in transactions of their own, woke its
+sender on every acknowledgement, and committed at 100 ms."""
+PLANT_DEVICES = 88
+PLANT_TAGS = 10
+PLANT_WARMUP_S = 3.0
+
+
+async def plant_child(port: int, db: Path, seconds: float, commit_interval: str | None) -> dict[str, Any]:
+    """The plant-shaped load through the buffer and forwarder of whatever ``agent`` package this
+    process imports (this checkout's or an older one's): only public API the old one has too."""
+    cfg = (
+        BufferConfig(path=db)
+        if commit_interval is None
+        else BufferConfig(path=db, commit_interval=commit_interval)
+    )
+    buf = AsyncBuffer(cfg, "bench")
+    await buf.open()
+    transactions = [0]
+    for name in ("commit", "mark_delivered"):
+        real = getattr(buf.core, name)
+
+        def counted(*args: Any, _real: Any = real, **kw: Any) -> Any:
+            transactions[0] += 1
+            return _real(*args, **kw)
+
+        setattr(buf.core, name, counted)
+    fw = Forwarder(MqttConfig(host="127.0.0.1", port=port), buf, AgentIdentity("bench", "bench", "-"))
+    await fw.start()
+    await until(lambda: fw.stats()["connected"], what="broker connection")
+    tags = [f"tag{k}" for k in range(PLANT_TAGS)]
+    units: list[str | None] = ["u"] * PLANT_TAGS
+    start = time.monotonic()
+    t0 = start + PLANT_WARMUP_S
+    end = t0 + seconds
+    cpu0 = tx0 = wall0 = None
+    tick = 0
+    while True:
+        due = start + tick / PLANT_DEVICES
+        if due >= end:
+            break
+        if cpu0 is None and due >= t0:
+            cpu0, tx0, wall0 = time.process_time(), transactions[0], time.time_ns()
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        buf.submit([make_block(f"dev-{tick % PLANT_DEVICES:02d}", tags, units, tick)])
+        tick += 1
+    cpu1, tx1, wall1 = time.process_time(), transactions[0], time.time_ns()
+    await buf.flush()
+    await until(lambda: _drained(buf), within_s=60, what="every reading acknowledged")
+    await fw.stop(grace_s=1)
+    await buf.close()
+    assert cpu0 is not None and tx0 is not None
+    return {
+        "cpu_fraction_of_core": round((cpu1 - cpu0) / seconds, 4),
+        "transactions_per_s": round((tx1 - tx0) / seconds, 1),
+        "window_ns": [wall0, wall1],
+    }
+
+
+class _Arrivals:
+    """Submit-to-arrival latency at a subscriber of the bench's broker (another process's readings)."""
+
+    def __init__(self, port: int) -> None:
+        self.samples: list[tuple[int, float]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-arrivals-{os.getpid()}")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("cleanroom/+/data", qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        now = time.time_ns()
+        with self._lock:
+            self.samples += [(b["ts"], (now - b["ts"]) / 1e6) for b in json.loads(msg.payload)["blocks"]]
+
+    def take(self, window: list[int]) -> list[float]:
+        with self._lock:
+            samples, self.samples = self.samples, []
+        return sorted(ms for ts, ms in samples if window[0] <= ts < window[1])
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    return round(values[min(len(values) - 1, int(p * len(values)))], 1) if values else None
+
+
+def plant_shaped(
+    port: int, workdir: Path, seconds: float, code: Path | None, commit_interval: str | None
+) -> dict[str, Any]:
+    """One plant-shaped run in a child process running the agent code in ``code`` (None: this
+    checkout), measured from outside: CPU and transactions by the child, latency by a subscriber
+    here."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(code or root))
+    arrivals = _Arrivals(port)
+    try:
+        child = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--plant-child", str(port),
+             str(workdir / f"plant-{time.monotonic_ns()}.db"), str(seconds), commit_interval or ""],
+            cwd=code or root, env=env, capture_output=True, text=True, timeout=seconds + 120, check=True,
+        )  # fmt: skip
+        out: dict[str, Any] = json.loads(child.stdout.splitlines()[-1])
+        latency = arrivals.take(out.pop("window_ns"))
+    finally:
+        arrivals.close()
+    return {
+        "commit_interval": commit_interval or "default",
+        **out,
+        "latency_p50_ms": _pct(latency, 0.5),
+        "latency_p99_ms": _pct(latency, 0.99),
+        "latency_max_ms": _pct(latency, 1.0),
+        "blocks": len(latency),
+    }
+
+
+def _extract(ref: str, into: Path) -> str | None:
+    """The tree of ``ref`` from this checkout's git history in ``into``; None, or why not."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", "--format=tar", ref],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot extract {ref}: {exc}"
+    return None
+
+
+def plant_side_by_side(
+    port: int, workdir: Path, seconds: float, ref: str, intervals: list[str], rounds: int
+) -> dict[str, Any]:
+    """This checkout (default interval, then each of ``intervals``) and ``ref``, interleaved round
+    by round (a shared machine's load drifts); per side, the round with the median p99."""
+    sides: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-ref-") as old:
+        why_not = _extract(ref, Path(old)) if ref else "skipped"
+        for _ in range(rounds):
+            for interval in [None, *intervals]:
+                sides.setdefault(f"this:{interval or 'default'}", []).append(
+                    plant_shaped(port, workdir, seconds, None, interval)
+                )
+            if why_not is None:
+                sides.setdefault(f"ref:{ref}", []).append(
+                    plant_shaped(port, workdir, seconds, Path(old), None)
+                )
+    result: dict[str, Any] = {"devices": PLANT_DEVICES, "readings_per_block": PLANT_TAGS, "seconds": seconds}
+    for name, runs in sides.items():
+        median = sorted(runs, key=lambda r: r["latency_p99_ms"] or 0)[len(runs) // 2]
+        result[name] = {**median, "runs_latency_p99_ms": [r["latency_p99_ms"] for r in runs],
+                        "runs_cpu_fraction_of_core": [r["cpu_fraction_of_core"] for r in runs]}  # fmt: skip
+    if why_not is not None:
+        result[f"ref:{ref}"] = {"error": why_not}
+    return result
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median CPU per reading (its other figures stay consistent with it)."""
     return sorted(runs, key=lambda r: r["cpu_s_per_100k_readings"])[len(runs) // 2]
@@ -130,7 +302,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=3, help="runs of each measurement; the median run is reported"
     )
+    parser.add_argument("--plant-seconds", type=float, default=20.0, help="each plant-shaped run (0: skip)")
+    parser.add_argument(
+        "--plant-rounds", type=int, default=3, help="interleaved rounds of the plant-shaped runs"
+    )
+    parser.add_argument(
+        "--plant-intervals",
+        default="100ms",
+        help="commit intervals also run with this checkout (comma-separated)",
+    )
+    parser.add_argument(
+        "--latency-ref", default=LATENCY_REF, help="git ref run beside this checkout ('' to skip)"
+    )
+    parser.add_argument("--plant-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--plant-only", action="store_true", help="only the plant-shaped runs")
     args = parser.parse_args(argv)
+    if args.plant_child:
+        port, db, seconds, interval = args.plant_child
+        print(json.dumps(asyncio.run(plant_child(int(port), Path(db), float(seconds), interval or None))))
+        return 0
+    intervals = [i for i in args.plant_intervals.split(",") if i]
+    if args.plant_only:
+        broker = Mosquitto().start()
+        try:
+            with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+                only = plant_side_by_side(
+                    broker.port, Path(tmp), args.plant_seconds, args.latency_ref, intervals, args.plant_rounds
+                )
+        finally:
+            broker.close()
+        print(json.dumps({"name": "pipeline", "plant_shaped": only}))
+        return 0
     broker = Mosquitto().start()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
@@ -155,6 +357,13 @@ def main(argv: list[str] | None = None) -> int:
                 profiler.disable()
                 pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
             slow = baseline(broker.port, workdir, args.baseline_seconds)
+            plant: dict[str, Any] | None = (
+                plant_side_by_side(
+                    broker.port, workdir, args.plant_seconds, args.latency_ref, intervals, args.plant_rounds
+                )
+                if args.plant_seconds > 0
+                else None
+            )
     finally:
         broker.close()
     result = {
@@ -175,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": fast,
         "sustained": steady,
         "baseline": slow,
+        "plant_shaped": plant,
     }
     print(json.dumps(result))
     return 0

@@ -1,6 +1,6 @@
 """The agent's view of the buffer: submitting never blocks the event loop; records get their seqs at
 submit (acquisition), are group-committed on the buffer thread, and listeners are told, on the loop,
-what each commit stored.
+what each commit stored. The forwarder's delivery marks ride along in the next commit's transaction.
 
 While the disk refuses commits (full, I/O errors) submitted records are held in memory with their
 seqs, up to ``hold_max_records``; beyond it the oldest held readings are given up as ``data_loss``
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -87,6 +88,8 @@ class AsyncBuffer:
         self._state: dict[str, str] = {}
         self._queue: list[Block | Event] = []
         self._first_queued = 0.0
+        self._last_commit = 0.0
+        """When the last transaction of the committer began (monotonic)."""
         self._submitted = 0
         self._settled = 0
         """Submitted records committed or given up (accounted as lost): what :meth:`flush` waits for."""
@@ -99,6 +102,12 @@ class AsyncBuffer:
         self._closing = False
         self._close_deadline = 0.0
         self._flush_now = False
+        self._marks: list[int] = []
+        """Segments the broker acknowledged, to be marked delivered with the next commit."""
+        self._first_mark = 0.0
+        self._mark_waiters: list[asyncio.Future[None]] = []
+        self._marking = 0
+        """How many of ``_marks`` the running commit carries."""
         self.commit_errors = 0
         self._committing = 0
         self._shed_tally: dict[str, DataLoss] = {}
@@ -251,6 +260,9 @@ class AsyncBuffer:
                 )
                 self._task.cancel()
             self._task = None
+        if self._marks:  # arrived after the last commit: the forwarder sends them again next start
+            self._marking = len(self._marks)
+            self._marked(RuntimeError("buffer closed before the delivery marks were committed"))
         if self._read_exec is not None:
             reader, self._reader = self._reader, None
             if reader is not None:
@@ -303,7 +315,9 @@ class AsyncBuffer:
         seqs = self._seqs
         if seqs is None:
             raise RuntimeError("buffer is not open: nothing can be submitted")
-        if not self._queue:
+        if len(self._queue) <= self._committing:
+            # The oldest record not in the running commit: the next commit is due commit_interval
+            # after it arrived, however long the running one takes.
             self._first_queued = time.monotonic()
         if self._batch_of is not None:
             self._stamp(items, self._batch_of)
@@ -368,16 +382,18 @@ class AsyncBuffer:
         cfg = self.cfg
         last_prune = time.monotonic()
         while True:
-            if not self._queue:
+            if not (self._queue or self._marks):
                 if self._closing:
                     return
                 self._wake.clear()
                 timeout = max(0.0, cfg.prune_interval - (time.monotonic() - last_prune))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
+                if self._queue or self._marks:
+                    continue
             elif not (self._closing or self._flush_now or len(self._queue) >= cfg.commit_max_records):
                 self._wake.clear()
-                delay = cfg.commit_interval - (time.monotonic() - self._first_queued)
+                delay = self._due() - time.monotonic()
                 if delay > 0:
                     try:
                         await asyncio.wait_for(self._wake.wait(), delay)
@@ -386,6 +402,8 @@ class AsyncBuffer:
                         pass
             if self._queue:
                 await self._commit_some()
+            elif self._marks:
+                await self._mark_some()
             if time.monotonic() - last_prune >= cfg.prune_interval and not self._closing:
                 last_prune = time.monotonic()
                 try:
@@ -395,6 +413,51 @@ class AsyncBuffer:
                 else:
                     if pruned.segments:
                         self._audit_prune(pruned)
+
+    def _due(self) -> float:
+        """When the next commit is due. Records: as soon as the last commit began ``commit_interval``
+        ago (at once after a quiet spell), and never later than ``commit_interval`` after the
+        oldest of them arrived; so at most one transaction per interval, whatever the rate of
+        submits. Acknowledgements are never urgent: they ride along with the records' commit, or
+        go alone ``commit_interval`` after the first of them."""
+        interval = self.cfg.commit_interval
+        due = math.inf
+        if self._queue:
+            first = self._first_queued
+            due = min(first + interval, max(first, self._last_commit + interval))
+        if self._marks:
+            due = min(due, self._first_mark + interval)
+        return due
+
+    def _take_marks(self) -> list[int]:
+        self._marking = len(self._marks)
+        return self._marks[: self._marking]
+
+    def _marked(self, error: BaseException | None) -> None:
+        """The running commit's acknowledgements are marked (or not: ``error``, and the forwarder
+        sends them again later: a duplicate, never a loss); their waiters are told."""
+        done, self._marks = self._marks[: self._marking], self._marks[self._marking :]
+        waiters = self._mark_waiters[: len(done)] if done else []
+        if done:
+            del self._mark_waiters[: len(done)]
+        self._marking = 0
+        for fut in dict.fromkeys(waiters):
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+    async def _mark_some(self) -> None:
+        """Acknowledgements with no records to commit beside them: a transaction of their own."""
+        self._last_commit = time.monotonic()
+        ids = self._take_marks()
+        try:
+            await self._call(self.core.commit, (), self._seqs, ids)
+        except Exception as exc:  # the forwarder logs it
+            self._marked(exc)
+        else:
+            self._marked(None)
 
     def _audit_prune(self, pruned: Removed) -> None:
         """Retention removed delivered segments from the file: the audit trail says which."""
@@ -410,10 +473,14 @@ class AsyncBuffer:
     async def _commit_some(self) -> None:
         batch = self._queue[: self.cfg.commit_max_records]
         self._committing = len(batch)
+        self._last_commit = time.monotonic()
+        marks = self._take_marks()
         try:
-            result: CommitResult = await self._call(self.core.commit, batch, self._seqs)
+            result: CommitResult = await self._call(self.core.commit, batch, self._seqs, marks)
         except Exception as exc:  # disk full, I/O error, locked past busy_timeout...
-            # Keep the batch held with its seqs and retry; a close gives up at its deadline.
+            # Keep the batch held with its seqs and retry; a close gives up at its deadline. The
+            # acknowledgements are not held: their segments are sent again later (a duplicate).
+            self._marked(exc)
             self._committing = 0
             self.commit_errors += 1
             if self._closing and time.monotonic() >= self._close_deadline:
@@ -428,6 +495,7 @@ class AsyncBuffer:
                 await asyncio.wait_for(self._close_requested.wait(), delay)
             return
         self.commit_errors = 0
+        self._marked(None)
         del self._queue[: len(batch)]
         self._committing = 0
         if self._carried:
@@ -443,8 +511,6 @@ class AsyncBuffer:
                     *(loss.readings, device, loss.first_seq, loss.last_seq),
                 )
             self._enqueue([loss.event(device) for device, loss in sorted(shed.items())])
-        if self._queue:
-            self._first_queued = time.monotonic()
         self._settled += len(batch)
         self._flush_now = False
         self._state.update(result.state)
@@ -527,9 +593,27 @@ class AsyncBuffer:
     def unclaim(self, ids: Iterable[int]) -> None:
         self.core.unclaim(ids)
 
+    def mark_delivered_soon(self, ids: Sequence[int]) -> asyncio.Future[None]:
+        """Mark segments delivered with the next commit (at most ``commit_interval`` from now, in a
+        transaction of their own when no records are waiting): the delivery marks of a busy
+        forwarder cost no fsync of their own, and never hold up a commit queued behind them. The
+        future is done once they are marked, or fails with what the commit raised."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not ids:
+            fut.set_result(None)
+            return fut
+        if self._task is None or self._task.done():
+            raise RuntimeError("buffer is not open")
+        if len(self._marks) <= self._marking:  # the first not in the running commit
+            self._first_mark = time.monotonic()
+        self._marks.extend(ids)
+        self._mark_waiters.extend([fut] * len(ids))
+        self._wake.set()
+        return fut
+
     async def mark_delivered(self, ids: Sequence[int]) -> None:
-        if ids:
-            await self._call(self.core.mark_delivered, list(ids))
+        """:meth:`mark_delivered_soon`, awaited."""
+        await self.mark_delivered_soon(ids)
 
     async def stats(self) -> dict[str, Any]:
         """Counted on a read-only connection on a thread of its own: a status request never queues

@@ -64,6 +64,8 @@ class CommitResult:
     state: dict[str, str] = field(default_factory=dict)
     readings: int = 0
     unencodable: int = 0
+    delivered_readings: int = 0
+    """Readings newly marked delivered by the commit (the acknowledgements it carried)."""
 
 
 def _plain(v: Any) -> Value | ValueError:

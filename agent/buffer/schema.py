@@ -11,10 +11,12 @@ import json
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from agent.core import chain
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 SCHEMA_VERSION = 4
 
@@ -22,8 +24,17 @@ COUNTERS = ("committed_readings_total", "delivered_readings_total", "lost_readin
 """Persistent counters in ``meta``: ``stats`` survives restarts."""
 
 
-def _migrate_v1(db: sqlite_utils.Database, up: Upgrade) -> None:
+def _utils(conn: sqlite3.Connection) -> sqlite_utils.Database:
+    """sqlite_utils only where an old file is brought up to date: importing it costs about 4 MB of
+    RSS that a running agent, whose file is current, never needs."""
+    import sqlite_utils
+
+    return sqlite_utils.Database(conn)
+
+
+def _migrate_v1(conn: sqlite3.Connection, up: Upgrade) -> None:
     """The original layout: records, driver state, sequence counter."""
+    db = _utils(conn)
     db.table("records").create(
         {
             "id": int,
@@ -44,10 +55,11 @@ def _migrate_v1(db: sqlite_utils.Database, up: Upgrade) -> None:
     db.table("meta").insert_all([{"key": "next_seq", "value": "0"}, {"key": "schema_version", "value": "1"}])
 
 
-def _migrate_v2(db: sqlite_utils.Database, up: Upgrade) -> None:
+def _migrate_v2(conn: sqlite3.Connection, up: Upgrade) -> None:
     """Export and replay select by device and time, retention and overflow by delivery time;
     persistent counters make ``stats`` survive restarts. Counters start from what the rows still
     show (pruned history is unknown)."""
+    db = _utils(conn)
     db.table("records").create_index(
         ["device", "acq_ts_ns"], index_name="records_device_ts", if_not_exists=True
     )
@@ -68,11 +80,13 @@ def _migrate_v2(db: sqlite_utils.Database, up: Upgrade) -> None:
     )
 
 
-def _migrate_v3(db: sqlite_utils.Database, up: Upgrade) -> None:
+def _migrate_v3(conn: sqlite3.Connection, up: Upgrade) -> None:
     """Seqs are handed out at acquisition from a window reserved ahead (``next_seq`` is its top);
     ``committed_seq`` is one past the highest committed seq, where the next start continues. Before,
     both were the same number."""
-    db.execute("INSERT INTO meta(key, value) SELECT 'committed_seq', value FROM meta WHERE key = 'next_seq'")
+    conn.execute(
+        "INSERT INTO meta(key, value) SELECT 'committed_seq', value FROM meta WHERE key = 'next_seq'"
+    )
 
 
 SEGMENT_COLUMNS = (
@@ -84,7 +98,7 @@ SEGMENT_COLUMNS = (
 SegmentRow = tuple[str, int, str, str, int, int, int, int, str, int, int, str, str, bytes]
 
 
-def create_v4_tables(db: sqlite_utils.Database) -> None:
+def create_v4_tables(conn: sqlite3.Connection) -> None:
     """Segments, delivery apart from them, the stream heads, the record of removals, the quarantine.
     As few b-trees as will do (every one costs a page of the smallest buffers' budget): ``kv`` and
     ``meta`` are rebuilt without their rowid, ``delivered`` has no index on its time (prune scans it).
@@ -95,7 +109,6 @@ def create_v4_tables(db: sqlite_utils.Database) -> None:
     ``chain.key_id`` names the key a stream's segments are signed with from ``signed_from`` on (None:
     unsigned): segments before it were signed with another key or none, and are not MAC-checked, so
     enabling or rotating the key never quarantines the backlog."""
-    conn = db.conn
     script = """
         CREATE TABLE segments (
             id INTEGER PRIMARY KEY, stream TEXT NOT NULL, i INTEGER NOT NULL, device TEXT NOT NULL,
@@ -125,12 +138,11 @@ def _run(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
-def _migrate_v4(db: sqlite_utils.Database, up: Upgrade) -> None:
+def _migrate_v4(conn: sqlite3.Connection, up: Upgrade) -> None:
     """Every undelivered record becomes a segment of its own (its payload built as a commit builds
     it, without attribution or clock state: those were not recorded), chained per stream in id
     order; delivered records are dropped with the old table."""
-    create_v4_tables(db)
-    conn = db.conn
+    create_v4_tables(conn)
     _run(
         conn,
         "".join(
@@ -179,16 +191,16 @@ def insert_segment(conn: sqlite3.Connection, row: SegmentRow) -> int:
     return int(cur.lastrowid or 0)
 
 
-def create(db: sqlite_utils.Database) -> None:
+def create(conn: sqlite3.Connection) -> None:
     """A new file gets the current layout at once: migrating it up from the first layout would
     leave the dropped tables' pages on the free list, pages a full disk would still hand out."""
-    create_v4_tables(db)
+    create_v4_tables(conn)
     _run(
-        db.conn,
+        conn,
         "CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;",
     )
-    db.conn.executemany(
+    conn.executemany(
         "INSERT INTO meta(key, value) VALUES (?, ?)",
         [("next_seq", "0"), ("committed_seq", "0"), ("schema_version", str(SCHEMA_VERSION))]
         + [(k, "0") for k in COUNTERS],
@@ -203,7 +215,7 @@ class Upgrade:
     key: bytes | None = None
 
 
-MIGRATIONS: dict[int, Callable[[sqlite_utils.Database, Upgrade], None]] = {
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection, Upgrade], None]] = {
     1: _migrate_v1,
     2: _migrate_v2,
     3: _migrate_v3,

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from agent.buffer.audit import Auditor
 from agent.buffer.config import BufferConfig
 from agent.buffer.integrity import Replaced, check_and_move_aside
@@ -191,8 +189,8 @@ class Buffer:
             raise
 
     def schema_version(self) -> int:
-        db = sqlite_utils.Database(self.conn)
-        if "meta" not in db.table_names():
+        meta = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        if self.conn.execute(meta).fetchone() is None:
             return 0
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         return int(row[0]) if row else 0
@@ -204,14 +202,13 @@ class Buffer:
                 f"{self.cfg.path} has buffer schema {version}, newer than this agent ({SCHEMA_VERSION}): "
                 "refusing to touch it"
             )
-        db = sqlite_utils.Database(self.conn)
         if version == 0:
             with self._transaction():
-                create(db)
+                create(self.conn)
             return
         for target in range(version + 1, SCHEMA_VERSION + 1):
             with self._transaction():
-                MIGRATIONS[target](db, up)
+                MIGRATIONS[target](self.conn, up)
                 self.conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(target),))
             log.info("buffer %s migrated to schema %d", self.cfg.path, target)
 
@@ -355,9 +352,13 @@ class Buffer:
 
     # ------------------------------------------------------------------ commit
 
-    def commit(self, items: Sequence[Block | Event], seqs: Sequencer | None = None) -> CommitResult:
+    def commit(
+        self, items: Sequence[Block | Event], seqs: Sequencer | None = None, delivered: Sequence[int] = ()
+    ) -> CommitResult:
         """Commit ``items`` (and the state of their blocks) in one transaction, as segments: the
-        records of each stream, in commit order, chained to that stream's head.
+        records of each stream, in commit order, chained to that stream's head. ``delivered``: the
+        segments the broker acknowledged since the last commit, marked in the same transaction (one
+        fsync for both, where a transaction of their own would cost another).
 
         The agent's items carry the seqs they got at acquisition, and ``seqs`` hands out those of the
         events this commit adds (``data_loss``); a tool's items (``seqs`` None) get theirs here, from
@@ -367,7 +368,10 @@ class Buffer:
         result = CommitResult()
         try:
             with self._transaction():
-                self._commit_in(items, seqs, result)
+                if delivered:
+                    result.delivered_readings = self._mark_in(delivered, now_ns())
+                if items:
+                    self._commit_in(items, seqs, result)
         except BaseException:
             if seqs is None:
                 for item in items:
@@ -376,6 +380,7 @@ class Buffer:
                     else:
                         item.seq = None
             raise
+        self.unclaim(delivered)
         return result
 
     def _commit_in(
@@ -621,25 +626,29 @@ class Buffer:
 
     def mark_delivered(self, ids: Sequence[int], when_ns: int | None = None) -> int:
         """Mark segments delivered (idempotent) and no longer in flight; returns the readings newly marked."""
-        when = now_ns() if when_ns is None else when_ns
-        readings = 0
-        self.unclaim(ids)
         with self._transaction():
-            for start in range(0, len(ids), 500):
-                chunk = json.dumps(list(ids[start : start + 500]))
-                readings += int(
-                    self.conn.execute(
-                        f"SELECT coalesce(sum(n_readings), 0) FROM segments s WHERE s.id IN "
-                        f"(SELECT value FROM json_each(?)) AND {UNDELIVERED}",
-                        (chunk,),
-                    ).fetchone()[0]
-                )
+            readings = self._mark_in(ids, now_ns() if when_ns is None else when_ns)
+        self.unclaim(ids)
+        return readings
+
+    def _mark_in(self, ids: Sequence[int], when: int) -> int:
+        """:meth:`mark_delivered` inside a transaction already begun (a commit's, or its own)."""
+        readings = 0
+        for start in range(0, len(ids), 500):
+            chunk = json.dumps(list(ids[start : start + 500]))
+            readings += int(
                 self.conn.execute(
-                    "INSERT OR IGNORE INTO delivered(id, ns) SELECT id, ? FROM segments "
-                    "WHERE id IN (SELECT value FROM json_each(?))",
-                    (when, chunk),
-                )
-            self._add("delivered_readings_total", readings)
+                    f"SELECT coalesce(sum(n_readings), 0) FROM segments s WHERE s.id IN "
+                    f"(SELECT value FROM json_each(?)) AND {UNDELIVERED}",
+                    (chunk,),
+                ).fetchone()[0]
+            )
+            self.conn.execute(
+                "INSERT OR IGNORE INTO delivered(id, ns) SELECT id, ? FROM segments "
+                "WHERE id IN (SELECT value FROM json_each(?))",
+                (when, chunk),
+            )
+        self._add("delivered_readings_total", readings)
         return readings
 
     def mark_undelivered(

@@ -8,12 +8,13 @@ per device sample (agent/sinks/flat.py), ``sparkplug_b`` a Sparkplug B edge node
 the in-flight window, acknowledgements and the delivery marks in the buffer.
 
 Delivery is at-least-once with a bounded duplicate window: a segment is marked delivered in the
-buffer only when the broker acknowledged (QoS 1) every message that carried it; the window counts
-segments. When the connection drops, what is in flight is either re-sent by paho, in order, after
-the reconnect (``json``, ``flat``: paho's session queue keeps it), or, for a format whose
-messages carry per-session numbers (Sparkplug's ``seq``), given back to the buffer and encoded
-again in the next session, on a fresh paho client, so no old-session message follows the new
-session's first ones. Segments not yet fetched stay in the buffer.
+buffer only when the broker acknowledged (QoS 1) every message that carried it (in the buffer's next
+commit: a crash before it re-sends the segment, never loses it); the window counts segments. When
+the connection drops, what is in flight is either re-sent by paho, in order, after the reconnect
+(``json``, ``flat``: paho's session queue keeps it), or, for a format whose messages carry
+per-session numbers (Sparkplug's ``seq``), given back to the buffer and encoded again in the next
+session, on a fresh paho client, so no old-session message follows the new session's first ones.
+Segments not yet fetched stay in the buffer.
 
 paho runs its network loop in its own thread; every callback is handed to the event
 loop with ``call_soon_threadsafe``, so all forwarder state lives on the loop (the one
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import re
@@ -437,7 +439,8 @@ class Forwarder:
         self._session_ended = asyncio.Event()
         self._wake = asyncio.Event()
         self._mark_wake = asyncio.Event()
-        self._marking = False
+        self._marking = 0
+        """Batches of delivery marks handed to the buffer and not committed yet."""
         self._cursor = 0
         self._inflight: dict[int, _Flight] = {}
         """Segments in flight by id."""
@@ -671,10 +674,15 @@ class Forwarder:
             flight.refusal = reason
         if flight.mids:
             return  # the segment's other messages are not acknowledged yet
+        # Only a full window held the pump back: otherwise it has taken everything committed so
+        # far, and the next commit wakes it (a wake per ack is a buffer read per ack, for nothing).
+        was_full = len(self._inflight) >= self.cfg.inflight_window
         del self._inflight[flight.seg.id]
         seg = flight.seg
         if flight.refusal is None:
             self._acked_segment(seg)
+            if was_full:
+                self._wake.set()
         else:
             reason = flight.refusal
             # The segment stays undelivered; the idle rescan sends it again.
@@ -682,7 +690,7 @@ class Forwarder:
             self._counts["rejected"] += 1
             self._last_error = f"broker rejected a publish: {reason}"
             log.error("broker rejected segment %d of %s: %s", seg.i, seg.stream, reason)
-        self._wake.set()
+            self._wake.set()
 
     def _acked_segment(self, seg: StoredSegment) -> None:
         self._counts["acked"] += 1
@@ -789,10 +797,11 @@ class Forwarder:
 
     def _maybe_rewind(self) -> None:
         """Segments behind the cursor that are still undelivered were rejected or replayed: start
-        over from the oldest undelivered one, but only when nothing is in flight or waiting to be
-        marked, so no acknowledged segment is sent twice."""
+        over from the oldest undelivered one, but only when nothing is in flight (acknowledged
+        segments waiting for their delivery mark are skipped by :meth:`_fill`), so no segment the
+        broker has or may have is sent twice."""
         now = time.monotonic()
-        if now - self._last_rescan < RESCAN_INTERVAL_S or self._inflight or self._to_mark or self._marking:
+        if now - self._last_rescan < RESCAN_INTERVAL_S or self._inflight:
             return
         self._last_rescan = now
         self._cursor = 0
@@ -805,17 +814,22 @@ class Forwarder:
         while self._connected and (room := self.cfg.inflight_window - len(self._inflight)) > 0:
             if not self.encoder.ready():
                 return
+            # Acknowledged before the read began and perhaps marked only after it: the read may
+            # still show them undelivered (acknowledged during the read: they were in flight).
+            acked = set(self._acked)
             segments = await self.buffer.take_for_sending(self._cursor, room)
             if not segments:
                 return
             if client is not self._client or not (self._connected or self.encoder.resend_after_reconnect):
                 # the session ended while they were read, and its messages are never re-sent
-                self.buffer.unclaim(s.id for s in segments if s.id not in self._acked)
+                self.buffer.unclaim(s.id for s in segments if s.id not in acked)
                 return
             for seg in segments:
-                if seg.id not in self._acked:  # (acknowledged, being marked: not again)
+                if seg.id not in acked:  # (acknowledged, being marked: not again)
                     self._publish(seg)
             self._cursor = segments[-1].id
+            if len(segments) < room:
+                return  # everything committed so far is out; the next commit wakes the pump
 
     def _publish(self, seg: StoredSegment) -> None:
         try:
@@ -844,21 +858,36 @@ class Forwarder:
         self._counts["messages"] += len(messages)
 
     async def _marker(self) -> None:
+        """Hands the acknowledged segments to the buffer as they come, without waiting for the
+        marks before: the buffer writes them with its next commit, so a mark never waits more
+        than one commit interval."""
         while True:
             await self._mark_wake.wait()
             self._mark_wake.clear()
-            while self._to_mark:
-                ids, self._to_mark = self._to_mark, []
-                self._marking = True
-                try:
-                    await self.buffer.mark_delivered(ids)
-                except Exception as exc:
-                    # Not marked means sent again later: a duplicate, never a loss.
-                    self._last_error = f"marking delivered failed: {exc}"
-                    log.exception("marking %d segments delivered failed", len(ids))
-                finally:
-                    self._marking = False
-                    self._acked.difference_update(ids)
+            if not self._to_mark:
+                continue
+            ids, self._to_mark = self._to_mark, []
+            try:
+                marked = self.buffer.mark_delivered_soon(ids)
+            except Exception as exc:
+                self._mark_failed(ids, exc)
+                continue
+            self._marking += 1
+            marked.add_done_callback(functools.partial(self._marked, ids))
+
+    def _marked(self, ids: list[int], marked: asyncio.Future[None]) -> None:
+        self._marking -= 1
+        exc = None if marked.cancelled() else marked.exception()
+        if exc is None:
+            self._acked.difference_update(ids)
+        else:
+            self._mark_failed(ids, exc)
+
+    def _mark_failed(self, ids: list[int], exc: BaseException) -> None:
+        """Not marked means sent again later: a duplicate, never a loss."""
+        self._acked.difference_update(ids)
+        self._last_error = f"marking delivered failed: {exc}"
+        log.error("marking %d segments delivered failed: %s", len(ids), exc)
 
     async def _idle(self) -> bool:
         if self._inflight or self._to_mark or self._marking:
