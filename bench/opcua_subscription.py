@@ -4,10 +4,14 @@ The server runs in a child process (``--serve``) that changes every value every 
 so the CPU time measured here (``time.process_time`` of this process) is the agent's:
 the driver decoding publish responses and building blocks. The server offers as many
 changes as it can (on a loaded 2-core box fewer than 10,000/s: ``server_changes_per_s``,
-read back from the values, which carry the server's update round); the monitored items
-queue 10 samples, so ``readings_per_s`` equals what the server offered, nothing dropped.
-Compared, in the same run, with the naive way (one Read call per node, as fast as the
-server answers) and with the driver's poll mode (one Read for all nodes per 100 ms tick).
+read back from the values, which carry the server's update round). The monitored items
+queue what the driver asks for by default; ``changes_lost`` counts the update rounds missing
+between each node's first and last one seen (0: every change arrived), and
+``queue_overflows_counted`` what the server said it dropped.
+Compared, in the same run, with asyncua decoding every notification into its objects
+(``baseline_per_item_decoding``, the path before bulk decoding), with the naive way (one Read
+call per node, as fast as the server answers) and with the driver's poll mode (one Read for
+all nodes per 100 ms tick).
 
 Prints one JSON object: ``readings_per_s`` and ``cpu_s_per_100k_readings`` for each,
 and the subscription's advantage as ratios. Bounded to well under 60 s.
@@ -86,36 +90,52 @@ def _result(readings: int, wall: float, cpu: float) -> dict[str, float]:
     }
 
 
-async def measure_subscription(url: str, nodes: int, seconds: float) -> dict[str, float]:
-    drv = _driver(
-        url, nodes, {"interval": "1s", "mode": "subscribe", "sampling_interval": "100ms", "queue_size": 10}
-    )
+async def measure_subscription(url: str, nodes: int, seconds: float, bulk: bool = True) -> dict[str, Any]:
+    """At the driver's default queue size. ``bulk=False``: asyncua decodes every notification
+    into its objects (the path before bulk decoding), for the A/B in the same run."""
+    drv = _driver(url, nodes, {"interval": "1s", "mode": "subscribe", "sampling_interval": "100ms"})
+    drv.bulk_decode = bulk
     await drv.connect()
     count = 0
     server_tick = 0
+    measuring = False
+    kept: list[Any] = []
+    """The blocks of the measurement, checked for lost changes afterwards (not on its CPU time)."""
 
     def emit(block: Any) -> None:
         nonlocal count, server_tick
         count += len(block.values)
         server_tick = max(server_tick, int(max(v for v in block.values if v is not None) // 1000))
+        if measuring:
+            kept.append(block)
 
     try:
         await drv.subscribe(drv.ctx.groups["default"], emit)
         await asyncio.sleep(1.0)  # initial values and warm-up
-        count, tick0 = 0, server_tick
+        count, tick0, measuring = 0, server_tick, True
         t, c = time.monotonic(), time.process_time()
         await asyncio.sleep(seconds)
         wall = time.monotonic() - t
-        result = _result(count, wall, time.process_time() - c)
+        cpu = time.process_time() - c
+        measuring = False
+        result: dict[str, Any] = _result(count, wall, cpu)
         # Values carry the server's update round: what the server managed to offer.
         result["server_changes_per_s"] = round((server_tick - tick0) * nodes / wall, 1)
+        # A node's update round missing between the first and the last one it sent: a lost change.
+        rounds: list[set[int]] = [set() for _ in range(nodes)]
+        for block in kept:
+            for tag, v in zip(block.tags, block.values, strict=True):
+                rounds[int(tag[1:])].add(int(v // 1000))
+        result["changes_lost"] = sum(max(r) - min(r) + 1 - len(r) for r in rounds if r)
+        result["queue_overflows_counted"] = drv.ctx.stats.errors["queue_overflow"]
         return result
     finally:
         await drv.close()
 
 
-async def measure_poll_one_read(url: str, nodes: int, seconds: float) -> dict[str, float]:
+async def measure_poll_one_read(url: str, nodes: int, seconds: float, bulk: bool = True) -> dict[str, float]:
     drv = _driver(url, nodes, {"interval": "100ms"})
+    drv.bulk_decode = bulk
     await drv.connect()
     group = drv.ctx.groups["default"]
     count = 0
@@ -174,7 +194,9 @@ async def run(nodes: int, seconds: float) -> dict[str, Any]:
             raise RuntimeError("bench server did not start")
         url = f"opc.tcp://127.0.0.1:{port}"
         sub = await measure_subscription(url, nodes, seconds)
+        per_item = await measure_subscription(url, nodes, seconds, bulk=False)
         poll = await measure_poll_one_read(url, nodes, seconds)
+        poll_per_item = await measure_poll_one_read(url, nodes, seconds, bulk=False)
         naive = await measure_naive(url, nodes, seconds)
     finally:
         proc.terminate()
@@ -187,7 +209,14 @@ async def run(nodes: int, seconds: float) -> dict[str, Any]:
         "readings_per_s": sub["readings_per_s"],
         "cpu_s_per_100k_readings": sub["cpu_s_per_100k_readings"],
         "server_changes_per_s": sub["server_changes_per_s"],
+        "changes_lost": sub["changes_lost"],
+        "queue_overflows_counted": sub["queue_overflows_counted"],
+        "baseline_per_item_decoding": per_item,
+        "ratio_cpu_per_item_over_bulk": round(
+            per_item["cpu_s_per_100k_readings"] / max(sub["cpu_s_per_100k_readings"], 1e-9), 2
+        ),
         "poll_one_read": poll,
+        "poll_one_read_per_item_decoding": poll_per_item,
         "baseline_naive_read_per_node": naive,
         "ratio_cpu_naive_over_subscription": round(
             naive["cpu_s_per_100k_readings"] / max(sub["cpu_s_per_100k_readings"], 1e-9), 2

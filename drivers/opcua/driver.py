@@ -61,11 +61,18 @@ from agent.core.driver import (
 from agent.core.records import Block, Reason, now_ns
 from agent.core.supervise import Supervised
 from drivers.opcua.alarms import AlarmSubscription, event_filter
-from drivers.opcua.config import Alarms, Connection, Group, Identity, Profile, Tag
+from drivers.opcua.config import Alarms, ArraySpec, Connection, Group, Identity, Profile, Tag
 from drivers.opcua.logs import tame_asyncua_logs
 from drivers.opcua.nodes import NodeRef, resolve_nodes
 from drivers.opcua.security import ServerCheck, configure_identity
-from drivers.opcua.subscription import GroupSubscription, Timing, monitored_items
+from drivers.opcua.subscription import (
+    BulkSession,
+    Changes,
+    GroupSubscription,
+    Timing,
+    decode_in_bulk,
+    monitored_items,
+)
 from drivers.opcua.values import Converted, identity_value, shape
 
 log = logging.getLogger("cleanroom.drivers.opcua")
@@ -118,6 +125,12 @@ class OpcUaDriver(Driver):
         self._alarms: AlarmSubscription | None = None
         self._alarm_watch: Supervised | None = None
         self._logged_once: set[str] = set()
+        self._shapes: dict[str, tuple[PollGroup, list[tuple[ArraySpec | None, int | None]]]] = {}
+        """Each polled group's tag shapes (see :func:`shape`), looked up once per group object."""
+        self.bulk_decode = True
+        """Data changes and Read results decoded straight into columns (:func:`decode_in_bulk`);
+        False leaves every value to asyncua's objects, the path the subscription bench compares
+        against."""
         if self.conn.security_policy == "None":
             warning = (
                 f"security_policy None: the session to {self.conn.url} is unsigned and unencrypted "
@@ -136,6 +149,8 @@ class OpcUaDriver(Driver):
         client.session_timeout = int(self.conn.session_timeout * 1000)
         client.name = client.description = f"cleanroom-edge {self.ctx.id}"
         client.connection_lost_callback = self._on_connection_lost
+        if self.bulk_decode:
+            decode_in_bulk(client)
         check: ServerCheck | None = None
         try:
             check = await configure_identity(client, self.conn)
@@ -308,6 +323,7 @@ class OpcUaDriver(Driver):
 
     async def _read_values(self, client: Client, group: PollGroup) -> Converted:
         conv = Converted(len(group.tags))
+        shapes = self._shapes_of(group)
         by_node: dict[ua.NodeId, list[int]] = {}
         for i, tag in enumerate(group.tags):
             node = self._nodes.get(tag)
@@ -325,18 +341,41 @@ class OpcUaDriver(Driver):
                 NodesToRead=[ua.ReadValueId(NodeId=n, AttributeId=AttributeIds.Value) for _, n in chunk],
             )
             t = time.perf_counter()
-            values = await self._guard(client.uaclient.read(params), "read")
+            session = client.uaclient.session
+            values: Changes | list[ua.DataValue]
+            if isinstance(session, BulkSession):
+                columns: Changes = await self._guard(session.read_values(params), "read")
+                values, answered = columns, len(columns.handles)
+            else:
+                objects: list[ua.DataValue] = await self._guard(client.uaclient.read(params), "read")
+                values, answered = objects, len(objects)
             self.ctx.stats.request_done(time.perf_counter() - t)
-            if len(values) != len(chunk):
+            if answered != len(chunk):
                 self.ctx.stats.error(Reason.DECODE_ERROR)
                 for indices, _ in chunk:
                     for i in indices:
                         conv.bad(i, Reason.DECODE_ERROR)
                 continue
+            if isinstance(values, Changes):
+                full = values.full
+                for p, (indices, _) in enumerate(chunk):
+                    dv = full.get(p)
+                    for i in indices:
+                        if dv is None:
+                            conv.set_plain(i, values.values[p], values.raw(p), values.src[p], *shapes[i])
+                        else:
+                            conv.set(i, dv, *shapes[i])
+                continue
             for (indices, _), dv in zip(chunk, values, strict=True):
                 for i in indices:
-                    conv.set(i, dv, *shape(group.tag_specs[i]))
+                    conv.set(i, dv, *shapes[i])
         return conv
+
+    def _shapes_of(self, group: PollGroup) -> list[tuple[ArraySpec | None, int | None]]:
+        cached = self._shapes.get(group.name)
+        if cached is None or cached[0] is not group:
+            cached = self._shapes[group.name] = (group, [shape(tag) for tag in group.tag_specs])
+        return cached[1]
 
     async def _guard(self, call: Any, what: str) -> Any:
         """Await an asyncua call, turning link failures into :class:`DeviceError`."""

@@ -145,6 +145,27 @@ class Converted:
             value = shortest_float32_one(value)  # 95.1, not the widened float32's 95.0999984741211
         self.values[i] = value
 
+    def set_plain(
+        self,
+        i: int,
+        value: Value,
+        raw: Value,
+        src: int | None,
+        array: ArraySpec | None = None,
+        element: int | None = None,
+    ) -> None:
+        """Reading ``i`` from a value the subscription's decoder already found a good, usable
+        scalar (what :meth:`set` makes of such a DataValue, without the DataValue)."""
+        self.src[i] = src
+        if array is None:
+            self.values[i], self.raw[i] = value, raw
+            return
+        reading, why, self.raw[i] = _array(value, array.size, element)
+        if why is not None:
+            self.bad(i, why)
+        else:
+            self.values[i] = reading
+
     def bad(self, i: int, reason: str) -> None:
         """The reading is bad; what the server sent, if anything, stays in ``raw``."""
         self.quality[i], self.reasons[i], self.values[i] = Quality.BAD, reason, None
