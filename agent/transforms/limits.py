@@ -19,6 +19,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -394,6 +395,9 @@ class LimitMonitor:
             self._states[idx] = "at_rest" if pcfg.state_tag is not None else pcfg.state
         self._started = False
         self._faults = FailureLog(log)
+        self._plans: dict[tuple[str, int], tuple[Sequence[str], _Plan]] = {}
+        """Each block shape's rules, by device and the identity of its tags tuple (a poll group
+        hands over the same tuple at every poll): resolved once, not per reading per commit."""
 
     @staticmethod
     def check(config: LimitsConfig, devices: Mapping[str, ProfileBase]) -> list[Problem]:
@@ -442,24 +446,65 @@ class LimitMonitor:
         if not self._started:
             return
         for block in blocks:
-            try:
-                self._update_states(block)
-            except Exception as exc:
-                self._faults.record(f"limits: room state from {block.device}", exc)
-            for i, tag in enumerate(block.tags):
-                rules = self._tag_rules.get((block.device, tag))
-                if rules is None:
-                    continue
+            plan = self._plan(block)
+            if plan is _NOTHING:
+                continue
+            for idx, i in plan.states:
+                try:
+                    self._update_state(idx, block, i)
+                except Exception as exc:
+                    self._faults.record(f"limits: room state from {block.device}", exc)
+            for i, tag, rules in plan.tags:
                 try:
                     self._reading(block, i, rules)
                 except Exception as exc:
                     self._faults.record(f"limits: {block.device}/{tag}", exc)
-            for idx, (pcfg, prules) in enumerate(self._particles):
-                if block.device == pcfg.device:
-                    try:
-                        self._particle_block(idx, pcfg, prules, block)
-                    except Exception as exc:
-                        self._faults.record(f"limits: particles of {block.device}", exc)
+            for idx, volume_at, channels in plan.particles:
+                try:
+                    self._particle_block(idx, volume_at, channels, block)
+                except Exception as exc:
+                    self._faults.record(f"limits: particles of {block.device}", exc)
+
+    def _plan(self, block: Block) -> _Plan:
+        """The rules that see ``block``, resolved once per device and tags tuple (a tuple cannot
+        change); tags in another kind of sequence are resolved each time."""
+        tags = block.tags
+        if type(tags) is not tuple:
+            return self._resolve(block.device, tags)
+        key = (block.device, id(tags))
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is tags:
+            return hit[1]
+        plan = self._resolve(block.device, tags)
+        if len(self._plans) >= _PLANS_MAX:  # subsets and reloads come and go: bound it
+            self._plans.clear()
+        self._plans[key] = (tags, plan)
+        return plan
+
+    def _resolve(self, device: str, tags: Sequence[str]) -> _Plan:
+        at: dict[str, int] = {}
+        for i, tag in enumerate(tags):
+            at.setdefault(tag, i)  # the first of a repeated name, as ``list.index`` finds it
+        states = [
+            (idx, at[pcfg.state_tag])
+            for idx, (pcfg, _) in enumerate(self._particles)
+            if pcfg.state_tag is not None
+            and device == (pcfg.state_device or pcfg.device)
+            and pcfg.state_tag in at
+        ]
+        rules = [
+            (i, tag, found) for i, tag in enumerate(tags) if (found := self._tag_rules.get((device, tag)))
+        ]
+        particles = []
+        for idx, (pcfg, prules) in enumerate(self._particles):
+            if pcfg.device != device:
+                continue
+            volume_at = at.get(pcfg.volume_tag) if pcfg.volume_tag is not None else None
+            channels = [(at[tag], prule) for tag, prule in prules.items() if tag in at]
+            particles.append((idx, volume_at, channels))
+        if not (states or rules or particles):
+            return _NOTHING
+        return _Plan(states, rules, particles)
 
     def _reading(self, block: Block, i: int, rules: list[LevelRule | RateRule]) -> None:
         value = _good_number(block, i)
@@ -469,28 +514,20 @@ class LimitMonitor:
         for rule in rules:
             self._emit(rule.update(ts, value, seq))
 
-    def _update_states(self, block: Block) -> None:
-        for idx, (pcfg, _) in enumerate(self._particles):
-            if pcfg.state_tag is None or block.device != (pcfg.state_device or pcfg.device):
-                continue
-            if pcfg.state_tag in block.tags:
-                i = list(block.tags).index(pcfg.state_tag)
-                if block.quality_of(i) is Quality.GOOD and block.values[i] is not None:
-                    self._states[idx] = room_state(block.values[i])
+    def _update_state(self, idx: int, block: Block, i: int) -> None:
+        if block.quality_of(i) is Quality.GOOD and block.values[i] is not None:
+            self._states[idx] = room_state(block.values[i])
 
     def _particle_block(
-        self, idx: int, pcfg: ParticleLimits, prules: dict[str, list[ParticleRule]], block: Block
+        self, idx: int, volume_at: int | None, channels: list[tuple[int, list[ParticleRule]]], block: Block
     ) -> None:
-        tags = list(block.tags)
+        pcfg = self._particles[idx][0]
         volume = pcfg.sample_volume_l
-        if pcfg.volume_tag is not None and pcfg.volume_tag in tags:
-            v = _good_number(block, tags.index(pcfg.volume_tag))
+        if volume_at is not None:
+            v = _good_number(block, volume_at)
             if v is not None and v > 0:
                 volume = v
-        for tag, rules in prules.items():
-            if tag not in tags:
-                continue
-            i = tags.index(tag)
+        for i, rules in channels:
             count = _good_number(block, i)
             if count is None:
                 continue
@@ -519,6 +556,28 @@ class LimitMonitor:
             "excursions": sum(r["excursions"] for r in rules),
             "failed_records": self._faults.total,
         }
+
+
+_PLANS_MAX = 4096
+"""Block shapes whose rules :class:`LimitMonitor` keeps resolved at most."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What :class:`LimitMonitor` evaluates on a block of one shape (one device, one tags tuple),
+    each entry with the reading's index in the block."""
+
+    states: list[tuple[int, int]]
+    """(particle config, index of its room-state tag) for each counter this device's state drives."""
+    tags: list[tuple[int, str, list[LevelRule | RateRule]]]
+    """(index, tag, its rules) for each tag with rules."""
+    particles: list[tuple[int, int | None, list[tuple[int, list[ParticleRule]]]]]
+    """(particle config, index of its volume tag, (index, rules) of each size channel present)
+    for each particle limit of this device."""
+
+
+_NOTHING = _Plan([], [], [])
+"""The plan of a block no rule looks at (most of them)."""
 
 
 def _seq(block: Block, i: int) -> int | None:
