@@ -21,6 +21,7 @@ import os
 import re
 import sqlite3
 import stat
+import sys
 import types
 import typing
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from agent.core.driver import (
     ConnectionBase,
     Driver,
     GroupSpec,
+    PollGroup,
     ProfileBase,
     available_protocols,
     build_groups,
@@ -310,10 +312,29 @@ def _validate_profile(
         return None
     try:
         context = {FILE_DIR: source.path.parent}
-        return driver, driver.profile_model().model_validate(source.doc.data, context=context)
+        return driver, driver.profile_model().model_validate(_detached(source.doc.data), context=context)
     except ValidationError as exc:
         problems.extend(_format_errors(source.doc, exc))
         return None
+
+
+def _detached(data: Any) -> Any:
+    """``data`` rebuilt with a string of its own for every string value (keys interned), to be
+    validated instead of the parse.
+
+    The validated profile keeps strings of its input (a tag's name and group). Taken from the
+    parse, each sits among the parse's transient objects (nodes, marks, line maps), and the few
+    bytes kept per page keep the whole page: after a 10,000-tag profile some 25 MB the agent no
+    longer used stayed resident for good. Copied once the parse's nodes are gone, they share pages
+    with the validated models instead, and forgetting the parse (before the poll groups are
+    compiled, see :func:`_load`) returns its memory."""
+    if isinstance(data, dict):
+        return {sys.intern(k) if isinstance(k, str) else k: _detached(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_detached(v) for v in data]
+    if isinstance(data, str):
+        return data.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+    return data
 
 
 # --------------------------------------------------------------------------- entry point
@@ -406,44 +427,13 @@ def _load(
         problems.extend(_format_errors(src, exc))
         raise ConfigError(problems) from None
 
-    index = index_profiles(cfg.profiles_dirs)
-    problems += [_file_problem(e) for e in index.errors]
-    profiles = index.profiles
-    # Only the drivers this configuration uses are imported (an agent without OPC UA devices
-    # never loads the OPC UA stack); their connection secrets join the agent's.
-    protocols = {pr for d in cfg.devices if d.profile in profiles and (pr := profiles[d.profile].protocol)}
-    drivers = [drv for pr in sorted(protocols) if (drv := driver_for(pr)) is not None]
-    keys = _known_secrets(src, data, drivers, secrets)
-    validated: dict[str, tuple[type[Driver], ProfileBase] | None] = {}
-    devices: list[ResolvedDevice] = []
-    seen_ids: dict[str, int] = {}
-    for i, dev in enumerate(cfg.devices):
-        loc: Loc = ("devices", i)
-        if dev.id in seen_ids:
-            problems.append(
-                _problem(src, (*loc, "id"), f"{dev.id!r} is already used by devices[{seen_ids[dev.id]}]")
-            )
-            continue
-        seen_ids[dev.id] = i
-        if dev.profile not in profiles:
-            known = ", ".join(sorted(profiles)) or "none found"
-            problems.append(
-                _problem(src, (*loc, "profile"), f"no profile {dev.profile!r}", f"known: {known}")
-            )
-            continue
-        if dev.profile not in validated:
-            validated[dev.profile] = _validate_profile(profiles[dev.profile], problems)
-        resolved = validated[dev.profile]
-        if resolved is None:
-            problems.append(
-                _problem(src, (*loc, "profile"), f"profile {dev.profile!r} is invalid (see above)")
-            )
-            continue
-        driver, profile = resolved
-        device = _resolve_device(src, loc, dev, driver, profile, profiles[dev.profile].path, problems)
-        if device is not None:
-            devices.append(device)
-            problems += [_place(src, p) for p in _missing_files(device.connection, (*loc, "connection"))]
+    found = _validate_devices(src, data, cfg, secrets, problems)
+    # The profiles' parses end here, before the groups are compiled: what the groups keep is then
+    # not scattered among them, and forgetting the parses returns their memory (see _detached).
+    forget_parsed()
+    compiled: dict[tuple[int, str, int, float], PollGroup] = {}
+    devices = [pending.resolve(compiled) for pending in found.devices]
+    seen_ids, keys = found.seen_ids, found.keys
     if cfg.mqtt is not None:
         problems += [_place(src, p) for p in _missing_files(cfg.mqtt, ("mqtt",))]
     if (key_file := cfg.integrity.hmac_key_file) is not None:
@@ -473,12 +463,87 @@ def _load(
     problems += [_place(src, p) for p in cfg.reference.check(cfg.mqtt is not None)]
     if problems:
         raise ConfigError(problems)
-    used = [profiles[d.config.profile].path for d in devices]
+    used = [d.profile_path for d in devices]
     try:
         sha256, text = _hash_and_text(src, keys, used)
     except YamlError as exc:
         raise ConfigError([_file_problem(exc)]) from None
-    return LoadedConfig(path, cfg, devices, sha256, {n: p.path for n, p in profiles.items()}, text)
+    return LoadedConfig(path, cfg, devices, sha256, found.profiles, text)
+
+
+@dataclass
+class _PendingDevice:
+    """A device whose configuration and profile are valid, its poll groups not yet compiled."""
+
+    config: DeviceConfig
+    driver: type[Driver]
+    profile: ProfileBase
+    profile_path: Path
+    connection: ConnectionBase
+    overrides: dict[str, GroupSpec]
+
+    def resolve(self, compiled: dict[tuple[int, str, int, float], PollGroup]) -> ResolvedDevice:
+        groups = build_groups(self.config.id, self.profile, self.connection, self.overrides, compiled)
+        return ResolvedDevice(
+            self.config, self.driver, self.profile, self.profile_path, self.connection, groups
+        )
+
+
+@dataclass
+class _ValidDevices:
+    devices: list[_PendingDevice]
+    seen_ids: dict[str, int]
+    """Each device id and the index of the entry that declared it first."""
+    profiles: dict[str, Path]
+    """Every profile found, by name."""
+    keys: frozenset[str]
+    """The secret keys of the agent and of the drivers in use."""
+
+
+def _validate_devices(
+    src: YamlDoc, data: Any, cfg: AgentConfig, secrets: set[str], problems: list[Problem]
+) -> _ValidDevices:
+    """The devices against their profiles and drivers; each profile used is validated once, and its
+    parse (held by the index) is let go when this returns."""
+    index = index_profiles(cfg.profiles_dirs)
+    problems += [_file_problem(e) for e in index.errors]
+    profiles = index.profiles
+    # Only the drivers this configuration uses are imported (an agent without OPC UA devices
+    # never loads the OPC UA stack); their connection secrets join the agent's.
+    protocols = {pr for d in cfg.devices if d.profile in profiles and (pr := profiles[d.profile].protocol)}
+    drivers = [drv for pr in sorted(protocols) if (drv := driver_for(pr)) is not None]
+    keys = _known_secrets(src, data, drivers, secrets)
+    validated: dict[str, tuple[type[Driver], ProfileBase] | None] = {}
+    devices: list[_PendingDevice] = []
+    seen_ids: dict[str, int] = {}
+    for i, dev in enumerate(cfg.devices):
+        loc: Loc = ("devices", i)
+        if dev.id in seen_ids:
+            problems.append(
+                _problem(src, (*loc, "id"), f"{dev.id!r} is already used by devices[{seen_ids[dev.id]}]")
+            )
+            continue
+        seen_ids[dev.id] = i
+        if dev.profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none found"
+            problems.append(
+                _problem(src, (*loc, "profile"), f"no profile {dev.profile!r}", f"known: {known}")
+            )
+            continue
+        if dev.profile not in validated:
+            validated[dev.profile] = _validate_profile(profiles[dev.profile], problems)
+        resolved = validated[dev.profile]
+        if resolved is None:
+            problems.append(
+                _problem(src, (*loc, "profile"), f"profile {dev.profile!r} is invalid (see above)")
+            )
+            continue
+        driver, profile = resolved
+        device = _resolve_device(src, loc, dev, driver, profile, profiles[dev.profile].path, problems)
+        if device is not None:
+            devices.append(device)
+            problems += [_place(src, p) for p in _missing_files(device.connection, (*loc, "connection"))]
+    return _ValidDevices(devices, seen_ids, {n: p.path for n, p in profiles.items()}, keys)
 
 
 def _missing_files(model: BaseModel, at: Loc) -> Iterator[Problem]:
@@ -566,7 +631,7 @@ def _resolve_device(
     profile: ProfileBase,
     profile_path: Path,
     problems: list[Problem],
-) -> ResolvedDevice | None:
+) -> _PendingDevice | None:
     before = len(problems)
     context = {FILE_DIR: src.path.parent}
     connection: ConnectionBase | None = None
@@ -589,5 +654,4 @@ def _resolve_device(
             problems.extend(_format_errors(src, exc, (*loc, "groups", name)))
     if connection is None or len(problems) > before:
         return None
-    groups = build_groups(dev.id, profile, connection, overrides)
-    return ResolvedDevice(dev, driver, profile, profile_path, connection, groups)
+    return _PendingDevice(dev, driver, profile, profile_path, connection, overrides)

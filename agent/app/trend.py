@@ -21,7 +21,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.core.records import Block, Event, Quality, Value, now_ns
 
@@ -46,8 +46,15 @@ _MAX_INDEX = 2**31 - 1
 stamped later is left out of the trend rather than failing the listener."""
 
 
-@dataclass(frozen=True)
-class LastValue:
+_NUMBERS = (int, float)
+"""What a trend counts (``bool`` too, as 0 and 1). A tuple: ``isinstance`` against ``int | float``
+takes nearly twice as long, and runs once per followed tag and sample."""
+
+
+class LastValue(NamedTuple):
+    """A tag's last reading. A tuple: made for every followed tag at every sample, it builds in
+    less than half a frozen dataclass's time."""
+
     ts_ns: int
     value: Value
     quality: Quality
@@ -67,11 +74,9 @@ class _Series:
     agg: array[float] = field(default_factory=lambda: array("f", [0.0]) * (4 * _BUCKETS))
     """Per slot: min, max, sum, count."""
 
-    def add(self, ts_ns: int, value: float) -> None:
-        idx = ts_ns // _BUCKET_NS
-        if idx > _MAX_INDEX:
-            return
-        slot = idx % _BUCKETS
+    def add(self, idx: int, slot: int, value: float) -> None:
+        """Count ``value`` in bucket ``idx`` (``ts // BUCKET_S``, at most :data:`_MAX_INDEX`), which
+        lives in ``slot`` (``idx % _BUCKETS``): both computed once per sample for a whole group."""
         held = self.held[slot]
         agg, o = self.agg, slot * 4
         if held != idx:
@@ -167,15 +172,19 @@ class TrendRecorder:
         group.sampled_ns = ts
         quality = block.quality
         values = block.values
+        n = len(values)
+        idx = ts // _BUCKET_NS
+        slot = idx % _BUCKETS if idx <= _MAX_INDEX else -1  # -1: too late for a bucket
+        good, bad = Quality.GOOD, Quality.BAD
         for i, series in group.followed:
-            if i >= len(values):
+            if i >= n:
                 continue
             value = values[i]
-            q = quality[i] if quality is not None else Quality.GOOD
+            q = good if quality is None else quality[i]
             shown = value[:MAX_TEXT] + "…" if isinstance(value, str) and len(value) > MAX_TEXT else value
             series.last = LastValue(ts, shown, q)
-            if q is not Quality.BAD and isinstance(value, int | float) and math.isfinite(value):
-                series.add(ts, float(value))
+            if slot >= 0 and q is not bad and isinstance(value, _NUMBERS) and math.isfinite(value):
+                series.add(idx, slot, float(value))
 
     def _follow(self, block: Block) -> list[tuple[int, _Series]]:
         """The series of a group's tags, by position (tags beyond :data:`MAX_SERIES` left out)."""

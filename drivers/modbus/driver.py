@@ -53,7 +53,7 @@ from drivers.modbus.frames import (
     Reply,
     Request,
 )
-from drivers.modbus.plan import Outcome, Plan, build_plan, decode_plan, raw_values
+from drivers.modbus.plan import Outcome, Plan, decode_plan, raw_values, shared_plan
 from drivers.modbus.records import RecordReader
 
 log = logging.getLogger("cleanroom.modbus")
@@ -115,12 +115,13 @@ class ModbusDriver(Driver):
             if isinstance(spec, Group) and spec.records is not None:
                 self._records[name] = RecordReader(self, group, spec.records, tags)
             else:
-                self._plans[name] = build_plan(tags, self.conn)
+                self._plans[name] = shared_plan(ctx.profile, f"group {name}", tags, self.conn)
         self._identity: tuple[list[str], Plan] | None = None
         """Identity fields and the plan reading their tags (the profile's ``identity``)."""
         if ctx.profile.identity is not None and (named := ctx.profile.identity.named()):
             specs = {t.name: t for t in ctx.profile.tags}
-            self._identity = (list(named), build_plan([as_tag(specs[n]) for n in named.values()], self.conn))
+            identity_tags = [as_tag(specs[n]) for n in named.values()]
+            self._identity = (list(named), shared_plan(ctx.profile, "identity", identity_tags, self.conn))
         self._identity_logged = False
         self._bus: Bus | None = None
         self._misses = 0

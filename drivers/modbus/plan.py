@@ -4,11 +4,17 @@ vectorised decoders of their replies.
 Per data type and word order an index array says where each value sits in the group's
 register image, so a poll is "N requests, one gather per type, one ``view``" (see
 :mod:`cleanroom_common.codec`).
+
+A plan depends on nothing but its tags and the connection's :class:`PlanSettings`, and nothing
+changes it once built (frozen, tuples, read-only arrays), so the devices of one profile that
+agree on those settings read by one plan (:func:`shared_plan`): ten devices of a 10,000-tag
+profile hold one plan, not ten.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,27 +76,56 @@ class Read:
     """Indices (in the plan) of the tags this read carries."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """A tag list compiled into reads and decoders."""
+    """A tag list compiled into reads and decoders; never changed once built (devices share it)."""
 
-    reads: list[Read]
+    reads: tuple[Read, ...]
     n_regs: int
     n_bits: int
-    numeric: list[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], DataType, WordOrder]]
-    """(tag indices, register positions, type, order): one vectorised decode each."""
-    other: list[tuple[int, Tag, int]]
+    numeric: tuple[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], DataType, WordOrder], ...]
+    """(tag indices, register positions, type, order): one vectorised decode each; read-only arrays."""
+    other: tuple[tuple[int, Tag, int], ...]
     """(tag index, tag, image position) of bits, bit fields and strings."""
     n_tags: int
     fast: npt.DTypeLike | None
     """Result dtype when the whole group decodes as one numeric array, else ``None``."""
-    slots: list[tuple[bool, int, int]]
+    slots: tuple[tuple[bool, int, int], ...]
     """(in the bit image, image position, width) of each tag: where its raw words are."""
 
 
-def build_plan(tags: Sequence[Tag], conn: Connection) -> Plan:
+@dataclass(frozen=True, slots=True)
+class PlanSettings:
+    """The connection settings a plan depends on, and the only ones :func:`build_plan` reads:
+    two devices of one profile that agree on them can share its plans."""
+
+    address_base: int | None
+    one_request_per_tag: bool
+    max_registers_per_request: int
+    max_bits_per_request: int
+    max_gap: int
+
+    @classmethod
+    def of(cls, conn: Connection) -> PlanSettings:
+        return cls(
+            conn.address_base,
+            conn.one_request_per_tag,
+            conn.max_registers_per_request,
+            conn.max_bits_per_request,
+            conn.max_gap,
+        )
+
+
+def _readonly(values: list[int]) -> npt.NDArray[np.intp]:
+    array = np.array(values, dtype=np.intp)
+    array.flags.writeable = False
+    return array
+
+
+def build_plan(tags: Sequence[Tag], conn: Connection | PlanSettings) -> Plan:
     """Compile a tag list into reads (coalesced within the device's limits) and decoders,
     once at start-up, so that a poll only gathers and views."""
+    conn = conn if isinstance(conn, PlanSettings) else PlanSettings.of(conn)
     located: list[tuple[Table, int, int]] = []
     for tag in tags:
         try:
@@ -140,18 +175,68 @@ def build_plan(tags: Sequence[Tag], conn: Connection) -> Plan:
         elif not types & INTEGER_TYPES:
             fast = np.float64
     return Plan(
-        reads=reads,
+        reads=tuple(reads),
         n_regs=image["reg"],
         n_bits=image["bit"],
-        numeric=[
-            (np.array(idx, dtype=np.intp), np.array(pos, dtype=np.intp), dt, order)
-            for (dt, order), (idx, pos) in numeric.items()
-        ],
-        other=other,
+        numeric=tuple(
+            (_readonly(idx), _readonly(pos), dt, order) for (dt, order), (idx, pos) in numeric.items()
+        ),
+        other=tuple(other),
         n_tags=len(tags),
         fast=fast,
-        slots=[(table in BIT_TABLES, position[i], width) for i, (table, _, width) in enumerate(located)],
+        slots=tuple((table in BIT_TABLES, position[i], width) for i, (table, _, width) in enumerate(located)),
     )
+
+
+_Entry = tuple[tuple[Tag, ...], Plan]
+
+
+class _SharedPlans:
+    """Plans by the profile object they were compiled from (its identity: a reload validates the
+    profile anew, so a changed profile never meets an old plan), by a name within the profile (a
+    poll group, the identity tags) and by :class:`PlanSettings`. A profile's plans go when the
+    profile does (a weak reference), so a long-running agent that reloads keeps no stale plans."""
+
+    def __init__(self) -> None:
+        self._by_profile: dict[int, tuple[weakref.ref[object], dict[tuple[str, PlanSettings], _Entry]]] = {}
+
+    def get(self, profile: object, name: str, tags: Sequence[Tag], conn: Connection) -> Plan:
+        key = id(profile)
+        held = self._by_profile.get(key)
+        if held is None or held[0]() is not profile:
+            held = self._by_profile[key] = (weakref.ref(profile, self._forget(key)), {})
+        plans = held[1]
+        settings = PlanSettings.of(conn)
+        entry = plans.get((name, settings))
+        # The same tag objects in the same order, not merely the same name: a caller that groups
+        # a profile's tags differently gets its own plan.
+        if entry is None or not _same(entry[0], tags):
+            entry = plans[(name, settings)] = (tuple(tags), build_plan(tags, settings))
+        return entry[1]
+
+    def _forget(self, key: int) -> Callable[[weakref.ref[object]], None]:
+        def drop(ref: weakref.ref[object]) -> None:
+            held = self._by_profile.get(key)
+            if held is not None and held[0] is ref:
+                del self._by_profile[key]
+
+        return drop
+
+    def __len__(self) -> int:
+        return len(self._by_profile)
+
+
+def _same(a: Sequence[Tag], b: Sequence[Tag]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+_SHARED = _SharedPlans()
+
+
+def shared_plan(profile: object, name: str, tags: Sequence[Tag], conn: Connection) -> Plan:
+    """The plan of ``tags`` (named ``name`` within ``profile``) for ``conn``'s settings, built
+    once for every device of the profile that agrees on :class:`PlanSettings`."""
+    return _SHARED.get(profile, name, tags, conn)
 
 
 def _decode_numeric(
