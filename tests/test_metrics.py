@@ -112,7 +112,12 @@ async def test_a_running_agent_reports_its_polls_publishes_buffer_models_and_pro
         assert value(fams, "cleanroom_device_poll_failures_total", device="br1", group=group) == 0
     assert value(fams, "cleanroom_device_connected", device="br1") == 1
     requests = value(fams, "cleanroom_device_requests_total", device="br1")
-    assert requests >= 6
+    # A poll is counted when it starts, a request when its reply came: at most one poll per group
+    # (the groups poll on phases of their own) may be in flight when the page is rendered.
+    polls = sum(
+        value(fams, "cleanroom_device_polls_total", device="br1", group=g) for g in ("process", "status")
+    )
+    assert requests >= polls - 2 >= 4
     assert value(fams, "cleanroom_device_round_trip_seconds_count", device="br1") == requests
     quantiles = [
         value(fams, "cleanroom_device_round_trip_seconds", device="br1", quantile=q)

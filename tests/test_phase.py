@@ -1,0 +1,174 @@
+"""Poll-group phases: groups sharing a link (a gateway, a serial line) are spread over its
+cycle instead of starting on one instant, each keeps its own period, and a group added by a
+reload takes a phase in the widest gap without moving the groups already running."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from agent.app.config import load_config
+from agent.core.device import ResolvedDevice
+from agent.core.driver import DeviceContext, Driver, PollGroup
+from agent.core.records import Block
+from agent.sources.scheduler import (
+    PHASE_STEP_S,
+    DeviceRunner,
+    PhasePlan,
+    Scheduler,
+    Slot,
+    first_tick,
+    link_of,
+    on_grid,
+)
+
+
+def devices(
+    tmp: Path, units: Sequence[tuple[str, int, int]], name: str = "agent.yaml"
+) -> list[ResolvedDevice]:
+    """Modbus bioreactors (process 1 s, status 1 s, setpoints 10 s), as (id, gateway port, unit)."""
+    body = "\n".join(
+        f"  - id: {dev}\n    profile: bioreactor-sim\n"
+        f"    connection: {{host: 127.0.0.1, port: {port}, unit_id: {unit}}}"
+        for dev, port, unit in units
+    )
+    path = tmp / name
+    path.write_text(f"agent: {{id: t}}\nbuffer: {{path: b.db}}\ndevices:\n{body}\n")
+    return load_config(path).devices
+
+
+def phases(slots: dict[str, dict[str, Slot]]) -> dict[tuple[str, str], float]:
+    return {(dev, g): s.phase_s for dev, groups in slots.items() for g, s in groups.items()}
+
+
+def circular_gaps(values: Sequence[float], cycle: float) -> list[float]:
+    ps = sorted(values)
+    return [b - a for a, b in itertools.pairwise(ps)] + [ps[0] + cycle - ps[-1]]
+
+
+def most_on_one_instant(values: Sequence[float]) -> int:
+    return max(Counter(round(v, 6) for v in values).values())
+
+
+def test_groups_sharing_a_link_are_spread_evenly_over_its_cycle(tmp_path: Path) -> None:
+    devs = devices(tmp_path, [("br-a", 5020, 1), ("br-b", 5020, 2), ("br-c", 5020, 3)])
+    assert len({link_of(d) for d in devs}) == 1, "one gateway: one link"
+    slots = PhasePlan().place(devs)
+    placed = phases(slots)
+    assert len(placed) == 9  # 3 devices x (process, status, setpoints)
+    assert {s.cycle_s for groups in slots.values() for s in groups.values()} == {1.0}, "the shortest interval"
+    # i/9 of the cycle, in the order (device id, group name), rounded down onto the grid
+    assert [placed[k] for k in sorted(placed)] == pytest.approx([on_grid(i / 9) for i in range(9)])
+    assert max(placed.values()) >= 1.0 - 1 / 9 - PHASE_STEP_S, "over the whole cycle"
+    assert most_on_one_instant(list(placed.values())) <= math.ceil(9 * PHASE_STEP_S / 1.0) < 9
+
+
+def test_phases_are_deterministic_and_on_one_grid_for_every_link(tmp_path: Path) -> None:
+    devs = devices(tmp_path, [("br-a", 5020, 1), ("br-b", 5020, 2), ("solo", 5021, 1)])
+    first, again = PhasePlan().place(devs), PhasePlan().place(devs)
+    assert phases(first) == phases(again)
+    assert link_of(devs[2]) != link_of(devs[0])
+    # a device on a link of its own spreads its own groups over its own cycle
+    solo = sorted(s.phase_s for s in first["solo"].values())
+    assert solo == pytest.approx([on_grid(0), on_grid(1 / 3), on_grid(2 / 3)])
+    assert len(set(solo)) == 3
+    # every phase is on the plant's grid, so groups of different links wake the loop together
+    for p in phases(first).values():
+        assert p / PHASE_STEP_S == pytest.approx(round(p / PHASE_STEP_S))
+
+
+def test_unphased_plan_puts_every_group_at_zero(tmp_path: Path) -> None:
+    devs = devices(tmp_path, [("br-a", 5020, 1), ("br-b", 5020, 2)])
+    assert set(phases(PhasePlan(phased=False).place(devs)).values()) == {0.0}
+
+
+async def test_a_group_added_at_reload_takes_the_widest_gap(tmp_path: Path) -> None:
+    first = devices(tmp_path, [("br-a", 5020, 1), ("br-b", 5020, 2)])
+    sched = Scheduler(first, lambda blocks, events: None, {})
+    before = {r.id: dict(r.slots) for r in sched.runners}
+    # br-b leaves and br-c joins the same gateway; br-a keeps its phases
+    added = devices(tmp_path, [("br-c", 5020, 3)], name="more.yaml")
+    new = await sched.replace({"br-b"}, added)
+    assert [r.id for r in new] == ["br-c"]
+    assert {r.id: dict(r.slots) for r in sched.runners if r.id == "br-a"} == {"br-a": before["br-a"]}
+    kept = [s.phase_s for s in before["br-a"].values()]
+    taken = [s.phase_s for s in new[0].slots.values()]
+    # br-a's groups sit in the first half of the cycle (br-b had the second): br-c's go there
+    assert max(kept) < 0.5 <= min(taken)
+    assert len(set(taken)) >= 2, "br-c's groups are spread over the gap, not piled on one instant"
+    assert most_on_one_instant(kept + taken) <= math.ceil(6 * PHASE_STEP_S / 1.0)
+    await sched.stop()
+
+
+def test_first_tick_is_the_next_instant_on_the_grid() -> None:
+    assert first_tick(10.25, 1.0, 5.0) == 10.25, "not started yet: the phase's own instant"
+    assert first_tick(10.25, 1.0, 12.0) == pytest.approx(12.25)
+    assert first_tick(10.25, 1.0, 12.25) == pytest.approx(12.25)
+    assert first_tick(10.25, 0.5, 12.3) == pytest.approx(12.75)
+
+
+class Recorder(Driver):
+    """Remembers when each group's read started."""
+
+    protocol = "recorder"
+    reads: dict[str, list[float]]
+
+    def __init__(self, ctx: DeviceContext) -> None:
+        super().__init__(ctx)
+        self.reads = {}
+
+    async def connect(self) -> None:
+        pass
+
+    async def read(self, group: PollGroup) -> list[Block]:
+        self.reads.setdefault(group.name, []).append(time.monotonic())
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_each_group_polls_on_its_own_phase_and_period(tmp_path: Path) -> None:
+    """No group polls before its phase's instant, and every tick of its own period is
+    accounted for (a poll, or an overrun on a busy machine): the period does not drift."""
+    (dev,) = devices(tmp_path, [("br-a", 5020, 1)])
+    for g in dev.groups.values():
+        g.interval_s = 0.3
+    dev = dataclasses.replace(dev, driver=Recorder)
+    epoch = time.monotonic()
+    slots = {name: Slot(phase_s=0.05 + i * 0.1, cycle_s=0.3) for i, name in enumerate(sorted(dev.groups))}
+    runner = DeviceRunner(dev, lambda blocks, events: None, {}, slots=slots, epoch=epoch)
+    runner.start()
+    try:
+        await asyncio.sleep(1.5)
+    finally:
+        await runner.stop()
+    stopped = time.monotonic()
+    assert isinstance(runner.driver, Recorder)
+    reads = runner.driver.reads
+    assert set(reads) == set(dev.groups)
+    for name, times in reads.items():
+        anchor = epoch + slots[name].phase_s
+        assert times[0] >= anchor - 1e-3, f"{name} polled {anchor - times[0]:.3f} s before its phase"
+        stats = runner.group_stats[name]
+        ticks = math.floor((stopped - anchor) / 0.3) + 1
+        assert ticks - 1 <= stats.polls + stats.overruns <= ticks, (name, stats)
+        assert min(stats.jitter_s) >= -1e-3
+
+
+def test_a_device_without_poll_groups_is_placed_with_none(tmp_path: Path) -> None:
+    """A device read for its alarms only has no group, on a link of its own: nothing to place,
+    and the other devices keep their phases."""
+    dev, other = devices(tmp_path, [("br-a", 5021, 1), ("br-b", 5020, 2)])
+    bare = dataclasses.replace(dev, groups={})
+    slots = PhasePlan().place([bare, other])
+    assert slots["br-a"] == {}
+    assert phases(slots) == phases(PhasePlan().place([other]))
