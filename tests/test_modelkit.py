@@ -70,7 +70,9 @@ def trained_model(factory: pytest.TempPathFactory) -> Path:
         d = factory.mktemp("model")
         ds = load_csv(write_csv(d / "normal.csv", hours=24, seed=1))
         _TRAINED["syn"] = train(
-            [ds], TrainOptions(model_id="syn-pca", window=12, units={"temp": "degC"}), d / "out"
+            [ds],
+            TrainOptions(model_id="syn-pca", window=12, raise_after=3, clear_after=6, units={"temp": "degC"}),
+            d / "out",
         )
     return _TRAINED["syn"]
 

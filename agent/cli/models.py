@@ -1,9 +1,10 @@
-"""``cleanroom-agent models train|evaluate|score|verify``: model governance from the shell.
+"""``cleanroom-agent models train|evaluate|score|verify|approve``: model governance from the shell.
 
 Bad input (missing file, wrong column, altered model) is one clear line on stderr and
 exit code 2; ``verify`` exits 1 when any model does not match its manifest. ``evaluate --record``
 changes a model's validation evidence, so it requires ``--actor`` and ``--reason``, which the
-manifest keeps beside the metrics.
+manifest keeps beside the metrics (and it voids an approval: the evidence approved is not the
+evidence any more). ``approve`` releases a model for alarming, with ``--actor`` and ``--reason``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import hashlib
 import json
 import sys
 from collections.abc import Callable
@@ -21,8 +23,16 @@ import numpy as np
 from pydantic import ValidationError
 
 from agent.buffer.audit import AttributionMissing, add_attribution_args, attribution_of
+from agent.modeltools.calibrate import DEFAULT_FALSE_ALARM_RATE
 from agent.modeltools.csvdata import Dataset, FaultLabel, in_windows, iso, load_csv, load_labels, parse_time
-from agent.transforms.anomaly.manifest import ModelError, parse_condition, read_manifest, write_manifest
+from agent.transforms.anomaly.manifest import (
+    ModelError,
+    approval_summary,
+    approve,
+    parse_condition,
+    read_manifest,
+    write_manifest,
+)
 from agent.transforms.anomaly.model import LoadedModel
 from agent.transforms.anomaly.offline import run_offline
 from agent.transforms.anomaly.track import Settings
@@ -41,7 +51,12 @@ def register(subparsers: Any) -> None:
     t.add_argument("--device", help="device id to read from --buffer")
     t.add_argument("--since", help="first time to read from --buffer (ISO 8601 or unix s)")
     t.add_argument("--until", help="last time to read from --buffer (ISO 8601 or unix s)")
-    t.add_argument("--method", choices=["pca", "iforest"], default="pca")
+    t.add_argument(
+        "--method",
+        choices=["pca", "iforest", "autoencoder"],
+        default="pca",
+        help="PCA T²+Q (default), isolation forest, or a dense autoencoder (reconstruction error)",
+    )
     t.add_argument("--trees", type=int, default=100, help="isolation forest: number of trees")
     t.add_argument("--out", type=Path, required=True, help="folder for <id>.onnx and <id>.model.yaml")
     t.add_argument("--id", dest="model_id", help="model id (default: <device kind>-<method>)")
@@ -49,12 +64,39 @@ def register(subparsers: Any) -> None:
     t.add_argument("--device-kind", default="generic")
     t.add_argument("--intended-use", help="intended use statement for the manifest")
     t.add_argument("--period", type=parse_duration, help="resampling period (default: median sample spacing)")
-    t.add_argument("--window", type=int, default=30, help="slots per window")
-    t.add_argument("--raise-after", type=int, default=3)
-    t.add_argument("--clear-after", type=int, default=6)
-    t.add_argument("--holdout", type=float, default=0.3, help="trailing fraction held out for calibration")
-    t.add_argument("--margin", type=float, default=1.1, help="threshold safety factor")
-    t.add_argument("--false-alarms-per-week", type=float, default=0.2, help="calibration target per device")
+    t.add_argument(
+        "--window",
+        type=int,
+        default=0,
+        help="slots per window (default: 1/80 of the training slots, 5 to 30)",
+    )
+    t.add_argument(
+        "--calibration",
+        choices=["cv", "holdout"],
+        default="cv",
+        help="cv (default): blocked cross-validation over all the data, holds on a few hundred rows; "
+        "holdout: the rule before issue 16 (held-out time blocks), for rebuilding older models",
+    )
+    t.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        default=DEFAULT_FALSE_ALARM_RATE,
+        help="cv: target share of normal windows in alarm (default %(default)g)",
+    )
+    t.add_argument(
+        "--raise-after", type=int, help="windows over the threshold that raise (default: cv from the data, 3)"
+    )
+    t.add_argument(
+        "--clear-after", type=int, help="windows under it that clear (default: cv 2 x raise-after, 6)"
+    )
+    t.add_argument("--holdout", type=float, default=0.3, help="holdout: fraction held out for calibration")
+    t.add_argument("--margin", type=float, help="threshold safety factor (default: cv 1.0, holdout 1.1)")
+    t.add_argument(
+        "--false-alarms-per-week",
+        type=float,
+        help="alarm starts per device-week, a cap beside --false-alarm-rate (default 0.2; cv: only once the "
+        "data cover a day)",
+    )
     t.add_argument(
         "--exclude-after", type=parse_duration, default=7200.0, help="recovery time dropped after faults"
     )
@@ -74,11 +116,17 @@ def register(subparsers: Any) -> None:
     t.add_argument("--source", help="how the manifest names the training data (default: the file paths)")
     t.set_defaults(func=_guard(cmd_train))
 
-    e = sub.add_parser("evaluate", help="event-level metrics on labelled data, plots per device")
+    e = sub.add_parser("evaluate", help="event-level metrics on labelled data, plots, an HTML report")
     e.add_argument("--model", type=Path, required=True, help="manifest (*.model.yaml)")
     _data_args(e)
     e.add_argument("--grace", type=parse_duration, default=1800.0, help="recovery time after a fault")
-    e.add_argument("--plots", type=Path, help="folder for one PNG per device")
+    e.add_argument("--plots", type=Path, help="folder for one PNG per device (score and threshold)")
+    e.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="folder for an HTML report (report.html) with its PNG plots: signals, score, contributions",
+    )
     e.add_argument("--record", action="store_true", help="write the metrics into the manifest's validation")
     e.add_argument("--source", help="how --record names the evaluation data (default: the folders)")
     e.add_argument(
@@ -98,6 +146,13 @@ def register(subparsers: Any) -> None:
     v = sub.add_parser("verify", help="check every model's file against its manifest hash")
     v.add_argument("paths", type=Path, nargs="+", help="manifests or folders of them")
     v.set_defaults(func=_guard(cmd_verify))
+
+    a = sub.add_parser(
+        "approve", help="release a model for alarming (unapproved models run in shadow mode only)"
+    )
+    a.add_argument("--model", type=Path, required=True, help="manifest (*.model.yaml)")
+    add_attribution_args(a)
+    a.set_defaults(func=_guard(cmd_approve))
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -186,6 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         window=args.window,
         raise_after=args.raise_after,
         clear_after=args.clear_after,
+        calibration=args.calibration,
+        false_alarm_rate=args.false_alarm_rate,
         holdout=args.holdout,
         margin=args.margin,
         false_alarms_per_week=args.false_alarms_per_week,
@@ -229,7 +286,9 @@ def _from_buffer(
         since_ns = None if since is None else int(parse_time(since) * 1e9)
         until_ns = None if until is None else int(parse_time(until) * 1e9)
         rows: list[tuple[float, dict[str, float]]] = []
+        digest = hashlib.sha256()  # the training data's identity (Provenance.data_sha256)
         for rec in buf.records(device=device, since_ns=since_ns, until_ns=until_ns):
+            digest.update(rec.body.encode("utf-8") + b"\n")
             body = json.loads(rec.body)
             quality = body.get("quality")
             src = body.get("src_ts")
@@ -250,11 +309,13 @@ def _from_buffer(
     values = np.array([[v.get(n, np.nan) for n in names] for _, v in rows])
     ts_arr = np.array([t for t, _ in rows])
     order = np.argsort(ts_arr, kind="stable")
-    return Dataset(ts_arr[order], values[order], names, np.zeros(len(rows), bool), f"{db}#{device}", "buffer")
+    abnormal = np.zeros(len(rows), bool)
+    return Dataset(ts_arr[order], values[order], names, abnormal, f"{db}#{device}", digest.hexdigest())
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from agent.modeltools.evaluate import evaluate, plot
+    from agent.modeltools.evaluate import evaluate
+    from agent.modeltools.report import plot, require_matplotlib, write_report
 
     who = attribution_of(args, "evaluate --record") if args.record else None  # before minutes of work
     model = LoadedModel(args.model)
@@ -265,9 +326,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         limit_data = {
             d: load_csv(Path(ds.source), sep=args.sep, time_column=args.time_column) for d, ds in data.items()
         }
+    if args.report is not None or args.plots is not None:
+        require_matplotlib()  # before minutes of scoring, not after
     metrics, results = evaluate(model, data, labels, grace=args.grace, limits=limits, limit_data=limit_data)
     if args.plots is not None:
         metrics["plots"] = [str(p) for p in plot(model, results, args.plots, model.manifest.threshold)]
+    if args.report is not None:
+        metrics["report"] = str(write_report(model, metrics, results, args.report))
     print(json.dumps(metrics, indent=1))
     if who is not None:
         keep = (
@@ -292,6 +357,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         m = model.manifest
         write_manifest(args.model, m.model_copy(update={"validation": {**m.validation, **extra}}))
+        if m.approval is not None:
+            print(
+                f"note: the approval by {m.approval.actor} at {m.approval.at} no longer holds (the evidence "
+                "changed): the model runs in shadow mode until it is approved again",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -338,8 +409,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for path in manifests:
         try:
             m = LoadedModel(path).manifest  # hash check, and the graph must load as the agent loads it
-            print(f"ok       {path}  {m.id} {m.version} sha256 {m.sha256[:16]}…")
+            print(f"ok       {path}  {m.id} {m.version} sha256 {m.sha256[:16]}…; {approval_summary(m)}")
         except ModelError as exc:
             bad += 1
             print(f"MISMATCH {path}: {exc}")
     return 1 if bad else 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    """Approve exactly the model at hand: its ONNX file must match the manifest and load as the
+    agent loads it, and the approval is bound to the manifest's present content."""
+    who = attribution_of(args, "approve")
+    m = LoadedModel(args.model).manifest
+    before = m.approval
+    at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    approved = approve(m, who.actor, who.reason, at)
+    write_manifest(args.model, approved)
+    a = approved.approval
+    assert a is not None
+    print(f"model {m.id} {m.version} approved by {a.actor} at {a.at}")
+    print(f"  onnx sha256 {a.sha256}, manifest content sha256 {a.manifest_sha256}")
+    if before is not None:
+        print(f"  replaces the approval by {before.actor} at {before.at}")
+    return 0

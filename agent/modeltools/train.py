@@ -3,20 +3,29 @@
 Data flow: CSV(s) -> rows labelled abnormal or inside fault windows dropped -> the
 agent's own resampling/windowing (:mod:`agent.transforms.anomaly.windows`) -> features computed by the
 feature part of the ONNX graph itself -> fit (PCA in numpy, isolation forest in
-scikit-learn) -> full graph -> threshold calibrated on held-out normal windows
-(time blocks spread over each series, never used for fitting).
+scikit-learn) -> full graph -> threshold calibrated on normal windows no fitted model saw.
 
-Threshold rule (times ``margin``), the largest of: the smallest threshold at which the
-fitting data raise no alarm, the same for the held-out data, and the threshold whose
-extrapolated false-alarm rate on the held-out data is ``false_alarms_per_week`` (see
-:func:`tail_threshold`). Evaluate on independent seeds to confirm.
+Two calibrations (``TrainOptions.calibration``):
+
+* ``cv`` (the default): blocked cross-validation over all the data, a target share of normal
+  windows in alarm, a tail model and persistence chosen from the data
+  (:mod:`agent.modeltools.calibrate`); the model itself is fitted on all the data. Holds on
+  a few hundred autocorrelated rows.
+* ``holdout`` (the rule before issue 16, kept so models trained with it rebuild identically):
+  evenly spread time blocks are held out, and the threshold (times ``margin``) is the largest
+  of: the smallest threshold at which the fitting data raise no alarm, the same for the
+  held-out data, and the threshold whose extrapolated false-alarm rate on the held-out data
+  is ``false_alarms_per_week`` (see :func:`tail_threshold`). It needs long, varied data:
+  on a few hundred rows it sets thresholds from windows it has nearly seen.
+
+Evaluate on independent data to confirm either.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +35,7 @@ import onnx
 import onnxruntime as ort
 
 from agent import __version__
-from agent.modeltools import graph
+from agent.modeltools import autoencoder, calibrate, graph
 from agent.modeltools.csvdata import Dataset, iso
 from agent.transforms.anomaly.drift import DriftMonitor
 from agent.transforms.anomaly.envelope import Envelope
@@ -64,22 +73,35 @@ def _holdout_mask(ts: np.ndarray, fraction: float) -> np.ndarray:
 @dataclass
 class TrainOptions:
     model_id: str
-    method: Literal["pca", "iforest"] = "pca"
+    method: Literal["pca", "iforest", "autoencoder"] = "pca"
     version: str = "1.0.0"
     device_kind: str = "generic"
     intended_use: str = "Advisory anomaly detection for people; not a release or control decision."
     period: float | None = None
     """Seconds per slot; None = median sample spacing."""
-    window: int = 30
-    raise_after: int = 3
-    clear_after: int = 6
+    window: int = 0
+    """Slots per window; 0: from the data's length (:func:`calibrate.default_window`)."""
+    raise_after: int | None = None
+    """Windows over the threshold that raise an alarm; None: from the data (``cv``), 3 (``holdout``)."""
+    clear_after: int | None = None
+    """Windows under it that clear; None: twice ``raise_after`` (``cv``), 6 (``holdout``)."""
     min_completeness: float = 0.8
+    calibration: Literal["cv", "holdout"] = "cv"
+    """How the threshold is found (see the module docstring)."""
+    false_alarm_rate: float = calibrate.DEFAULT_FALSE_ALARM_RATE
+    """``cv``: target share of normal windows in alarm."""
     holdout: float = 0.3
+    """``holdout``: share of the data held out for the threshold."""
     variance: float = 0.95
     """PCA: fraction of feature variance the retained components explain."""
-    margin: float = 1.1
-    false_alarms_per_week: float = 0.2
-    """Calibration target per device (the acceptance limit is 1; the target leaves room)."""
+    margin: float | None = None
+    """Threshold safety factor; None: 1.1 (``holdout``), 1.0 (``cv``: already out of sample)."""
+    false_alarms_per_week: float | None = None
+    """Alarm starts per device-week (the acceptance limit is 1; the default 0.2 leaves room).
+    ``holdout``: its target (None: 0.2). ``cv``: a second cap beside ``false_alarm_rate``,
+    extrapolated from the out-of-sample scores; None: 0.2 when the training data cover at
+    least :data:`calibrate.WEEKLY_MIN_SPAN`, else none (from minutes of data a weekly rate is
+    a guess, and the cap would blind the model)."""
     drift_window: float = 21600.0
     seed: int = 0
     trees: int = 100
@@ -218,11 +240,15 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
         raise ModelError("cannot infer the sampling period (timestamps repeat); give --period")
     if opts.skip_start > 0:
         datasets = [ds.select(ds.ts >= ds.ts[0] + opts.skip_start) for ds in datasets]
-    fit_parts, hold_parts = [], []
-    for ds in datasets:
-        held = _holdout_mask(ds.ts, opts.holdout)
-        fit_parts.append(ds.select(~held))
-        hold_parts.append(ds.select(held))
+    slots = sum(len(np.unique(np.floor(d.ts / period))) for d in datasets)
+    if not opts.window:
+        opts = replace(opts, window=calibrate.default_window(slots))
+    cv = opts.calibration == "cv"
+    fit_parts, hold_parts = list(datasets), list(datasets)
+    if not cv:
+        masks = [_holdout_mask(ds.ts, opts.holdout) for ds in datasets]
+        fit_parts = [ds.select(~held) for ds, held in zip(datasets, masks, strict=True)]
+        hold_parts = [ds.select(held) for ds, held in zip(datasets, masks, strict=True)]
     specs = signal_specs(
         np.vstack([_inside(d, opts.envelope, len(names)).values for d in fit_parts]), names, opts.units
     )
@@ -235,7 +261,10 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
         ]
         return np.concatenate(got) if got else np.zeros((0, opts.window, len(names)), np.float32)
 
-    fit_w, hold_w = wins(fit_parts), wins(hold_parts)
+    fit_w = wins(fit_parts)
+    if cv:
+        calibrate.check_length(slots, len(names), opts.window)
+    hold_w = fit_w if cv else wins(hold_parts)
     if len(fit_w) < 50 or len(hold_w) < 10:
         raise ModelError(
             f"too little complete data: {len(fit_w)} fitting and {len(hold_w)} held-out windows of "
@@ -244,21 +273,57 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
     window_sd = np.nanstd((fit_w[:: max(1, len(fit_w) // MAX_FIT_WINDOWS)] - mean) / std, axis=1)
     sd_eps = SD_EPS_FRACTION * np.median(window_sd, axis=0)
     fmodel = graph.feature_model(mean, std, opts.window, sd_eps)
-    feats = _run(fmodel, _stride(fit_w, MAX_FIT_WINDOWS), "features").astype(np.float64)
-    f_mean = feats.mean(axis=0)
-    f_std = np.maximum(feats.std(axis=0), 0.05)
-    info: dict[str, Any]
-    if opts.method == "pca":
-        model, info = _fit_pca(mean, std, sd_eps, opts, feats, f_mean, f_std)
+
+    def fit(w: np.ndarray) -> tuple[onnx.ModelProto, dict[str, Any]]:
+        """The whole graph fitted on windows ``w`` (the feature part shared by every fit)."""
+        feats = _run(fmodel, _stride(w, MAX_FIT_WINDOWS), "features").astype(np.float64)
+        f_mean = feats.mean(axis=0)
+        f_std = np.maximum(feats.std(axis=0), 0.05)
+        if opts.method == "pca":
+            return _fit_pca(mean, std, sd_eps, opts, feats, f_mean, f_std)
+        if opts.method == "autoencoder":
+            return autoencoder.fit_model(
+                mean, std, sd_eps, opts.window, feats, f_mean, f_std, opts.variance, opts.seed
+            )
+        return _fit_iforest(mean, std, sd_eps, opts, feats, f_mean, f_std)
+
+    model, info = fit(fit_w)
+    week = 7 * 86400 / period
+    cal_record: dict[str, float | int | str]
+    if cv:
+        folds = _out_of_sample(datasets, period, opts, mean, fit)
+        series = [s for fold in folds for s in fold]
+        cal = calibrate.calibrate(
+            series, opts.false_alarm_rate, Hysteresis().clear_ratio, opts.raise_after, opts.clear_after
+        )
+        raise_after, clear_after = cal.raise_after, cal.clear_after
+        hold_scores = np.concatenate(series)
+        threshold = (opts.margin or 1.0) * cal.threshold
+        cal_record = cal.record()
+        cal_record["calibration_block_contrast"] = round(calibrate.block_contrast(folds), 2)
+        per_week = opts.false_alarms_per_week
+        if per_week is None and slots * period >= calibrate.WEEKLY_MIN_SPAN:
+            per_week = calibrate.DEFAULT_FALSE_ALARMS_PER_WEEK
+        if per_week is not None:
+            cap = (opts.margin or 1.0) * tail_threshold(hold_scores, raise_after, week, per_week)
+            cal_record["calibration_false_alarms_per_week"] = per_week
+            cal_record["calibration_weekly_cap_binds"] = int(cap > threshold)
+            threshold = max(threshold, cap)
     else:
-        model, info = _fit_iforest(mean, std, sd_eps, opts, feats, f_mean, f_std)
-    fit_scores = _run(model, fit_w, "score")
-    hold_scores = _run(model, hold_w, "score")
-    threshold = opts.margin * max(
-        no_alarm_threshold(fit_scores, opts.raise_after),
-        no_alarm_threshold(hold_scores, opts.raise_after),
-        tail_threshold(hold_scores, opts.raise_after, 7 * 86400 / period, opts.false_alarms_per_week),
-    )
+        raise_after, clear_after = opts.raise_after or 3, opts.clear_after or 6
+        fit_scores = _run(model, fit_w, "score")
+        hold_scores = _run(model, hold_w, "score")
+        threshold = (opts.margin or 1.1) * max(
+            no_alarm_threshold(fit_scores, raise_after),
+            no_alarm_threshold(hold_scores, raise_after),
+            tail_threshold(
+                hold_scores,
+                raise_after,
+                week,
+                opts.false_alarms_per_week or calibrate.DEFAULT_FALSE_ALARMS_PER_WEEK,
+            ),
+        )
+        cal_record = {"calibration": "holdout"}
     if threshold <= 0:
         threshold = float(np.quantile(hold_scores, 0.999)) + 1e-3
 
@@ -281,7 +346,7 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
         period=period,
         window=opts.window,
         threshold=float(threshold),
-        hysteresis=Hysteresis(raise_after=opts.raise_after, clear_after=opts.clear_after),
+        hysteresis=Hysteresis(raise_after=raise_after, clear_after=clear_after),
         min_completeness=opts.min_completeness,
         envelope=opts.envelope,
         drift=DriftBounds(window=opts.drift_window),
@@ -296,20 +361,57 @@ def train(datasets: Sequence[Dataset], opts: TrainOptions, out_dir: Path, exclud
         ),
         validation={
             "fit_windows": len(fit_w),
-            "holdout_windows": len(hold_w),
+            "holdout_windows": len(hold_scores),
             "holdout_max_score": round(float(hold_scores.max()), 4),
             "holdout_p99_score": round(float(np.quantile(hold_scores, 0.99)), 4),
             **info,
+            **cal_record,
         },
         tool_version=__version__,
         created=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
     )
-    inside = [_inside(d, opts.envelope, len(names)) for d in hold_parts]
+    inside = [_inside(d, opts.envelope, len(names)) for d in hold_parts]  # cv: all the data
     manifest = manifest.model_copy(update={"drift": _drift_bounds(manifest, inside)})
     path = out_dir / f"{opts.model_id}.model.yaml"
     write_manifest(path, manifest)
     LoadedModel(path)  # the written pair must load exactly as the agent will load it
     return path
+
+
+def _out_of_sample(
+    datasets: Sequence[Dataset],
+    period: float,
+    opts: TrainOptions,
+    fill: np.ndarray,
+    fit: Callable[[np.ndarray], tuple[onnx.ModelProto, dict[str, Any]]],
+) -> list[list[np.ndarray]]:
+    """Scores of every training window from a model fitted without it and without its
+    neighbours (:func:`calibrate.fold_masks`): per fold, one score series per data series."""
+    masks = [calibrate.fold_masks(ds.ts, period, opts.window) for ds in datasets]
+    folds: list[list[np.ndarray]] = []
+    for k in range(calibrate.FOLDS):
+        fit_w, held_w = [], []
+        for ds, m in zip(datasets, masks, strict=True):
+            keep, held = m[k]
+            fit_w.append(
+                windows_of(ds.select(keep), period, opts.window, fill, opts.min_completeness, opts.envelope)[
+                    1
+                ]
+            )
+            held_w.append(
+                windows_of(ds.select(held), period, opts.window, fill, opts.min_completeness, opts.envelope)[
+                    1
+                ]
+            )
+        w = np.concatenate(fit_w)
+        if len(w) < 10:
+            raise ModelError(
+                f"too little complete data for cross-validation: fold {k + 1} of {calibrate.FOLDS} has "
+                f"{len(w)} fitting windows"
+            )
+        model, _ = fit(w)
+        folds.append([_run(model, h, "score").astype(np.float64) for h in held_w if len(h)])
+    return folds
 
 
 def _inside(ds: Dataset, envelope: Sequence[EnvelopeCondition], n: int) -> Dataset:
