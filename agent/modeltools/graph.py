@@ -4,8 +4,9 @@ Every model has the same interface, so the agent treats them alike:
 
 * input ``window``: float32 ``[N, W, S]``, raw engineering values (gaps already filled);
 * output ``score``: float32 ``[N]``, higher = more anomalous;
-* output ``contrib``: float32 ``[N, S]``, each signal's share of the score (PCA: an
-  exact decomposition of the score; isolation forest: standardised feature deviation).
+* output ``contrib``: float32 ``[N, S]``, each signal's share of the score (PCA and
+  autoencoder: an exact decomposition of the score; isolation forest: standardised
+  feature deviation).
 
 The whole computation, normalisation and window features included, lives in the graph:
 the frozen, hashed file *is* the model, and the agent holds no scoring math beside it.
@@ -190,3 +191,54 @@ def iforest_model(
     graph = helper.make_graph(nodes + more_nodes, "iforest_monitor", [x], outputs, inits + more_inits)
     extra = {o.domain: o.version for o in forest.opset_import if o.domain not in ("", "ai.onnx")}
     return _finish(graph, extra)
+
+
+def autoencoder_model(
+    mean: np.ndarray,
+    std: np.ndarray,
+    window: int,
+    sd_eps: np.ndarray,
+    f_mean: np.ndarray,
+    f_std: np.ndarray,
+    weights: list[np.ndarray],
+    biases: list[np.ndarray],
+    q_ref: float,
+) -> onnx.ModelProto:
+    """Dense autoencoder over the standardised window features: tanh on every hidden
+    layer, identity output. score = Σ_f (z_f - ẑ_f)² / q_ref, like PCA's Q, so each
+    feature's squared reconstruction error is its exact share and ``contrib`` sums them
+    per signal. Tanh, not ReLU: a saturated layer cannot follow a window far outside the
+    training data, so such a window is reconstructed badly instead of extrapolated."""
+    n = len(mean)
+    nodes, inits = _feature_part(mean, std, window, sd_eps)
+    inits += [_init("f_mu", f_mean), _init("f_sd", f_std), _init("inv_q", 1.0 / q_ref)]
+    inits += [_init("sum_axis", [1], np.int64)]
+    nodes += [
+        helper.make_node("Sub", ["features", "f_mu"], ["fc"]),
+        helper.make_node("Div", ["fc", "f_sd"], ["z"]),
+    ]
+    layer = "z"
+    last = len(weights) - 1
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        inits += [_init(f"ae_w{i}", w), _init(f"ae_b{i}", b)]
+        nodes += [
+            helper.make_node("MatMul", [layer, f"ae_w{i}"], [f"ae_m{i}"]),
+            helper.make_node("Add", [f"ae_m{i}", f"ae_b{i}"], ["z_hat" if i == last else f"ae_a{i}"]),
+        ]
+        if i < last:
+            nodes.append(helper.make_node("Tanh", [f"ae_a{i}"], [f"ae_h{i}"]))
+            layer = f"ae_h{i}"
+    nodes += [
+        helper.make_node("Sub", ["z", "z_hat"], ["resid"]),
+        helper.make_node("Mul", ["resid", "resid"], ["q_f"]),
+        helper.make_node("Mul", ["q_f", "inv_q"], ["contrib_f"]),
+        helper.make_node("ReduceSum", ["contrib_f", "sum_axis"], ["score"], keepdims=0),
+    ]
+    more_nodes, more_inits = _per_signal("contrib_f", "contrib", n)
+    x, _ = _io(window, n)
+    outputs = [
+        helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+        helper.make_tensor_value_info("contrib", TensorProto.FLOAT, ["N", n]),
+    ]
+    graph = helper.make_graph(nodes + more_nodes, "autoencoder_monitor", [x], outputs, inits + more_inits)
+    return _finish(graph)
