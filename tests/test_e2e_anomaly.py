@@ -1,7 +1,8 @@
 """A simulator fault becomes an anomaly event on the broker, with the right top signal.
 
 The whole path: an OPC UA bioreactor (source timestamps in simulated time, so the
-model's 30 s period passes quickly) → agent with the shipped bioreactor model active →
+model's 30 s period passes quickly) → agent with the shipped bioreactor model active (an
+approved copy: the shipped model is unapproved and would run in shadow) →
 buffer → mosquitto → a subscriber. After the model has warmed up on normal operation,
 the temperature loop starts to oscillate; the anomaly event must name the heater and
 the temperature as its top signals.
@@ -21,6 +22,7 @@ from cleanroom_common.net import free_port
 from simulators.process.faults import Fault
 from simulators.servers.opcua import serve_bioreactor_opcua
 from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, wait_for
+from tests.test_inference import approved_copy
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEED = 150.0
@@ -56,7 +58,7 @@ def anomalies(collector: Collector) -> list[dict[str, Any]]:
 def test_temperature_oscillation_raises_an_anomaly_naming_the_loop(
     tmp_path: Path, mosquitto: Mosquitto, collector: Collector, opcua_sim: ThreadedSim
 ) -> None:
-    manifest = ROOT / "models" / "bioreactor-pca.model.yaml"
+    manifest = approved_copy(ROOT / "models" / "bioreactor-pca.model.yaml", tmp_path / "models")
     cfg = tmp_path / "agent.yaml"
     listen = f"127.0.0.1:{free_port()}"
     cfg.write_text(

@@ -1,10 +1,12 @@
 """InferenceEngine: committed blocks -> real ONNX scoring in the worker thread -> anomaly
-events; shadow mode, refusal of altered models, incomplete windows, audited changes."""
+events; shadow mode, refusal of altered models, incomplete windows, audited changes. Bindings
+that must run active bind an approved copy of the model (unapproved models run in shadow)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from unittest.mock import ANY
@@ -17,7 +19,7 @@ from agent.buffer.audit import Auditor
 from agent.core.driver import ProfileBase, TagBase, load_drivers
 from agent.core.records import Block, Event, Quality, Severity
 from agent.modeltools.csvdata import Dataset, load_csv
-from agent.transforms.anomaly.manifest import EnvelopeCondition, read_manifest, write_manifest
+from agent.transforms.anomaly.manifest import EnvelopeCondition, approve, read_manifest, write_manifest
 from agent.transforms.anomaly.model import LoadedModel
 from agent.transforms.anomaly.track import Settings, Track
 from agent.transforms.inference import Binding, InferenceEngine, ModelBindingConfig
@@ -48,6 +50,18 @@ class Harness:
         return [
             e for e in self.events if e.kind == kind and (action is None or e.data.get("action") == action)
         ]
+
+
+def approved_copy(model: Path, folder: Path) -> Path:
+    """A copy of ``model`` (manifest and ONNX) in ``folder``, approved by a test QA person:
+    for tests that need a binding to run active."""
+    folder.mkdir(parents=True, exist_ok=True)
+    m = read_manifest(model)
+    shutil.copy2(model.parent / m.file, folder / m.file)
+    path = folder / model.name
+    when = "2026-01-01T00:00:00Z"
+    write_manifest(path, approve(m, "qa.test", "test fixture: released for active scoring", when))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -99,11 +113,10 @@ async def feed(
 
 
 async def test_active_binding_raises_and_clears_an_anomaly_with_explanation(
-    syn_model: Path, h: Harness
+    syn_model: Path, tmp_path: Path, h: Harness
 ) -> None:
-    engine = h.engine(
-        ModelBindingConfig(manifest=syn_model, device_kind="bio", signals=MAPPING, mode="active")
-    )
+    model = approved_copy(syn_model, tmp_path / "approved")
+    engine = h.engine(ModelBindingConfig(manifest=model, device_kind="bio", signals=MAPPING, mode="active"))
     await engine.start()
     try:
         await feed(engine, "d1", *series(8, 11, FAULT))
@@ -198,8 +211,9 @@ async def test_bad_quality_readings_make_windows_incomplete_not_anomalous(
     assert not h.of("anomaly")
 
 
-async def test_mode_change_is_audited(syn_model: Path, h: Harness) -> None:
-    engine = h.engine(ModelBindingConfig(manifest=syn_model, devices=["d1"], signals=MAPPING))
+async def test_mode_change_is_audited(syn_model: Path, tmp_path: Path, h: Harness) -> None:
+    model = approved_copy(syn_model, tmp_path / "approved")
+    engine = h.engine(ModelBindingConfig(manifest=model, devices=["d1"], signals=MAPPING))
     await engine.start()
     await engine.idle()  # the models load in the background
     try:
@@ -278,7 +292,11 @@ async def test_shipped_incubator_model_flags_a_simulated_door_opening(tmp_path: 
     finally:
         await engine.stop()
     starts = [e for e in h.of("anomaly") if e.data["phase"] == "start"]
-    assert len(starts) == 1 and starts[0].severity is Severity.ALARM
+    # shipped unapproved (a project's model is no site's release): configured active, it runs in shadow
+    assert len(starts) == 1 and starts[0].severity is Severity.INFO and starts[0].data["shadow"] is True
+    assert starts[0].data["severity_if_active"] == "alarm"
+    (demoted,) = h.of("audit", "model_mode")
+    assert "model incubator-pca 1.0.0 is not approved" in demoted.data["reason"]
     assert door <= starts[0].data["start_ts"] / 1e9 <= door + 60
     assert starts[0].data["top_signals"][0]["signal"] in {
         "co2_pct",

@@ -14,6 +14,12 @@ Definitions (fixed before testing, Annex 22 draft):
   range (0.1-99.9 %) inside the fault window (a strict limit at the edge of normal
   data), and, given a limits file, the first excursion the agent's own
   :class:`~agent.transforms.limits.LimitMonitor` raises with those GMP alert/action limits;
+* row level, one row per scored window (one per resampling period; windows not scored, such
+  as incomplete ones, are not rows): a row is *inside a fault* when its window ends inside a
+  fault window, *in grace* when it ends within ``grace`` after one (not counted), else
+  *normal*; an alarmed row inside a fault is a true positive, an alarmed normal row a false
+  positive; false-alarm rate = false positives / normal rows, missed-alarm rate = false
+  negatives / rows inside a fault (the figures the process-monitoring literature quotes);
 * the delay comparison with the rules is paired: over the faults a rule limit caught,
   the model's median delay against the rules' median delay on those same faults (a
   fault the model missed counts as never detected, so it cannot flatter the model).
@@ -26,7 +32,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,6 +66,29 @@ def _median_or_missed(values: list[float]) -> float | str | None:
     if med is None:
         return None
     return "missed" if math.isinf(med) else round(med, 1)
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _count_rows(rows: dict[str, int], result: OfflineResult, faults: list[FaultLabel], grace: float) -> None:
+    """Adds the row-level confusion counts of one device (see the module docstring)."""
+    scored = ~np.isnan(result.scores)
+    ts, alarm = result.ts[scored], result.alarm[scored]
+    inside = np.zeros(len(ts), bool)
+    late = np.zeros(len(ts), bool)
+    for f in faults:
+        inside |= (ts >= f.start) & (ts <= f.end)
+        late |= (ts > f.end) & (ts <= f.end + grace)
+    late &= ~inside
+    normal = ~inside & ~late
+    rows["scored"] += len(ts)
+    rows["grace"] += int(late.sum())
+    rows["true_positive"] += int((alarm & inside).sum())
+    rows["false_negative"] += int((~alarm & inside).sum())
+    rows["false_positive"] += int((alarm & normal).sum())
+    rows["true_negative"] += int((~alarm & normal).sum())
 
 
 def first_limit_crossing(model: LoadedModel, data: Dataset, fault: FaultLabel) -> float | None:
@@ -127,6 +155,9 @@ def evaluate(
     n_rules = 0
     per_kind: dict[str, dict[str, Any]] = {}
     n_true = n_false = n_late = n_faults = n_detected = 0
+    rows = dict.fromkeys(
+        ("scored", "grace", "true_positive", "false_positive", "false_negative", "true_negative"), 0
+    )
     span = 0.0
     for device, ds in sorted(data.items()):
         faults = [f for f in labels if f.device == device and not f.kind.startswith("comm_")]
@@ -135,6 +166,7 @@ def evaluate(
         span += float(ds.ts[-1] - ds.ts[0]) if len(ds.ts) else 0.0
         excursions = limit_excursions(limits, device, (limit_data or data)[device]) if limits else []
         starts = [t.ts for t in result.transitions if t.phase == "start"]
+        _count_rows(rows, result, faults, grace)
         for s in starts:
             if any(f.start <= s <= f.end for f in faults):
                 n_true += 1
@@ -200,6 +232,13 @@ def evaluate(
         "paired_faults": len(paired) if limits else None,
         "paired_model_delay_median_s": _median_or_missed([m for m, _ in paired]),
         "paired_rule_delay_median_s": _pct([r for _, r in paired], 0.5),
+        "rows": rows,
+        "row_false_alarm_rate": _ratio(
+            rows["false_positive"], rows["false_positive"] + rows["true_negative"]
+        ),
+        "row_missed_alarm_rate": _ratio(
+            rows["false_negative"], rows["false_negative"] + rows["true_positive"]
+        ),
         "per_kind": {
             k: {
                 "faults": v["faults"],
@@ -212,45 +251,3 @@ def evaluate(
         },
     }
     return metrics, per_device
-
-
-def plot(model: LoadedModel, results: list[DeviceResult], out_dir: Path, threshold: float) -> list[Path]:
-    """One PNG per device: score over time, threshold, faults shaded, alarms marked."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from agent.transforms.anomaly.manifest import ModelError
-
-        raise ModelError(
-            "plots need matplotlib (the 'train' extra): pip install 'cleanroom-edge[train]'"
-        ) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for r in results:
-        fig, ax = plt.subplots(figsize=(11, 3.2))
-        t0 = r.result.ts[0] if len(r.result.ts) else 0.0
-        hours = (r.result.ts - t0) / 3600
-        ax.plot(hours, r.result.scores, lw=0.6, color="tab:blue", label="score")
-        ax.axhline(threshold, color="tab:red", lw=0.8, ls="--", label="threshold")
-        for f in r.faults:
-            ax.axvspan((f.start - t0) / 3600, (f.end - t0) / 3600, color="tab:orange", alpha=0.3)
-            ax.text((f.start - t0) / 3600, threshold, f.kind, fontsize=7, rotation=90, va="bottom")
-        for t in r.result.transitions:
-            if t.phase == "start":
-                ax.axvline((t.ts - t0) / 3600, color="tab:red", lw=0.8)
-        ax.set_yscale("symlog", linthresh=max(threshold, 1e-3))
-        ax.set_ylim(bottom=0)
-        ax.set_xlabel("hours")
-        ax.set_title(
-            f"{model.manifest.id} {model.manifest.version} on {r.device} (faults shaded, alarms red)"
-        )
-        ax.legend(loc="upper right", fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{r.device}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
-    return paths

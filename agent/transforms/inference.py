@@ -41,7 +41,7 @@ from agent.core.problems import Problem
 from agent.core.records import Block, Event, Quality, Severity, Value
 from agent.core.supervise import FailureLog, Supervised, Supervisor
 from agent.transforms.anomaly.drift import DriftChange
-from agent.transforms.anomaly.manifest import Manifest, ModelError, read_manifest
+from agent.transforms.anomaly.manifest import Manifest, ModelError, approval_problem, read_manifest
 from agent.transforms.anomaly.model import LoadedModel
 from agent.transforms.anomaly.track import Ready, Settings, Track, Transition
 from cleanroom_common.bundled import package_dir
@@ -82,7 +82,8 @@ class ModelBindingConfig(Strict):
     """
     mode: Literal["shadow", "active"] = "shadow"
     """``shadow``: anomalies are recorded (``"shadow": true``, severity info) but never alert; ``active``:
-    they are alarms. Start in shadow; activating is an audited change.
+    they are alarms. Start in shadow; activating is an audited change. Only an approved model
+    (``cleanroom-agent models approve``) runs active: an unapproved one runs in shadow, with a warning.
     """
     overrides: ModelOverrides = Field(default_factory=ModelOverrides)
     """Optional replacements of the manifest's threshold, hysteresis and completeness settings."""
@@ -158,6 +159,8 @@ class Binding:
     """Device tag per model signal, in model order, then per envelope signal
     (:attr:`Manifest.data_names`)."""
     mode: Literal["shadow", "active"]
+    shadow_reason: str | None = None
+    """Why the binding runs in shadow although configured active (its model is not approved)."""
     cols: dict[tuple[str, ...], tuple[list[int], list[int]]] = field(default_factory=dict)
     ts: list[float] = field(default_factory=list)
     rows: list[list[float]] = field(default_factory=list)
@@ -345,16 +348,39 @@ class InferenceEngine:
             assert isinstance(loaded, LoadedModel)
             m = loaded.manifest
             overrides = cfg.overrides.model_dump(exclude_none=True)
-            binding = Binding(key, device, loaded, Track(loaded, Settings.of(m, **overrides)), tags, cfg.mode)
+            problem = approval_problem(m)
+            unapproved = problem if cfg.mode == "active" else None
+            mode: Literal["shadow", "active"] = "shadow" if unapproved else cfg.mode
+            approved = (
+                None if problem or m.approval is None else {"by": m.approval.actor, "at": m.approval.at}
+            )
+            track = Track(loaded, Settings.of(m, **overrides))
+            binding = Binding(key, device, loaded, track, tags, mode, unapproved)
             self.bindings[key] = binding
             self._by_device.setdefault(device, []).append(binding)
             self.auditor.record(
                 "model_load",
                 key,
                 device=device,
-                new={**loaded.ident, "mode": cfg.mode, "tags": dict(zip(m.data_names, tags, strict=True))},
+                new={
+                    **loaded.ident,
+                    "mode": mode,
+                    "approved": approved,
+                    "tags": dict(zip(m.data_names, tags, strict=True)),
+                },
                 reason=f"binding from configuration; overrides {overrides or 'none'}",
             )
+            if unapproved:
+                log.warning("model binding %s configured active runs in shadow mode: %s", key, unapproved)
+                self.auditor.record(
+                    "model_mode",
+                    key,
+                    device=device,
+                    old="active",
+                    new="shadow",
+                    reason=f"configured active, runs in shadow: {unapproved}",
+                    severity=Severity.WARNING,
+                )
 
     @staticmethod
     def check(
@@ -412,10 +438,13 @@ class InferenceEngine:
 
     def set_mode(self, key: str, mode: Literal["shadow", "active"], *, actor: str, reason: str) -> None:
         """Switch a binding between shadow and active: a change of what raises alarms, so it is
-        audited with who asked for it and why."""
+        audited with who asked for it and why. An unapproved model cannot be made active
+        (:class:`ModelError`)."""
         b = self.bindings[key]
         if b.mode == mode:
             return
+        if mode == "active" and (why := approval_problem(b.model.manifest)):
+            raise ModelError(f"{key} stays in shadow mode: {why}")
         self.auditor.record(
             "model_mode", key, device=b.device, old=b.mode, new=mode, actor=actor, reason=reason
         )
@@ -563,6 +592,7 @@ class InferenceEngine:
                 "device": b.device,
                 "model": b.model.ident,
                 "mode": b.mode,
+                "shadow_reason": b.shadow_reason,
                 "state": t.state,
                 "alarm": t.debounce.active,
                 "last_score": None if t.last_score is None else round(t.last_score, 4),

@@ -4,6 +4,7 @@ know what it is. A model is accepted only if its ``.onnx`` bytes hash to ``sha25
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Literal
@@ -130,9 +131,30 @@ class Provenance(Strict):
     excluded_rows: int = 0
     """Rows dropped because they were labelled abnormal or lay inside a fault window."""
     data_sha256: str
-    """SHA-256 of the training input bytes."""
+    """SHA-256 of the training data as read, so an auditor can tell whether the data in hand is what
+    the model learnt from: the SHA-256 of the lowercase hex SHA-256 digests of every input, sorted and
+    joined with no separator. A CSV file's digest is over its bytes (the whole file as read, before any
+    row was excluded: ``sha256sum`` it); the agent's buffer's is over the device's committed record
+    bodies (canonical JSON, UTF-8) in the order read, each followed by a newline."""
     notes: str = ""
     """Free text: scenario, seeds, split."""
+
+
+class Approval(Strict):
+    """A person's release of one exact model for alarming (Annex 22 draft: a model is used only as
+    validated and approved). Bound to what was approved: any change of the manifest's content or of
+    the ONNX file afterwards voids it, so evidence edited after the sign-off cannot ride on it."""
+
+    actor: str = Field(min_length=1, pattern=r"\S")
+    """Who approved (a person's name or user id)."""
+    reason: str = Field(min_length=1, pattern=r"\S")
+    """Why: the verification that supports it (protocol, report, change record)."""
+    at: str
+    """When (ISO 8601 UTC)."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """SHA-256 of the ONNX file approved (the manifest's ``sha256`` at approval)."""
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """:func:`content_sha256` of the manifest at approval (everything but this block)."""
 
 
 class Manifest(Strict):
@@ -146,7 +168,7 @@ class Manifest(Strict):
     """ONNX file name, relative to the manifest."""
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     """SHA-256 of the ONNX file: a model whose file does not match is refused."""
-    method: Literal["pca", "iforest"]
+    method: Literal["pca", "iforest", "autoencoder"]
     """``pca`` (Hotelling T² + SPE/Q) or ``iforest`` (isolation forest)."""
     intended_use: str
     """What the model is for and what it must not be used for (advisory only)."""
@@ -179,6 +201,9 @@ class Manifest(Strict):
     """cleanroom-edge version that trained the model."""
     created: str
     """When the model was trained (ISO 8601 UTC)."""
+    approval: Approval | None = None
+    """Who released the model for alarming, and why (``cleanroom-agent models approve``). Without a
+    valid one, the agent runs the model in shadow mode only, whatever its bindings say."""
 
     @model_validator(mode="after")
     def _signals_unique(self) -> Manifest:
@@ -199,6 +224,60 @@ class Manifest(Strict):
     def data_names(self) -> list[str]:
         """Columns a scoring path feeds, in order: the model's inputs, then its envelope signals."""
         return self.signal_names + list(dict.fromkeys(c.signal for c in self.envelope))
+
+
+def content_sha256(manifest: Manifest) -> str:
+    """SHA-256 of the manifest's content without its approval: canonical JSON (keys sorted, no
+    spaces, UTF-8) of every field as validated, so re-saving or reformatting the YAML keeps an
+    approval and changing any value (threshold, signals, evidence, the ONNX hash) voids it."""
+    content = manifest.model_dump(mode="json", exclude={"approval"})
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def approval_problem(manifest: Manifest) -> str | None:
+    """Why the model is not released for alarming (a sentence naming it), or None when its
+    approval holds."""
+    a, name = manifest.approval, f"model {manifest.id} {manifest.version}"
+    if a is None:
+        return f"{name} is not approved (cleanroom-agent models approve)"
+    if a.sha256 != manifest.sha256:
+        return (
+            f"{name} was approved by {a.actor} at {a.at} for ONNX sha256 {a.sha256[:16]}…, the manifest "
+            f"names {manifest.sha256[:16]}…: approve it again"
+        )
+    if a.manifest_sha256 != content_sha256(manifest):
+        return f"{name}: its manifest changed after the approval by {a.actor} at {a.at}: approve it again"
+    return None
+
+
+def approval_summary(manifest: Manifest) -> str:
+    """One line for people (model card, report, ``models verify``): who released the model, or why
+    it is not released."""
+    a = manifest.approval
+    problem = approval_problem(manifest)
+    if problem is not None or a is None:
+        return problem or "not approved"
+    return f"approved by {a.actor} at {a.at}: {a.reason}"
+
+
+def approve(manifest: Manifest, actor: str, reason: str, at: str) -> Manifest:
+    """The manifest with an approval by ``actor`` bound to its present content; the ONNX file
+    must already have been checked against ``manifest.sha256`` (:func:`verify`)."""
+    try:
+        approval = Approval(
+            actor=actor.strip(),
+            reason=reason.strip(),
+            at=at,
+            sha256=manifest.sha256,
+            manifest_sha256=content_sha256(manifest),
+        )
+    except ValidationError as exc:
+        fields = " and ".join(str(e["loc"][0]) for e in exc.errors())
+        raise ModelError(
+            f"model {manifest.id} {manifest.version}: an approval needs a non-blank {fields}"
+        ) from None
+    return manifest.model_copy(update={"approval": approval})
 
 
 def sha256_file(path: Path) -> str:
@@ -258,4 +337,7 @@ def verify(manifest_path: Path) -> tuple[Manifest, Path, bytes]:
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:
-    path.write_text(yaml.safe_dump(manifest.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    data = manifest.model_dump(mode="json")
+    if data["approval"] is None:
+        del data["approval"]  # an unapproved model's manifest reads as it did before approvals existed
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
