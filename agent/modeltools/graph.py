@@ -95,6 +95,19 @@ def _finish(graph: Any, extra_opsets: dict[str, int] | None = None) -> onnx.Mode
     return model
 
 
+def _scored(nodes: list[Any], inits: list[Any], name: str, window: int, n: int) -> onnx.ModelProto:
+    """The end both error models share: per-signal sums of ``contrib_f`` and the ``score`` and
+    ``contrib`` outputs the agent reads (anomaly/model.py), so the runtime needs no change per
+    method."""
+    more_nodes, more_inits = _per_signal("contrib_f", "contrib", n)
+    x, _ = _io(window, n)
+    outputs = [
+        helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+        helper.make_tensor_value_info("contrib", TensorProto.FLOAT, ["N", n]),
+    ]
+    return _finish(helper.make_graph(nodes + more_nodes, name, [x], outputs, inits + more_inits))
+
+
 def feature_model(mean: np.ndarray, std: np.ndarray, window: int, sd_eps: np.ndarray) -> onnx.ModelProto:
     """The feature part alone: training computes its features with exactly the graph the
     deployed model contains."""
@@ -144,14 +157,7 @@ def pca_model(
         helper.make_node("Add", ["t2_fs", "q_fs"], ["contrib_f"]),
         helper.make_node("ReduceSum", ["contrib_f", "sum_axis"], ["score"], keepdims=0),
     ]
-    more_nodes, more_inits = _per_signal("contrib_f", "contrib", n)
-    x, _ = _io(window, n)
-    outputs = [
-        helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-        helper.make_tensor_value_info("contrib", TensorProto.FLOAT, ["N", n]),
-    ]
-    graph = helper.make_graph(nodes + more_nodes, "pca_monitor", [x], outputs, inits + more_inits)
-    return _finish(graph)
+    return _scored(nodes, inits, "pca_monitor", window, n)
 
 
 def iforest_model(
@@ -234,11 +240,4 @@ def autoencoder_model(
         helper.make_node("Mul", ["q_f", "inv_q"], ["contrib_f"]),
         helper.make_node("ReduceSum", ["contrib_f", "sum_axis"], ["score"], keepdims=0),
     ]
-    more_nodes, more_inits = _per_signal("contrib_f", "contrib", n)
-    x, _ = _io(window, n)
-    outputs = [
-        helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
-        helper.make_tensor_value_info("contrib", TensorProto.FLOAT, ["N", n]),
-    ]
-    graph = helper.make_graph(nodes + more_nodes, "autoencoder_monitor", [x], outputs, inits + more_inits)
-    return _finish(graph)
+    return _scored(nodes, inits, "autoencoder_monitor", window, n)
