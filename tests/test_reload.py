@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from agent.app.reload import ReloadPlan, ReloadRefused, plan
 from agent.app.status import fetch_status
 from agent.integrity.capture import Captured
 from agent.integrity.verify import verify_capture
+from agent.transforms.anomaly.manifest import approve, read_manifest, write_manifest
 from cleanroom_common.net import free_port
 from simulators.servers.modbus import serve_bioreactor_modbus
 from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, wait_for
@@ -246,3 +248,21 @@ def test_plan_restarts_only_what_changed(tmp_path: Path) -> None:
 def test_plan_refuses_what_needs_a_restart(tmp_path: Path, change: tuple[str, str], reason: str) -> None:
     with pytest.raises(ReloadRefused, match=reason):
         plan_between(tmp_path, BASE, BASE.replace(*change))
+
+
+def test_plan_rebinds_the_models_when_a_manifest_changed(tmp_path: Path) -> None:
+    """An approval (or an edit voiding one) changes the manifest file, not the configuration: a
+    reload must re-bind for it to take effect without a restart."""
+    shipped = Path(__file__).resolve().parents[1] / "models" / "bioreactor-pca.model.yaml"
+    manifest = read_manifest(shipped)
+    shutil.copy2(shipped.parent / manifest.file, tmp_path / manifest.file)
+    copy = tmp_path / shipped.name
+    write_manifest(copy, manifest)
+    path = tmp_path / "agent.yaml"
+    path.write_text(BASE + f"models:\n  - {{manifest: {copy}, devices: [a], mode: active}}\n")
+    old = load_config(path)
+    assert not plan(old, load_config(path)).models, "nothing changed: the models keep running"
+    write_manifest(
+        copy, approve(manifest, "qa.test", "released after the site's evaluation", "2026-01-01T00:00:00Z")
+    )
+    assert plan(old, load_config(path)).summary()["models_reloaded"] is True

@@ -52,7 +52,7 @@ from agent.core.driver import (
 )
 from agent.core.problems import Loc, Problem
 from agent.sinks.forwarder import MqttConfig
-from agent.transforms.inference import InferenceEngine, ModelBindingConfig
+from agent.transforms.inference import InferenceEngine, ModelBindingConfig, resolve_manifest
 from agent.transforms.limits import LimitMonitor, LimitsConfig
 from cleanroom_common.fields import FILE_DIR, ConfigPath, Duration, Strict
 from cleanroom_common.profilefiles import ProfileFile, index_profiles
@@ -155,6 +155,10 @@ class LoadedConfig:
     """What :attr:`sha256` covers, as text: the file with the values of secrets masked, then a line per
     profile it uses with that file's SHA-256. Kept by the agent from one start to the next so a
     ``config_change`` audit record can show the change as a diff, which never shows a secret."""
+    model_files: dict[Path, str] = field(default_factory=dict)
+    """SHA-256 of each bound model's manifest as read at load. A reload re-binds the models when one
+    changed (an approval given or voided, a retrained model), not only when the ``models:`` section
+    did: an approval would otherwise take effect only at the next restart."""
 
     def hmac_key(self) -> bytes | None:
         """The HMAC key of ``integrity.hmac_key_file`` (None: none configured). ValueError saying what
@@ -468,7 +472,18 @@ def _load(
         sha256, text = _hash_and_text(src, keys, used)
     except YamlError as exc:
         raise ConfigError([_file_problem(exc)]) from None
-    return LoadedConfig(path, cfg, devices, sha256, found.profiles, text)
+    return LoadedConfig(path, cfg, devices, sha256, found.profiles, text, _model_files(cfg.models))
+
+
+def _model_files(bindings: list[ModelBindingConfig]) -> dict[Path, str]:
+    """The digests :attr:`LoadedConfig.model_files` keeps; a manifest that cannot be read is left
+    out (binding it is refused and reported by the inference engine, not here)."""
+    digests: dict[Path, str] = {}
+    for binding in bindings:
+        path = resolve_manifest(binding.manifest)
+        with contextlib.suppress(OSError):
+            digests[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
 
 
 @dataclass

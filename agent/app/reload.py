@@ -3,7 +3,7 @@
 A reload (SIGHUP, ``cleanroom-agent reload``) applies only what can change under a running agent
 without touching the rest: a device whose effective configuration (its entry, its resolved
 connection and its profile's content) is unchanged keeps its connection and its poll ticks; the
-broker section, the limits and the models are replaced when they differ, and so is the forwarder
+broker section, the limits and the models are replaced when they differ (a model also when its manifest file did: an approval), and so is the forwarder
 of a payload format that declares the devices' tags (``flat``, ``sparkplug_b``: a new session, whose
 Sparkplug births declare the devices as they are now) when those changed. What the agent opened
 once for its whole run (the buffer file and its owner id, the HMAC key the buffer signs with,
@@ -125,7 +125,9 @@ def plan(old: LoadedConfig, new: LoadedConfig) -> ReloadPlan:
         # the command subscriptions live in the MQTT session: a change of them is a new session
         mqtt=old.config.mqtt != new.config.mqtt or _subscriptions(old) != _subscriptions(new),
         limits=old.config.limits != new.config.limits or (profiles_changed and new.config.limits is not None),
-        models=old.config.models != new.config.models or (profiles_changed and bool(new.config.models)),
+        models=old.config.models != new.config.models
+        or old.model_files != new.model_files
+        or (profiles_changed and bool(new.config.models)),
         catalog=mqtt is not None
         and mqtt.payload != "json"
         and list(build_catalog(old.devices).items()) != list(build_catalog(new.devices).items()),
