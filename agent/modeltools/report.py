@@ -28,6 +28,7 @@ from agent.modeltools.evaluate import DeviceResult
 from agent.transforms.anomaly.manifest import ModelError, approval_summary
 from agent.transforms.anomaly.model import LoadedModel
 from agent.transforms.anomaly.track import Settings, Track
+from cleanroom_common.plotting import agg_pyplot
 
 EXTRA = "pip install 'cleanroom-edge[train]'"
 WORST_EVENTS = 5
@@ -47,13 +48,9 @@ def pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend (no display on a CI machine), or a
     :class:`ModelError` that names the extra to install."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return agg_pyplot()
     except ImportError:
         raise ModelError(f"plots and reports need matplotlib (the 'train' extra): {EXTRA}") from None
-    return plt
 
 
 def require_matplotlib() -> None:

@@ -7,6 +7,7 @@ import io
 from typing import Any
 
 from agent.review.exceptions import Plot
+from cleanroom_common.plotting import agg_pyplot
 
 EXTRA = "pip install 'cleanroom-edge[report]'"
 
@@ -18,16 +19,12 @@ class ExtraMissing(RuntimeError):
 def pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend (no display on a gateway or a CI machine)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return agg_pyplot()
     except ImportError:
         raise ExtraMissing(
             f"html and pdf reports draw plots with matplotlib, which is not installed: {EXTRA} "
             "(or use --format json)"
         ) from None
-    return plt
 
 
 def figure(plot: Plot, caption: str) -> Any:
