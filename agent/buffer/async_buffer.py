@@ -315,7 +315,8 @@ class AsyncBuffer:
         seqs = self._seqs
         if seqs is None:
             raise RuntimeError("buffer is not open: nothing can be submitted")
-        if len(self._queue) <= self._committing:
+        first = len(self._queue) <= self._committing
+        if first:
             # The oldest record not in the running commit: the next commit is due commit_interval
             # after it arrived, however long the running one takes.
             self._first_queued = time.monotonic()
@@ -324,7 +325,10 @@ class AsyncBuffer:
         seqs.assign(items)
         self._queue.extend(items)
         self._submitted += len(items)
-        self._wake.set()
+        if first or len(self._queue) >= self.cfg.commit_max_records:
+            # Only these change when the next commit is due (:meth:`_due`): waking the committer for
+            # every block would cost a wake-up and a new timer per submit for nothing.
+            self._wake.set()
         if seqs.skipped:
             skipped, seqs.skipped = seqs.skipped, []
             self._enqueue([SeqSkip(first, last).event() for first, last in skipped])
@@ -604,11 +608,12 @@ class AsyncBuffer:
             return fut
         if self._task is None or self._task.done():
             raise RuntimeError("buffer is not open")
-        if len(self._marks) <= self._marking:  # the first not in the running commit
+        first = len(self._marks) <= self._marking  # the first not in the running commit
+        if first:
             self._first_mark = time.monotonic()
+            self._wake.set()  # later ones ride along: they do not change when the commit is due
         self._marks.extend(ids)
         self._mark_waiters.extend([fut] * len(ids))
-        self._wake.set()
         return fut
 
     async def mark_delivered(self, ids: Sequence[int]) -> None:
