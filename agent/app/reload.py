@@ -3,9 +3,10 @@
 A reload (SIGHUP, ``cleanroom-agent reload``) applies only what can change under a running agent
 without touching the rest: a device whose effective configuration (its entry, its resolved
 connection and its profile's content) is unchanged keeps its connection and its poll ticks; the
-broker section, the limits and the models are replaced when they differ (a model also when its manifest file did: an approval), and so is the forwarder
-of a payload format that declares the devices' tags (``flat``, ``sparkplug_b``: a new session, whose
-Sparkplug births declare the devices as they are now) when those changed. What the agent opened
+broker section, the limits and the models are replaced when they differ (the models also when a
+bound manifest file did: an approval), and so is the forwarder of a payload format that declares
+the devices' tags (``flat``, ``sparkplug_b``: a new session, whose Sparkplug births declare the
+devices as they are now) when those changed. What the agent opened
 once for its whole run (the buffer file and its owner id, the HMAC key the buffer signs with,
 the status listener) cannot change under it: such a reload is refused with the reason, and the
 agent runs on with the configuration it has.
