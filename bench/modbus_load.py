@@ -36,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from bench.gitref import extract
 from cleanroom_common.net import free_port
 from tests.support import Mosquitto, wait_for
 
@@ -124,22 +125,6 @@ def fetch_status(listen: str) -> dict[str, Any]:
             return data
     except (urllib.error.URLError, OSError) as exc:
         raise ConnectionError(str(exc)) from None
-
-
-def _extract(ref: str, into: Path) -> str | None:
-    """The tree of ``ref`` from this checkout's git history in ``into``; None, or why not."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        archive = subprocess.run(
-            ["git", "-C", str(root), "archive", "--format=tar", ref],
-            capture_output=True,
-            check=True,
-            timeout=60,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"cannot extract {ref}: {exc}"
-    return None
 
 
 def run_agent_load(registers: int, broker: int, code: Path | None = None) -> dict[str, float]:
@@ -246,7 +231,7 @@ def main() -> None:
         at_100k = run_agent_load(10000, broker.port)
         naive = run_baseline(1000, broker.port)
         with tempfile.TemporaryDirectory(prefix="bench-unchained-") as old:
-            why_not = _extract(args.encoding_ref, Path(old)) if args.encoding_ref else "skipped"
+            why_not = extract(args.encoding_ref, Path(old)) if args.encoding_ref else "skipped"
             unchained = (
                 {"ref": args.encoding_ref, "error": why_not}
                 if why_not

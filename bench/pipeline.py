@@ -44,6 +44,7 @@ from agent.buffer.async_buffer import AsyncBuffer
 from agent.buffer.config import BufferConfig
 from agent.core.records import Block, dumps, now_ns
 from agent.sinks.forwarder import AgentIdentity, Forwarder, MqttConfig
+from bench.gitref import extract
 from tests.support import Mosquitto, until
 
 
@@ -244,22 +245,6 @@ def plant_shaped(
     }
 
 
-def _extract(ref: str, into: Path) -> str | None:
-    """The tree of ``ref`` from this checkout's git history in ``into``; None, or why not."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        archive = subprocess.run(
-            ["git", "-C", str(root), "archive", "--format=tar", ref],
-            capture_output=True,
-            check=True,
-            timeout=60,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"cannot extract {ref}: {exc}"
-    return None
-
-
 def plant_side_by_side(
     port: int, workdir: Path, seconds: float, ref: str, intervals: list[str], rounds: int
 ) -> dict[str, Any]:
@@ -267,7 +252,7 @@ def plant_side_by_side(
     by round (a shared machine's load drifts); per side, the round with the median p99."""
     sides: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-ref-") as old:
-        why_not = _extract(ref, Path(old)) if ref else "skipped"
+        why_not = extract(ref, Path(old)) if ref else "skipped"
         for _ in range(rounds):
             for interval in [None, *intervals]:
                 sides.setdefault(f"this:{interval or 'default'}", []).append(
