@@ -20,8 +20,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -560,3 +560,13 @@ def npm_package(name: str, version: str, purpose: str) -> tuple[str, Path]:
             if done.returncode != 0:
                 pytest.fail(f"npm install {name}@{version} failed:\n{done.stderr[-3000:]}")
     return node, module
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as the block runs: bound, never
+    listening, so no other test's server can take it between picking it and connecting to it
+    (as it can with a ``free_port()`` that was let go)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])

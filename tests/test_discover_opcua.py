@@ -47,7 +47,7 @@ from cleanroom_common.net import free_port
 from drivers.opcua import discover as opcua_discover
 from simulators.servers.opcua import APPLICATION_URI as SIM_SERVER_URI
 from simulators.servers.opcua import serve_bioreactor_opcua
-from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, wait_for
+from tests.support import AgentProcess, Collector, Mosquitto, ThreadedSim, refused_port, wait_for
 
 NS = "urn:cleanroom-test:discover"
 AREAS, LINES, VARS = 5, 10, 100
@@ -478,7 +478,8 @@ def test_malformed_url_and_security_options_are_named(argv: list[str], message: 
 
 
 def test_unreachable_server_is_exit_1_within_the_timeout() -> None:
-    refused = discover(f"opc.tcp://127.0.0.1:{free_port()}", "--security-policy", "None", "--out", "-")
+    with refused_port() as port:
+        refused = discover(f"opc.tcp://127.0.0.1:{port}", "--security-policy", "None", "--out", "-")
     assert refused.rc == 1 and "connect opc.tcp://127.0.0.1" in refused.err, refused.err
     # a listener that accepts and never answers: bounded by --timeout, not forever
     silent = socket.socket()

@@ -27,7 +27,7 @@ from agent.core import chain
 from agent.integrity.capture import encode_line, read_capture
 from cleanroom_common.net import free_port
 from simulators.servers.modbus import serve_bioreactor_modbus
-from tests.support import AgentProcess, Mosquitto, ThreadedSim, until, wait_for
+from tests.support import AgentProcess, Mosquitto, ThreadedSim, refused_port, until, wait_for
 from tests.test_failsafe_storage import disk_full
 
 AGENT = "gw-integrity"
@@ -504,8 +504,9 @@ def test_capture_records_the_five_fields_and_fails_clearly(tmp_path: Path, broke
     assert (msg.topic, msg.payload, msg.qos, msg.retain) == ("cleanroom/x/data", b"\xff\xfe", 1, True)
     assert abs(msg.time - time.time()) < 30
 
-    unreachable = write_config(tmp_path, free_port(), free_port())
-    r = capture_cli("-c", str(unreachable), "--out", str(tmp_path / "d.jsonl"), "--duration", "1")
+    with refused_port() as nothing_there:
+        unreachable = write_config(tmp_path, nothing_there, free_port())
+        r = capture_cli("-c", str(unreachable), "--out", str(tmp_path / "d.jsonl"), "--duration", "1")
     assert (
         r.returncode == 2
         and "cannot connect to broker 127.0.0.1:" in r.stderr
