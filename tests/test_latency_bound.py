@@ -11,6 +11,7 @@ Bounds are asserted generously on measured timestamps (what a bug costs is the f
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import subprocess
@@ -308,3 +309,124 @@ async def test_a_crash_between_ack_and_mark_resends_and_loses_nothing(
     await until(lambda: arrivals.copies == 10, what="the duplicates arrived")
     assert sorted(arrivals.at) == list(range(10)), "every seq, none missing"
     assert (await buf.stats())["depth_readings"] == 0
+
+
+class Timed:
+    """The store's commits with when each began (monotonic) and how many records and marks it held."""
+
+    def __init__(self, core: Buffer) -> None:
+        self.calls: list[tuple[float, int, int]] = []
+        real = core.commit
+
+        def commit(
+            items: Sequence[Block | Event], seqs: Sequencer | None = None, delivered: Sequence[int] = ()
+        ) -> CommitResult:
+            self.calls.append((time.monotonic(), len(items), len(delivered)))
+            return real(items, seqs, delivered)
+
+        core.commit = commit  # type: ignore[method-assign]
+
+    def records(self) -> list[tuple[float, int]]:
+        return [(at, n) for at, n, _ in self.calls if n]
+
+
+async def test_a_burst_goes_in_one_commit_after_it_pauses(tmp_path: Path) -> None:
+    """The polls of one grid instant finish a few ms apart: they are committed together once
+    submits pause for ``commit_pause``, not the first alone and the rest an interval later."""
+    cfg = BufferConfig(path=tmp_path / "b.db", commit_interval="400ms", commit_pause="50ms")
+    buf = AsyncBuffer(cfg, "gw")
+    await buf.open()
+    try:
+        rec = Timed(buf.core)
+        started = time.monotonic()
+        for k in range(8):
+            buf.submit([block(f"d{k}")])
+            await asyncio.sleep(0.005)
+        last = time.monotonic()
+        await until(rec.records, what="the burst committed")
+        [(at, n)] = rec.records()
+        assert n == 8, "the whole burst in one transaction"
+        assert at >= last + 0.05 - 0.01, "not before the pause"
+        assert at - started < 0.4 + SLACK_S, "within the interval of the first"
+    finally:
+        await buf.close()
+
+
+async def test_a_stream_that_never_pauses_is_committed_once_per_interval(tmp_path: Path) -> None:
+    """Submits every 10 ms never leave a 50 ms pause: the interval bounds the wait of every record,
+    and there is at most one transaction of records per interval, whatever the submit rate."""
+    interval = 0.2
+    cfg = BufferConfig(path=tmp_path / "b.db", commit_interval="200ms", commit_pause="50ms")
+    buf = AsyncBuffer(cfg, "gw")
+    await buf.open()
+    try:
+        rec = Timed(buf.core)
+        submitted: list[float] = []
+        while len(submitted) < 150:  # 1.5 s
+            buf.submit([block("d1")])
+            submitted.append(time.monotonic())
+            await asyncio.sleep(0.01)
+        await buf.flush()
+        commits = rec.records()
+        assert sum(n for _, n in commits) == len(submitted)
+        starts = [at for at, _ in commits]
+        assert len(commits) >= 4, "committed while the stream went on, not held until it ended"
+        gaps = [b - a for a, b in itertools.pairwise(starts[:-1])]  # the last is the flush
+        assert min(gaps) >= interval * 0.9, f"more than one transaction per interval: {gaps}"
+        # Every record's wait until the commit that carried it began: at most the interval (and
+        # the scheduling slack of this machine).
+        waits, i = [], 0
+        for at, n in commits:
+            waits += [at - t for t in submitted[i : i + n]]
+            i += n
+        assert max(waits) < interval + SLACK_S
+        assert sorted(waits)[len(waits) // 2] < interval + 0.1, "the typical wait is bounded too"
+    finally:
+        await buf.close()
+
+
+async def test_marks_alone_wait_the_mark_interval_and_ride_with_records(tmp_path: Path) -> None:
+    """Acknowledgements with no records beside them are committed ``mark_interval`` after the
+    first; a record arriving meanwhile takes them along in its own commit."""
+    cfg = BufferConfig(path=tmp_path / "b.db", commit_interval="50ms", mark_interval="600ms")
+    buf = AsyncBuffer(cfg, "gw")
+    await buf.open()
+    try:
+        buf.submit([block(f"d{k}") for k in range(3)])
+        await buf.flush()
+        ids = [s.id for s in await buf.take_for_sending(0, 10)]
+        rec = Timed(buf.core)
+        asked = time.monotonic()
+        await buf.mark_delivered(ids[:1])
+        [(at, n, marks)] = rec.calls
+        assert (n, marks) == (0, 1) and at - asked >= 0.6 - 0.01, "alone, after the mark interval"
+        rec.calls.clear()
+        marked = buf.mark_delivered_soon(ids[1:])
+        await asyncio.sleep(0.1)
+        assert not rec.calls, "marks alone are not urgent"
+        buf.submit([block("d9")])
+        await marked
+        assert [(n, marks) for _, n, marks in rec.calls] == [(1, 2)], "they rode along with the record"
+        assert rec.calls[0][0] - asked < 0.6 + 0.1 + SLACK_S
+    finally:
+        await buf.close()
+
+
+async def test_hurried_marks_go_at_once(tmp_path: Path) -> None:
+    """A stopping forwarder waits for its marks: ``hurry_marks`` commits them without waiting for
+    the mark interval."""
+    cfg = BufferConfig(path=tmp_path / "b.db", mark_interval="60s")
+    buf = AsyncBuffer(cfg, "gw")
+    await buf.open()
+    try:
+        buf.submit([block("d1")])
+        await buf.flush()
+        ids = [s.id for s in await buf.take_for_sending(0, 10)]
+        marked = buf.mark_delivered_soon(ids)
+        await asyncio.sleep(0.05)
+        assert not marked.done()
+        buf.hurry_marks()
+        await asyncio.wait_for(marked, SLACK_S)
+        assert (await buf.stats())["delivered_readings_total"] == 5
+    finally:
+        await buf.close()

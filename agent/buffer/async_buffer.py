@@ -88,6 +88,7 @@ class AsyncBuffer:
         self._state: dict[str, str] = {}
         self._queue: list[Block | Event] = []
         self._first_queued = 0.0
+        self._last_queued = 0.0
         self._last_commit = 0.0
         """When the last transaction of the committer began (monotonic)."""
         self._submitted = 0
@@ -105,6 +106,8 @@ class AsyncBuffer:
         self._marks: list[int] = []
         """Segments the broker acknowledged, to be marked delivered with the next commit."""
         self._first_mark = 0.0
+        self._marks_hurried = False
+        """Set by :meth:`hurry_marks`: the waiting marks go at once, not ``mark_interval`` after the first."""
         self._mark_waiters: list[asyncio.Future[None]] = []
         self._marking = 0
         """How many of ``_marks`` the running commit carries."""
@@ -316,18 +319,20 @@ class AsyncBuffer:
         if seqs is None:
             raise RuntimeError("buffer is not open: nothing can be submitted")
         first = len(self._queue) <= self._committing
+        self._last_queued = now = time.monotonic()
         if first:
             # The oldest record not in the running commit: the next commit is due commit_interval
             # after it arrived, however long the running one takes.
-            self._first_queued = time.monotonic()
+            self._first_queued = now
         if self._batch_of is not None:
             self._stamp(items, self._batch_of)
         seqs.assign(items)
         self._queue.extend(items)
         self._submitted += len(items)
         if first or len(self._queue) >= self.cfg.commit_max_records:
-            # Only these change when the next commit is due (:meth:`_due`): waking the committer for
-            # every block would cost a wake-up and a new timer per submit for nothing.
+            # Only these bring the next commit forward (:meth:`_due`); a later submit can only put it
+            # off, which the committer finds when its wait ends: waking it for every block would
+            # cost a wake-up and a new timer per submit for nothing.
             self._wake.set()
         if seqs.skipped:
             skipped, seqs.skipped = seqs.skipped, []
@@ -399,11 +404,11 @@ class AsyncBuffer:
                 self._wake.clear()
                 delay = self._due() - time.monotonic()
                 if delay > 0:
-                    try:
+                    # Whether woken or timed out, the due time is taken again: submits since may
+                    # have put it off (``commit_pause``), never beyond ``commit_interval``.
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), delay)
-                        continue
-                    except TimeoutError:
-                        pass
+                    continue
             if self._queue:
                 await self._commit_some()
             elif self._marks:
@@ -419,22 +424,31 @@ class AsyncBuffer:
                         self._audit_prune(pruned)
 
     def _due(self) -> float:
-        """When the next commit is due. Records: as soon as the last commit began ``commit_interval``
-        ago (at once after a quiet spell), and never later than ``commit_interval`` after the
-        oldest of them arrived; so at most one transaction per interval, whatever the rate of
-        submits. Acknowledgements are never urgent: they ride along with the records' commit, or
-        go alone ``commit_interval`` after the first of them."""
-        interval = self.cfg.commit_interval
+        """When the next commit is due. Records: once submits have paused for ``commit_pause`` (the
+        polls of one grid instant have all come in) and the last commit began ``commit_interval``
+        ago, and never later than ``commit_interval`` after the oldest of them arrived; so at most
+        one transaction per interval, whatever the rate of submits, and a burst goes in one commit
+        rather than its first block alone. Acknowledgements are never urgent: they ride along with
+        the records' commit, or go alone ``mark_interval`` after the first of them."""
+        cfg = self.cfg
         due = math.inf
         if self._queue:
-            first = self._first_queued
-            due = min(first + interval, max(first, self._last_commit + interval))
+            settled = max(self._last_queued + cfg.commit_pause, self._last_commit + cfg.commit_interval)
+            due = min(self._first_queued + cfg.commit_interval, settled)
         if self._marks:
-            due = min(due, self._first_mark + interval)
+            due = min(due, self._first_mark + (0.0 if self._marks_hurried else cfg.mark_interval))
         return due
+
+    def hurry_marks(self) -> None:
+        """Commit the waiting delivery marks now rather than ``mark_interval`` after the first: a
+        stopping forwarder waits for them, and they are what keeps a restart from sending again."""
+        if self._marks and not self._marks_hurried:
+            self._marks_hurried = True
+            self._wake.set()
 
     def _take_marks(self) -> list[int]:
         self._marking = len(self._marks)
+        self._marks_hurried = False
         return self._marks[: self._marking]
 
     def _marked(self, error: BaseException | None) -> None:
@@ -598,8 +612,8 @@ class AsyncBuffer:
         self.core.unclaim(ids)
 
     def mark_delivered_soon(self, ids: Sequence[int]) -> asyncio.Future[None]:
-        """Mark segments delivered with the next commit (at most ``commit_interval`` from now, in a
-        transaction of their own when no records are waiting): the delivery marks of a busy
+        """Mark segments delivered with the next commit (with the records waiting, or in a transaction of
+        their own ``mark_interval`` from now when none come): the delivery marks of a busy
         forwarder cost no fsync of their own, and never hold up a commit queued behind them. The
         future is done once they are marked, or fails with what the commit raised."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -33,7 +33,17 @@ class BufferConfig(Strict):
     replay``) before they are pruned; each prune is recorded in ``chain_gaps`` and audited."""
     commit_interval: Duration = Field(default=0.1, gt=0)
     """Group-commit period: submitted records are committed together at most this long after the first
-    of them was submitted. It bounds the latency added by the buffer and sets the fsync rate."""
+    of them was submitted, and at most one commit of records per interval. It bounds the latency
+    added by the buffer and sets the fsync rate."""
+    commit_pause: Duration = Field(default=0.02, ge=0)
+    """A commit waits until submits have paused this long (within ``commit_interval`` of the first
+    record waiting), so the polls of one scheduler grid instant, which finish a few milliseconds
+    apart, go in one transaction instead of the first alone and the rest an interval later. ``0``
+    commits at once after a quiet spell."""
+    mark_interval: Duration = Field(default=1.0, gt=0)
+    """Delivery marks (the broker's acknowledgements) ride along with the next commit of records; with
+    no records coming they are committed alone this long after the first of them. Until marked, a
+    segment is sent again after a crash (a duplicate, never a loss)."""
     commit_max_records: int = Field(default=2000, gt=0)
     """Commit early once this many records (blocks plus events) are waiting, bounding memory and
     transaction size under bursts."""

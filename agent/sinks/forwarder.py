@@ -859,8 +859,8 @@ class Forwarder:
 
     async def _marker(self) -> None:
         """Hands the acknowledged segments to the buffer as they come, without waiting for the
-        marks before: the buffer writes them with its next commit, so a mark never waits more
-        than one commit interval."""
+        marks before: the buffer writes them with its next commit of records, or alone within
+        ``buffer.mark_interval`` when none come (a stop hurries them)."""
         while True:
             await self._mark_wake.wait()
             self._mark_wake.clear()
@@ -903,6 +903,7 @@ class Forwarder:
         deadline = loop.time() + grace_s
         while loop.time() < deadline and not await self._idle():
             self._wake.set()
+            self.buffer.hurry_marks()  # marks alone would wait mark_interval
             await asyncio.sleep(0.02)
         self._tasks[1].cancel()  # the pump: nothing new is published from here on
         if self._connected:
@@ -922,6 +923,7 @@ class Forwarder:
         await asyncio.sleep(0)
         while self._to_mark or self._marking:
             self._mark_wake.set()
+            self.buffer.hurry_marks()
             await asyncio.sleep(0.01)
         for task in self._tasks:
             task.cancel()
