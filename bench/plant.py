@@ -12,11 +12,16 @@ figure, which also holds its first polls among the connects), sample-to-broker l
 (acquisition timestamp to arrival at a subscriber of the same mosquitto) p50/p99, overall
 and per protocol, and the failed polls and overruns counted in the window.
 
-Variants (``--variants``, in that order, default both): ``phased``, today's scheduler (groups
-sharing a link spread over its cycle, :class:`agent.sources.scheduler.PhasePlan`), and
-``unphased``, the same agent with every group at phase 0 (``Scheduler.phased = False``: all of a
-link's groups on one instant, as before phases), the baseline side by side. Latency and jitter
-are wall-clock figures, noisy on a shared machine; CPU seconds are not.
+Variants (``--variants``, in that order, default ``phased,unphased,before``): ``phased``, today's
+agent; ``unphased``, the same agent with every group at phase 0 (``Scheduler.phased = False``:
+all of a link's groups on one instant, as before phases); ``before``, the agent as it was at
+``--before-ref`` (default ``BEFORE_REF``, the code path the plant work started from), extracted
+from git and run from that tree. A variant may carry settings put in its configuration, as in
+``phased[buffer.commit_pause=0,buffer.mark_interval=0.1]`` (dotted paths, YAML values). With
+``--rounds N`` (or ``BENCH_PLANT_ROUNDS``) the variants run N times, interleaved, and each
+reports its median-CPU round, with every round's CPU and latency beside it. Latency and jitter
+are wall-clock figures, noisy on a shared machine; CPU seconds less so, but compare variants of
+one run only.
 
 Prints one JSON object: the first variant's figures, the others under ``variants``.
 """
@@ -26,11 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +47,16 @@ import psutil
 import yaml
 
 from agent.app.status import fetch_status
+from bench.gitref import extract
 from cleanroom_common.net import free_port
 from tests.support import Mosquitto, wait_for
 
 DURATION_S = float(os.environ.get("BENCH_PLANT_S", "60"))
+ROUNDS = int(os.environ.get("BENCH_PLANT_ROUNDS", "1"))
+BEFORE_REF = "dd003d1"
+"""The code path the plant work (issue 17) started from: 7.4-8.3 % of a core, latency p99 ~450 ms."""
 
-VARIANTS = {
+BASES = {
     "phased": [sys.executable, "-m", "agent.cli"],
     "unphased": [
         sys.executable,
@@ -52,8 +64,45 @@ VARIANTS = {
         "import sys; from agent.sources.scheduler import Scheduler; Scheduler.phased = False; "
         "from agent.cli import main; sys.exit(main())",
     ],
+    "before": [sys.executable, "-m", "agent.cli"],
 }
-"""How each variant starts the agent (the same code, the baseline with phases off)."""
+"""How each variant starts the agent (``before`` from the extracted tree: its cwd and PYTHONPATH)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    """As given on the command line; the key of its figures."""
+    base: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Dotted configuration path -> value, put in the agent's configuration."""
+
+
+def parse_variants(text: str) -> list[Variant]:
+    """``a,b[x.y=1,z=2]``: commas inside brackets belong to the settings."""
+    out: list[Variant] = []
+    for found in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", text):
+        label = found.strip()
+        if not label:
+            continue
+        base, _, rest = label.partition("[")
+        settings: dict[str, Any] = {}
+        for item in filter(None, rest.rstrip("]").split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"{label}: setting {item!r} is not path=value")
+            settings[key.strip()] = yaml.safe_load(value)
+        out.append(Variant(label, base, settings))
+    return out
+
+
+def apply_settings(config: dict[str, Any], settings: dict[str, Any]) -> None:
+    for path, value in settings.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
 
 
 def plant_spec() -> dict[str, Any]:
@@ -155,26 +204,48 @@ def window_jitter_ms(acquired: set[int], interval_s: float) -> list[float]:
     return [(x - origin) * 1000 for x in late]
 
 
+@dataclass
+class Run:
+    """What one agent run left: figures known at once, and the raw material of the rest."""
+
+    figures: dict[str, Any]
+    samples: list[tuple[str, float]]
+    ticks: dict[tuple[str, str], set[int]]
+    before: dict[str, Any]
+    status: dict[str, Any]
+    protocol: dict[str, str]
+
+
 def run_agent(
-    variant: str, d: Path, endpoints: list[dict[str, Any]], latency: Latency, broker: int
-) -> dict[str, Any]:
-    """One agent run of ``variant`` against the simulated plant: its figures over ``DURATION_S``."""
-    work = d / variant
+    variant: Variant,
+    work: Path,
+    endpoints: list[dict[str, Any]],
+    latency: Latency,
+    broker: int,
+    before_tree: Path | None,
+) -> Run:
+    """One agent run of ``variant`` against the simulated plant, over ``DURATION_S``."""
     work.mkdir()
     status_port = free_port()
-    config = {
-        "agent": {"id": f"bench-plant-{variant}", "status_listen": f"127.0.0.1:{status_port}"},
+    config: dict[str, Any] = {
+        "agent": {"id": "bench-plant", "status_listen": f"127.0.0.1:{status_port}"},
         "buffer": {"path": str(work / "buffer.db")},
         "mqtt": {"host": "127.0.0.1", "port": broker},
         "devices": [
             {"id": e["device"], "profile": e["profile"], "connection": e["connection"]} for e in endpoints
         ],
     }
+    apply_settings(config, variant.settings)
     (work / "agent.yaml").write_text(yaml.safe_dump(config))
-    protocol = {e["device"]: e["protocol"] for e in endpoints}
+    env, cwd = None, None
+    if variant.base == "before":
+        assert before_tree is not None
+        env, cwd = {**os.environ, "PYTHONPATH": str(before_tree)}, before_tree
     agent = subprocess.Popen(
-        [*VARIANTS[variant], "--log-level", "WARNING", "run", "-c", str(work / "agent.yaml")],
+        [*BASES[variant.base], "--log-level", "WARNING", "run", "-c", str(work / "agent.yaml")],
         stderr=(work / "agent.log").open("wb"),
+        env=env,
+        cwd=cwd,
     )
     try:
         listen = f"127.0.0.1:{status_port}"
@@ -190,7 +261,7 @@ def run_agent(
         except AssertionError:
             tail = (work / "agent.log").read_text(errors="replace").splitlines()[-20:]
             raise AssertionError(
-                f"{variant}: the agent delivered nothing; its log ends:\n" + "\n".join(tail)
+                f"{variant.label}: the agent delivered nothing; its log ends:\n" + "\n".join(tail)
             ) from None
         time.sleep(5)  # connect, first polls
         proc = psutil.Process(agent.pid)
@@ -208,38 +279,54 @@ def run_agent(
             agent.wait(30)
         except subprocess.TimeoutExpired:
             agent.kill()
+            agent.wait(10)
     samples, ticks, readings = latency.take()
     wall = t1 - t0
     loop_cpu = (th1.get(agent.pid, 0.0) - th0.get(agent.pid, 0.0)) / wall
     others = sum(cpu - th0.get(tid, 0.0) for tid, cpu in th1.items() if tid != agent.pid) / wall
-    groups = {(dev, name): g for dev, s in status["devices"].items() for name, g in s["groups"].items()}
-    old = {(dev, name): g for dev, s in before["devices"].items() for name, g in s["groups"].items()}
-    status_jitter = [g["jitter_p99_ms"] for g in groups.values() if g["jitter_p99_ms"] is not None]
-    jitter: dict[str, float] = {}
-    pooled: list[float] = []
-    for key, g in groups.items():
-        acquired = ticks.get(key, set())
-        if g["mode"] != "poll" or len(acquired) < 3:
-            continue  # subscriptions and record drains have no poll ticks in their blocks
-        late = window_jitter_ms(acquired, g["interval_s"])
-        pooled += late
-        jitter["/".join(key)] = pct(late, 0.99) or 0.0
-    by_protocol: dict[str, list[float]] = {}
-    for device, ms in samples:
-        by_protocol.setdefault(protocol.get(device, "?"), []).append(ms)
-    lat = [ms for _, ms in samples]
-
-    def counted(key: str) -> int:
-        """Counted during the window (the connect and first polls before it are not the steady state)."""
-        return sum(g[key] - old.get(k, {}).get(key, 0) for k, g in groups.items())
-
-    return {
+    figures = {
         "duration_s": round(wall, 1),
         "readings_per_s_at_broker": round(readings / wall, 1),
         "cpu_fraction_of_core": round(((c1.user - c0.user) + (c1.system - c0.system)) / wall, 4),
         "cpu_fraction_event_loop_thread": round(loop_cpu, 4),
         "cpu_fraction_other_threads": round(others, 4),
         "peak_rss_mb": round(peak / 2**20, 1),
+    }
+    protocol = {e["device"]: e["protocol"] for e in endpoints}
+    return Run(figures, samples, ticks, before, status, protocol)
+
+
+def groups_of(status: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(dev, name): g for dev, s in status["devices"].items() for name, g in s["groups"].items()}
+
+
+def summarise(run: Run, modes: dict[tuple[str, str], str]) -> dict[str, Any]:
+    """``modes``: each group's mode (poll, subscription...) as today's agents report it; an
+    earlier agent's status may not say."""
+    groups, old = groups_of(run.status), groups_of(run.before)
+    status_jitter = [g["jitter_p99_ms"] for g in groups.values() if g["jitter_p99_ms"] is not None]
+    jitter: dict[str, float] = {}
+    pooled: list[float] = []
+    for key, g in groups.items():
+        acquired = run.ticks.get(key, set())
+        if g.get("mode", modes.get(key)) != "poll" or len(acquired) < 3:
+            continue  # subscriptions and record drains have no poll ticks in their blocks
+        late = window_jitter_ms(acquired, g["interval_s"])
+        pooled += late
+        jitter["/".join(key)] = pct(late, 0.99) or 0.0
+    by_protocol: dict[str, list[float]] = {}
+    for device, ms in run.samples:
+        by_protocol.setdefault(run.protocol.get(device, "?"), []).append(ms)
+    lat = [ms for _, ms in run.samples]
+
+    def counted(key: str) -> dict[str, int]:
+        """Counted during the window (the connect and first polls before it are not the steady state)."""
+        per = {"/".join(k): g[key] - old.get(k, {}).get(key, 0) for k, g in groups.items()}
+        return {k: n for k, n in sorted(per.items()) if n}
+
+    failed = counted("failed")
+    return {
+        **run.figures,
         "jitter_p99_ms": pct(pooled, 0.99),
         "jitter_p99_worst_group_ms": max(jitter.values()) if jitter else None,
         "jitter_p99_worst_groups_ms": dict(sorted(jitter.items(), key=lambda kv: -kv[1])[:3]),
@@ -247,22 +334,38 @@ def run_agent(
         "latency_p50_ms": pct(lat, 0.5),
         "latency_p99_ms": pct(lat, 0.99),
         "latency_p99_ms_by_protocol": {k: pct(v, 0.99) for k, v in sorted(by_protocol.items())},
-        "failed_polls": counted("failed"),
-        "overruns": counted("overruns"),
+        "failed_polls": sum(failed.values()),
+        "failed_polls_by_group": failed,
+        "overruns": sum(counted("overruns").values()),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, run in this order")
+    parser.add_argument(
+        "--variants", default="phased,unphased,before", help="comma-separated, run in this order"
+    )
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved rounds of every variant")
+    parser.add_argument("--before-ref", default=BEFORE_REF, help="git ref of the `before` variant")
     args = parser.parse_args()
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        parser.error(f"unknown variant(s) {unknown}: choose from {', '.join(VARIANTS)}")
+    try:
+        variants = parse_variants(args.variants)
+    except ValueError as exc:
+        parser.error(str(exc))
+    unknown = [v.label for v in variants if v.base not in BASES]
+    if unknown or not variants or args.rounds < 1:
+        parser.error(f"unknown variant(s) {unknown}: choose from {', '.join(BASES)}")
     broker = Mosquitto().start()
     with tempfile.TemporaryDirectory(prefix="bench-plant-") as tmp:
         d = Path(tmp)
+        before_tree = None
+        if any(v.base == "before" for v in variants):
+            before_tree = d / "before"
+            before_tree.mkdir()
+            why_not = extract(args.before_ref, before_tree)
+            if why_not:
+                variants = [v for v in variants if v.base != "before"]
+                print(f"bench.plant: no `before` variant: {why_not}", file=sys.stderr)
         (d / "plant.yaml").write_text(yaml.safe_dump(plant_spec()))
         sim = subprocess.Popen(
             [
@@ -279,6 +382,7 @@ def main() -> None:
             stderr=(d / "sim.log").open("wb"),
         )
         latency = None
+        runs: dict[str, list[Run]] = {v.label: [] for v in variants}
         try:
             wait_for(
                 lambda: (
@@ -291,7 +395,10 @@ def main() -> None:
             )
             endpoints = json.loads((d / "endpoints.json").read_text())
             latency = Latency(broker.port)
-            runs = {v: run_agent(v, d, endpoints, latency, broker.port) for v in variants}
+            for r in range(args.rounds):
+                for k, v in enumerate(variants):
+                    work = d / f"run-{r}-{k}"
+                    runs[v.label].append(run_agent(v, work, endpoints, latency, broker.port, before_tree))
         finally:
             if latency is not None:
                 latency.close()
@@ -301,14 +408,34 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 sim.kill()
             broker.close()
-    first, *others = variants
+    modes = {
+        key: g["mode"]
+        for rs in runs.values()
+        for run in rs
+        for key, g in groups_of(run.status).items()
+        if "mode" in g
+    }
+    figures: dict[str, dict[str, Any]] = {}
+    for label, rs in runs.items():
+        each = [summarise(run, modes) for run in rs]
+        median = sorted(each, key=lambda f: f["cpu_fraction_of_core"])[(len(each) - 1) // 2]
+        figures[label] = median
+        if len(each) > 1:
+            median["rounds_cpu_fraction_of_core"] = [f["cpu_fraction_of_core"] for f in each]
+            median["rounds_latency_p50_ms"] = [f["latency_p50_ms"] for f in each]
+            median["rounds_latency_p99_ms"] = [f["latency_p99_ms"] for f in each]
+            median["rounds_jitter_p99_ms"] = [f["jitter_p99_ms"] for f in each]
+            median["rounds_cpu_median"] = round(statistics.median(median["rounds_cpu_fraction_of_core"]), 4)
+    first, *others = [v.label for v in variants]
     result = {
         "name": "plant",
         "devices": len(endpoints),
         "protocols": sorted({e["protocol"] for e in endpoints}),
+        "rounds": args.rounds,
+        "before_ref": args.before_ref,
         "variant": first,
-        **runs[first],
-        "variants": {v: runs[v] for v in others},
+        **figures[first],
+        "variants": {v: figures[v] for v in others},
     }
     print(json.dumps(result))
 
