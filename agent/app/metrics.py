@@ -199,6 +199,11 @@ class AgentCollector:
             ),
             ("encode_errors", "encode_errors", "Segments the payload format could not encode; tried again."),
             ("reconnects", "reconnects", "Connections to the broker made again after a loss."),
+            (
+                "callback_errors",
+                "callback_errors",
+                "Errors in the MQTT client's callbacks; each dropped the connection, made again.",
+            ),
         )
         for name, key, doc in counters:
             c = CounterMetricFamily(f"{PREFIX}_mqtt_{name}", doc)

@@ -16,13 +16,18 @@ per-session numbers (Sparkplug's ``seq``), given back to the buffer and encoded 
 session, on a fresh paho client, so no old-session message follows the new session's first ones.
 Segments not yet fetched stay in the buffer.
 
-paho runs its network loop in its own thread; every callback is handed to the event
-loop with ``call_soon_threadsafe``, so all forwarder state lives on the loop (the one
-exception: a re-sending encoder's first messages, e.g. ``online``, are published from paho's
-connect callback itself, the only place that comes before the re-sends). The
-forwarder owns reconnecting (exponential backoff with jitter): paho's own reconnect is
-off, because its delay has no jitter and a plant full of gateways would reconnect in
-lock-step after a broker restart.
+paho has no thread of its own here: its socket is watched by the agent's event loop, which
+reads it when the broker sent something, writes it only while paho has bytes to send, and
+runs paho's timers (keepalive) once a second. A thread cost a share of a core at plant scale,
+and every acknowledgement crossed into the loop through a wake-up; on the loop, paho's
+callbacks are the forwarder's own code and touch its state directly, in the order paho calls
+them (a re-sending encoder's first messages, e.g. ``online``, are published from the connect
+callback, the only place that comes before paho's re-sends). Only the connection attempt
+(DNS, TCP, TLS handshake) runs in a worker thread: it blocks. A callback that raises leaves
+paho's reading half done, so the connection is dropped (the broker publishes the will) and
+made again, as after any loss. The forwarder owns reconnecting (exponential backoff with
+jitter): paho's own reconnect is off, because its delay has no jitter and a plant full of
+gateways would reconnect in lock-step after a broker restart.
 """
 
 from __future__ import annotations
@@ -35,11 +40,10 @@ import random
 import re
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -58,6 +62,9 @@ from agent.sinks.payload import Catalog, Encoder, Message, Reaction
 from agent.sinks.sparkplug.session import SparkplugConfig, SparkplugEncoder
 from cleanroom_common.fields import ConfigPath, Duration, Strict, read_secret_file
 from cleanroom_common.net import is_loopback_host
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike
 
 log = logging.getLogger("cleanroom.forwarder")
 
@@ -428,11 +435,21 @@ class Forwarder:
         self._tasks: list[asyncio.Task[None]] = []
         self.tasks = Supervisor("forwarder", log)
         """Owns the loops: one that raises is logged once, counted and restarted with backoff."""
-        self._client_lock = threading.Lock()
         self._attempts = attempts
         self._session = ""
-        """``{agent start ns}.{connection attempt}``: set (with the will) before each attempt, under
-        the client lock; read by paho's thread when that connection is accepted."""
+        """``{agent start ns}.{connection attempt}``: set (with the will) before each attempt; read
+        when that connection is accepted."""
+        self._connecting: asyncio.Task[bool] | None = None
+        """The latest connection attempt: :meth:`stop` waits for one in progress (it owns the
+        client meanwhile, from a worker thread) before it disconnects."""
+        self._sock: SocketLike | None = None
+        """The socket the event loop watches for paho (None between connections): paho's
+        socket callbacks and its loop functions act only on this one, never on a socket of a
+        connection already given up."""
+        self._fd = -1
+        """The file descriptor of ``_sock`` when it was watched."""
+        self._unwatched = asyncio.Event()
+        self._unwatched.set()
         self._stopping = False
         self._connected = False
         self._refused = False
@@ -458,7 +475,8 @@ class Forwarder:
         self._last_rescan = 0.0
         self._counts = dict.fromkeys(
             ("published", "published_readings", "acked", "acked_readings", "rejected", "reconnects",
-             "messages", "encode_errors", "message_errors", "commands", "command_errors"), 0
+             "messages", "encode_errors", "message_errors", "commands", "command_errors",
+             "callback_errors"), 0
         )  # fmt: skip
         self._commands: list[tuple[str, CommandHandler]] = []
         """Command topic filters and their handlers, subscribed on every connection."""
@@ -473,7 +491,7 @@ class Forwarder:
         self._connected_since: float | None = None
         self._rng = random.Random()  # unseeded: gateways restarted together must not jitter alike
 
-    # ------------------------------------------------------------------ paho side (its thread)
+    # ------------------------------------------------------------------ paho side (on the loop)
 
     def _make_client(self) -> mqtt.Client:
         v5 = self.cfg.protocol == "5"
@@ -498,57 +516,176 @@ class Forwarder:
         client.on_disconnect = self._paho_disconnect
         client.on_publish = self._paho_publish
         client.on_message = self._paho_message
+        # With these set, publish() never writes itself: paho asks for the socket to be watched
+        # for writing, and what a burst of publishes queued is written in one pass when the loop
+        # is free, never in the middle of the forwarder's own code.
+        client.on_socket_close = self._paho_socket_close
+        client.on_socket_register_write = self._paho_want_write
+        client.on_socket_unregister_write = self._paho_written
         return client
-
-    def _to_loop(self, fn: Any, *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(fn, *args)
 
     def _paho_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if not reason.is_failure and self.encoder.resend_after_reconnect:
-            # Here, on paho's thread, not on the loop: paho re-sends the unacknowledged publishes as
-            # soon as this callback returns, and the new session's online must come before them.
+            # Inside the callback: paho re-sends the unacknowledged publishes as soon as it
+            # returns, and the new session's online must come before them.
             for m in self.encoder.on_connect(self._session):
                 client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
-        self._to_loop(self._on_connect, client, not reason.is_failure, str(reason))
+        self._on_connect(client, not reason.is_failure, str(reason))
 
     def _paho_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        self._to_loop(self._on_disconnect, client, str(reason))
+        self._on_disconnect(client, str(reason))
 
     def _paho_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        self._to_loop(self._on_puback, client, mid, not reason.is_failure, str(reason))
+        self._on_puback(client, mid, not reason.is_failure, str(reason))
 
     def _paho_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._to_loop(self._on_message, client, msg.topic, bytes(msg.payload), bool(msg.retain))
+        self._on_message(client, msg.topic, bytes(msg.payload), bool(msg.retain))
 
-    def _connect_blocking(self, session: str, will: Message | None) -> bool:
-        """One connection attempt (TCP, TLS, CONNECT) in session ``session``, then paho's network
-        thread. Under the client lock so :meth:`stop` never races a half-made connection."""
-        with self._client_lock:
-            if self._stopping:
-                return False
-            self._refused = False
-            self._client.loop_stop()
-            if self._client_used and not self.encoder.resend_after_reconnect:
-                self._client = self._make_client()  # nothing of the old session is ever sent
-            self._client_used = True
+    def _paho_socket_close(self, client: Any, userdata: Any, sock: SocketLike) -> None:
+        if sock is self._sock:
+            self._unwatch()
+
+    def _paho_want_write(self, client: Any, userdata: Any, sock: SocketLike) -> None:
+        # paho also calls this from the connection attempt's thread, for a socket not watched
+        # yet: :meth:`_watch` looks at what is waiting once the attempt returned.
+        if sock is self._sock and self._loop is not None:
+            self._loop.add_writer(sock, self._writable, client)
+
+    def _paho_written(self, client: Any, userdata: Any, sock: SocketLike) -> None:
+        if sock is self._sock and self._loop is not None:
+            self._loop.remove_writer(sock)
+
+    def _watch(self, client: mqtt.Client) -> None:
+        """Hand the socket of a connection just made to the event loop."""
+        sock = client.socket()
+        if sock is None or self._loop is None:
+            return
+        self._sock, self._fd = sock, sock.fileno()
+        self._unwatched.clear()
+        self._loop.add_reader(sock, self._readable, client)
+        if client.want_write():  # the CONNECT, queued by the attempt
+            self._loop.add_writer(sock, self._writable, client)
+
+    def _unwatch(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None and self._loop is not None:
+            # by number: a socket closed behind our back no longer has one (paho tells before it
+            # closes, so the number is still this socket's)
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._unwatched.set()
+
+    def _readable(self, client: mqtt.Client) -> None:
+        sock = self._sock
+        if sock is None or client.socket() is not sock:
+            return  # a socket given up since (a read scheduled before the drop)
+        for _ in range(64):
+            if not self._drive(client, client.loop_read):
+                return
+            # An SSL socket can hold decrypted bytes (the rest of a TLS record) that epoll does
+            # not report: read them now, as paho's own loop does.
+            if client.socket() is not sock or not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                return
+        if self._loop is not None:  # a flood: let the rest of the agent run first
+            self._loop.call_soon(self._readable, client)
+
+    def _writable(self, client: mqtt.Client) -> None:
+        sock = self._sock
+        if sock is None or client.socket() is not sock:
+            return
+        if self._drive(client, client.loop_write) and self._sock is sock and not client.want_write():
+            # paho reports only changes of its own write flag: never leave the loop polling an
+            # idle writer
+            assert self._loop is not None
+            self._loop.remove_writer(sock)
+
+    async def _network_timers(self) -> None:
+        """paho's timers: a PINGREQ when the connection was quiet for ``keepalive``, and the
+        connection given up when the broker does not answer it."""
+        while True:
+            await asyncio.sleep(1.0)
             client = self._client
-            self._attempts += 1
-            self._session = session
-            if will is not None:
-                client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
-            if self.cfg.protocol == "5":
-                client.connect(self.cfg.host, self.cfg.port, int(self.cfg.keepalive), clean_start=True)
-            else:
-                client.connect(self.cfg.host, self.cfg.port, int(self.cfg.keepalive))
-            client.loop_start()
-            return True
+            if self._sock is not None and client.socket() is self._sock:
+                self._drive(client, client.loop_misc)
 
-    def _shutdown_blocking(self) -> None:
-        with self._client_lock:
-            self._client.disconnect()
-            self._client.loop_stop()
+    def _drive(self, client: mqtt.Client, step: Callable[[], Any]) -> bool:
+        """One of paho's loop functions; an exception out of it (one of our callbacks raised,
+        or paho itself) drops the connection. paho does not finish handling a packet whose
+        callback raised, so reading on would handle it again: the connection is given up,
+        without a DISCONNECT so the broker publishes the will, and the connection loop makes a
+        new one with backoff, as after any loss. Returns whether the connection is still used."""
+        try:
+            step()
+        except Exception as exc:
+            self._callback_failed(client, exc)
+            return False
+        return True
+
+    def _callback_failed(self, client: mqtt.Client, exc: Exception) -> None:
+        self._counts["callback_errors"] += 1
+        self.tasks.failures.record("mqtt-network", exc)  # with its traceback the first time
+        sock = client.socket()
+        if sock is self._sock:
+            self._unwatch()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()  # paho forgets it at the next connect
+        if client is not self._client:
+            return
+        error = f"handling the broker's traffic failed: {exc!r}"
+        if not self._session_ended.is_set():  # paho did not get to report the end itself
+            try:
+                self._on_disconnect(client, error)
+            finally:
+                self._session_ended.set()
+                self._closed_early = None  # the cause is known: no TLS refusal to look for
+        self._last_error = error
+
+    async def _connect(self, session: str, will: Message | None) -> bool:
+        """One connection attempt (TCP, TLS, CONNECT) in session ``session``; the socket is
+        watched once the attempt returned. False when the forwarder is stopping."""
+        if self._stopping:
+            return False
+        self._unwatch()
+        self._refused = False
+        if self._client_used and not self.encoder.resend_after_reconnect:
+            self._client = self._make_client()  # nothing of the old session is ever sent
+        self._client_used = True
+        client = self._client
+        self._attempts += 1
+        self._session = session
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        # Blocking (name lookup, TCP and TLS handshakes), so in a worker thread; nothing on the
+        # loop touches the client meanwhile: it is not connected, and stop() waits for this.
+        if self.cfg.protocol == "5":
+            connect = functools.partial(
+                client.connect, self.cfg.host, self.cfg.port, int(self.cfg.keepalive), clean_start=True
+            )
+        else:
+            connect = functools.partial(client.connect, self.cfg.host, self.cfg.port, int(self.cfg.keepalive))
+        await asyncio.to_thread(connect)
+        self._watch(client)
+        return True
+
+    async def _disconnect(self, within_s: float) -> None:
+        """DISCONNECT (the broker discards the will) and close, within ``within_s``: a socket
+        that cannot be written (a frozen broker) is closed without it."""
+        client, sock = self._client, self._sock
+        if sock is None:
+            with contextlib.suppress(OSError):
+                if (stale := client.socket()) is not None:
+                    stale.close()  # e.g. a connection given up after a callback failed
+            return
+        client.disconnect()  # written by the loop; paho closes the socket after it
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._unwatched.wait(), within_s)
+        if self._sock is sock:
+            log.warning("broker %s:%d: DISCONNECT not sent within %.1f s; closing the connection",
+                        self.cfg.host, self.cfg.port, within_s)  # fmt: skip
+            self._unwatch()
+            with contextlib.suppress(OSError):
+                sock.close()
 
     # ------------------------------------------------------------------ loop side
 
@@ -715,6 +852,7 @@ class Forwarder:
             self.tasks.spawn("mqtt-connection", self._connection_loop).task,
             self.tasks.spawn("mqtt-pump", self._pump).task,
             self.tasks.spawn("mqtt-marker", self._marker).task,
+            self.tasks.spawn("mqtt-network", self._network_timers).task,
         ]
         self._wake.set()
 
@@ -727,7 +865,9 @@ class Forwarder:
             try:
                 # the broker publishes the will if the connection dies: it names the session that ended
                 will = self.encoder.will(session)
-                started = await asyncio.to_thread(self._connect_blocking, session, will)
+                self._connecting = asyncio.ensure_future(self._connect(session, will))
+                # shielded: a cancelled loop must not leave stop() a half-made connection
+                started = await asyncio.shield(self._connecting)
             except Exception as exc:  # OSError, ssl.SSLError, ValueError...: never end the retry loop
                 cause = tls_refusal(str(exc)) or exc
                 self._last_error = f"connect to {self.cfg.host}:{self.cfg.port} failed: {cause}"
@@ -917,7 +1057,10 @@ class Forwarder:
             except TimeoutError:
                 log.warning("broker did not acknowledge the %s offline messages", self.encoder.name)
         self._stopping = True
-        await asyncio.to_thread(self._shutdown_blocking)
+        if self._connecting is not None:
+            with contextlib.suppress(Exception):
+                await self._connecting  # an attempt in progress owns the client until it returns
+        await self._disconnect(min(2.0, max(0.2, deadline - loop.time())))
         self._session_ended.set()
         # Acks that arrived before the disconnect are marked; the rest is resent next start.
         await asyncio.sleep(0)

@@ -78,7 +78,7 @@ class Encoder:
 
     def on_connect(self, session: str) -> list[Message]:
         """What goes out first on a new connection, before any segment. With
-        ``resend_after_reconnect`` it runs on paho's network thread, in the connect callback: the
+        ``resend_after_reconnect`` it runs in paho's connect callback (on the event loop): the
         only place that comes before paho's re-sends of the previous session. The loop publishes no
         segment of the new connection before it returned, but it may still be encoding one into the
         old session's queue: such an encoder keeps no state that ``encode`` changes."""
