@@ -23,6 +23,10 @@ reports its median-CPU round, with every round's CPU and latency beside it. Late
 are wall-clock figures, noisy on a shared machine; CPU seconds less so, but compare variants of
 one run only.
 
+Particle counters deliver one record per 60 s sample, so whether a window holds one of a kind
+shows in ``readings_per_s_at_broker`` and in the per-protocol latency (``serial`` may be absent):
+compare those only between windows that hold the same records.
+
 Prints one JSON object: the first variant's figures, the others under ``variants``.
 """
 
