@@ -37,7 +37,7 @@ from asyncua import Server, ua
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.ua.ua_binary import struct_from_binary
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.cli import main
@@ -635,6 +635,7 @@ def test_secured_discovery_with_login_never_shows_the_password(tmp_path: Path) -
 
 @settings(max_examples=200, deadline=None)
 @given(root=st.text(max_size=40), pattern=st.text(max_size=20), name=st.text(max_size=12))
+@example(root="0\n=", pattern="", name="")  # the stack's message repeated the newline (CI, once)
 def test_any_option_text_is_accepted_or_refused_as_bad_input(root: str, pattern: str, name: str) -> None:
     """Whatever is typed for --root, a pattern or --name: options, or a DiscoveryError that says
     it is bad input (exit 2), before anything is sent."""

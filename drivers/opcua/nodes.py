@@ -66,7 +66,9 @@ class NodeRef:
                 raise ValueError("srv= (a node on another server) is not supported")
             nodeid_to_binary(node)
         except (ValueError, UaError, struct.error, OverflowError, TypeError) as exc:
-            raise ValueError(f"{text!r} is not a node id ({exc})") from None
+            # one line: the stack's message repeats the text raw, newlines and all
+            reason = " ".join(str(exc).split())
+            raise ValueError(f"{text!r} is not a node id ({reason})") from None
         return cls(_RefKind.NODE_ID, text, node_id=node)
 
     def browse_path(self, namespaces: Sequence[str]) -> ua.RelativePath:
