@@ -430,3 +430,32 @@ async def test_hurried_marks_go_at_once(tmp_path: Path) -> None:
         assert (await buf.stats())["delivered_readings_total"] == 5
     finally:
         await buf.close()
+
+
+async def test_sources_idle_ends_the_pause_but_not_the_interval(tmp_path: Path) -> None:
+    """When the scheduler says every poll running has handed over (``sources_idle``), what waits is
+    committed without waiting for ``commit_pause``; the interval between commits still holds."""
+    interval = 2.5
+    cfg = BufferConfig(path=tmp_path / "b.db", commit_interval="2500ms", commit_pause="30s")
+    buf = AsyncBuffer(cfg, "gw")
+    await buf.open()
+    try:
+        rec = Timed(buf.core)
+        buf.submit([block("d1")])
+        buf.sources_idle()
+        await until(rec.records, within_s=SLACK_S, what="committed without the pause")
+        first = rec.records()[0][0]
+        buf.submit([block("d2")])
+        buf.sources_idle()
+        await until(lambda: len(rec.records()) == 2, within_s=interval + SLACK_S, what="the second")
+        assert rec.records()[1][0] - first >= interval * 0.95, "still at most one commit per interval"
+        await asyncio.sleep(interval + 0.1)
+        buf.submit([block("d3")])  # nobody says the burst is over: the pause (capped) is waited for
+        await asyncio.sleep(0.5)
+        assert len(rec.records()) == 2
+        idle = time.monotonic()
+        buf.sources_idle()
+        await until(lambda: len(rec.records()) == 3, within_s=SLACK_S, what="the third, once idle")
+        assert rec.records()[2][0] - idle < interval - 1.0, "at once, not at the interval's end"
+    finally:
+        await buf.close()

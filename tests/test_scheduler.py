@@ -224,3 +224,25 @@ async def test_stop_is_prompt_even_when_a_cancel_meets_a_finishing_poll(tmp_path
         t = asyncio.get_running_loop().time()
         await sched.stop()
         assert asyncio.get_running_loop().time() - t < 2
+
+
+async def test_the_end_of_each_burst_of_polls_is_told_once_all_have_handed_over(tmp_path: Path) -> None:
+    """``polls.on_idle`` (the buffer's cue to commit at once) comes when no poll is running any
+    more, after the blocks of every poll that ran: never while one is still reading."""
+    async with serve_bioreactor_modbus(port=0, speed=1.0) as sim:
+        loaded = load_config(config(tmp_path, [("br1", sim.port), ("br2", sim.port)], interval="250ms"))
+        sink = Sink()
+        sched = Scheduler(loaded.devices, sink, {})
+        seen: list[tuple[int, int]] = []
+        sched.polls.on_idle = lambda: seen.append((sched.polls.running, len(sink.blocks)))
+        sched.start()
+        await asyncio.sleep(2.0)
+        await sched.stop()
+    assert seen, "never told"
+    assert all(running == 0 for running, _ in seen)
+    polls = sum(g["polls"] for s in sched.status().values() for g in s["groups"].values())
+    assert len(seen) <= polls, "at most once per poll"
+    blocks_at = [n for _, n in seen]
+    assert blocks_at == sorted(blocks_at) and blocks_at[-1] == len(sink.blocks), "after every block"
+    # the two devices' groups share their ticks, so a burst ends once, not once per poll
+    assert len(seen) < polls

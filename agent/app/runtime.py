@@ -258,6 +258,7 @@ class Agent:
         else:
             log.warning("no mqtt section: readings are buffered only, nothing is forwarded")
         self.scheduler = Scheduler(self.loaded.devices, self._submit, self.buffer.state())
+        self.scheduler.polls.on_idle = self.buffer.sources_idle
         for runner in self.scheduler.runners:
             runner.ctx.on_identity = self._identity_listener(runner.ctx)
         # What exists by now (modules, configuration, profiles, drivers: some 85,000 objects for

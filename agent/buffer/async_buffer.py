@@ -89,6 +89,8 @@ class AsyncBuffer:
         self._queue: list[Block | Event] = []
         self._first_queued = 0.0
         self._last_queued = 0.0
+        self._sources_idle = False
+        """Set by :meth:`sources_idle` after the last submit: the burst is over, no pause to wait for."""
         self._last_commit = 0.0
         """When the last transaction of the committer began (monotonic)."""
         self._submitted = 0
@@ -320,6 +322,7 @@ class AsyncBuffer:
             raise RuntimeError("buffer is not open: nothing can be submitted")
         first = len(self._queue) <= self._committing
         self._last_queued = now = time.monotonic()
+        self._sources_idle = False
         if first:
             # The oldest record not in the running commit: the next commit is due commit_interval
             # after it arrived, however long the running one takes.
@@ -428,16 +431,27 @@ class AsyncBuffer:
         polls of one grid instant have all come in) and the last commit began ``commit_interval``
         ago, and never later than ``commit_interval`` after the oldest of them arrived; so at most
         one transaction per interval, whatever the rate of submits, and a burst goes in one commit
-        rather than its first block alone. Acknowledgements are never urgent: they ride along with
-        the records' commit, or go alone ``mark_interval`` after the first of them."""
+        rather than its first block alone. When the sources say the burst is over
+        (:meth:`sources_idle`) there is no pause to wait for. Acknowledgements are never urgent:
+        they ride along with the records' commit, or go alone ``mark_interval`` after the first of
+        them."""
         cfg = self.cfg
         due = math.inf
         if self._queue:
-            settled = max(self._last_queued + cfg.commit_pause, self._last_commit + cfg.commit_interval)
+            pause = 0.0 if self._sources_idle else cfg.commit_pause
+            settled = max(self._last_queued + pause, self._last_commit + cfg.commit_interval)
             due = min(self._first_queued + cfg.commit_interval, settled)
         if self._marks:
             due = min(due, self._first_mark + (0.0 if self._marks_hurried else cfg.mark_interval))
         return due
+
+    def sources_idle(self) -> None:
+        """Every poll running has handed its blocks over (the scheduler's count of polls fell to
+        zero): what waits is committed without waiting for ``commit_pause``, still at most once
+        per ``commit_interval``."""
+        if self._queue and not self._sources_idle:
+            self._sources_idle = True
+            self._wake.set()
 
     def hurry_marks(self) -> None:
         """Commit the waiting delivery marks now rather than ``mark_interval`` after the first: a

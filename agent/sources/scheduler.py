@@ -146,6 +146,27 @@ def first_tick(anchor: float, step: float, now: float) -> float:
     return anchor + max(0, math.ceil((now - anchor) / step)) * step
 
 
+class PollsInFlight:
+    """The polls running plant-wide. When the last of them has handed its blocks over (the polls
+    of a grid instant are all in), ``on_idle`` is told: the buffer then commits what waits at
+    once, instead of guessing the end of the burst from a pause in submits. Polls that never all
+    end together (a plant polled without a pause) leave the buffer to its own rules."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.on_idle: Callable[[], None] | None = None
+
+    @contextlib.contextmanager
+    def poll(self) -> Iterator[None]:
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            if self.running == 0 and self.on_idle is not None:
+                self.on_idle()
+
+
 class _Cycle:
     """The phases taken on one link."""
 
@@ -225,8 +246,10 @@ class DeviceRunner:
         *,
         slots: Mapping[str, Slot] | None = None,
         epoch: float | None = None,
+        polls: PollsInFlight | None = None,
     ) -> None:
         self.device = device
+        self.polls = polls or PollsInFlight()
         self.slots: Mapping[str, Slot] = slots or {}
         self.epoch = epoch
         self.id = device.id
@@ -433,7 +456,8 @@ class DeviceRunner:
                 tick = first + k * interval
             await asyncio.sleep(max(0.0, tick - time.monotonic()))
             stats.jitter_s.append(time.monotonic() - tick)
-            await self._poll_once(group, stats)
+            with self.polls.poll():
+                await self._poll_once(group, stats)
             _honour_cancel()
 
     async def _poll_once(self, group: PollGroup, stats: GroupStats) -> None:
@@ -552,12 +576,15 @@ class Scheduler:
         self._state = state
         self._epoch: float | None = None
         self._plan = PhasePlan(self.phased)
+        self.polls = PollsInFlight()
+        """Every runner's polls, counted together (``polls.on_idle``: the end of each burst)."""
         self.runners = self._runners([d for d in devices if d.config.enabled])
 
     def _runners(self, devices: Sequence[ResolvedDevice]) -> list[DeviceRunner]:
         slots = self._plan.place(devices)
         return [
-            DeviceRunner(d, self._submit, self._state, slots=slots[d.id], epoch=self._epoch) for d in devices
+            DeviceRunner(d, self._submit, self._state, slots=slots[d.id], epoch=self._epoch, polls=self.polls)
+            for d in devices
         ]
 
     async def replace(self, remove: Collection[str], add: Sequence[ResolvedDevice]) -> list[DeviceRunner]:
