@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,42 +22,15 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.buffer.async_buffer import AsyncBuffer
-from agent.buffer.config import BufferConfig
-from agent.sinks.forwarder import AgentIdentity, Forwarder, MqttConfig
+from agent.sinks.forwarder import Forwarder, MqttConfig
+from tests import test_forwarder
 from tests.support import CertAuthority, Collector, Mosquitto, TlsMosquitto, until
-from tests.test_forwarder import blocks_for, check_chains, dedup_in_order, received_seqs
+from tests.test_forwarder import Rig, blocks_for, check_chains, dedup_in_order, received_seqs
 
-IDENTITY = AgentIdentity(agent_id="gw-test", version="0.1.0", config_hash="c0ffee")
+IDENTITY = test_forwarder.IDENTITY
 STATUS = "cleanroom/agent/status/gw-test"
-
-
-class Rig:
-    def __init__(self, buf: AsyncBuffer, fw: Forwarder) -> None:
-        self.buf, self.fw = buf, fw
-
-
-@pytest.fixture
-async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    rigs: list[Rig] = []
-
-    async def make(port: int, **mqtt_kw: Any) -> Rig:
-        path = tmp_path / f"buf{len(rigs)}.db"
-        bcfg = BufferConfig(path=path, synchronous="normal", commit_interval="10ms", segment_max_readings=40)
-        buf = AsyncBuffer(bcfg, "gw")
-        await buf.open()
-        cfg = MqttConfig.model_validate(
-            {"host": "127.0.0.1", "port": port, "reconnect_min": "50ms", "reconnect_max": "300ms",
-             "inflight_window": 8, **mqtt_kw}
-        )  # fmt: skip
-        fw = Forwarder(cfg, buf, IDENTITY)
-        await fw.start()
-        rigs.append(Rig(buf, fw))
-        return rigs[-1]
-
-    yield make
-    for rig in rigs:
-        await rig.fw.stop(grace_s=0.5)
-        await rig.buf.close()
+make_rig = test_forwarder.make_rig
+"""The forwarder tests' rig (a buffer and a forwarder on a broker), shared."""
 
 
 async def _delivered(buf: AsyncBuffer) -> bool:

@@ -11,6 +11,7 @@ Bounds are asserted generously on measured timestamps (what a bug costs is the f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import signal
@@ -330,14 +331,21 @@ class Timed:
         return [(at, n) for at, n, _ in self.calls if n]
 
 
+@contextlib.asynccontextmanager
+async def timed_buffer(tmp_path: Path, **cfg: Any) -> AsyncIterator[tuple[AsyncBuffer, Timed]]:
+    """An open buffer with ``cfg`` whose commits are timed from the start."""
+    buf = AsyncBuffer(BufferConfig(path=tmp_path / "b.db", **cfg), "gw")
+    await buf.open()
+    try:
+        yield buf, Timed(buf.core)
+    finally:
+        await buf.close()
+
+
 async def test_a_burst_goes_in_one_commit_after_it_pauses(tmp_path: Path) -> None:
     """The polls of one grid instant finish a few ms apart: they are committed together once
     submits pause for ``commit_pause``, not the first alone and the rest an interval later."""
-    cfg = BufferConfig(path=tmp_path / "b.db", commit_interval="400ms", commit_pause="50ms")
-    buf = AsyncBuffer(cfg, "gw")
-    await buf.open()
-    try:
-        rec = Timed(buf.core)
+    async with timed_buffer(tmp_path, commit_interval="400ms", commit_pause="50ms") as (buf, rec):
         started = time.monotonic()
         for k in range(8):
             buf.submit([block(f"d{k}")])
@@ -348,19 +356,13 @@ async def test_a_burst_goes_in_one_commit_after_it_pauses(tmp_path: Path) -> Non
         assert n == 8, "the whole burst in one transaction"
         assert at >= last + 0.05 - 0.01, "not before the pause"
         assert at - started < 0.4 + SLACK_S, "within the interval of the first"
-    finally:
-        await buf.close()
 
 
 async def test_a_stream_that_never_pauses_is_committed_once_per_interval(tmp_path: Path) -> None:
     """Submits every 10 ms never leave a 50 ms pause: the interval bounds the wait of every record,
     and there is at most one transaction of records per interval, whatever the submit rate."""
     interval = 0.2
-    cfg = BufferConfig(path=tmp_path / "b.db", commit_interval="200ms", commit_pause="50ms")
-    buf = AsyncBuffer(cfg, "gw")
-    await buf.open()
-    try:
-        rec = Timed(buf.core)
+    async with timed_buffer(tmp_path, commit_interval="200ms", commit_pause="50ms") as (buf, rec):
         submitted: list[float] = []
         while len(submitted) < 150:  # 1.5 s
             buf.submit([block("d1")])
@@ -381,8 +383,6 @@ async def test_a_stream_that_never_pauses_is_committed_once_per_interval(tmp_pat
             i += n
         assert max(waits) < interval + SLACK_S
         assert sorted(waits)[len(waits) // 2] < interval + 0.1, "the typical wait is bounded too"
-    finally:
-        await buf.close()
 
 
 async def test_marks_alone_wait_the_mark_interval_and_ride_with_records(tmp_path: Path) -> None:
@@ -436,11 +436,7 @@ async def test_sources_idle_ends_the_pause_but_not_the_interval(tmp_path: Path) 
     """When the scheduler says every poll running has handed over (``sources_idle``), what waits is
     committed without waiting for ``commit_pause``; the interval between commits still holds."""
     interval = 2.5
-    cfg = BufferConfig(path=tmp_path / "b.db", commit_interval="2500ms", commit_pause="30s")
-    buf = AsyncBuffer(cfg, "gw")
-    await buf.open()
-    try:
-        rec = Timed(buf.core)
+    async with timed_buffer(tmp_path, commit_interval="2500ms", commit_pause="30s") as (buf, rec):
         buf.submit([block("d1")])
         buf.sources_idle()
         await until(rec.records, within_s=SLACK_S, what="committed without the pause")
@@ -457,5 +453,3 @@ async def test_sources_idle_ends_the_pause_but_not_the_interval(tmp_path: Path) 
         buf.sources_idle()
         await until(lambda: len(rec.records()) == 3, within_s=SLACK_S, what="the third, once idle")
         assert rec.records()[2][0] - idle < interval - 1.0, "at once, not at the interval's end"
-    finally:
-        await buf.close()
