@@ -63,6 +63,20 @@ CASES = [
         "not a duration",
     ),
     ("bad size", ("max_bytes: 1GiB", "max_bytes: lots"), "max_bytes", "buffer.max_bytes", "not a size"),
+    (
+        "negative commit pause",
+        ("retention: 7d", "retention: 7d\n  commit_pause: -5ms"),
+        "commit_pause",
+        "buffer.commit_pause",
+        "not a duration",
+    ),
+    (
+        "zero mark interval",
+        ("retention: 7d", "retention: 7d\n  mark_interval: 0s"),
+        "mark_interval",
+        "buffer.mark_interval",
+        "greater than 0",
+    ),
     ("missing required", ("  id: gw-01\n", "  site: x\n"), "agent:", "agent.id", "required key is missing"),
     ("bad agent id", ("id: gw-01", "id: gw 01"), "gw 01", "agent.id", "pattern"),
     (
