@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -429,7 +428,6 @@ def main() -> None:
             median["rounds_latency_p50_ms"] = [f["latency_p50_ms"] for f in each]
             median["rounds_latency_p99_ms"] = [f["latency_p99_ms"] for f in each]
             median["rounds_jitter_p99_ms"] = [f["jitter_p99_ms"] for f in each]
-            median["rounds_cpu_median"] = round(statistics.median(median["rounds_cpu_fraction_of_core"]), 4)
     first, *others = [v.label for v in variants]
     result = {
         "name": "plant",
