@@ -826,3 +826,50 @@ def test_shipped_profiles_validate_and_plan(name: str) -> None:
     for plan in plans:
         for rd in plan.reads:
             assert rd.count <= (2000 if rd.table in ("coil", "discrete") else 125)
+
+
+async def test_groups_read_together_share_requests_and_a_refusal_fails_only_what_it_carried() -> None:
+    """Two groups read together are one plan: the registers of both within the gap limit go in
+    one request, so three requests for the groups apart are two together; a refused request marks
+    bad the tags it carried, whichever group they are in, and each group gets its own block with
+    the values it gets when read alone."""
+    tags = [
+        {"name": "a", "address": 40001, "group": "process"},
+        {"name": "b", "address": 40002, "group": "process", "scale": 0.1},
+        {"name": "c", "address": 40004, "group": "status", "bit": 1},
+        {"name": "d", "address": 30001, "group": "status"},
+    ]
+
+    async def action(
+        fc: int, start: int, address: int, count: int, regs: list[int], values: Any
+    ) -> ExcCodes | None:
+        return ExcCodes.DEVICE_FAILURE if fc == 4 else None
+
+    groups = {"process": {"interval": "1s"}, "status": {"interval": "1s"}}
+    async with serving(sim_device(1, holding=[5, 451, 0, 0b10, 0, 0, 0, 0], action=action)) as srv:
+        driver = make_driver(tags, srv.port, groups=groups)
+        await driver.connect()
+        try:
+            alone = [await read_one(driver, g) for g in ("process", "status")]
+            apart = len(srv.requests)
+            together = await driver.read_together([driver.ctx.groups["process"], driver.ctx.groups["status"]])
+            fused = len(srv.requests) - apart
+        finally:
+            await driver.close()
+    assert all(driver.reads_together(g) for g in driver.ctx.groups.values())
+    assert (apart, fused) == (3, 2)
+    assert srv.requests[-2:] == [(1, 3, 0, 4), (1, 4, 0, 1)]
+    assert [b.group for b in together] == ["process", "status"]
+    assert [by_tag(b) for b in together] == [by_tag(b) for b in alone]
+    assert by_tag(together[0]) == {"a": 5, "b": 45.1}
+    assert together[0].quality is None
+    assert by_tag(together[1]) == {"c": True, "d": None}
+    assert reasons(together[1]) == {"c": None, "d": "slave_device_failure"}
+    assert together[0].acq_ts_ns == together[1].acq_ts_ns
+
+
+def test_records_groups_are_never_read_together() -> None:
+    """A counter's records group is an exchange of its own (select, then read the record)."""
+    driver = profile_driver("particle-counter-sim-modbus", host="127.0.0.1", port=502)
+    assert driver.reads_together(driver.ctx.groups["status"])
+    assert not driver.reads_together(driver.ctx.groups["records"])

@@ -210,7 +210,7 @@ class ConnectionBase(Strict):
     def bus_key(self) -> tuple[str, ...] | None:
         """The link this connection shares with other devices (a serial line, a TCP gateway),
         named the same by every device on it; ``None`` when the device has a link of its own.
-        The scheduler spreads the poll groups sharing a link over time, so that their requests
+        The scheduler spreads the devices sharing a link over time, so that their requests
         do not queue behind each other."""
         return None
 
@@ -655,6 +655,19 @@ class Driver(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release the connection; must not raise."""
+
+    def reads_together(self, group: PollGroup) -> bool:
+        """True when this group may be polled in one :meth:`read_together` call with the device's
+        other such groups due on the same ticks (same interval and timeout): the driver then puts
+        their requests in one exchange (a Modbus device's process and status registers a few
+        addresses apart are one read, not two), and the scheduler wakes once for them."""
+        return False
+
+    async def read_together(self, groups: Sequence[PollGroup]) -> list[Block]:
+        """Poll several groups (each one :meth:`reads_together` accepts) in one exchange: one block
+        per group, as :meth:`read` gives it. A failed request marks bad the readings it carried,
+        whichever group they belong to; a lost link (:class:`DeviceError`) fails every group."""
+        raise NotImplementedError(f"{self.protocol} does not read groups together")
 
     def backfills(self, group: PollGroup) -> bool:
         """True when the device keeps what it measures while unreachable and this driver

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -108,6 +109,7 @@ class ModbusDriver(Driver):
             raise TypeError("ModbusDriver needs a modbus Connection")
         self.conn: Connection = ctx.connection
         self._plans: dict[str, Plan] = {}
+        self._fused: dict[tuple[str, ...], Plan] = {}
         self._records: dict[str, RecordReader] = {}
         for name, group in ctx.groups.items():
             tags = [as_tag(t) for t in group.tag_specs]
@@ -187,9 +189,20 @@ class ModbusDriver(Driver):
 
     # -- reading
 
+    def reads_together(self, group: PollGroup) -> bool:
+        """Register groups fuse (records-mode groups keep their own exchange with the counter): the
+        tags of groups due together are one plan, coalesced as one group's tags would be."""
+        return group.name in self._plans
+
     async def read(self, group: PollGroup) -> list[Block]:
+        return await self._scan((group,))
+
+    async def read_together(self, groups: Sequence[PollGroup]) -> list[Block]:
+        return await self._scan(tuple(groups))
+
+    async def _scan(self, groups: tuple[PollGroup, ...]) -> list[Block]:
         if time.monotonic() < self._degraded_until:
-            return [group.bad(DEGRADED)]
+            return [g.bad(DEGRADED) for g in groups]
         bus = self._bus
         if bus is not None and not bus.connected and bus.lost is not None:
             raise bus.lost  # dropped for junk: the scheduler backs off before reconnecting
@@ -199,19 +212,50 @@ class ModbusDriver(Driver):
         assert bus is not None
         bus.scans += 1
         try:
-            reader = self._records.get(group.name)
+            reader = self._records.get(groups[0].name) if len(groups) == 1 else None
             if reader is not None:
                 return await reader.read()
             acq = now_ns()
-            plan = self._plans[group.name]
+            plan = self._plan_of(groups)
             outcome = await self.execute(plan)
             values, quality, reasons = decode_plan(plan, outcome.regs, outcome.bits, outcome.failed)
             raw = raw_values(plan, outcome) if self.ctx.record_raw else None
-            return [group.finish(values, acq_ts_ns=acq, quality=quality, reasons=reasons, device_raw=raw)]
+            if len(groups) == 1:
+                return [
+                    groups[0].finish(values, acq_ts_ns=acq, quality=quality, reasons=reasons, device_raw=raw)
+                ]
+            blocks: list[Block] = []
+            end = 0
+            for g in groups:  # the fused plan holds each group's tags in turn
+                at, end = end, end + len(g.tags)
+                blocks.append(
+                    g.finish(
+                        values[at:end],
+                        acq_ts_ns=acq,
+                        quality=None if quality is None else quality[at:end],
+                        reasons=None if reasons is None else reasons[at:end],
+                        device_raw=None if raw is None else raw[at:end],
+                    )
+                )
+            return blocks
         finally:
             bus.scans -= 1
             if self.conn.close_after_scan and bus.scans == 0:
                 bus.disconnect()
+
+    def _plan_of(self, groups: tuple[PollGroup, ...]) -> Plan:
+        """One group's plan, or the plan of several groups' tags in turn (built on their first
+        poll together, and shared by the devices of the profile as any plan is)."""
+        if len(groups) == 1:
+            return self._plans[groups[0].name]
+        names = tuple(g.name for g in groups)
+        plan = self._fused.get(names)
+        if plan is None:
+            tags = [as_tag(t) for g in groups for t in g.tag_specs]
+            plan = self._fused[names] = shared_plan(
+                self.ctx.profile, "groups " + "+".join(names), tags, self.conn
+            )
+        return plan
 
     async def execute(self, plan: Plan) -> Outcome:
         """Run a plan's reads; exception replies, garbage and replies that answer something else
