@@ -1,6 +1,7 @@
-"""Poll-group phases: groups sharing a link (a gateway, a serial line) are spread over its
-cycle instead of starting on one instant, each keeps its own period, and a group added by a
-reload takes a phase in the widest gap without moving the groups already running."""
+"""Device phases: devices sharing a link (a gateway, a serial line) are spread over its cycle
+instead of starting on one instant, a device's groups share its phase and each keeps its own
+period, and a device added by a reload takes a phase in the widest gap without moving the
+devices already running."""
 
 from __future__ import annotations
 
@@ -58,17 +59,27 @@ def most_on_one_instant(values: Sequence[float]) -> int:
     return max(Counter(round(v, 6) for v in values).values())
 
 
-def test_groups_sharing_a_link_are_spread_evenly_over_its_cycle(tmp_path: Path) -> None:
-    devs = devices(tmp_path, [("br-a", 5020, 1), ("br-b", 5020, 2), ("br-c", 5020, 3)])
+def device_phases(slots: dict[str, dict[str, Slot]]) -> dict[str, float]:
+    """Each device's one phase (the test fails if its groups do not share one)."""
+    out: dict[str, float] = {}
+    for dev, groups in slots.items():
+        (phase,) = {s.phase_s for s in groups.values()}
+        out[dev] = phase
+    return out
+
+
+def test_devices_sharing_a_link_are_spread_evenly_over_its_cycle(tmp_path: Path) -> None:
+    ids = [f"br-{c}" for c in "abcde"]
+    devs = devices(tmp_path, [(dev, 5020, i + 1) for i, dev in enumerate(ids)])
     assert len({link_of(d) for d in devs}) == 1, "one gateway: one link"
     slots = PhasePlan().place(devs)
-    placed = phases(slots)
-    assert len(placed) == 9  # 3 devices x (process, status, setpoints)
+    assert sum(len(g) for g in slots.values()) == 15  # 5 devices x (process, status, setpoints)
     assert {s.cycle_s for groups in slots.values() for s in groups.values()} == {1.0}, "the shortest interval"
-    # i/9 of the cycle, in the order (device id, group name), rounded down onto the grid
-    assert [placed[k] for k in sorted(placed)] == pytest.approx([on_grid(i / 9) for i in range(9)])
-    assert max(placed.values()) >= 1.0 - 1 / 9 - PHASE_STEP_S, "over the whole cycle"
-    assert most_on_one_instant(list(placed.values())) <= math.ceil(9 * PHASE_STEP_S / 1.0) < 9
+    placed = device_phases(slots)  # every group of a device at the device's phase
+    # i/5 of the cycle, in device id order, rounded down onto the grid
+    assert [placed[d] for d in ids] == pytest.approx([on_grid(i / 5) for i in range(5)])
+    assert max(placed.values()) >= 1.0 - 1 / 5 - PHASE_STEP_S, "over the whole cycle"
+    assert most_on_one_instant(list(placed.values())) <= math.ceil(5 * PHASE_STEP_S / 1.0) < 5
 
 
 def test_phases_are_deterministic_and_on_one_grid_for_every_link(tmp_path: Path) -> None:
@@ -76,13 +87,23 @@ def test_phases_are_deterministic_and_on_one_grid_for_every_link(tmp_path: Path)
     first, again = PhasePlan().place(devs), PhasePlan().place(devs)
     assert phases(first) == phases(again)
     assert link_of(devs[2]) != link_of(devs[0])
-    # a device on a link of its own spreads its own groups over its own cycle
-    solo = sorted(s.phase_s for s in first["solo"].values())
-    assert solo == pytest.approx([on_grid(0), on_grid(1 / 3), on_grid(2 / 3)])
-    assert len(set(solo)) == 3
+    # a device on a link of its own polls all its groups on one instant
+    assert device_phases(first)["solo"] == 0.0
+    assert device_phases(first)["br-b"] == on_grid(0.5)
     # every phase is on the plant's grid, so groups of different links wake the loop together
     for p in phases(first).values():
         assert p / PHASE_STEP_S == pytest.approx(round(p / PHASE_STEP_S))
+
+
+def test_devices_alone_on_their_link_are_spread_among_themselves(tmp_path: Path) -> None:
+    """Nothing queues between them, but on one instant they would start in one burst."""
+    ids = ["br-a", "br-b", "br-c", "br-d", "gw-a"]
+    devs = devices(tmp_path, [("br-a", 5021, 1), ("br-b", 5022, 1), ("br-c", 5023, 1), ("br-d", 5024, 1),
+                              ("gw-a", 5020, 1), ("gw-b", 5020, 2)])  # fmt: skip
+    assert len({link_of(d) for d in devs}) == 5
+    placed = device_phases(PhasePlan().place(devs))
+    assert [placed[d] for d in ids[:4]] == [0.0, 0.25, 0.5, 0.75]
+    assert (placed["gw-a"], placed["gw-b"]) == (0.0, 0.5), "a shared link is spread on its own"
 
 
 def test_unphased_plan_puts_every_group_at_zero(tmp_path: Path) -> None:
@@ -90,21 +111,19 @@ def test_unphased_plan_puts_every_group_at_zero(tmp_path: Path) -> None:
     assert set(phases(PhasePlan(phased=False).place(devs)).values()) == {0.0}
 
 
-async def test_a_group_added_at_reload_takes_the_widest_gap(tmp_path: Path) -> None:
-    first = devices(tmp_path, [("br-a", 5020, 1), ("br-b", 5020, 2)])
+async def test_a_device_added_at_reload_takes_the_widest_gap(tmp_path: Path) -> None:
+    first = devices(tmp_path, [("br-a", 5020, 1), ("br-b", 5020, 2), ("br-c", 5020, 3), ("br-d", 5020, 4)])
     sched = Scheduler(first, lambda blocks, events: None, {})
     before = {r.id: dict(r.slots) for r in sched.runners}
-    # br-b leaves and br-c joins the same gateway; br-a keeps its phases
-    added = devices(tmp_path, [("br-c", 5020, 3)], name="more.yaml")
-    new = await sched.replace({"br-b"}, added)
-    assert [r.id for r in new] == ["br-c"]
-    assert {r.id: dict(r.slots) for r in sched.runners if r.id == "br-a"} == {"br-a": before["br-a"]}
-    kept = [s.phase_s for s in before["br-a"].values()]
-    taken = [s.phase_s for s in new[0].slots.values()]
-    # br-a's groups sit in the first half of the cycle (br-b had the second): br-c's go there
-    assert max(kept) < 0.5 <= min(taken)
-    assert len(set(taken)) >= 2, "br-c's groups are spread over the gap, not piled on one instant"
-    assert most_on_one_instant(kept + taken) <= math.ceil(6 * PHASE_STEP_S / 1.0)
+    assert device_phases(before) == {"br-a": 0.0, "br-b": 0.25, "br-c": 0.5, "br-d": 0.75}
+    # br-b and br-c leave, br-e joins the same gateway; the others keep their phases
+    added = devices(tmp_path, [("br-e", 5020, 5)], name="more.yaml")
+    new = await sched.replace({"br-b", "br-c"}, added)
+    assert [r.id for r in new] == ["br-e"]
+    kept = {r.id: dict(r.slots) for r in sched.runners if r.id != "br-e"}
+    assert kept == {"br-a": before["br-a"], "br-d": before["br-d"]}
+    # the widest gap is between br-a (0) and br-d (0.75): br-e takes its middle, on the grid
+    assert device_phases({"br-e": dict(new[0].slots)}) == {"br-e": on_grid(0.375)}
     await sched.stop()
 
 

@@ -246,3 +246,48 @@ async def test_the_end_of_each_burst_of_polls_is_told_once_all_have_handed_over(
     assert blocks_at == sorted(blocks_at) and blocks_at[-1] == len(sink.blocks), "after every block"
     # the two devices' groups share their ticks, so a burst ends once, not once per poll
     assert len(seen) < polls
+
+
+async def test_a_devices_groups_due_together_are_one_poll_and_one_exchange(tmp_path: Path) -> None:
+    """Process and status on the same ticks are one unit: one task, one Modbus request a tick for
+    both (their registers are 4 apart, so the driver fuses them into one read), yet each group
+    keeps its own block and counts; a silent device fails both groups at the same instants, and
+    the setpoints group (another interval) is polled on its own."""
+    async with serve_bioreactor_modbus(port=0, speed=1.0, faults=["comm_timeout@1.5s+1s"]) as sim:
+        path = tmp_path / "agent.yaml"
+        path.write_text(
+            "agent: {id: t}\nbuffer: {path: b.db}\ndevices:\n  - id: br1\n    profile: bioreactor-sim\n"
+            f"    connection: {{host: 127.0.0.1, port: {sim.port}, timeout: 300ms, retries: 0, "
+            "degrade_after: 100, backoff_min: 100ms, backoff_max: 200ms}\n"
+            "    groups: {process: {interval: 200ms}, status: {interval: 200ms}}\n"
+        )
+        sink = Sink()
+        sched = Scheduler(load_config(path).devices, sink, {})
+        sched.start()
+        await asyncio.sleep(0.5)
+        tasks = {t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("poll:br1:")}
+        await asyncio.sleep(3.5)
+        await sched.stop()
+    status = sched.status()["br1"]  # after the stop: counts and blocks of the same polls
+    assert tasks == {"poll:br1:process+status", "poll:br1:setpoints"}
+    process, state = sink.group("br1"), sink.group("br1", "status")
+    assert [b.acq_ts_ns for b in process] == [b.acq_ts_ns for b in state], "one poll, two blocks"
+    assert len(process) >= 15
+    assert [b.tags for b in state[:1]] == [("running", "temp_high", "temp_low", "ph_high", "ph_low", "do_low",
+                                           "agitation_fault", "gas_supply_low", "base_pump_on")]  # fmt: skip
+    good = [b for b in state if b.quality is None]
+    assert good and all(isinstance(v, bool) for b in good for v in b.values)
+    # the silence fails both groups on the same polls, and both recover
+    bad_process = [b.acq_ts_ns for b in process if b.quality is not None]
+    assert bad_process and bad_process == [b.acq_ts_ns for b in state if b.quality is not None]
+    assert process[-1].quality is None and state[-1].quality is None
+    groups = status["groups"]
+    assert groups["process"]["polls"] == groups["status"]["polls"] >= 15
+    assert groups["process"]["failed"] == groups["status"]["failed"] > 0
+    # one request a tick for both groups: answered requests are the good polls of the unit and
+    # of setpoints (each one read), not twice the unit's
+    answered = status["driver"]["requests"]
+    ok_polls = sum(1 for b in process if b.quality is None) + sum(
+        1 for b in sink.group("br1", "setpoints") if b.quality is None
+    )
+    assert answered == ok_polls

@@ -1,27 +1,39 @@
 """Polls every device on its own schedule and hands what it reads to the buffer.
 
-One :class:`DeviceRunner` per device, one task per poll group, so a dead or slow
+One :class:`DeviceRunner` per device, one task per poll unit (below), so a dead or slow
 device never delays another. Polls start on absolute ticks (``first + k·interval``), so
 there is no drift over hours. A poll that runs past whole ticks is an overrun: the missed
 ticks are counted and skipped, and a block of bad readings (reason ``overrun``) marks the
 hole; a poll merely late starts at once. Poll-start jitter is measured against the group's
 own ticks.
 
-Groups that share a link (a serial line, a TCP gateway: one request at a time) must not
+Devices that share a link (a serial line, a TCP gateway: one request at a time) must not
 start on the same instant, or every poll on it queues behind the others and its readings
 reach the broker a whole queue later (48 requests on one gateway at one instant were the
-plant bench's 450 ms latency p99). So every group has a *phase* (:class:`PhasePlan`): the
-groups of one link share its *cycle* (the shortest interval among them) and are spread
-evenly over it, in the order (device id, group name), each phase rounded down to the plant's
-phase grid (:data:`PHASE_STEP_S`). The grid is common to all links, so the groups of different
-links that do not queue on each other wake the event loop together and reach the buffer in
-one commit, instead of one wake-up and one commit each (spreading every group apart, each
-link from its own offset, cost the plant bench a fifth more CPU than a 0.1 s grid, side by
-side, for no better latency). A group's ticks are ``epoch + phase + k·interval`` on the scheduler's epoch; a
-group that starts later (a reload) takes the first of its phase's instants on the cycle, at
-most one cycle away, and its period is exact from there. A group added to a link that
-already has groups takes the middle of the widest gap left between their phases (then onto
-the grid), so the groups already running keep their ticks.
+plant bench's 450 ms latency p99). So every device has a *phase* (:class:`PhasePlan`): the
+devices of one link share its *cycle* (the shortest interval among their groups) and are spread
+evenly over it in device id order, each phase rounded down to the plant's phase grid
+(:data:`PHASE_STEP_S`); devices alone on their link are spread the same way among themselves
+(:data:`OWN_LINKS`). A device's groups all take its phase: a device polls all its groups due on
+a tick on one instant, and its readings of one tick go in one commit and reach the broker in one
+segment, not one per group (spreading the groups of a device apart,
+as phases did first, cost the plant bench a fifth more forwarding for no better latency). The
+grid is common to all links, so the devices of different links that do not queue on each other
+wake the event loop together and reach the buffer in one commit, instead of one wake-up and one
+commit each (spreading every group apart, each link from its own offset, cost the plant bench a
+fifth more CPU than a 0.1 s grid, side by side, for no better latency). A group's ticks are
+``epoch + phase + k·interval`` on the scheduler's epoch; a group that starts later (a reload)
+takes the first of its phase's instants on the cycle, at most one cycle away, and its period is
+exact from there. A device added to a link that already has devices takes the middle of the
+widest gap left between their phases (then onto the grid), so the devices already running keep
+their ticks.
+
+A device's groups that fall on the same ticks (same interval, so the same phase, and the same
+timeout) and that its driver reads together (:meth:`~agent.core.driver.Driver.reads_together`)
+are one *poll unit*: one task and one timer, and one exchange with the device (the Modbus driver
+puts their registers in one plan, so a bioreactor's process and status words four addresses
+apart are one request, not two). Each group still gets its own block, counts and jitter; a
+failed request marks bad the readings it carried, and a lost link every group of the unit.
 
 The runner owns the device connection: a failed connect or a
 :class:`~agent.core.driver.DeviceError` closes the driver and reconnects with exponential
@@ -115,8 +127,8 @@ PHASE_STEP_S = 0.25
 an event-loop wake-up and a buffer commit a second, so the grid is coarse: the plant bench, side
 by side, spent 6.5 % of a core with every group on one instant, 7.3 % on a 0.5 s grid, 7.9 % on
 this one and 9.2 % on a 0.1 s grid, for the same latency p99 (160-170 ms) on all three grids. A
-link whose groups are closer together than this shares instants among them: of ``n`` groups on
-a cycle ``c``, at most ``ceil(n·step/c)`` start on one instant (12 of a gateway's 48 at 1 s),
+link whose devices are closer together than this shares instants among them: of ``n`` devices
+on a cycle ``c``, at most ``ceil(n·step/c)`` start on one instant (4 of a gateway's 16 at 1 s),
 not all ``n``."""
 
 Link = tuple[str, ...]
@@ -128,6 +140,13 @@ def link_of(device: ResolvedDevice) -> Link:
     (:meth:`~agent.core.driver.ConnectionBase.bus_key`), else a link of its own."""
     bus = device.connection.bus_key()
     return ("bus", *bus) if bus else ("device", device.id)
+
+
+OWN_LINKS: Link = ("own links",)
+"""Where the devices alone on their link are spread, as if they shared one: nothing queues
+between them, but all on one instant they would start in one burst, the last of them late (the
+plant bench's bioreactors and serial counters), while a gateway's devices leave the other
+instants of the grid in use anyway."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +187,11 @@ class PollsInFlight:
 
 
 class _Cycle:
-    """The phases taken on one link."""
+    """The phases taken on one link, by device."""
 
     def __init__(self, cycle_s: float) -> None:
         self.cycle_s = cycle_s
-        self.phases: dict[tuple[str, str], float] = {}
+        self.phases: dict[str, float] = {}
 
     def widest_gap_middle(self) -> float:
         """The middle of the widest gap between the phases taken (on the circle of the cycle)."""
@@ -183,7 +202,8 @@ class _Cycle:
 
 
 class PhasePlan:
-    """The phase of every group, by link (the rule is in the module's docstring).
+    """The phase of every device, by link (the rule is in the module's docstring); a device's
+    groups all take its phase.
 
     Deterministic: the same devices give the same phases on every start, so a plant's polls
     fall on the same instants from one run to the next."""
@@ -194,35 +214,41 @@ class PhasePlan:
         self._device_links: dict[str, Link] = {}
 
     def place(self, devices: Sequence[ResolvedDevice]) -> dict[str, dict[str, Slot]]:
-        """Phases for the groups of ``devices``, beside those already placed."""
-        members: dict[Link, list[tuple[str, str, float]]] = {}
+        """Slots for the groups of ``devices``, beside the devices already placed."""
+        by_link: dict[Link, list[tuple[str, float]]] = {}
         for d in devices:
-            link = self._device_links[d.id] = link_of(d)
-            members.setdefault(link, []).extend((d.id, g.name, g.interval_s) for g in d.groups.values())
-        slots: dict[str, dict[str, Slot]] = {d.id: {} for d in devices}
-        for link, groups in members.items():
-            if not groups:  # a device read for its alarms only has no poll group to place
-                continue
-            groups.sort()
+            if d.groups:  # a device read for its alarms only has no poll group to place
+                by_link.setdefault(link_of(d), []).append(
+                    (d.id, min(g.interval_s for g in d.groups.values()))
+                )
+        members: dict[Link, list[tuple[str, float]]] = {}
+        for link, devs in by_link.items():
+            cycle = self._links.get(link)
+            alone = len(devs) == 1 and (cycle is None or not cycle.phases)
+            spread = OWN_LINKS if alone else link
+            members.setdefault(spread, []).extend(devs)
+            self._device_links.update(dict.fromkeys((dev for dev, _ in devs), spread))
+        placed: dict[str, Slot] = {}
+        for link, devs in members.items():
+            devs.sort()
             cycle = self._links.get(link)
             if cycle is None or not cycle.phases:
-                cycle = self._links[link] = _Cycle(min(interval for _, _, interval in groups))
-                for i, (dev, name, _) in enumerate(groups):
-                    cycle.phases[dev, name] = i * cycle.cycle_s / len(groups)
+                cycle = self._links[link] = _Cycle(min(interval for _, interval in devs))
+                for i, (dev, _) in enumerate(devs):
+                    cycle.phases[dev] = i * cycle.cycle_s / len(devs)
             else:
-                for dev, name, _ in groups:
-                    cycle.phases[dev, name] = cycle.widest_gap_middle()
-            for dev, name, _ in groups:
-                phase = on_grid(cycle.phases[dev, name]) if self._phased else 0.0
-                slots[dev][name] = Slot(phase, cycle.cycle_s)
-        return slots
+                for dev, _ in devs:
+                    cycle.phases[dev] = cycle.widest_gap_middle()
+            for dev, _ in devs:
+                placed[dev] = Slot(on_grid(cycle.phases[dev]) if self._phased else 0.0, cycle.cycle_s)
+        return {d.id: {g: placed[d.id] for g in d.groups} for d in devices}
 
     def release(self, device: str) -> None:
-        """Free the phases of a device that stopped (a reload), for the groups that come next."""
+        """Free the phase of a device that stopped (a reload), for the devices that come next."""
         link = self._device_links.pop(device, None)
-        if link is not None:
-            cycle = self._links[link]
-            cycle.phases = {k: p for k, p in cycle.phases.items() if k[0] != device}
+        cycle = None if link is None else self._links.get(link)
+        if cycle is not None:  # a device without poll groups took no phase
+            cycle.phases.pop(device, None)
 
 
 def on_grid(phase_s: float) -> float:
@@ -291,7 +317,7 @@ class DeviceRunner:
         self._session_fault: DeviceError | None = None
         """A driver task that failed while the connection was being set up."""
         self._conn_task = f"conn:{self.id}"
-        self._poll_tasks: dict[str, PollGroup] = {}
+        self._poll_tasks: dict[str, tuple[PollGroup, ...]] = {}
         self._rng = random.Random(f"{seed}:{device.id}")
         self._subscribed = [
             g
@@ -307,12 +333,24 @@ class DeviceRunner:
         self._loops.spawn(self._conn_task, self._connection_loop)
         now = time.monotonic() if now is None else now
         epoch = now if self.epoch is None else self.epoch
+        for unit in self._units():
+            name = f"poll:{self.id}:" + "+".join(g.name for g in unit)
+            self._poll_tasks[name] = unit
+            slot = self.slots.get(unit[0].name, Slot())
+            first = first_tick(epoch + slot.phase_s, slot.cycle_s or unit[0].interval_s, now)
+            self._loops.spawn(name, functools.partial(self._poll_loop, unit, first))
+
+    def _units(self) -> list[tuple[PollGroup, ...]]:
+        """The device's groups as they are polled: those the driver reads together
+        (:meth:`~agent.core.driver.Driver.reads_together`) that fall on the same ticks (slot,
+        interval, timeout) are one unit, one task and one exchange; every other group alone."""
+        units: dict[object, list[PollGroup]] = {}
         for group in self.device.groups.values():
-            name = f"poll:{self.id}:{group.name}"
-            self._poll_tasks[name] = group
-            slot = self.slots.get(group.name, Slot())
-            first = first_tick(epoch + slot.phase_s, slot.cycle_s or group.interval_s, now)
-            self._loops.spawn(name, functools.partial(self._poll_loop, group, first))
+            key: object = group.name
+            if group not in self._subscribed and self.driver.reads_together(group):
+                key = (self.slots.get(group.name, Slot()), group.interval_s, group.spec.timeout)
+            units.setdefault(key, []).append(group)
+        return [tuple(unit) for unit in units.values()]
 
     async def stop(self) -> None:
         """Cancel the loops and close the driver, in bounded time: a protocol stack that
@@ -326,12 +364,12 @@ class DeviceRunner:
         set up), so the device reconnects with backoff; counted as the error kind either way."""
         reason = exc.reason if isinstance(exc, DeviceError) else DRIVER_ERROR
         detail = str(exc) or repr(exc)
-        group = self._poll_tasks.get(name)
-        groups = [group] if group is not None else list(self.device.groups.values())
+        unit = self._poll_tasks.get(name)
+        groups = unit if unit is not None else tuple(self.device.groups.values())
         self._submit([g.bad(reason) for g in groups], ())
         if self.connected:
             self._link_lost(reason, detail)
-        elif self.state == "connecting" and group is None and name != self._conn_task:
+        elif self.state == "connecting" and unit is None and name != self._conn_task:
             self._session_fault = DeviceError(reason, detail)  # the connect attempt fails with it
         else:
             self.ctx.stats.error(reason)
@@ -434,13 +472,14 @@ class DeviceRunner:
             return group.spec.timeout
         return max(self.device.connection.timeout * 2, min(group.interval_s, 10.0))
 
-    async def _poll_loop(self, group: PollGroup, first: float) -> None:
+    async def _poll_loop(self, unit: tuple[PollGroup, ...], first: float) -> None:
         """Poll on the ticks ``first + k·interval``, from the last at or before now: a loop that
         starts a little after its first tick (the runner starts after the plan was made) polls at
         once rather than an interval later (an hour, for an identity group), and a loop started
-        again after a failure does not count the ticks before it as overruns."""
-        stats = self.group_stats[group.name]
-        interval = group.interval_s
+        again after a failure does not count the ticks before it as overruns. The groups of a
+        unit share interval and ticks, so each counts the same polls, overruns and jitter."""
+        stats = [self.group_stats[g.name] for g in unit]
+        interval = unit[0].interval_s
         k = max(0, math.floor((time.monotonic() - first) / interval)) - 1
         while True:
             k += 1
@@ -448,47 +487,61 @@ class DeviceRunner:
             late = time.monotonic() - tick
             if late >= interval:
                 # The previous poll ran past whole ticks: those polls did not happen.
-                # One bad block (reason ``overrun``) marks the hole in the data.
+                # One bad block (reason ``overrun``) per group marks the hole in the data.
                 missed = math.floor(late / interval)
-                stats.overruns += missed
-                self._submit([group.bad(Reason.OVERRUN)], ())
+                for s in stats:
+                    s.overruns += missed
+                self._submit([g.bad(Reason.OVERRUN) for g in unit], ())
                 k += missed
                 tick = first + k * interval
             await asyncio.sleep(max(0.0, tick - time.monotonic()))
-            stats.jitter_s.append(time.monotonic() - tick)
+            jitter = time.monotonic() - tick
+            for s in stats:
+                s.jitter_s.append(jitter)
             with self.polls.poll():
-                await self._poll_once(group, stats)
+                await self._poll_once(unit, stats)
             _honour_cancel()
 
-    async def _poll_once(self, group: PollGroup, stats: GroupStats) -> None:
-        stats.polls += 1
+    async def _poll_once(self, unit: tuple[PollGroup, ...], stats: list[GroupStats]) -> None:
         acq = now_ns()
-        stats.last_poll_ns = acq
+        for s in stats:
+            s.polls += 1
+            s.last_poll_ns = acq
+        deadline = self._poll_deadline(unit[0]) * len(unit)  # the same requests, in one exchange
         if not self.connected and self.state == "connecting":
             # A connect attempt is under way: give it the poll's time before calling the poll failed.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.up.wait(), self._poll_deadline(group))
+                await asyncio.wait_for(self.up.wait(), deadline)
         if not self.connected:
-            stats.failed += 1
-            if not self.driver.backfills(group):
-                self._submit([group.bad(self.last_error or Reason.NOT_CONNECTED, acq)], ())
+            for s in stats:
+                s.failed += 1
+            reason = self.last_error or Reason.NOT_CONNECTED
+            gaps = [g.bad(reason, acq) for g in unit if not self.driver.backfills(g)]
+            if gaps:
+                self._submit(gaps, ())
             return
         try:
             # A timeout scope, not ``wait_for``: on Python 3.11 that wraps every read in a task of
             # its own, a task per poll for nothing.
-            async with asyncio.timeout(self._poll_deadline(group)):
-                blocks = await self.driver.read(group)
+            async with asyncio.timeout(deadline):
+                if len(unit) == 1:
+                    blocks = await self.driver.read(unit[0])
+                else:
+                    blocks = await self.driver.read_together(unit)
         except Exception as exc:
             # Whatever the driver raises, the poll is recorded as bad and the connection
             # recycled: a driver bug must not stop acquisition of this or any other device.
-            reason = self._driver_fault(f"{self.id}/{group.name}: read", exc)
-            stats.failed += 1
-            self._submit([group.bad(reason, acq)], ())
+            names = "+".join(g.name for g in unit)
+            reason = self._driver_fault(f"{self.id}/{names}: read", exc)
+            for s in stats:
+                s.failed += 1
+            self._submit([g.bad(reason, acq) for g in unit], ())
             self._link_lost(reason, str(exc) or reason)
             return
         if blocks:
             self._hand_over(blocks)
-        stats.last_ok_ns = acq
+        for s in stats:
+            s.last_ok_ns = acq
 
     def _submit_events(self, events: Sequence[Event]) -> None:
         """Events the driver hands over at once (``ctx.submit_events``, e.g. an OPC UA alarm): they
