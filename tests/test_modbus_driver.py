@@ -847,7 +847,7 @@ async def test_groups_read_together_share_requests_and_a_refusal_fails_only_what
 
     groups = {"process": {"interval": "1s"}, "status": {"interval": "1s"}}
     async with serving(sim_device(1, holding=[5, 451, 0, 0b10, 0, 0, 0, 0], action=action)) as srv:
-        driver = make_driver(tags, srv.port, groups=groups)
+        driver = make_driver(tags, srv.port, groups=groups, record_raw=True)
         await driver.connect()
         try:
             alone = [await read_one(driver, g) for g in ("process", "status")]
@@ -866,6 +866,8 @@ async def test_groups_read_together_share_requests_and_a_refusal_fails_only_what
     assert by_tag(together[1]) == {"c": True, "d": None}
     assert reasons(together[1]) == {"c": None, "d": "slave_device_failure"}
     assert together[0].acq_ts_ns == together[1].acq_ts_ns
+    # what the device sent, split the same way: the status word whole, nothing for the refused read
+    assert [b.raw for b in together] == [[5, 451], [2, None]] == [b.raw for b in alone]
 
 
 def test_records_groups_are_never_read_together() -> None:
