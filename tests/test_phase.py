@@ -191,3 +191,14 @@ def test_a_device_without_poll_groups_is_placed_with_none(tmp_path: Path) -> Non
     slots = PhasePlan().place([bare, other])
     assert slots["br-a"] == {}
     assert phases(slots) == phases(PhasePlan().place([other]))
+
+
+def test_a_device_without_poll_groups_is_released_at_reload(tmp_path: Path) -> None:
+    """It took no phase: releasing it frees nothing and fails nothing, and a device placed after
+    it on the same link starts the link afresh."""
+    (dev,) = devices(tmp_path, [("br-a", 5020, 1)])
+    plan = PhasePlan()
+    assert plan.place([dataclasses.replace(dev, groups={})]) == {"br-a": {}}
+    plan.release("br-a")
+    plan.release("never-placed")
+    assert device_phases(plan.place([dev])) == {"br-a": 0.0}
