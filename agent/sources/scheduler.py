@@ -16,8 +16,8 @@ evenly over it in device id order, each phase rounded down to the plant's phase 
 (:data:`PHASE_STEP_S`); devices alone on their link are spread the same way among themselves
 (:data:`OWN_LINKS`). A device's groups all take its phase: a device polls all its groups due on
 a tick on one instant, and its readings of one tick go in one commit and reach the broker in one
-segment, not one per group (spreading the groups of a device apart,
-as phases did first, cost the plant bench a fifth more forwarding for no better latency). The
+segment, not one per group (spreading the groups of a device apart, as phases did first, sent
+the plant bench's broker a fifth more segments for no better latency). The
 grid is common to all links, so the devices of different links that do not queue on each other
 wake the event loop together and reach the buffer in one commit, instead of one wake-up and one
 commit each (spreading every group apart, each link from its own offset, cost the plant bench a
@@ -507,7 +507,7 @@ class DeviceRunner:
         for s in stats:
             s.polls += 1
             s.last_poll_ns = acq
-        deadline = self._poll_deadline(unit[0]) * len(unit)  # the same requests, in one exchange
+        deadline = self._poll_deadline(unit[0])
         if not self.connected and self.state == "connecting":
             # A connect attempt is under way: give it the poll's time before calling the poll failed.
             with contextlib.suppress(TimeoutError):
@@ -523,7 +523,7 @@ class DeviceRunner:
         try:
             # A timeout scope, not ``wait_for``: on Python 3.11 that wraps every read in a task of
             # its own, a task per poll for nothing.
-            async with asyncio.timeout(deadline):
+            async with asyncio.timeout(deadline * len(unit)):  # each group's requests, in one exchange
                 if len(unit) == 1:
                     blocks = await self.driver.read(unit[0])
                 else:

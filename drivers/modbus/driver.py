@@ -220,13 +220,9 @@ class ModbusDriver(Driver):
             outcome = await self.execute(plan)
             values, quality, reasons = decode_plan(plan, outcome.regs, outcome.bits, outcome.failed)
             raw = raw_values(plan, outcome) if self.ctx.record_raw else None
-            if len(groups) == 1:
-                return [
-                    groups[0].finish(values, acq_ts_ns=acq, quality=quality, reasons=reasons, device_raw=raw)
-                ]
             blocks: list[Block] = []
             end = 0
-            for g in groups:  # the fused plan holds each group's tags in turn
+            for g in groups:  # a plan of several groups holds each group's tags in turn
                 at, end = end, end + len(g.tags)
                 blocks.append(
                     g.finish(
