@@ -106,6 +106,13 @@ def test_devices_alone_on_their_link_are_spread_among_themselves(tmp_path: Path)
     assert (placed["gw-a"], placed["gw-b"]) == (0.0, 0.5), "a shared link is spread on its own"
 
 
+def test_without_a_shared_link_every_device_alone_on_its_link_polls_on_instant_0(tmp_path: Path) -> None:
+    """No shared link keeps the grid's other instants in use: spreading would only add wake-ups
+    and commits."""
+    devs = devices(tmp_path, [("br-a", 5021, 1), ("br-b", 5022, 1), ("br-c", 5023, 1)])
+    assert set(device_phases(PhasePlan().place(devs)).values()) == {0.0}
+
+
 def test_unphased_plan_puts_every_group_at_zero(tmp_path: Path) -> None:
     devs = devices(tmp_path, [("br-a", 5020, 1), ("br-b", 5020, 2)])
     assert set(phases(PhasePlan(phased=False).place(devs)).values()) == {0.0}
