@@ -96,6 +96,20 @@ def _swaps(order: WordOrder) -> tuple[bool, bool]:
     return order in (WordOrder.CDAB, WordOrder.DCBA), order in (WordOrder.BADC, WordOrder.DCBA)
 
 
+def swaps_bytes(order: WordOrder) -> bool:
+    """Whether ``order`` swaps the two bytes of each register (what a bit's position depends on)."""
+    return _swaps(order)[1]
+
+
+def flag(word: int, bit: int | None, swap: bool) -> bool:
+    """A bit field of one register as :func:`decode` reads it: bit ``bit`` of the word (its bytes
+    swapped first when ``swap``), or, with no bit, whether the register is non-zero. Plain ints, so
+    a read plan decodes a status word's flags without a numpy call per flag."""
+    if swap:
+        word = ((word >> 8) | (word << 8)) & 0xFFFF
+    return word != 0 if bit is None else bool((word >> bit) & 1)
+
+
 def _byteswap(words: Registers) -> Registers:
     return ((words >> 8) | (words << 8)).astype(np.uint16)
 
@@ -152,8 +166,7 @@ def decode(
     if bit is not None or dtype is DataType.BOOL:
         if len(regs) != 1:
             raise CodecError(f"a bit field needs 1 register, got {len(regs)}")
-        word = int(_byteswap(regs)[0]) if _swaps(order)[1] else int(regs[0])
-        return word != 0 if bit is None else bool((word >> bit) & 1)
+        return flag(int(regs[0]), bit, swaps_bytes(order))
     expected = register_count(dtype, length)
     if len(regs) != expected:
         raise CodecError(f"{dtype} needs {expected} register(s), got {len(regs)}")

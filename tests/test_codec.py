@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.core.driver import GroupSpec, PollGroup, TagBase
+from agent.core.records import Quality
 from cleanroom_common.codec import (
     CodecError,
     DataType,
@@ -23,6 +24,8 @@ from cleanroom_common.codec import (
     register_count,
 )
 from cleanroom_common.modbus import TABLE_OF_FUNCTION, TABLES, AddressError, locate
+from drivers.modbus.config import Connection, Tag
+from drivers.modbus.plan import build_plan, decode_plan
 
 _INT_RANGES = {
     DataType.INT16: (-(2**15), 2**15 - 1),
@@ -180,3 +183,30 @@ def test_every_function_code_names_the_table_of_its_read() -> None:
     reads = {1: "coil", 2: "discrete", 3: "holding", 4: "input"}
     assert {fc: TABLE_OF_FUNCTION[fc] for fc in reads} == reads
     assert set(TABLE_OF_FUNCTION.values()) == set(TABLES)
+
+
+@given(st.integers(0, 0xFFFF), orders, st.booleans())
+def test_a_read_plan_decodes_a_status_words_flags_as_decode_does(
+    word: int, order: WordOrder, coil: bool
+) -> None:
+    """Every bit of a status word, and the register read as a bool, from a plan's one gather of
+    plain ints: the same booleans as :func:`decode`, in both byte orders; a coil beside them keeps
+    its own path, and a failed read leaves its flags bad, not decoded from stale words."""
+    tags = [Tag(name=f"b{bit}", table="input", address=30010, bit=bit, word_order=order) for bit in range(16)]
+    tags.append(Tag(name="any", table="input", address=30010, type="bool", word_order=order))
+    tags.append(Tag(name="level", table="input", address=30011, type="uint16"))
+    if coil:
+        tags.append(Tag(name="pump", table="coil", address=1))
+    plan = build_plan(tags, Connection(host="127.0.0.1"))
+    assert len(plan.flags) == 17 and plan.fast is None
+    regs = np.array([*encode(word, DataType.UINT16, order), 7], dtype=np.uint16)
+    bits = np.array([True] if coil else [], dtype=np.bool_)
+    values, quality, _ = decode_plan(plan, regs, bits, {})
+    expected = [decode(regs[:1], DataType.BOOL, order, bit=bit) for bit in range(16)]
+    assert values[:18] == [*expected, decode(regs[:1], DataType.BOOL, order), 7]
+    assert all(type(v) is bool for v in values[:17])
+    assert values[18:] == ([True] if coil else [])
+    failed = {i: "timeout" for i in range(17)}
+    values, quality, reasons = decode_plan(plan, regs, bits, failed)
+    assert values[:17] == [None] * 17 and reasons is not None and reasons[:17] == ["timeout"] * 17
+    assert quality is not None and quality[17] is Quality.GOOD

@@ -31,7 +31,9 @@ from cleanroom_common.codec import (
     WordOrder,
     decode,
     decode_many,
+    flag,
     register_count,
+    swaps_bytes,
 )
 from cleanroom_common.modbus import BIT_TABLES, TABLES, AddressError, Table
 from drivers.modbus.config import Connection, Tag
@@ -85,8 +87,13 @@ class Plan:
     n_bits: int
     numeric: tuple[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], DataType, WordOrder], ...]
     """(tag indices, register positions, type, order): one vectorised decode each; read-only arrays."""
+    flags: tuple[tuple[int, int | None, bool], ...]
+    """(tag index, bit or None for a whole register read as a bool, whether the register's bytes
+    are swapped) of each bit field of a register: a status word's flags, decoded from plain ints."""
+    flag_pos: npt.NDArray[np.intp]
+    """Image position of each of :attr:`flags`, in turn: one gather for all of them."""
     other: tuple[tuple[int, Tag, int], ...]
-    """(tag index, tag, image position) of bits, bit fields and strings."""
+    """(tag index, tag, image position) of coils, discrete inputs and strings."""
     n_tags: int
     fast: npt.DTypeLike | None
     """Result dtype when the whole group decodes as one numeric array, else ``None``."""
@@ -158,6 +165,8 @@ def build_plan(tags: Sequence[Tag], conn: Connection | PlanSettings) -> Plan:
                 position.setdefault(i, image[kind] + located[i][1] - start)
             image[kind] += count
     numeric: dict[tuple[DataType, WordOrder], tuple[list[int], list[int]]] = {}
+    flags: list[tuple[int, int | None, bool]] = []
+    flag_pos: list[int] = []
     other: list[tuple[int, Tag, int]] = []
     for i, tag in enumerate(tags):
         dtype = tag.data_type
@@ -165,11 +174,14 @@ def build_plan(tags: Sequence[Tag], conn: Connection | PlanSettings) -> Plan:
             idx, pos = numeric.setdefault((dtype, tag.word_order), ([], []))
             idx.append(i)
             pos.append(position[i])
+        elif located[i][0] not in BIT_TABLES and (tag.bit is not None or dtype is DataType.BOOL):
+            flags.append((i, tag.bit, swaps_bytes(tag.word_order)))
+            flag_pos.append(position[i])
         else:
             other.append((i, tag, position[i]))
     types = {dtype for dtype, _ in numeric}
     fast: npt.DTypeLike | None = None
-    if not other and types:
+    if not other and not flags and types:
         if types <= INTEGER_TYPES - {DataType.UINT64}:
             fast = np.int64
         elif not types & INTEGER_TYPES:
@@ -181,6 +193,8 @@ def build_plan(tags: Sequence[Tag], conn: Connection | PlanSettings) -> Plan:
         numeric=tuple(
             (_readonly(idx), _readonly(pos), dt, order) for (dt, order), (idx, pos) in numeric.items()
         ),
+        flags=tuple(flags),
+        flag_pos=_readonly(flag_pos),
         other=tuple(other),
         n_tags=len(tags),
         fast=fast,
@@ -263,6 +277,9 @@ def decode_plan(
     for idx, pos, dtype, order in plan.numeric:
         for i, v in zip(idx.tolist(), _decode_numeric(regs, pos, dtype, order).tolist(), strict=True):
             values[i] = v
+    if plan.flags:
+        for (i, bit, swap), word in zip(plan.flags, regs[plan.flag_pos].tolist(), strict=True):
+            values[i] = flag(word, bit, swap)
     for i, tag, at in plan.other:
         if i in failed:
             continue
