@@ -17,7 +17,9 @@ agent; ``unphased``, the same agent with every group at phase 0 (``Scheduler.pha
 all of a link's groups on one instant, as before phases); ``before``, the agent as it was at
 ``--before-ref`` (default ``BEFORE_REF``, the code path the plant work started from), extracted
 from git and run from that tree. A variant may carry settings put in its configuration, as in
-``phased[buffer.commit_pause=0,buffer.mark_interval=0.1]`` (dotted paths, YAML values). With
+``phased[buffer.commit_pause=0,buffer.mark_interval=0.1]`` (dotted paths, YAML values), and may
+keep only the devices of some protocols, as in ``phased[protocols=opcua+serial]`` (``none``: no
+device at all, the agent's own cost): what each protocol's share of the plant costs. With
 ``--rounds N`` (or ``BENCH_PLANT_ROUNDS``) the variants run N times, interleaved, and each
 reports its median-CPU round, with every round's CPU and latency beside it. Latency and jitter
 are wall-clock figures, noisy on a shared machine; CPU seconds less so, but compare variants of
@@ -79,6 +81,8 @@ class Variant:
     base: str
     settings: dict[str, Any] = field(default_factory=dict)
     """Dotted configuration path -> value, put in the agent's configuration."""
+    protocols: frozenset[str] | None = None
+    """Only the devices of these protocols (``protocols=opcua+serial``); None: every device."""
 
 
 def parse_variants(text: str) -> list[Variant]:
@@ -95,7 +99,8 @@ def parse_variants(text: str) -> list[Variant]:
             if not eq:
                 raise ValueError(f"{label}: setting {item!r} is not path=value")
             settings[key.strip()] = yaml.safe_load(value)
-        out.append(Variant(label, base, settings))
+        only = settings.pop("protocols", None)
+        out.append(Variant(label, base, settings, None if only is None else frozenset(str(only).split("+"))))
     return out
 
 
@@ -229,6 +234,8 @@ def run_agent(
 ) -> Run:
     """One agent run of ``variant`` against the simulated plant, over ``DURATION_S``."""
     work.mkdir()
+    if variant.protocols is not None:
+        endpoints = [e for e in endpoints if e["protocol"] in variant.protocols]
     status_port = free_port()
     config: dict[str, Any] = {
         "agent": {"id": "bench-plant", "status_listen": f"127.0.0.1:{status_port}"},
@@ -255,9 +262,10 @@ def run_agent(
 
         def ready() -> bool:
             try:
-                return int(fetch_status(listen)["buffer"]["delivered_readings_total"]) > 0
+                delivered = int(fetch_status(listen)["buffer"]["delivered_readings_total"])
             except ConnectionError:
                 return False
+            return delivered > 0 or not endpoints  # an agent without devices delivers no reading
 
         try:
             wait_for(ready, timeout=60, interval=0.5, what="agent delivering")
@@ -288,6 +296,7 @@ def run_agent(
     loop_cpu = (th1.get(agent.pid, 0.0) - th0.get(agent.pid, 0.0)) / wall
     others = sum(cpu - th0.get(tid, 0.0) for tid, cpu in th1.items() if tid != agent.pid) / wall
     figures = {
+        "devices": len(endpoints),
         "duration_s": round(wall, 1),
         "readings_per_s_at_broker": round(readings / wall, 1),
         "cpu_fraction_of_core": round(((c1.user - c0.user) + (c1.system - c0.system)) / wall, 4),
