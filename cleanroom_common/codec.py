@@ -171,7 +171,7 @@ def decode(
     if len(regs) != expected:
         raise CodecError(f"{dtype} needs {expected} register(s), got {len(regs)}")
     if dtype is DataType.STRING:
-        words = _byteswap(regs) if _swaps(order)[1] else regs
+        words = _byteswap(regs) if swaps_bytes(order) else regs
         raw = words.astype(">u2").tobytes()[: length or 0]
         try:
             return raw.decode("ascii").rstrip("\x00 ")
@@ -206,7 +206,7 @@ def encode(
         if length is not None and len(raw) > length:
             raise CodecError(f"{value!r} is longer than {length} characters")
         words = np.frombuffer(raw.ljust(2 * n, b"\x00"), dtype=">u2").astype(np.uint16)
-        return (_byteswap(words) if _swaps(order)[1] else words).tolist()  # type: ignore[no-any-return]
+        return (_byteswap(words) if swaps_bytes(order) else words).tolist()  # type: ignore[no-any-return]
     if dtype is DataType.BOOL:
         return encode(int(bool(value)), DataType.UINT16, order)
     if isinstance(value, str):
